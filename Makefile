@@ -1,0 +1,28 @@
+# Two entry points on a fresh machine: `make demo` and `make test`.
+# Each creates .venv (once), installs pinned dependencies, then runs.
+# torch is pinned first: any other torch spec pulls several GB of CUDA wheels on CPU machines.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fusecc-installed
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q "triton==3.6.0" "numpy<2.4" "transformers==5.17.0" -e ".[serve,test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fusecc demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,127 @@
+"""The torch.compile entry point: capture -> passes -> (codegen) -> callable.
+
+Registered under the `torch_dynamo_backends` entry-point group, so
+
+    torch.compile(model, backend="fusecc", mode=..., options={...})
+
+works without importing fusecc first. See config.py for the options.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from fusecc.capture import capture_aten, keep_sdpa_whole
+from fusecc.config import FuseccOptions
+from fusecc.debug.dump import GraphDump
+from fusecc.freeze import freeze_weights, is_weight_input
+from fusecc.passes import build_pipeline, run_passes
+from fusecc.passes.pipeline import count_ops, op_histogram
+
+
+def fusecc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
+    mode = kwargs.pop("mode", None)
+    options_arg = kwargs.pop("options", None)
+    if kwargs:
+        raise TypeError(f"fusecc backend got unexpected arguments {sorted(kwargs)}; use options={{...}}")
+    options = FuseccOptions.from_sources(mode=mode, options=options_arg)
+
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
+        warnings.warn(
+            "fusecc compiles inference graphs only; this graph needs autograd (grad mode is on and an input "
+            "requires grad), so it runs unoptimized. Wrap the call in torch.no_grad() or torch.inference_mode().",
+            stacklevel=2,
+        )
+        return gm.forward
+
+    dump = GraphDump.create(options.dump_dir)
+    if dump is not None:
+        dump.write_graph("dynamo", gm)
+    weight_flags = [
+        is_weight_input(node, ex)
+        for node, ex in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)
+    ]
+    try:
+        num_sdpa = keep_sdpa_whole(gm)
+        compiler = InferenceCompiler(options, dump, list(example_inputs), weight_flags, num_sdpa)
+        return capture_aten(gm, list(example_inputs), compiler)
+    except Exception as exc:
+        if options.strict:
+            raise
+        warnings.warn(f"fusecc failed to compile a graph and runs it unoptimized instead: "
+                      f"{type(exc).__name__}: {exc}", stacklevel=2)
+        if dump is not None:
+            dump.note(f"compilation failed, graph runs eagerly: {type(exc).__name__}: {exc}")
+            dump.write_text("error.txt", f"{type(exc).__name__}: {exc}\n")
+        return gm.forward
+
+
+class InferenceCompiler:
+    """Called by AOTAutograd with the ATen inference graph; returns what runs it."""
+
+    def __init__(self, options: FuseccOptions, dump, dynamo_inputs: list, weight_flags: list, num_sdpa: int):
+        self.options = options
+        self.dump = dump
+        self.dynamo_inputs = dynamo_inputs
+        self.weight_flags = weight_flags
+        self.num_sdpa = num_sdpa
+
+    def __call__(self, aten_gm: fx.GraphModule, fake_inputs: list) -> Callable:
+        # AOTAutograd calls us inside its fake mode; freezing and folding handle real tensors.
+        with unset_fake_temporarily():
+            return self._compile(aten_gm, fake_inputs)
+
+    def _compile(self, aten_gm: fx.GraphModule, fake_inputs: list) -> Callable:
+        start = time.perf_counter()
+        options, dump = self.options, self.dump
+        if dump is not None:
+            dump.write_graph("aten", aten_gm)
+        ops_aten, hist_aten = count_ops(aten_gm), op_histogram(aten_gm)
+        num_frozen = 0
+        if options.freeze:
+            params_flat = _aot_params_flat()
+            flat = list(params_flat) + self.dynamo_inputs
+            flags = [True] * len(params_flat) + self.weight_flags
+            num_frozen = freeze_weights(aten_gm, flat, flags, dump)
+        records = run_passes(aten_gm, build_pipeline(options), max_rounds=options.max_pass_rounds,
+                             verify=options.verify, dump=dump)
+        seconds = time.perf_counter() - start
+        if dump is not None:
+            dump.write_graph("final", aten_gm)
+            dump.write_report({
+                "graph": dump.folder.name,
+                "compile_seconds": seconds,
+                "num_inputs": len(fake_inputs),
+                "num_frozen": num_frozen,
+                "num_sdpa_kept_whole": self.num_sdpa,
+                "ops_aten": ops_aten,
+                "ops_final": count_ops(aten_gm),
+                "options": _options_summary(options),
+                "passes": [
+                    {"name": r.name, "round": r.round, "seconds": r.seconds, "ops_before": r.ops_before,
+                     "ops_after": r.ops_after, "stats": dict(r.stats)}
+                    for r in records
+                ],
+                "op_histogram_aten": dict(hist_aten),
+                "op_histogram_final": dict(op_histogram(aten_gm)),
+            })
+        return make_boxed_func(aten_gm.forward)
+
+
+def _aot_params_flat() -> list:
+    """Parameters AOTAutograd prepends to the graph inputs (empty when Dynamo inlined modules)."""
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    return list(getattr(context, "params_flat", None) or []) if context is not None else []
+
+
+def _options_summary(options: FuseccOptions) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in vars(options).items() if k != "extra")

@@ -1,0 +1,119 @@
+"""Backend options: one dataclass, filled from defaults, then `FUSECC_*` environment
+variables, then `torch.compile(..., mode=..., options={...})` (later sources win).
+
+    torch.compile(model, backend="fusecc", options={"freeze": True, "dump_dir": "/tmp/dump"})
+    FUSECC_FREEZE=1 FUSECC_DUMP_DIR=/tmp/dump python run.py
+
+Every field below is also an environment variable: `FUSECC_<FIELD NAME IN CAPITALS>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class FuseccOptions:
+    # Treat parameters and buffers that the graph does not mutate as constants. Enables
+    # constant folding of weight transposes/casts; results go stale if weights are later
+    # changed in place, which is why it is off unless asked for (the runtime turns it on).
+    freeze: bool = False
+    # Write a per-graph folder of pass dumps and a report here ("" = off).
+    dump_dir: str = ""
+    # Constant folding never materialises a new constant larger than this many bytes.
+    constant_fold_max_bytes: int = 64 * 1024 * 1024
+    # Cheap passes are repeated until nothing changes, at most this many rounds.
+    max_pass_rounds: int = 4
+    # Names of passes to skip (comma-separated in the environment variable).
+    disable_passes: tuple[str, ...] = ()
+    # Run the graph verifier after every pass (lint, meta['val'] consistency, aliasing).
+    verify: bool = True
+    # Capture the compiled call in a CUDA graph (set by mode="reduce-overhead").
+    cudagraphs: bool = False
+    # Autotune generated kernels over several configs (set by mode="max-autotune*").
+    autotune: bool = False
+    # Raise compilation errors instead of warning and running the graph unoptimized.
+    strict: bool = False
+    mode: str = "default"
+    # Extra info kept for the report; not an option users set.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"fusecc: unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if self.constant_fold_max_bytes < 0:
+            raise ValueError("fusecc: option 'constant_fold_max_bytes' must be >= 0")
+        if self.max_pass_rounds < 1:
+            raise ValueError("fusecc: option 'max_pass_rounds' must be >= 1")
+
+    @classmethod
+    def from_sources(
+        cls,
+        mode: Optional[str] = None,
+        options: Optional[Mapping[str, Any]] = None,
+        environ: Optional[Mapping[str, str]] = None,
+    ) -> "FuseccOptions":
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in _user_fields():
+            env_name = "FUSECC_" + f.name.upper()
+            if env_name in environ:
+                values[f.name] = _parse(f, environ[env_name], source=env_name)
+        mode = mode or values.get("mode") or "default"
+        values["mode"] = mode
+        if mode == "reduce-overhead":
+            values["cudagraphs"] = True
+        elif mode == "max-autotune":
+            values.update(cudagraphs=True, autotune=True)
+        elif mode == "max-autotune-no-cudagraphs":
+            values["autotune"] = True
+        known = {f.name: f for f in _user_fields()}
+        for name, value in (options or {}).items():
+            if name not in known:
+                raise ValueError(
+                    f"fusecc: unknown option {name!r}; known options: {', '.join(sorted(known))}"
+                )
+            values[name] = _coerce(known[name], value, source=f"options[{name!r}]")
+        return cls(**values)
+
+
+def _user_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(FuseccOptions) if f.name != "extra"]
+
+
+def _parse(f: dataclasses.Field, text: str, source: str) -> Any:
+    """Environment variables are strings; turn them into the field's type."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind == "bool":
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"fusecc: {source}={text!r} is not a boolean (use 1/0, true/false)")
+    if kind == "int":
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"fusecc: {source}={text!r} is not an integer") from None
+    if kind.startswith("tuple"):
+        return tuple(p.strip() for p in text.split(",") if p.strip())
+    return text
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    if isinstance(value, str) and f.type not in ("str",):
+        return _parse(f, value, source)
+    kind = f.type if isinstance(f.type, str) else str(f.type)
+    if kind == "bool" and not isinstance(value, bool):
+        raise TypeError(f"fusecc: {source} must be a bool, got {type(value).__name__}")
+    if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(f"fusecc: {source} must be an int, got {type(value).__name__}")
+    if kind.startswith("tuple"):
+        return tuple(value)
+    return value

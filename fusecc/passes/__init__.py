@@ -1,0 +1,36 @@
+"""The pass pipeline: one explicit ordered list (no registration on import).
+
+The cheap local passes repeat in rounds until a round changes nothing; see pipeline.py.
+Invariants every pass keeps are listed in README.md next to this file.
+"""
+
+from __future__ import annotations
+
+from fusecc.config import FuseccOptions
+from fusecc.passes.algebraic_simplification import AlgebraicSimplification
+from fusecc.passes.base import GraphPass, PassResult
+from fusecc.passes.constant_folding import ConstantFolding
+from fusecc.passes.cse import CommonSubexpressionElimination
+from fusecc.passes.dce import DeadCodeElimination
+from fusecc.passes.pipeline import PassRecord, run_passes
+
+
+def build_pipeline(options: FuseccOptions) -> list[GraphPass]:
+    passes: list[GraphPass] = [
+        DeadCodeElimination(),
+        ConstantFolding(max_bytes=options.constant_fold_max_bytes),
+        AlgebraicSimplification(),
+        CommonSubexpressionElimination(),
+        DeadCodeElimination(),
+    ]
+    known = {p.name for p in passes}
+    unknown = set(options.disable_passes) - known
+    if unknown:
+        raise ValueError(
+            f"fusecc: option 'disable_passes' names unknown pass(es) {sorted(unknown)}; "
+            f"passes are: {sorted(known)}"
+        )
+    return [p for p in passes if p.name not in options.disable_passes]
+
+
+__all__ = ["GraphPass", "PassResult", "PassRecord", "build_pipeline", "run_passes"]

@@ -1,0 +1,335 @@
+"""Algebraic simplification as a table of local rewrite rules.
+
+    before:  %a = aten.mul(%x, 1)               # f32[4, 8]
+             %b = aten.pow(%a, 2)               # f32[4, 8]
+             %c = aten.view(aten.view(%b, [32]), [8, 4])
+    after:   %b = aten.mul(%x, %x)
+             %c = aten.view(%b, [8, 4])
+
+Each rule is `Rule(name, targets, fn)`; `fn(node)` returns None for "no match" or the
+replacement (see rewrite_engine.py, which also refuses any replacement that would change
+shape, dtype, strides or aliasing). Adding a rule is one entry in RULES plus one test.
+
+Deliberately absent, because they are wrong for NaN/inf/-0.0: x*0 -> 0, x-x -> 0, x/x -> 1,
+and x**0.5 -> sqrt(x) in half precision (ATen's half pow gives pow(-inf, .5) = inf, sqrt gives nan).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import sympy
+import torch
+import torch.fx as fx
+
+from fusecc.passes.base import GraphPass, PassResult
+from fusecc.passes.constants import constant_value
+from fusecc.passes.rewrite_engine import NewNode, Rule, apply_rules
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+
+# ---------------------------------------------------------------- argument helpers
+
+def _is_number(arg, value) -> bool:
+    """A literal Python number equal to `value` (bools excluded: True * x is a dtype change)."""
+    if isinstance(arg, bool) or not isinstance(arg, (int, float)):
+        return _is_constant_filled(arg, value)
+    return arg == value
+
+
+def _is_constant_filled(arg, value) -> bool:
+    """A small constant tensor (get_attr) whose every element equals `value`."""
+    if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+        return False
+    tensor = constant_value(arg.graph.owning_module, arg)
+    return isinstance(tensor, torch.Tensor) and tensor.numel() <= 64 and bool((tensor == value).all())
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _is_cast(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and _cast_dtype(node) is not None
+
+
+def _cast_dtype(node: fx.Node):
+    """The target dtype if `node` is a pure dtype conversion (same device, layout, format)."""
+    if node.target is prims.convert_element_type.default:
+        return node.args[1]
+    if node.target is aten._to_copy.default:
+        extra = {k: v for k, v in node.kwargs.items() if k != "dtype"}
+        src = _val(node.args[0])
+        if src is None or "dtype" not in node.kwargs:
+            return None
+        if extra.get("device") not in (None, src.device) or extra.get("layout") not in (None, torch.strided):
+            return None
+        if extra.get("memory_format") not in (None, torch.preserve_format):
+            return None
+        if extra.get("non_blocking") or extra.get("pin_memory"):
+            return None
+        return node.kwargs["dtype"]
+    return None
+
+
+def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Every value of `src` is exactly representable in `dst`."""
+    if src == dst or src == torch.bool:
+        return True
+    if src.is_floating_point:
+        if not dst.is_floating_point:
+            return False
+        if src in (torch.float16, torch.bfloat16):
+            return dst in (torch.float32, torch.float64)
+        return src == torch.float32 and dst == torch.float64
+    if src.is_complex or dst.is_complex:
+        return False
+    src_info = torch.iinfo(src)
+    if dst.is_floating_point:
+        mantissa = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24, torch.float64: 53}.get(dst, 0)
+        return max(abs(src_info.min), src_info.max) <= 2 ** mantissa
+    dst_info = torch.iinfo(dst)
+    return dst_info.min <= src_info.min and src_info.max <= dst_info.max
+
+
+# ---------------------------------------------------------------- rules (one function each)
+
+def mul_by_one(node):
+    x, y = node.args[:2]
+    if _is_number(y, 1) and isinstance(x, fx.Node):
+        return x
+    if _is_number(x, 1) and isinstance(y, fx.Node):
+        return y
+    return None
+
+
+def add_zero(node):
+    x, y = node.args[:2]
+    alpha = node.kwargs.get("alpha", 1)
+    if _is_number(y, 0) and isinstance(x, fx.Node):
+        return x
+    if _is_number(x, 0) and isinstance(y, fx.Node) and alpha == 1:
+        return y
+    return None
+
+
+def sub_zero(node):
+    x, y = node.args[:2]
+    return x if _is_number(y, 0) and isinstance(x, fx.Node) else None
+
+
+def div_by_one(node):
+    x, y = node.args[:2]
+    return x if _is_number(y, 1) and isinstance(x, fx.Node) else None
+
+
+def pow_one(node):
+    return node.args[0] if _is_number(node.args[1], 1) else None
+
+
+def pow_two(node):
+    x = node.args[0]
+    return NewNode(aten.mul.Tensor, (x, x)) if _is_number(node.args[1], 2) else None
+
+
+def pow_half(node):
+    x = node.args[0]
+    # ATen's float/double pow(x, 0.5) is computed as sqrt(x); half types are not (see module doc).
+    if _is_number(node.args[1], 0.5) and _val(x) is not None and _val(x).dtype in (torch.float32, torch.float64):
+        return NewNode(aten.sqrt.default, (x,))
+    return None
+
+
+def double_negation(node):
+    inner = node.args[0]
+    if isinstance(inner, fx.Node) and inner.target is aten.neg.default:
+        return inner.args[0]
+    return None
+
+
+def cast_to_same_dtype(node):
+    dtype = _cast_dtype(node)
+    src = _val(node.args[0])
+    return node.args[0] if dtype is not None and src is not None and src.dtype == dtype else None
+
+
+def lossless_cast_chain(node):
+    """cast(cast(x, B), C) -> cast(x, C) when x's dtype -> B loses nothing."""
+    dtype = _cast_dtype(node)
+    inner = node.args[0]
+    if dtype is None or not _is_cast(inner):
+        return None
+    x = inner.args[0]
+    src = _val(x)
+    if src is None or not _widens(src.dtype, _cast_dtype(inner)):
+        return None
+    if src.dtype == dtype:
+        return x
+    return NewNode(prims.convert_element_type.default, (x, dtype))
+
+
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def view_chain(node):
+    inner = node.args[0]
+    if isinstance(inner, fx.Node) and inner.target in _VIEWS and len(inner.users) >= 1:
+        return NewNode(node.target, (inner.args[0], node.args[1]))
+    return None
+
+
+def identity_view(node):
+    x = node.args[0]
+    src = _val(x)
+    if src is not None and [str(s) for s in src.shape] == [str(s) for s in node.args[1]]:
+        return x
+    return None
+
+
+def permute_chain(node):
+    inner = node.args[0]
+    if not (isinstance(inner, fx.Node) and inner.target is aten.permute.default):
+        return None
+    outer_dims, inner_dims = list(node.args[1]), list(inner.args[1])
+    rank = len(inner_dims)
+    composed = [inner_dims[d % rank] % rank for d in outer_dims]
+    if composed == list(range(rank)):
+        return inner.args[0]
+    return NewNode(aten.permute.default, (inner.args[0], composed))
+
+
+def identity_permute(node):
+    dims = list(node.args[1])
+    rank = len(dims)
+    return node.args[0] if [d % rank for d in dims] == list(range(rank)) else None
+
+
+def transpose_chain(node):
+    inner = node.args[0]
+    if not isinstance(inner, fx.Node):
+        return None
+    if node.target is aten.t.default and inner.target is aten.t.default:
+        return inner.args[0]
+    if node.target is aten.transpose.int and inner.target is aten.transpose.int:
+        rank = len(_val(inner.args[0]).shape) if _val(inner.args[0]) is not None else None
+        if rank is None:
+            return None
+        outer = sorted(d % rank for d in node.args[1:3])
+        first = sorted(d % rank for d in inner.args[1:3])
+        if outer == first:
+            return inner.args[0]
+    return None
+
+
+def identity_expand(node):
+    x = node.args[0]
+    src = _val(x)
+    if src is not None and [str(s) for s in src.shape] == [str(s) for s in node.args[1]]:
+        return x
+    return None
+
+
+def identity_slice(node):
+    x, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+    start = node.args[2] if len(node.args) > 2 else None
+    end = node.args[3] if len(node.args) > 3 else None
+    step = node.args[4] if len(node.args) > 4 else 1
+    src = _val(x)
+    if src is None or step != 1 or start not in (None, 0):
+        return None
+    size = src.shape[dim]
+    if end is None or (isinstance(end, int) and isinstance(size, int) and end >= size):
+        return x
+    if isinstance(end, int) and end >= 2 ** 62:  # sys.maxsize-style "to the end"
+        return x
+    return None
+
+
+def identity_clone(node):
+    return node.args[0]  # the engine refuses it unless strides already match
+
+
+def single_cat(node):
+    tensors = node.args[0]
+    return tensors[0] if len(tensors) == 1 else None
+
+
+def alias_of(node):
+    return node.args[0]
+
+
+def mul_by_reciprocal(node):
+    """x / c -> x * (1/c) for c a power of two, where the reciprocal is exact."""
+    x, c = node.args[:2]
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or c == 0 or not math.isfinite(c):
+        return None
+    mantissa, _ = math.frexp(abs(c))
+    if mantissa != 0.5 or _val(x) is None or not _val(x).dtype.is_floating_point:
+        return None
+    return NewNode(aten.mul.Tensor, (x, 1.0 / c))
+
+
+def symbolic_expression(node):
+    """SymInt arithmetic that sympy reduces to a constant or to an input's symbol."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.SymInt):
+        return None
+    expr = val.node.expr
+    shape_env = val.node.shape_env
+    if shape_env is not None:
+        expr = shape_env.simplify(expr)
+    if isinstance(expr, sympy.Integer) or expr.is_number:
+        return int(expr)
+    for other in node.graph.nodes:
+        if other.op != "placeholder":
+            break
+        other_val = other.meta.get("val")
+        if isinstance(other_val, torch.SymInt) and other_val.node.expr == expr:
+            return other
+    return None
+
+
+_SYMBOLIC_TARGETS = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod,
+                     aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int)
+
+RULES: list[Rule] = [
+    Rule("mul_by_one", (aten.mul.Tensor, aten.mul.Scalar), mul_by_one),
+    Rule("add_zero", (aten.add.Tensor, aten.add.Scalar), add_zero),
+    Rule("sub_zero", (aten.sub.Tensor, aten.sub.Scalar), sub_zero),
+    Rule("div_by_one", (aten.div.Tensor, aten.div.Scalar), div_by_one),
+    Rule("mul_by_reciprocal", (aten.div.Tensor, aten.div.Scalar), mul_by_reciprocal),
+    Rule("pow_one", (aten.pow.Tensor_Scalar,), pow_one),
+    Rule("pow_two", (aten.pow.Tensor_Scalar,), pow_two),
+    Rule("pow_half", (aten.pow.Tensor_Scalar,), pow_half),
+    Rule("double_negation", (aten.neg.default,), double_negation),
+    Rule("cast_to_same_dtype", (aten._to_copy.default, prims.convert_element_type.default), cast_to_same_dtype),
+    Rule("lossless_cast_chain", (aten._to_copy.default, prims.convert_element_type.default), lossless_cast_chain),
+    Rule("identity_view", _VIEWS, identity_view),
+    Rule("view_chain", _VIEWS, view_chain),
+    Rule("identity_permute", (aten.permute.default,), identity_permute),
+    Rule("permute_chain", (aten.permute.default,), permute_chain),
+    Rule("transpose_chain", (aten.transpose.int, aten.t.default), transpose_chain),
+    Rule("identity_expand", (aten.expand.default,), identity_expand),
+    Rule("identity_slice", (aten.slice.Tensor,), identity_slice),
+    Rule("identity_clone", (aten.clone.default,), identity_clone),
+    Rule("single_cat", (aten.cat.default,), single_cat),
+    Rule("alias", (aten.alias.default,), alias_of),
+    Rule("symbolic_expression", _SYMBOLIC_TARGETS, symbolic_expression),
+]
+
+
+class AlgebraicSimplification(GraphPass):
+    name = "algebraic_simplification"
+
+    def __init__(self, rules: list[Rule] | None = None):
+        self.rules = RULES if rules is None else rules
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        stats = apply_rules(gm, self.rules)
+        modified = any(key.startswith("rule:") for key in stats)
+        if modified:
+            gm.recompile()  # nodes left dead by a rewrite are removed by the next DCE
+        return PassResult(gm, modified, stats)

@@ -1,0 +1,86 @@
+"""Which nodes a pass may remove, merge, reorder or evaluate early.
+
+One place for these questions so that every pass answers them the same way:
+- impure: mutates something, asserts, or is otherwise observable — never removed or merged;
+- random: draws from an RNG — never merged (two draws differ) nor folded;
+- view: returns an alias of an input — matters for aliasing checks and folding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+# Ops whose schema is not marked mutable but whose effect is observable.
+_SIDE_EFFECT_OPS = {
+    aten._assert_async.default,
+    aten._assert_async.msg,
+    aten._assert_scalar.default,
+    aten.sym_constrain_range.default,
+    aten.sym_constrain_range_for_size.default,
+    aten._print.default,
+}
+
+
+def is_op_overload(target) -> bool:
+    return isinstance(target, torch._ops.OpOverload)
+
+
+def is_random(node: fx.Node) -> bool:
+    target = node.target
+    if is_op_overload(target):
+        return torch.Tag.nondeterministic_seeded in target.tags
+    return False
+
+
+def is_impure(node: fx.Node) -> bool:
+    """True if removing, merging or moving the node could change observable behaviour."""
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op != "call_function":
+        # call_module / call_method: we do not know what they do.
+        return node.op != "get_attr"
+    target = node.target
+    if target in _SIDE_EFFECT_OPS:
+        return True
+    if is_op_overload(target):
+        if target._schema.is_mutable:
+            return True
+        return False
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return True
+    return node.is_impure()
+
+
+def is_pure(node: fx.Node) -> bool:
+    """Deterministic and side-effect free: may be merged with an identical twin or folded."""
+    return not is_impure(node) and not is_random(node)
+
+
+def is_view(node: fx.Node) -> bool:
+    target = node.target
+    if node.op != "call_function":
+        return False
+    return is_op_overload(target) and bool(target.is_view)
+
+
+def alias_root(node: fx.Node) -> fx.Node:
+    """Follow view ops back to the node that owns the storage."""
+    while is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def feeds_output(node: fx.Node) -> bool:
+    """True if the node's value (or a view of it) is returned by the graph."""
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        for user in current.users:
+            if user.op == "output":
+                return True
+            if is_view(user):
+                stack.append(user)
+    return False

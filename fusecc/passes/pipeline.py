@@ -1,0 +1,82 @@
+"""Running the ordered pass list: fixed-point rounds of the cheap passes, verification after
+each pass, timing and stats for the report, and a dump of every graph a pass changed."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch.fx as fx
+
+from fusecc.passes.base import GraphPass
+from fusecc.passes.verifier import OutputSignature, verify_graph
+
+
+@dataclass
+class PassRecord:
+    name: str
+    round: int
+    seconds: float
+    ops_before: int
+    ops_after: int
+    modified: bool
+    stats: Counter = field(default_factory=Counter)
+
+
+def count_ops(gm: fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function")
+
+
+def op_histogram(gm: fx.GraphModule) -> Counter:
+    hist: Counter = Counter()
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            hist[str(getattr(n.target, "_overloadpacket", getattr(n.target, "__name__", n.target)))] += 1
+    return hist
+
+
+def run_passes(
+    gm: fx.GraphModule,
+    passes: Sequence[GraphPass],
+    *,
+    max_rounds: int = 4,
+    verify: bool = True,
+    dump=None,
+) -> list[PassRecord]:
+    """Run `passes` in order. Passes with `repeat_to_fixed_point` form rounds that repeat until
+    a whole round changes nothing (at most `max_rounds`); the others run once, in place."""
+    records: list[PassRecord] = []
+    index = 0
+    while index < len(passes):
+        group = []
+        while index < len(passes) and passes[index].repeat_to_fixed_point:
+            group.append(passes[index])
+            index += 1
+        if group:
+            for round_number in range(max_rounds):
+                changed = [_run_one(gm, p, round_number, verify, dump, records) for p in group]
+                if not any(changed):
+                    break
+        if index < len(passes):
+            _run_one(gm, passes[index], 0, verify, dump, records)
+            index += 1
+    return records
+
+
+def _run_one(gm, graph_pass: GraphPass, round_number: int, verify: bool, dump, records: list) -> bool:
+    before_sig = OutputSignature.of(gm) if verify else None
+    ops_before = count_ops(gm)
+    start = time.perf_counter()
+    result = graph_pass.run(gm)
+    seconds = time.perf_counter() - start
+    assert result.graph_module is gm, f"pass {graph_pass.name} must rewrite the graph module in place"
+    if verify:
+        verify_graph(gm, before_sig, graph_pass.name)
+    record = PassRecord(graph_pass.name, round_number, seconds, ops_before, count_ops(gm), result.modified,
+                        Counter(result.stats))
+    records.append(record)
+    if dump is not None and result.modified:
+        dump.write_graph(f"{graph_pass.name}" + (f".round{round_number}" if round_number else ""), gm)
+    return result.modified

@@ -1,0 +1,24 @@
+"""Test-wide setup.
+
+On a machine without CUDA, Triton kernels run through the interpreter on CPU tensors.
+`triton.jit` reads TRITON_INTERPRET when a kernel is decorated, so it must be set before
+any fusecc kernel module is imported — that is why it lives here, at collection time.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; its CPU counterpart runs through the Triton interpreter")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
