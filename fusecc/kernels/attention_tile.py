@@ -1,0 +1,207 @@
+"""The inner loop shared by every fusecc attention kernel.
+
+One query tile `q [BLOCK_M, HEAD_DIM_PAD]` sweeps key/value tiles `[BLOCK_N, HEAD_DIM_PAD]` with an
+online softmax (base-2: `qk_scale` already holds `scale * log2(e)`, so `exp2` replaces `exp`).
+Running state per row, all fp32: `m` (max logit seen), `l` (sum of exp2(logit - m)), `acc`
+(sum of p·v). The callers differ only in where the tiles come from, chosen by constexprs:
+
+- dense K/V (`PAGED=False`): key `n` lives at `k_ptr + n * stride_kn`;
+- paged K/V (`PAGED=True`): key `n` lives in page `block_table[n // PAGE_SIZE]`, slot `n % PAGE_SIZE`.
+
+A range of keys is swept either unmasked (`MASKED=False`: every key < seq_k and visible to every
+row — no compares, no selects, the fast path) or masked (`MASKED=True`: the causal diagonal and
+the ragged tail of seq_k). `attn_bounds` splits a query tile's keys into those two ranges.
+
+Rows that see no key keep m = -inf, l = 0, acc = 0; `attn_normalize` maps them to 0, not NaN.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_rows(ptrs, rows_ok, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               HEAD_DIM_PAD: tl.constexpr):
+    # ptrs: [R, HEAD_DIM_PAD]; the head-dim mask exists only for padded (non power of two) dims.
+    if MASK_ROWS:
+        if HEAD_DIM == HEAD_DIM_PAD:
+            t = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+        else:
+            t = tl.load(ptrs, mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if HEAD_DIM == HEAD_DIM_PAD:
+            t = tl.load(ptrs)
+        else:
+            t = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return t
+
+
+@triton.jit
+def attn_bounds(start_m, seq_q, seq_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr):
+    """Key ranges of the query rows [start_m, start_m + BLOCK_M): [0, full_end) unmasked,
+    [full_end, end) masked. Causal is aligned bottom-right: query i sees keys <= i + seq_k - seq_q."""
+    full_k = (seq_k // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        shift = seq_k - seq_q
+        # keys every row of the tile sees: <= start_m + shift; clamp before dividing (no negative //)
+        first_row_sees = tl.maximum(start_m + shift + 1, 0)
+        full_end = tl.minimum((first_row_sees // BLOCK_N) * BLOCK_N, full_k)
+        end = tl.maximum(tl.minimum(start_m + BLOCK_M + shift, seq_k), 0)
+    else:
+        full_end = full_k
+        end = seq_k
+    # a tile past the last query row (varlen grids are sized for the longest sequence) does no work
+    end = tl.where(start_m < seq_q, end, 0)
+    full_end = tl.minimum(full_end, end)
+    return full_end, end
+
+
+@triton.jit
+def attn_inner(acc, l_i, m_i, q,
+               k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+               table_ptr, stride_kpage, stride_vpage,
+               lo, hi, seq_k, q_pos, qk_scale,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+               PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """Sweep keys [lo, hi) in BLOCK_N steps; returns the updated (acc, l_i, m_i).
+
+    q: [BLOCK_M, HEAD_DIM_PAD] (input dtype); acc: [BLOCK_M, HEAD_DIM_PAD] fp32; l_i, m_i: [BLOCK_M] fp32.
+    q_pos: [BLOCK_M] the last key each row may see (used when CAUSAL and MASKED).
+    k_ptr/v_ptr point at key 0 of this (sequence, kv head); for PAGED, at page 0 slot 0 of this kv
+    head, and table_ptr at this sequence's block-table row.
+    """
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < seq_k
+        if PAGED:
+            if MASKED:
+                page = tl.load(table_ptr + offs_n // PAGE_SIZE, mask=n_ok, other=0)
+            else:
+                page = tl.load(table_ptr + offs_n // PAGE_SIZE)
+            page = page.to(tl.int64)
+            slot = (offs_n % PAGE_SIZE).to(tl.int64)
+            k_rows = page * stride_kpage + slot * stride_kn
+            v_rows = page * stride_vpage + slot * stride_vn
+        else:
+            k_rows = offs_n.to(tl.int64) * stride_kn
+            v_rows = offs_n.to(tl.int64) * stride_vn
+        k = _load_rows(k_ptr + k_rows[:, None] + offs_d[None, :] * stride_kd, n_ok, offs_d,
+                       MASKED, HEAD_DIM, HEAD_DIM_PAD)
+        qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32
+        if MASKED:
+            ok = n_ok[None, :]
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= q_pos[:, None])
+            qk = tl.where(ok, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # a row that has seen nothing yet keeps m = -inf; subtract 0 instead (exp2(-inf) = 0, no NaN)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            qk = qk - m_sub[:, None]
+        else:
+            # scale the row max, not the tile (qk_scale >= 0, checked by the wrappers), then one FMA
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_sub = m_new
+            qk = qk * qk_scale - m_sub[:, None]
+        p = tl.math.exp2(qk)
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_ptr + v_rows[:, None] + offs_d[None, :] * stride_vd, n_ok, offs_d,
+                       MASKED, HEAD_DIM, HEAD_DIM_PAD)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attn_rows(q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+              table_ptr, stride_kpage, stride_vpage,
+              start_m, seq_q, seq_k, qk_scale,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+              PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """Attention of query rows [start_m, start_m + BLOCK_M) of one (sequence, head): the unmasked
+    sweep, then the masked one. Returns the normalized output tile [BLOCK_M, HEAD_DIM_PAD] fp32."""
+    full_end, end = attn_bounds(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+    q_pos = start_m + tl.arange(0, BLOCK_M) + (seq_k - seq_q)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                               table_ptr, stride_kpage, stride_vpage, 0, full_end, seq_k, q_pos, qk_scale,
+                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, False, PAGED, PAGE_SIZE)
+    acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                               table_ptr, stride_kpage, stride_vpage, full_end, end, seq_k, q_pos, qk_scale,
+                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, True, PAGED, PAGE_SIZE)
+    return attn_normalize(acc, l_i)
+
+
+@triton.jit
+def attn_normalize(acc, l_i):
+    # rows that saw no key have l = 0 and acc = 0: divide by 1 so they come out 0, not NaN
+    return acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+
+
+# ---- host-side helpers shared by the attention wrappers ----
+
+LOG2E = 1.4426950408889634
+
+def interpreting() -> bool:
+    """Triton's interpreter (CPU tensors) cannot autotune over several configs: callers use one."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotune_enabled() -> bool:
+    """FUSECC_AUTOTUNE=0 keeps only the first (hand-picked) config of each pruned list: GPU tests
+    then compile one kernel per shape class instead of one per candidate config."""
+    return os.environ.get("FUSECC_AUTOTUNE", "1") != "0"
+
+
+def head_dim_pad(head_dim: int) -> int:
+    """Head dims that are not powers of two (80, 96) run padded to the next one, masked; >= 16 for tl.dot."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim > 256:
+        raise ValueError(f"fusecc attention supports head_dim <= 256, got {head_dim}")
+
+
+def softmax_scale(scale, head_dim: int) -> float:
+    """The logit scale (default 1/sqrt(head_dim)); the unmasked sweep needs it non-negative."""
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    if scale < 0:
+        raise ValueError(f"fusecc attention needs a non-negative scale, got {scale}")
+    return scale
+
+
+def prefill_configs():
+    """Tile configs of the prefill kernels (dense and varlen share the inner loop, so the tiles too)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    cfgs = []
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
+                         (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 4)]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+def prune_prefill_configs(configs, named_args, **kwargs):
+    # register/shared-memory budget on Hopper: big tiles only for small head dims
+    d = named_args.get("HEAD_DIM_PAD", kwargs.get("HEAD_DIM_PAD"))
+    if d is None or len(configs) == 1:
+        return configs
+    if d <= 64:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] == 128 and c.num_stages == 3]
+    elif d <= 128:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] == 128 or c.num_stages == 3 and c.kwargs["BLOCK_N"] == 64]
+    else:
+        keep = [c for c in configs if c.num_stages == 2 and c.kwargs["BLOCK_N"] <= 64]
+    keep = keep or configs
+    return keep if autotune_enabled() else keep[:1]

@@ -1,0 +1,98 @@
+"""Dense (prefill) attention: tiled online softmax in SDPA layout.
+
+    q:   [batch, q_heads,  seq_q, head_dim]
+    k,v: [batch, kv_heads, seq_k, head_dim]     q_heads % kv_heads == 0 (GQA/MQA, no repeat)
+    out: [batch, q_heads,  seq_q, head_dim]     contiguous
+
+Causal masking is aligned bottom-right (as FlashAttention): query i sees keys <= i + seq_k - seq_q;
+rows that see nothing (seq_q > seq_k) are 0. Any strides are accepted (HF's transposed views run
+without a copy); a last-dim stride of 1 is what makes the loads wide.
+
+One program owns BLOCK_M query rows of one (batch, head); the key loop lives in attention_tile.py.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fusecc.kernels.attention_tile import (LOG2E, attn_rows, check_head_dim, head_dim_pad, prefill_configs,
+                                           prune_prefill_configs, softmax_scale)
+
+@triton.autotune(configs=prefill_configs(), key=["HEAD_DIM_PAD", "CAUSAL", "SEQ_BUCKET"],
+                 prune_configs_by={"early_config_prune": prune_prefill_configs}, cache_results=True)
+@triton.jit
+def _flash_attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    group, seq_q, seq_k, qk_scale,
+    SEQ_BUCKET,  # autotune key only: power-of-two bucket of max(seq_q, seq_k)
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        # the last query tiles see the most keys: start them first so the tail of the grid is short
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    kvh = h // group
+    start_m = pid_m * BLOCK_M
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    q_ptrs = q_ptr + b * stride_qb + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    io_mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptrs, mask=io_mask, other=0.0)
+
+    out = attn_rows(q, k_ptr + b * stride_kb + kvh * stride_kh, v_ptr + b * stride_vb + kvh * stride_vh,
+                    stride_ks, stride_kd, stride_vs, stride_vd,
+                    k_ptr, 0, 0,  # no block table
+                    start_m, seq_q, seq_k, qk_scale,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, False, 1)
+
+    o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=io_mask)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    scale: Optional[float] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale [+ causal mask]) v for q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> [B, Hq, Sq, D].
+
+    `scale` defaults to 1/sqrt(D). `out` (optional, [B, Hq, Sq, D]) is written in place and returned.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"flash_attention expects 4-d [batch, heads, seq, head_dim] tensors, got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, Hq, Sq, D = q.shape
+    Bk, Hkv, Sk, Dk = k.shape
+    if k.shape != v.shape or Bk != B or Dk != D:
+        raise ValueError(f"flash_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
+                         f"[{B}, kv_heads, seq_k, {D}] to match q {tuple(q.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"flash_attention: q heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"flash_attention: q/k/v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_head_dim(D)
+    if out is None:
+        out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
+    elif out.shape != (B, Hq, Sq, D) or out.dtype != q.dtype:
+        raise ValueError(f"flash_attention: out must be {(B, Hq, Sq, D)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if out.numel() == 0:
+        return out
+    scale = softmax_scale(scale, D)
+
+    def grid(meta):
+        return (triton.cdiv(Sq, meta["BLOCK_M"]), Hq, B)
+
+    _flash_attention_kernel[grid](
+        q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        Hq // Hkv, Sq, Sk, scale * LOG2E,
+        triton.next_power_of_2(max(Sq, Sk, 1)),
+        HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), CAUSAL=bool(causal),
+    )
+    return out

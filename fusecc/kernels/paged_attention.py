@@ -1,0 +1,203 @@
+"""Decode attention over a paged KV cache: split-KV (flash-decoding) with an LSE merge.
+
+    q:            [batch, q_heads, head_dim]          one new token per sequence
+    k/v_cache:    [num_blocks, block_size, kv_heads, head_dim]
+    block_tables: [batch, max_blocks] int32           page ids of each sequence, in order
+    context_lens: [batch] int32                       cached tokens per sequence (the new one included)
+    out:          [batch, q_heads, head_dim]
+
+Decode reads every cached K/V byte once and does little math on it: it is bandwidth-bound, and at
+batch 1 a program per (sequence, kv head) would leave most SMs idle. So each (sequence, kv head)
+is split into NUM_SPLITS key ranges, one program each, chosen from batch·kv_heads vs the SM count.
+Each program packs the q heads of its KV group into one tile ([GROUP_PAD >= 16, head_dim]) so the
+GQA heads share every K/V load and the scores go through tl.dot (tensor cores), writes its
+normalized partial output and its log-sum-exp (base 2); a second small kernel merges the splits.
+With one split the first kernel writes the output directly and the merge is skipped.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fusecc.kernels.attention_tile import (LOG2E, attn_inner, autotune_enabled, check_head_dim, head_dim_pad,
+                                           interpreting, softmax_scale)
+
+# keep a split at least this many keys long: shorter ones cost more in the merge than they save.
+# Short splits matter at small batch·context, where a program's serial chain of dependent loads
+# (block table -> K -> V), not bandwidth, sets the time (measured: 256-key splits left batch 8 x 1k at 42% of copy)
+MIN_KEYS_PER_SPLIT = 128
+PROGRAMS_PER_SM = 4
+MAX_SPLITS = 128
+
+
+def _decode_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    cfgs = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bn, w, s in [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4)]]
+    return cfgs if autotune_enabled() else cfgs[:1]
+
+
+@triton.autotune(configs=_decode_configs(),
+                 key=["HEAD_DIM_PAD", "GROUP_PAD", "PAGE_SIZE", "SPLIT", "WORK_BUCKET", "CTX_BUCKET"],
+                 cache_results=True)
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, part_o_ptr, part_lse_ptr, table_ptr, ctx_ptr,
+    stride_qb, stride_qh, stride_qd,
+    stride_kpage, stride_kslot, stride_kh, stride_kd,
+    stride_vpage, stride_vslot, stride_vh, stride_vd,
+    stride_table, stride_ob, stride_oh, stride_od,
+    q_heads, group, num_splits, qk_scale,
+    WORK_BUCKET, CTX_BUCKET,  # autotune keys only
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP_PAD: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    split = tl.program_id(0)
+    kvh = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    ctx = tl.load(ctx_ptr + b)
+    # equal splits of this sequence's own context, each a whole number of BLOCK_N tiles, so only
+    # the last split has a ragged (masked) tail
+    split_len = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    n_keys = tl.maximum(tl.minimum(ctx - lo, split_len), 0)
+    hi = lo + n_keys
+    full_end = lo + (n_keys // BLOCK_N) * BLOCK_N
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    heads = kvh * group + offs_g  # [GROUP_PAD] q heads of this KV group
+    io_mask = (offs_g[:, None] < group) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=io_mask, other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    k_base = k_ptr + kvh * stride_kh
+    v_base = v_ptr + kvh * stride_vh
+    table = table_ptr + b * stride_table
+    acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, k_base, v_base, stride_kslot, stride_kd, stride_vslot, stride_vd,
+                               table, stride_kpage, stride_vpage, lo, full_end, hi, offs_g, qk_scale,
+                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, False, True, PAGE_SIZE)
+    acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, k_base, v_base, stride_kslot, stride_kd, stride_vslot, stride_vd,
+                               table, stride_kpage, stride_vpage, full_end, hi, hi, offs_g, qk_scale,
+                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, True, True, PAGE_SIZE)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if SPLIT:
+        # part_o: [batch, q_heads, num_splits, HEAD_DIM_PAD] fp32; part_lse: [batch, q_heads, num_splits]
+        row = (b * q_heads + heads) * num_splits + split
+        tl.store(part_o_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :], out, mask=offs_g[:, None] < group)
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        tl.store(part_lse_ptr + row, lse, mask=offs_g < group)
+    else:
+        tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 out.to(o_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_o_ptr, part_lse_ptr, o_ptr, stride_ob, stride_oh, stride_od, q_heads, num_splits,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    h = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    s_ok = offs_s < num_splits
+    row = (b * q_heads + h) * num_splits + offs_s
+    lse = tl.load(part_lse_ptr + row, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    # all splits empty (context 0): weights 0, output 0
+    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    denom = tl.sum(w, 0)
+    o = tl.load(part_o_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(o_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+_SM_COUNT = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a few splits, so the split path is what the CPU tests exercise
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Enough programs for ~PROGRAMS_PER_SM per SM, each split >= MIN_KEYS_PER_SPLIT keys of the longest context.
+
+    max_context is the block-table capacity (no device sync to read the real lengths)."""
+    work = batch * kv_heads
+    if work >= num_sms:
+        return 1
+    want = triton.cdiv(PROGRAMS_PER_SM * num_sms, work)
+    useful = triton.cdiv(max(max_context, 1), MIN_KEYS_PER_SPLIT)
+    return max(1, min(want, useful, MAX_SPLITS))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, context_lens: torch.Tensor, *,
+                    scale: Optional[float] = None, num_splits: Optional[int] = None,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Decode attention: q [B, Hq, D] over paged caches [num_blocks, block_size, Hkv, D] -> [B, Hq, D].
+
+    num_splits overrides the split-KV heuristic (tests); `out` is written in place and returned.
+    """
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"paged_attention: q must be [batch, heads, head_dim] and both caches "
+                         f"[num_blocks, block_size, kv_heads, head_dim]; got q {tuple(q.shape)}, "
+                         f"k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    B, Hq, D = q.shape
+    _, page_size, Hkv, Dk = k_cache.shape
+    if Dk != D or Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"paged_attention: q {tuple(q.shape)} needs head_dim {D} and a kv-head count dividing "
+                         f"{Hq}; caches are {tuple(k_cache.shape)}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != B or context_lens.shape != (B,):
+        raise ValueError(f"paged_attention: block_tables {tuple(block_tables.shape)} must be [{B}, max_blocks] "
+                         f"and context_lens {tuple(context_lens.shape)} [{B}]")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"paged_attention: q/k_cache/v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    check_head_dim(D)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"paged_attention: out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if B == 0:
+        return out
+    scale = softmax_scale(scale, D)
+    table = block_tables if block_tables.dtype == torch.int32 else block_tables.to(torch.int32)
+    ctx = context_lens if context_lens.dtype == torch.int32 else context_lens.to(torch.int32)
+    group = Hq // Hkv
+    capacity = block_tables.shape[1] * page_size
+    if num_splits is None:
+        num_splits = choose_num_splits(B, Hkv, capacity, _num_sms(q.device))
+    d_pad = head_dim_pad(D)
+    split = num_splits > 1
+    if split:
+        part_o = torch.empty((B, Hq, num_splits, d_pad), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused
+    _paged_decode_kernel[(num_splits, Hkv, B)](
+        q, k_cache, v_cache, out, part_o, part_lse, table, ctx,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), table.stride(0), *out.stride(),
+        Hq, group, num_splits, scale * LOG2E,
+        triton.next_power_of_2(B * Hkv), triton.next_power_of_2(max(capacity, 1)),
+        HEAD_DIM=D, HEAD_DIM_PAD=d_pad, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        PAGE_SIZE=page_size, SPLIT=split,
+    )
+    if split:
+        _merge_splits_kernel[(Hq, B)](
+            part_o, part_lse, out, *out.stride(), Hq, num_splits,
+            HEAD_DIM=D, HEAD_DIM_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+    return out

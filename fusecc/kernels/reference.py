@@ -1,0 +1,99 @@
+"""Pure-torch references for the fusecc attention kernels.
+
+Used by the custom ops' CPU path (fusecc/ops.py) and by the tests (called on float64 copies).
+They compute in the input dtype's float32-or-wider upcast and return the input dtype, follow the
+kernels' conventions exactly (bottom-right causal alignment, rows that see no key are 0), and are
+written for clarity first but without Python loops over tokens, so the runtime's CPU tests stay fast.
+"""
+
+from typing import Optional
+
+import torch
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                        scale: Optional[float] = None) -> torch.Tensor:
+    """q [..., Hq, Sq, D], k/v [..., Hkv, Sk, D] (Hq % Hkv == 0) -> [..., Hq, Sq, D]."""
+    Hq, Sq, D = q.shape[-3:]
+    Hkv, Sk = k.shape[-3], k.shape[-2]
+    scale = D ** -0.5 if scale is None else scale
+    ct = _compute_dtype(q.dtype)
+    group = Hq // Hkv
+    # GQA: view q as [..., Hkv, group, Sq, D] so k/v broadcast instead of being repeated
+    qg = q.to(ct).reshape(*q.shape[:-3], Hkv, group, Sq, D)
+    kf, vf = k.to(ct).unsqueeze(-3), v.to(ct).unsqueeze(-3)
+    logits = torch.matmul(qg, kf.transpose(-1, -2)) * scale  # [..., Hkv, group, Sq, Sk]
+    if causal:
+        i = torch.arange(Sq, device=q.device)[:, None]
+        j = torch.arange(Sk, device=q.device)[None, :]
+        logits = logits.masked_fill(j > i + (Sk - Sq), float("-inf"))
+    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
+    out = torch.matmul(p, vf).reshape(*q.shape[:-1], v.shape[-1])
+    return out.to(q.dtype)
+
+
+def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True,
+                               scale: Optional[float] = None) -> torch.Tensor:
+    """Packed q [Tq, Hq, D], k/v [Tk, Hkv, D]; sequence b is rows cu[b]:cu[b+1] -> [Tq, Hq, D]."""
+    out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        if cq[b + 1] == cq[b]:
+            continue
+        qs = q[cq[b]:cq[b + 1]].transpose(0, 1)  # [Hq, Sq, D]
+        ks = k[ck[b]:ck[b + 1]].transpose(0, 1)
+        vs = v[ck[b]:ck[b + 1]].transpose(0, 1)
+        out[cq[b]:cq[b + 1]] = attention_reference(qs, ks, vs, causal=causal, scale=scale).transpose(0, 1)
+    return out
+
+
+def gather_paged_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """cache [num_blocks, block_size, kv_heads, D], one sequence's table row -> its first `length`
+    tokens as [length, kv_heads, D]."""
+    block_size = cache.shape[1]
+    n_blocks = (length + block_size - 1) // block_size
+    blocks = cache[block_table[:n_blocks].long()]  # [n_blocks, block_size, kv_heads, D]
+    return blocks.reshape(-1, *cache.shape[2:])[:length]
+
+
+def paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens, *,
+                              scale: Optional[float] = None) -> torch.Tensor:
+    """Decode: q [B, Hq, D], one new token per sequence attending to its context_lens[b] cached tokens."""
+    out = torch.zeros_like(q)
+    for b, ctx in enumerate(context_lens.tolist()):
+        if ctx == 0:
+            continue
+        kb = gather_paged_kv(k_cache, block_tables[b], ctx).transpose(0, 1)  # [Hkv, ctx, D]
+        vb = gather_paged_kv(v_cache, block_tables[b], ctx).transpose(0, 1)
+        out[b] = attention_reference(q[b][:, None, :], kb, vb, scale=scale)[:, 0, :]
+    return out
+
+
+def paged_prefill_attention_reference(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, *,
+                                      scale: Optional[float] = None) -> torch.Tensor:
+    """q [Tq, Hq, D] packed new tokens; sequence b's context (context_lens[b] tokens, its new tokens
+    last) is in the paged cache. Query j of a sequence with n new tokens sits at ctx - n + j (causal)."""
+    out = torch.zeros_like(q)
+    cq = cu_seqlens_q.tolist()
+    for b, ctx in enumerate(context_lens.tolist()):
+        if cq[b + 1] == cq[b]:
+            continue
+        kb = gather_paged_kv(k_cache, block_tables[b], ctx).transpose(0, 1)
+        vb = gather_paged_kv(v_cache, block_tables[b], ctx).transpose(0, 1)
+        qs = q[cq[b]:cq[b + 1]].transpose(0, 1)
+        out[cq[b]:cq[b + 1]] = attention_reference(qs, kb, vb, causal=True, scale=scale).transpose(0, 1)
+    return out
+
+
+def write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """In place: token t goes to slot slot_mapping[t] (= block * block_size + offset); -1 skips it."""
+    block_size = k_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
+    v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)

@@ -1,0 +1,129 @@
+"""torch.library custom ops owned by fusecc.
+
+Each op has a real implementation, a fake (meta) implementation so Dynamo and AOTAutograd
+trace it without graph breaks, and — where a hand-written kernel backs it — a pure-torch
+reference used on CPU and in tests.
+
+`fusecc::sdpa` exists so that capture can keep `scaled_dot_product_attention` whole:
+SDPA is CompositeImplicitAutograd, so AOTAutograd would otherwise lower it to a
+backend-specific kernel op (`_scaled_dot_product_flash_attention_for_cpu`, ...) chosen at
+trace time. Wrapped in an opaque custom op it survives capture as one node that the
+attention-matching pass can rewrite into a fusecc kernel, or leave as the exact SDPA call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.library.custom_op("fusecc::sdpa", mutates_args=())
+def sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Exactly `F.scaled_dot_product_attention` without dropout."""
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal,
+        scale=scale, enable_gqa=enable_gqa,
+    ).contiguous()
+
+
+@sdpa.register_fake
+def _sdpa_fake(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    # out: [*batch, heads, seq_q, v_head_dim]
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+# ---- attention kernels (fusecc/kernels/) ----
+# CUDA tensors run the Triton kernels; CPU tensors run the pure-torch references of
+# fusecc/kernels/reference.py (same conventions: bottom-right causal, empty rows are 0).
+
+import fusecc.kernels as _kernels  # noqa: E402
+from fusecc.kernels import reference as _ref  # noqa: E402
+
+
+@torch.library.custom_op("fusecc::flash_attention", mutates_args=())
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                    scale: Optional[float] = None) -> torch.Tensor:
+    """q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> [B, Hq, Sq, D] contiguous (GQA, bottom-right causal)."""
+    if q.is_cuda:
+        return _kernels.flash_attention(q, k, v, causal=causal, scale=scale)
+    return _ref.attention_reference(q, k, v, causal=causal, scale=scale).contiguous()
+
+
+@flash_attention.register_fake
+def _flash_attention_fake(q, k, v, causal=False, scale=None):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("fusecc::varlen_attention", mutates_args=())
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
+                     scale: Optional[float] = None) -> torch.Tensor:
+    """Packed q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens_* [batch + 1] int32 -> [Tq, Hq, D]."""
+    if q.is_cuda:
+        return _kernels.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                         causal=causal, scale=scale)
+    return _ref.varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale)
+
+
+@varlen_attention.register_fake
+def _varlen_attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, scale=None):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("fusecc::paged_attention", mutates_args=())
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """Decode: q [B, Hq, D], caches [num_blocks, block_size, Hkv, D], block_tables [B, max_blocks] int32,
+    context_lens [B] int32 -> [B, Hq, D]."""
+    if q.is_cuda:
+        return _kernels.paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale=scale)
+    return _ref.paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale=scale)
+
+
+@paged_attention.register_fake
+def _paged_attention_fake(q, k_cache, v_cache, block_tables, context_lens, scale=None):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("fusecc::paged_prefill_attention", mutates_args=())
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                            max_seqlen_q: int, scale: Optional[float] = None) -> torch.Tensor:
+    """New tokens q [Tq, Hq, D] (packed by cu_seqlens_q) attending causally to their paged context;
+    context_lens includes the new tokens (already written to the cache) -> [Tq, Hq, D]."""
+    if q.is_cuda:
+        return _kernels.paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens,
+                                                max_seqlen_q, scale=scale)
+    return _ref.paged_prefill_attention_reference(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens,
+                                                  scale=scale)
+
+
+@paged_prefill_attention.register_fake
+def _paged_prefill_attention_fake(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, max_seqlen_q,
+                                  scale=None):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("fusecc::write_kv_cache", mutates_args=("k_cache", "v_cache"))
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """In place: k/v [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D] at slot_mapping [T] int64 (-1 skips)."""
+    if k.is_cuda:
+        _kernels.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        return
+    _ref.write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)
+
+
+@write_kv_cache.register_fake
+def _write_kv_cache_fake(k, v, k_cache, v_cache, slot_mapping):
+    return None
