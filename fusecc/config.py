@@ -37,6 +37,12 @@ class FuseccOptions:
     cudagraphs: bool = False
     # Autotune generated kernels over several configs (set by mode="max-autotune*").
     autotune: bool = False
+    # How the optimized graph runs: "triton" (fusion + generated kernels; on CPU tensors this
+    # needs TRITON_INTERPRET=1), "aten" (the optimized ATen graph as an FX module), or "auto"
+    # (triton for CUDA graphs, aten otherwise).
+    codegen: str = "auto"
+    # Debugging: after every generated kernel, recompute its group with ATen and raise on a mismatch.
+    check_kernels: bool = False
     # Raise compilation errors instead of warning and running the graph unoptimized.
     strict: bool = False
     mode: str = "default"
@@ -46,6 +52,8 @@ class FuseccOptions:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"fusecc: unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if self.codegen not in ("auto", "triton", "aten"):
+            raise ValueError(f"fusecc: option 'codegen' must be 'auto', 'triton' or 'aten', got {self.codegen!r}")
         if self.constant_fold_max_bytes < 0:
             raise ValueError("fusecc: option 'constant_fold_max_bytes' must be >= 0")
         if self.max_pass_rounds < 1:

@@ -1,0 +1,65 @@
+"""Code generation: fusion groups -> generated Triton kernels + a Python wrapper that runs them.
+
+`lower(gm, options, dump, example_inputs)` is what the backend calls after the passes; it
+returns the boxed callable AOTAutograd runs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from fusecc.config import FuseccOptions
+
+
+def wants_triton(options: FuseccOptions, example_inputs: list) -> bool:
+    if options.codegen == "triton":
+        return True
+    if options.codegen == "aten":
+        return False
+    # "auto": generated kernels for CUDA graphs. CPU graphs run as ATen: Triton reaches the CPU
+    # only through its (slow) interpreter, which tests request explicitly with codegen="triton".
+    return any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
+
+
+def lower(gm: fx.GraphModule, options: FuseccOptions, dump, example_inputs: list,
+          weight_inputs: list[bool]) -> tuple[Callable, list]:
+    """Fuse, generate kernels and the wrapper; returns (boxed callable, pass records)."""
+    from fusecc.codegen.wrapper import compile_wrapper
+    from fusecc.passes.fusion import Fusion
+    from fusecc.passes.pipeline import run_passes
+
+    fusion = Fusion()
+    records = run_passes(gm, [fusion], verify=options.verify, dump=dump)
+    compiled = compile_wrapper(gm, check_kernels=options.check_kernels)
+    call = compiled.call
+    if options.cudagraphs and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
+        from fusecc.codegen.cudagraphs import CUDAGraphRunner
+
+        call = CUDAGraphRunner(call, mutated_inputs=_mutated_input_indices(gm),
+                               persistent_inputs=[i for i, w in enumerate(weight_inputs) if w])
+    if dump is not None:
+        dump.write_text("wrapper.py", compiled.source)
+        for ks in compiled.kernels.values():
+            dump.write_file(f"kernels/{ks.name}.py", ks.source)
+        for node_name, reason in sorted(fusion.reasons.items()):
+            dump.note(f"not fused: {node_name}: {reason}")
+        for module_name, reason in sorted(compiled.fallbacks.items()):
+            dump.note(f"group {module_name} runs as ATen ops: {reason}")
+        dump.note(f"{compiled.launches_per_call} kernel launches and {compiled.extern_calls_per_call} "
+                  f"extern/ATen calls per call")
+    return call, records
+
+
+def _mutated_input_indices(gm: fx.GraphModule) -> list[int]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    mutated = []
+    for i, p in enumerate(placeholders):
+        for user in p.users:
+            target = user.target
+            if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
+                mutated.append(i)
+                break
+    return mutated

@@ -1,0 +1,300 @@
+"""What the Triton code generator can compute inside a fused kernel, and how.
+
+Three kinds of fusible ops:
+- pointwise: `POINTWISE[op](*arg_exprs, node=node) -> str`, a Triton expression over the
+  already-loaded argument values (all of the node's iteration shape);
+- views: pure index transforms (view/reshape/permute/expand/slice/...), handled in
+  index_transforms.py — they never move data inside a kernel;
+- reductions: `REDUCTIONS[op]` over the last dimension, persistent (whole row in registers).
+
+Everything else is an extern call (matmuls, attention: better hand-written kernels exist) or an
+ATen fallback, and `classify(node)` says which, with the reason the dump shows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# Low-precision floats are computed in fp32 inside kernels and rounded at explicit casts and stores.
+COMPUTE_DTYPE = {
+    torch.float16: "tl.float32", torch.bfloat16: "tl.float32", torch.float32: "tl.float32",
+    torch.float64: "tl.float64", torch.int8: "tl.int8", torch.uint8: "tl.uint8", torch.int16: "tl.int16",
+    torch.int32: "tl.int32", torch.int64: "tl.int64", torch.bool: "tl.int1",
+}
+STORAGE_DTYPE = {
+    torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32",
+    torch.float64: "tl.float64", torch.int8: "tl.int8", torch.uint8: "tl.uint8", torch.int16: "tl.int16",
+    torch.int32: "tl.int32", torch.int64: "tl.int64", torch.bool: "tl.int1",
+}
+
+# Largest reduced dimension kept in registers by a persistent reduction kernel.
+MAX_PERSISTENT_REDUCTION = 16384
+
+
+def literal(value, dtype: torch.dtype | None = None) -> str:
+    """A Python scalar as Triton source."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return 'float("nan")'
+        if math.isinf(value):
+            return 'float("inf")' if value > 0 else 'float("-inf")'
+        return repr(value)
+    raise TypeError(f"unsupported literal {value!r}")
+
+
+def _dt(node: fx.Node) -> torch.dtype:
+    return node.meta["val"].dtype
+
+
+def _cast(expr: str, node: fx.Node) -> str:
+    return f"({expr}).to({COMPUTE_DTYPE[_dt(node)]})"
+
+
+def _binary(op: str) -> Callable:
+    def emit(a, b, *, node, alpha=1):
+        if alpha != 1:
+            b = f"({b} * {literal(alpha)})"
+        return _cast(f"{a} {op} {b}", node)
+    return emit
+
+
+def _true_div(a, b, *, node, rounding_mode=None):
+    if rounding_mode is not None:
+        raise NotImplementedError("div with rounding_mode")
+    return _cast(f"{_float(a, node)} / {_float(b, node)}", node)
+
+
+def _float(expr: str, node: fx.Node) -> str:
+    return f"({expr}).to({COMPUTE_DTYPE[_dt(node)]})"
+
+
+def _unary(fn: str) -> Callable:
+    def emit(a, *, node):
+        return _cast(f"{fn}({_float(a, node)})", node)
+    return emit
+
+
+def _pow_scalar(a, exponent, *, node):
+    if exponent == 2:
+        return _cast(f"{a} * {a}", node)
+    if exponent == 3:
+        return _cast(f"{a} * {a} * {a}", node)
+    if exponent == 1:
+        return _cast(a, node)
+    if exponent == -1:
+        return _cast(f"1.0 / {_float(a, node)}", node)
+    if exponent == 0.5 and _dt(node) in (torch.float32, torch.float64):
+        return _cast(f"tl.sqrt({_float(a, node)})", node)
+    if exponent == -0.5 and _dt(node) in (torch.float32, torch.float64):
+        return _cast(f"1.0 / tl.sqrt({_float(a, node)})", node)
+    raise NotImplementedError(f"pow with exponent {exponent!r}")
+
+
+def _where(cond, a, b, *, node):
+    return _cast(f"tl.where({cond} != 0, {a}, {b})", node)
+
+
+def _maximum(a, b, *, node):
+    # torch.maximum propagates NaN; Triton's does not by default.
+    return _cast(f"tl.where(({a} != {a}) | ({a} > {b}), {a}, {b})", node)
+
+
+def _minimum(a, b, *, node):
+    return _cast(f"tl.where(({a} != {a}) | ({a} < {b}), {a}, {b})", node)
+
+
+def _clamp(a, lo=None, hi=None, *, node):
+    out = a
+    if lo is not None:
+        out = f"tl.where(({out} != {out}) | ({out} > {lo}), {out}, {lo})"
+    if hi is not None:
+        out = f"tl.where(({out} != {out}) | ({out} < {hi}), {out}, {hi})"
+    return _cast(out, node)
+
+
+def _compare(op: str) -> Callable:
+    def emit(a, b, *, node):
+        return f"({a} {op} {b})"
+    return emit
+
+
+def _convert(a, dtype=None, *, node):
+    # Round through the storage dtype so a cast to bf16/fp16 loses what eager loses.
+    target = _dt(node)
+    return f"({a}).to({STORAGE_DTYPE[target]}).to({COMPUTE_DTYPE[target]})"
+
+
+def _tanh(a, *, node):
+    x = _float(a, node)
+    return _cast(f"2.0 * tl.sigmoid(2.0 * {x}) - 1.0", node)
+
+
+def _sign(a, *, node):
+    return _cast(f"tl.where({a} > 0, 1, tl.where({a} < 0, -1, 0))", node)
+
+
+def _full(size, value, *, node, **_):
+    return f"tl.full([1], {literal(value)}, {COMPUTE_DTYPE[_dt(node)]})"
+
+
+def _relu(a, *, node):
+    return _cast(f"tl.where({a} < 0, 0, {a})", node)  # keeps NaN, as torch.relu does
+
+
+def _abs(a, *, node):
+    return _cast(f"tl.abs({a})", node)
+
+
+def _neg(a, *, node):
+    return _cast(f"-{a}", node)
+
+
+def _logical(op: str) -> Callable:
+    def emit(a, b, *, node):
+        return f"(({a} != 0) {op} ({b} != 0))"
+    return emit
+
+
+def _logical_not(a, *, node):
+    return f"({a} == 0)"
+
+
+POINTWISE: dict = {
+    aten.add.Tensor: _binary("+"), aten.sub.Tensor: _binary("-"), aten.mul.Tensor: _binary("*"),
+    aten.div.Tensor: _true_div, aten.neg.default: _neg, aten.abs.default: _abs,
+    aten.exp.default: _unary("tl.exp"), aten.exp2.default: _unary("tl.exp2"),
+    aten.log.default: _unary("tl.log"), aten.log2.default: _unary("tl.log2"),
+    aten.sqrt.default: _unary("tl.sqrt"), aten.rsqrt.default: _unary("tl.rsqrt"),
+    aten.sigmoid.default: _unary("tl.sigmoid"), aten.tanh.default: _tanh,
+    aten.sin.default: _unary("tl.sin"), aten.cos.default: _unary("tl.cos"),
+    aten.erf.default: _unary("tl.erf"), aten.floor.default: _unary("tl.floor"),
+    aten.ceil.default: _unary("tl.ceil"), aten.reciprocal.default: lambda a, *, node: _cast(f"1.0 / {_float(a, node)}", node),
+    aten.relu.default: _relu, aten.sign.default: _sign,
+    aten.pow.Tensor_Scalar: _pow_scalar, aten.where.self: _where,
+    aten.maximum.default: _maximum, aten.minimum.default: _minimum,
+    aten.clamp.default: _clamp,
+    aten.eq.Tensor: _compare("=="), aten.eq.Scalar: _compare("=="), aten.ne.Tensor: _compare("!="),
+    aten.ne.Scalar: _compare("!="), aten.lt.Tensor: _compare("<"), aten.lt.Scalar: _compare("<"),
+    aten.le.Tensor: _compare("<="), aten.le.Scalar: _compare("<="), aten.gt.Tensor: _compare(">"),
+    aten.gt.Scalar: _compare(">"), aten.ge.Tensor: _compare(">="), aten.ge.Scalar: _compare(">="),
+    aten.logical_and.default: _logical("&"), aten.logical_or.default: _logical("|"),
+    aten.logical_not.default: _logical_not, aten.bitwise_not.default: _logical_not,
+    prims.convert_element_type.default: _convert, aten._to_copy.default: _convert,
+    aten.clone.default: lambda a, *, node, memory_format=None: a,
+    aten.full.default: _full, aten.scalar_tensor.default: lambda v, *, node, **_: _full(None, v, node=node),
+}
+
+_FLOAT_ONLY = {aten.exp.default, aten.exp2.default, aten.log.default, aten.log2.default, aten.sqrt.default,
+               aten.rsqrt.default, aten.sigmoid.default, aten.tanh.default, aten.sin.default, aten.cos.default,
+               aten.erf.default, aten.reciprocal.default}
+
+
+@dataclass(frozen=True)
+class Reduction:
+    combine: str      # Triton reduction function over axis 1
+    identity: str     # value for masked-out lanes
+    mean: bool = False
+
+
+REDUCTIONS = {
+    aten.sum.dim_IntList: Reduction("tl.sum", "0"),
+    aten.mean.dim: Reduction("tl.sum", "0", mean=True),
+    aten.amax.default: Reduction("tl.max", 'float("-inf")'),
+    aten.amin.default: Reduction("tl.min", 'float("inf")'),
+}
+
+VIEW_OPS = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
+    aten.transpose.int, aten.t.default, aten.expand.default, aten.unsqueeze.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.slice.Tensor, aten.select.int,
+    aten.alias.default,
+}
+
+# Computed by better kernels than a generated one (cuBLAS, hand-written attention).
+EXTERN_OPS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default,
+              aten.embedding.default}
+
+
+@dataclass(frozen=True)
+class Classification:
+    kind: str          # "pointwise" | "view" | "reduction" | "cat" | "extern" | "fallback" | "none"
+    reason: str = ""
+
+
+def classify(node: fx.Node) -> Classification:
+    """How the code generator treats `node`; for fallbacks, why (shown in the dump)."""
+    if node.op != "call_function":
+        return Classification("none")
+    target = node.target
+    val = node.meta.get("val")
+    name = _op_name(target)
+    if not isinstance(val, torch.Tensor):
+        return Classification("none", "produces no tensor")
+    if val.dtype not in COMPUTE_DTYPE or val.device.type not in ("cuda", "cpu"):
+        return Classification("fallback", f"{name}: dtype {val.dtype} not supported by codegen")
+    for arg in node.all_input_nodes:
+        arg_val = arg.meta.get("val")
+        if isinstance(arg_val, torch.Tensor) and arg_val.dtype not in COMPUTE_DTYPE:
+            return Classification("fallback", f"{name}: input dtype {arg_val.dtype} not supported by codegen")
+    if target in EXTERN_OPS or str(getattr(target, "namespace", "")) == "fusecc":
+        return Classification("extern", f"{name}: extern kernel")
+    if target in VIEW_OPS:
+        return Classification("view")
+    if target is aten.cat.default:
+        return Classification("cat")
+    if target in POINTWISE:
+        if target in _FLOAT_ONLY and not val.dtype.is_floating_point:
+            return Classification("fallback", f"{name}: integer result")
+        if target is aten._to_copy.default and set(node.kwargs) - {"dtype"}:
+            return Classification("fallback", f"{name}: changes device/layout/memory format")
+        if target is aten.pow.Tensor_Scalar:
+            try:
+                _pow_scalar("x", node.args[1], node=node)
+            except NotImplementedError as exc:
+                return Classification("fallback", f"{name}: {exc}")
+        if target is aten.div.Tensor and node.kwargs.get("rounding_mode") is not None:
+            return Classification("fallback", f"{name}: rounding_mode")
+        if target is aten.clone.default and node.kwargs.get("memory_format") not in (None, torch.contiguous_format, torch.preserve_format):
+            return Classification("fallback", f"{name}: memory_format {node.kwargs.get('memory_format')}")
+        return Classification("pointwise")
+    if target in REDUCTIONS:
+        return _classify_reduction(node, name)
+    return Classification("fallback", f"{name}: no Triton lowering")
+
+
+def reduction_dim_size(node: fx.Node) -> Optional[int]:
+    src = node.args[0].meta["val"]
+    return src.shape[-1] if src.dim() else None
+
+
+def _classify_reduction(node: fx.Node, name: str) -> Classification:
+    src = node.args[0].meta["val"]
+    dims = node.args[1] if len(node.args) > 1 else None
+    if src.dim() == 0 or not dims or len(dims) != 1 or dims[0] % src.dim() != src.dim() - 1:
+        return Classification("fallback", f"{name}: only reductions over the last dimension are generated")
+    if node.kwargs.get("dtype") is not None:
+        return Classification("fallback", f"{name}: dtype= argument")
+    size = src.shape[-1]
+    if not isinstance(size, int):
+        return Classification("fallback", f"{name}: reduced dimension has symbolic size {size}")
+    if size > MAX_PERSISTENT_REDUCTION:
+        return Classification("fallback", f"{name}: reduced dimension {size} > {MAX_PERSISTENT_REDUCTION}")
+    if not src.dtype.is_floating_point:
+        return Classification("fallback", f"{name}: integer reduction")
+    return Classification("reduction")
+
+
+def _op_name(target) -> str:
+    return str(getattr(target, "_overloadpacket", getattr(target, "__name__", target))).replace("aten.", "aten.")

@@ -1,0 +1,281 @@
+"""The generated call function: the fused graph -> Python source that allocates outputs, launches
+kernels, calls extern/ATen ops, and drops each buffer at its last use (`del`), so the caching
+allocator hands its memory to the next allocation of that size.
+
+    def call(args):
+        arg0_1, arg1_1, s0 = args
+        args.clear()
+        buf0 = empty_strided((s0, 64), (64, 1), dtype=torch.float32, device=device(type='cuda', index=0))
+        fused_reduction_3f2a[((s0 + 3) // 4,)](arg0_1, _frozen_param0, buf0, s0, s0, XBLOCK=4, RBLOCK=64, num_warps=2)
+        view = aten_view_default(buf0, [s0, 64])
+        mm = aten_mm_default(view, _frozen_param1); del view
+        ...
+        return (mm,)
+
+Groups the kernel writer cannot handle run as their FX submodule (ATen ops), never wrongly;
+the reason goes to the dump.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import sympy
+import torch
+import torch.fx as fx
+
+from fusecc.codegen.expr_printer import print_expr
+from fusecc.codegen.index_math import CodegenUnsupported, sym
+from fusecc.codegen.kernel_cache import default_cache_dir, kernel_cache
+from fusecc.codegen.kernel_writer import KernelSource, KernelWriter
+from fusecc.passes.node_kinds import is_view
+
+
+@dataclass
+class CompiledWrapper:
+    call: Callable
+    source: str
+    kernels: dict[str, KernelSource] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)   # submodule -> why it runs as ATen
+    launches_per_call: int = 0
+    extern_calls_per_call: int = 0
+
+
+def compile_wrapper(gm: fx.GraphModule, cache_dir: Optional[str] = None, check_kernels: bool = False) -> CompiledWrapper:
+    """`check_kernels` re-runs every generated kernel's group with ATen after it and raises on a
+    mismatch naming the kernel (a debugging mode: slow)."""
+    return _WrapperWriter(gm, cache_dir or str(default_cache_dir()), check_kernels).build()
+
+
+def check_kernel(name: str, group: fx.GraphModule, inputs: list, outputs: list) -> None:
+    expected = group(*inputs)
+    for i, (want, got) in enumerate(zip(expected, outputs)):
+        if not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3, equal_nan=True):
+            diff = (got.float() - want.float()).abs().nan_to_num(float("inf")).max().item()
+            raise AssertionError(f"fusecc kernel {name} output {i} differs from ATen (max abs diff {diff})\n"
+                                 f"{group.code}")
+
+
+class _WrapperWriter:
+    def __init__(self, gm: fx.GraphModule, cache_dir: str, check_kernels: bool = False):
+        self.gm = gm
+        self.check_kernels = check_kernels
+        self.cache = kernel_cache(cache_dir)
+        self.lines: list[str] = []
+        self.globals: dict[str, Any] = {"torch": torch, "device": torch.device,
+                                        "empty_strided": torch.empty_strided, "check_kernel": check_kernel}
+        self.symbol_source: dict[sympy.Symbol, str] = {}
+        self.kernels: dict[str, KernelSource] = {}
+        self.fallbacks: dict[str, str] = {}
+        self.launches = 0
+        self.externs = 0
+        self.var_of: dict[fx.Node, str] = {}
+
+    # ----------------------------------------------------------------- rendering helpers
+
+    def _global(self, prefix: str, value: Any) -> str:
+        for name, existing in self.globals.items():
+            if existing is value and name.startswith(prefix):
+                return name
+        name = f"{prefix}{len(self.globals)}"
+        self.globals[name] = value
+        return name
+
+    def _expr(self, expr) -> str:
+        expr = sym(expr) if not isinstance(expr, sympy.Expr) else expr
+        missing = [s for s in expr.free_symbols if s not in self.symbol_source]
+        if missing:
+            raise CodegenUnsupported(f"no runtime source for symbol(s) {missing}")
+        return print_expr(expr)
+
+    def _render(self, arg) -> str:
+        if isinstance(arg, fx.Node):
+            return self.var_of[arg]
+        if isinstance(arg, (list, tuple)):
+            inner = ", ".join(self._render(a) for a in arg)
+            return f"[{inner}]" if isinstance(arg, list) else f"({inner}{',' if len(arg) == 1 else ''})"
+        if isinstance(arg, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return self._expr(arg.node.expr)
+        if isinstance(arg, float) and not math.isfinite(arg):
+            return f"float('{arg}')"
+        if arg is None or isinstance(arg, (bool, int, float, str)):
+            return repr(arg)
+        if isinstance(arg, (torch.dtype, torch.layout, torch.memory_format)):
+            return repr(arg)
+        if isinstance(arg, torch.device):
+            return f"device({arg.type!r}, {arg.index!r})" if arg.index is not None else f"device({arg.type!r})"
+        return self._global("_const", arg)
+
+    def _bind_symbols(self, placeholders: list[fx.Node]) -> None:
+        """Where each shape symbol's runtime value comes from: a SymInt input or a tensor dim."""
+        for p in placeholders:
+            val = p.meta.get("val")
+            if isinstance(val, torch.SymInt) and isinstance(val.node.expr, sympy.Symbol):
+                if val.node.expr not in self.symbol_source:
+                    self.symbol_source[val.node.expr] = p.name
+                    self.lines.append(f"{val.node.expr.name} = {p.name}")
+        for p in placeholders:
+            val = p.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                continue
+            for d, size in enumerate(val.shape):
+                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                    if size.node.expr not in self.symbol_source:
+                        self.symbol_source[size.node.expr] = f"{p.name}.size({d})"
+                        self.lines.append(f"{size.node.expr.name} = {p.name}.size({d})")
+
+    # ----------------------------------------------------------------- node emission
+
+    def _alloc(self, name: str, val: torch.Tensor) -> None:
+        shape = ", ".join(self._expr(sym(s)) for s in val.shape)
+        stride = ", ".join(self._expr(sym(s)) for s in val.stride())
+        comma = "," if val.dim() == 1 else ""
+        self.lines.append(f"{name} = empty_strided(({shape}{comma}), ({stride}{comma}), "
+                          f"dtype={val.dtype!r}, device={self._render(val.device)})")
+
+    def _emit_kernel(self, node: fx.Node) -> None:
+        sub = self.gm.get_submodule(node.target)
+        outputs = [None] * len(node.meta["val"])
+        for user in node.users:
+            if user.target is operator.getitem:
+                outputs[user.args[1]] = user.name
+        outputs = [o or f"{node.name}_unused{i}" for i, o in enumerate(outputs)]
+        try:
+            ks = KernelWriter(sub).write()
+            fn = self.cache.load(ks)
+            size_args = [self._expr(s) for s in ks.size_args]
+            numel = self._expr(ks.numel)
+        except CodegenUnsupported as exc:
+            self._emit_fallback_module(node, sub, outputs, str(exc))
+            return
+        except Exception as exc:  # a codegen bug must not become a wrong answer or a crash
+            self._emit_fallback_module(node, sub, outputs, f"codegen error {type(exc).__name__}: {exc}")
+            return
+        self.kernels[node.target] = ks
+        for name, val in zip(outputs, node.meta["val"]):
+            self._alloc(name, val)
+        kernel_name = self._kernel_global(ks.name, fn)
+        tensor_inputs = [a for a in node.args if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
+        call_args = [self.var_of[a] for a in tensor_inputs] + outputs + size_args + [numel]
+        meta = f"XBLOCK={ks.xblock}" + (f", RBLOCK={ks.rblock}" if ks.rblock else "") + f", num_warps={ks.num_warps}"
+        grid = f"(({numel} + {ks.xblock - 1}) // {ks.xblock},)"
+        self.lines.append(f"if {numel} > 0: {kernel_name}[{grid}]({', '.join(call_args)}, {meta})")
+        self.launches += 1
+        if self.check_kernels:
+            module = self._global(f"{node.target}_aten", sub)
+            inputs = ", ".join(self._render(a) for a in node.args)
+            self.lines.append(f"check_kernel({ks.name!r}, {module}, [{inputs}], [{', '.join(outputs)}])")
+        for user in node.users:
+            self.var_of[user] = user.name
+
+    def _kernel_global(self, name: str, fn) -> str:
+        self.globals[name] = fn
+        return name
+
+    def _emit_fallback_module(self, node: fx.Node, sub: fx.GraphModule, outputs: list, why: str) -> None:
+        self.fallbacks[node.target] = why
+        module = self._global(f"{node.target}_aten", sub)
+        args = ", ".join(self._render(a) for a in node.args)
+        self.lines.append(f"{', '.join(outputs)}, = {module}({args})  # runs as ATen: {why}")
+        self.externs += 1
+        for user in node.users:
+            self.var_of[user] = user.name
+
+    def _emit_call(self, node: fx.Node) -> None:
+        target = node.target
+        if target is operator.getitem and node.args[0].op == "call_module":
+            return  # bound by _emit_kernel
+        name = node.name
+        self.var_of[node] = name
+        args = ", ".join([self._render(a) for a in node.args] +
+                         [f"{k}={self._render(v)}" for k, v in node.kwargs.items()])
+        if target is operator.getitem:
+            self.lines.append(f"{name} = {self._render(node.args[0])}[{self._render(node.args[1])}]")
+            return
+        label = str(target).replace(".", "_").replace("::", "_") if isinstance(target, torch._ops.OpOverload) \
+            else getattr(target, "__name__", "fn")
+        fn = self._global(f"{_identifier(label)}_", target)
+        self.lines.append(f"{name} = {fn}({args})")
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt) and isinstance(val.node.expr, sympy.Symbol) \
+                and val.node.expr not in self.symbol_source:
+            self.symbol_source[val.node.expr] = name
+            self.lines.append(f"{val.node.expr.name} = {name}")
+        if isinstance(target, torch._ops.OpOverload) and not is_view(node):
+            self.externs += 1
+
+    # ----------------------------------------------------------------- whole function
+
+    def build(self) -> CompiledWrapper:
+        graph = self.gm.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        for p in placeholders:
+            self.var_of[p] = p.name
+        unpack = ", ".join(p.name for p in placeholders)
+        header = [f"{unpack}{',' if len(placeholders) == 1 else ''} = args" if placeholders else "pass",
+                  "args.clear()"]
+        self._bind_symbols(placeholders)
+        last_use = _last_uses(graph)
+        outputs = set(graph.output_node().all_input_nodes)
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                self.var_of[node] = node.name
+                value = self.gm
+                for part in node.target.split("."):
+                    value = getattr(value, part)
+                self.globals[node.name] = value
+            elif node.op == "call_module":
+                self._emit_kernel(node)
+            elif node.op == "call_function":
+                self._emit_call(node)
+            elif node.op == "output":
+                self.lines.append(f"return {self._render(tuple(node.args[0]) if isinstance(node.args[0], (list, tuple)) else node.args[0])}")
+                continue
+            dead = [self.var_of.get(n) for n in last_use.get(node, ())
+                    if n not in outputs and n.op in ("call_function", "call_module") and self.var_of.get(n)]
+            if dead:
+                self.lines.append(f"del {', '.join(sorted(set(dead)))}")
+        body = "\n".join("    " + line for line in header + self.lines)
+        source = f"def call(args):\n{body}\n"
+        namespace = dict(self.globals)
+        exec(compile(source, "<fusecc-wrapper>", "exec"), namespace)
+        call = namespace["call"]
+        call._boxed_call = True
+        return CompiledWrapper(call=call, source=_documented(source, self.globals), kernels=self.kernels,
+                               fallbacks=self.fallbacks, launches_per_call=self.launches,
+                               extern_calls_per_call=self.externs)
+
+
+def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """node -> the values whose last reader it is (so they can be deleted right after).
+    A value stays alive while any view of it (evaluated in the wrapper) is alive."""
+    root_of: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and (is_view(node) or node.target is operator.getitem) and node.args \
+                and isinstance(node.args[0], fx.Node) and node.args[0].op != "call_module":
+            root_of[node] = root_of.get(node.args[0], node.args[0])
+        else:
+            root_of[node] = node
+    last: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        for inp in node.all_input_nodes:
+            last[inp] = node
+            last[root_of[inp]] = node
+    out: dict[fx.Node, list[fx.Node]] = {}
+    for value, reader in last.items():
+        if reader.op != "output":
+            out.setdefault(reader, []).append(value)
+    return out
+
+
+def _identifier(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def _documented(source: str, globals_: dict) -> str:
+    kernels = [f"#   {name}: {getattr(v, 'fn', v).__module__ if hasattr(v, 'fn') else type(v).__name__}"
+               for name, v in globals_.items() if name.startswith("fused_")]
+    return "# fusecc generated wrapper\n" + ("# kernels:\n" + "\n".join(kernels) + "\n" if kernels else "") + source

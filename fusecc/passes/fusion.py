@@ -1,0 +1,221 @@
+"""Fusion: partition the ATen graph into groups that each become one generated Triton kernel.
+
+    before:  %pow = aten.mul(%h, %h)                        # f32[2, 8, 64]
+             %mean = aten.mean.dim(%pow, [-1], True)        # f32[2, 8, 1]
+             %add = aten.add(%mean, 1e-6)
+             %rsqrt = aten.rsqrt(%add)
+             %mul = aten.mul(%h, %rsqrt)
+             %out = aten.mul(%w, %mul)                      # f32[2, 8, 64]
+             %v = aten.view(%out, [16, 64]);  %mm = aten.mm(%v, %wt)
+    after:   %kernel_0 = call_module[kernel_0](%h, %w)      # RMSNorm in one kernel
+             %out = getitem(%kernel_0, 0)
+             %v = aten.view(%out, [16, 64]);  %mm = aten.mm(%v, %wt)
+
+Groups form greedily in topological order: a fusible node joins the groups of its producers
+when their iteration spaces agree (same number of elements for pointwise groups; same rows and
+reduced size for reductions over the last dim, with pointwise prologues and epilogues) and the
+merge creates no cycle in the dependency DAG. Views join the group of their input and are
+folded into index expressions; a view whose users are all outside the group runs as an ATen
+view. Matmuls, custom ops and ops without a lowering are boundaries. Every node left out of a
+group is reported with the reason (`reasons`) so the dump answers "why is this op not fused?".
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+import networkx as nx
+import sympy
+import torch
+import torch.fx as fx
+from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
+
+from fusecc.codegen.index_math import product, shape_of
+from fusecc.codegen.lowerings import classify
+from fusecc.passes.base import GraphPass, PassResult
+
+_FUSIBLE = ("pointwise", "view", "cat", "reduction")
+
+
+class _Group:
+    """Nodes of one future kernel and its iteration space:
+    ("p", numel) for pointwise groups, ("r", rows_shape, reduced_size) for reductions."""
+
+    def __init__(self, node: fx.Node, space: tuple, shapes: set):
+        self.nodes: list[fx.Node] = [node]
+        self.space = space
+        self.shapes = shapes  # output shapes of the group's pointwise/cat members
+
+    def has_compute(self) -> bool:
+        return any(classify(n).kind != "view" for n in self.nodes)
+
+
+def _key(shape) -> tuple:
+    return tuple(sympy.expand(s) for s in shape)
+
+
+def _space(node: fx.Node, kind: str) -> tuple:
+    if kind == "reduction":
+        src = _key(shape_of(node.args[0]))
+        return ("r", src[:-1], src[-1])
+    return ("p", sympy.expand(product(shape_of(node))))
+
+
+def _row_shapes(space: tuple) -> set:
+    """Shapes a pointwise member of a reduction kernel may have: per element or per row."""
+    rows, size = space[1], space[2]
+    return {rows + (size,), rows + (sympy.Integer(1),), rows}
+
+
+def _merge_spaces(a: _Group, b: _Group) -> Optional[tuple]:
+    """The iteration space of a kernel containing both groups, or None if they cannot share one."""
+    sa, sb = a.space, b.space
+    if sa[0] == "p" and sb[0] == "p":
+        return sa if sympy.simplify(sa[1] - sb[1]) == 0 else None
+    if sa[0] == "r" and sb[0] == "r":
+        same = sa[1] == sb[1] and sa[2] == sb[2]
+        return sa if same and (a.shapes | b.shapes) <= _row_shapes(sa) else None
+    red = sa if sa[0] == "r" else sb
+    return red if (a.shapes | b.shapes) <= _row_shapes(red) else None
+
+
+class Fusion(GraphPass):
+    name = "fusion"
+    repeat_to_fixed_point = False
+
+    def __init__(self, min_nodes: int = 1):
+        self.min_nodes = min_nodes
+        self.reasons: dict[str, str] = {}
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        group_of: dict[fx.Node, _Group] = {}
+        self.reasons = {}
+        stats: Counter = Counter()
+        for node in graph.nodes:
+            c = classify(node)
+            if c.kind not in _FUSIBLE:
+                if c.reason:
+                    self.reasons[node.name] = c.reason
+                    stats[f"not_fused:{c.kind}"] += 1
+                continue
+            producers = []
+            for inp in node.all_input_nodes:
+                g = group_of.get(inp)
+                if g is not None and g not in producers:
+                    producers.append(g)
+            if c.kind == "view":
+                if len(producers) == 1:
+                    producers[0].nodes.append(node)
+                    group_of[node] = producers[0]
+                else:
+                    self.reasons[node.name] = "view of a materialised tensor: runs as an ATen view (no copy)"
+                continue
+            group = _Group(node, _space(node, c.kind),
+                           set() if c.kind == "reduction" else {_key(shape_of(node))})
+            group_of[node] = group
+            for producer in producers:
+                merged_space = _merge_spaces(producer, group)
+                inlined = False
+                if merged_space is None and _only_feeds(producer, group, node):
+                    # A pointwise producer read only by this node is recomputed at its index.
+                    merged_space, inlined = group.space, True
+                if merged_space is None:
+                    stats["blocked:iteration_space"] += 1
+                    self.reasons.setdefault(node.name, f"iteration space {group.space} differs from producer group "
+                                                       f"{producer.space}: starts a new kernel")
+                    continue
+                candidate = producer.nodes + group.nodes
+                if _creates_cycle(candidate, order):
+                    stats["blocked:cycle"] += 1
+                    self.reasons.setdefault(node.name, "fusing with its producer would create a cycle")
+                    continue
+                producer.nodes = sorted(candidate, key=order.__getitem__)
+                producer.space = merged_space
+                producer.shapes = group.shapes if inlined else producer.shapes | group.shapes
+                for n in group.nodes:
+                    group_of[n] = producer
+                group = producer
+        groups = []
+        for g in {id(g): g for g in group_of.values()}.values():
+            _drop_trailing_views(g, self.reasons)
+            if g.has_compute() and len(g.nodes) >= self.min_nodes:
+                groups.append(g)
+            else:
+                for n in g.nodes:
+                    self.reasons.setdefault(n.name, "view of a materialised tensor: runs as an ATen view (no copy)")
+        if not groups:
+            return PassResult(gm, False, stats)
+        groups.sort(key=lambda g: order[g.nodes[0]])
+        partitions = [dict.fromkeys(sorted(g.nodes, key=order.__getitem__)) for g in groups]
+        stats["kernels"] = len(groups)
+        stats["nodes_fused"] = sum(len(g.nodes) for g in groups)
+        stats["reduction_kernels"] = sum(1 for g in groups if g.space[0] == "r")
+        fuse_by_partitions(gm, partitions, prefix="kernel_", always_return_tuple=True)
+        _restore_meta(gm)
+        gm.recompile()
+        return PassResult(gm, True, stats)
+
+
+def _only_feeds(producer: _Group, group: _Group, node: fx.Node) -> bool:
+    """True if `producer` is pointwise and nothing outside it reads its values except `node`'s group."""
+    if producer.space[0] != "p":
+        return False
+    inside = set(producer.nodes) | set(group.nodes) | {node}
+    return all(user in inside for n in producer.nodes for user in n.users)
+
+
+def _drop_trailing_views(group: _Group, reasons: dict) -> None:
+    """Views whose users are all outside the group are evaluated as ATen views instead."""
+    changed = True
+    while changed:
+        changed = False
+        members = set(group.nodes)
+        for n in list(group.nodes):
+            if classify(n).kind == "view" and not any(u in members for u in n.users):
+                group.nodes.remove(n)
+                reasons[n.name] = "view read only outside its group: runs as an ATen view (no copy)"
+                changed = True
+
+
+def _creates_cycle(nodes: list[fx.Node], order: dict) -> bool:
+    """Would contracting `nodes` into one kernel make the dependency graph cyclic?
+
+    Builds the DAG of everything upstream of the members back to the earliest member (nothing
+    earlier can lie on a member -> outside -> member path), contracts the members into one
+    vertex, and asks networkx whether it is still acyclic."""
+    members = set(nodes)
+    lowest = min(order[n] for n in nodes)
+    dag = nx.DiGraph()
+    vertex = lambda n: "kernel" if n in members else n  # noqa: E731
+    stack, seen = list(members), set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for inp in current.all_input_nodes:
+            if order[inp] < lowest:
+                continue
+            if vertex(inp) != vertex(current):
+                dag.add_edge(vertex(inp), vertex(current))
+            stack.append(inp)
+    return not nx.is_directed_acyclic_graph(dag)
+
+
+def _restore_meta(gm: fx.GraphModule) -> None:
+    """fuse_by_partitions leaves the new call_module/getitem nodes without meta['val']."""
+    import operator
+
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        sub = gm.get_submodule(node.target)
+        outs = sub.graph.output_node().args[0]
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        node.meta["val"] = tuple(o.meta.get("val") for o in outs)
+        for user in node.users:
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.meta["val"] = node.meta["val"][user.args[1]]
