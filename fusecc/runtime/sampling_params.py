@@ -1,0 +1,104 @@
+"""Per-request sampling options, with the meanings vLLM and the OpenAI API give them.
+
+    SamplingParams(temperature=0)                           # greedy
+    SamplingParams(temperature=0.8, top_p=0.95, seed=1234, max_tokens=256, stop=["\\n\\n"])
+
+Where each option is applied:
+- Sampler (fusecc/runtime/sampler.py): temperature, top_k, top_p, min_p, the three penalties,
+  seed, logprobs, and min_tokens (EOS and stop_token_ids are masked until min_tokens are out).
+- Scheduler.postprocess: max_tokens, stop_token_ids, EOS (unless ignore_eos), min_tokens.
+- The detokenizing layer (engine): stop strings and skip_special_tokens; it ends a request
+  through Scheduler.finish when a stop string appears.
+`n > 1` is the engine's business: it adds n sequences, each with its own request id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Temperatures below this are greedy: dividing logits by ~0 only turns sampling into argmax
+# with worse numerics.
+GREEDY_EPS = 1e-5
+MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    # -1 or 0 = off (all tokens).
+    top_k: int = -1
+    top_p: float = 1.0
+    # Drop tokens whose probability is below min_p * (probability of the most likely token).
+    min_p: float = 0.0
+    # > 1 discourages tokens already in the prompt or the output (divides positive logits,
+    # multiplies negative ones).
+    repetition_penalty: float = 1.0
+    # Subtracted once from the logit of every token already in the output.
+    presence_penalty: float = 0.0
+    # Subtracted per occurrence in the output.
+    frequency_penalty: float = 0.0
+    # Per-request seed: the same seed and prompt give the same tokens whatever the batch.
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    max_tokens: int = 16
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    # Return the log-probabilities of this many most likely tokens (plus the sampled one);
+    # None = no logprobs, 0 = only the sampled token's.
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        # Accept the OpenAI API's `stop: "str"` and None as well as lists.
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._validate()
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+    @property
+    def top_k_enabled(self) -> bool:
+        return self.top_k > 0
+
+    def _validate(self) -> None:
+        _require(isinstance(self.n, int) and self.n >= 1, "n", self.n, "must be an integer >= 1")
+        _require(self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        _require(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", self.top_k,
+                 "must be -1 or 0 (off) or a positive integer")
+        _require(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
+        _require(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "must be in [0, 1]")
+        _require(self.repetition_penalty > 0.0, "repetition_penalty", self.repetition_penalty, "must be > 0")
+        _require(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty,
+                 "must be in [-2, 2]")
+        _require(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", self.frequency_penalty,
+                 "must be in [-2, 2]")
+        _require(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "must be an integer or None")
+        _require(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
+                 "must be an integer >= 1")
+        _require(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", self.min_tokens,
+                 "must be an integer >= 0")
+        _require(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
+                 f"must be <= max_tokens ({self.max_tokens})")
+        _require(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"{len(self.stop)} strings",
+                 f"must hold at most {MAX_STOP_STRINGS} strings")
+        _require(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
+                 "must hold non-empty strings")
+        _require(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+                 self.stop_token_ids, "must hold non-negative integers")
+        _require(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+                 "logprobs", self.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+
+
+def _require(ok: bool, name: str, value: object, what: str) -> None:
+    if not ok:
+        raise ValueError(f"SamplingParams.{name} {what}, got {value!r}")

@@ -1,0 +1,320 @@
+"""Iteration-level continuous batching over the paged KV cache.
+
+One engine step:
+
+    out = scheduler.schedule()                       # who computes how many tokens this step
+    logits = model_runner.run(out)                   # one row per entry of out.sampled, in order
+    tokens = sampler(logits, SamplingMetadata.build([e.seq for e in out.sampled], ...))
+    scheduler.postprocess(out, tokens.token_ids.tolist())
+    ...detokenize, check stop strings (scheduler.finish(seq, "stop", stop_string) on a hit)...
+    for seq in scheduler.take_finished(): ...        # every finished request, exactly once
+
+`abort`, `finish` and `add` are for between steps. (An abort between schedule and postprocess is
+tolerated: postprocess skips the aborted entry.)
+
+Policy, per `schedule()`:
+1. Running sequences, decodes first, then continuing chunked prefills, each in priority order.
+   Each needs slots for its new tokens; when the pool is out of blocks the running sequence with
+   the largest (priority, arrival) is preempted by recompute: blocks freed, progress reset, back
+   to the waiting queue (ahead of everything that arrived after it). Possibly itself.
+2. If nothing was preempted: waiting sequences in (priority, arrival) order, while the token
+   budget, max_num_seqs and the free blocks allow. Prefix hits are skipped; a prompt longer than
+   the remaining budget gets a chunk (chunked prefill) and continues next step. Admission stops
+   at the first sequence that does not fit (no overtaking: a large request is not starved).
+
+Liveness: the constructor requires the pool to hold one max_model_len sequence and `add` rejects
+prompts that cannot run, so the oldest running sequence always progresses and every request
+ends in finitely many steps.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from fusecc.runtime.block_manager import BlockManager
+from fusecc.runtime.config import EngineConfig
+from fusecc.runtime.sequence import FINISH_STATUS, Sequence, SequenceStatus
+
+
+class SchedulerFullError(RuntimeError):
+    """The waiting queue holds max_waiting requests; retry later (HTTP 503)."""
+
+
+@dataclass
+class ScheduledSequence:
+    """What the model runner computes for one sequence this step: positions [start, context_len)."""
+
+    seq: Sequence
+    start: int  # == seq.num_computed_tokens when scheduled
+    num_new_tokens: int
+    # A decode computes exactly the last sampled token; everything else (prompt chunks, recompute
+    # after preemption) is a prefill. Any 1-token entry is decode-shaped for attention.
+    is_prefill: bool
+    # The entry reaches the end of the known tokens, so its last position's logits are sampled.
+    do_sample: bool
+    # KV-cache slot for each new token (block_table[p // block_size] * block_size + p % block_size).
+    slot_mapping: list[int]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids[self.start:self.start + self.num_new_tokens]
+
+    @property
+    def positions(self) -> range:
+        return range(self.start, self.start + self.num_new_tokens)
+
+    @property
+    def context_len(self) -> int:
+        """Tokens the new tokens attend to (cached + new), i.e. the sequence's KV length after the step."""
+        return self.start + self.num_new_tokens
+
+    @property
+    def block_table(self) -> list[int]:
+        """The sequence's blocks; covers context_len. Read-only for the runner."""
+        return self.seq.block_table
+
+
+@dataclass
+class SchedulerOutput:
+    # Decodes first, then prefills; the runner may rely on that order (decode rows contiguous).
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def sampled(self) -> list[ScheduledSequence]:
+        """Entries that take a sample, in order: one logits row and one sampled token each."""
+        return [e for e in self.scheduled if e.do_sample]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(e.num_new_tokens for e in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class SchedulerStats:
+    num_preemptions: int = 0
+    num_finished: Counter = field(default_factory=Counter)  # by finish reason
+    num_prefill_tokens: int = 0  # scheduled, including recompute
+    num_decode_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager,
+                 eos_token_ids: Iterable[int] = ()) -> None:
+        if block_manager.block_size != config.block_size:
+            raise ValueError(f"block manager block_size {block_manager.block_size} != "
+                             f"EngineConfig.block_size {config.block_size}")
+        capacity = block_manager.num_blocks * block_manager.block_size
+        if config.max_model_len > capacity:
+            raise ValueError(
+                f"EngineConfig.max_model_len ({config.max_model_len}) exceeds the KV pool "
+                f"({block_manager.num_blocks} blocks x {block_manager.block_size} = {capacity} tokens): one "
+                f"sequence could never finish. Lower max_model_len or give the pool more memory "
+                f"(gpu_memory_utilization / num_kv_blocks).")
+        self.config = config
+        self.block_manager = block_manager
+        self.eos_token_ids = frozenset(eos_token_ids)
+        # Sorted by _order_key; a preempted sequence sorts back ahead of later arrivals.
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self._by_id: dict[str, Sequence] = {}  # every unfinished sequence
+        self._finished: list[Sequence] = []  # finished since the last take_finished()
+        self._next_seq_id = itertools.count()
+        self.stats = SchedulerStats()
+
+    # --- requests in and out ------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Queue a new request. Raises ValueError if it can never run, SchedulerFullError if the queue is full."""
+        cfg = self.config
+        if seq.request_id in self._by_id:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_computed_tokens:
+            raise ValueError(f"request {seq.request_id!r}: only a fresh sequence can be added")
+        if seq.block_size != cfg.block_size:
+            raise ValueError(f"request {seq.request_id!r}: block_size {seq.block_size} != {cfg.block_size}")
+        if seq.num_tokens + 1 > cfg.max_model_len:
+            raise ValueError(f"request {seq.request_id!r}: prompt of {seq.num_tokens} tokens leaves no room to "
+                             f"generate within max_model_len={cfg.max_model_len}")
+        if seq.num_blocks_needed(seq.num_tokens + 1) > self.block_manager.num_blocks:
+            raise ValueError(f"request {seq.request_id!r}: prompt of {seq.num_tokens} tokens needs more blocks "
+                             f"than the whole KV pool ({self.block_manager.num_blocks})")
+        if len(self.waiting) >= cfg.max_waiting:
+            raise SchedulerFullError(f"{len(self.waiting)} requests waiting (max_waiting={cfg.max_waiting})")
+        seq.seq_id = next(self._next_seq_id)
+        self._by_id[seq.request_id] = seq
+        bisect.insort(self.waiting, seq, key=_order_key)
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a waiting or running request. False if unknown or already finished (reported once only)."""
+        seq = self._by_id.get(request_id)
+        if seq is None:
+            return False
+        self._finish(seq, SequenceStatus.FINISHED_ABORTED)
+        return True
+
+    def finish(self, seq: Sequence, reason: str = "stop", stop_reason: int | str | None = None) -> bool:
+        """End `seq` from outside (the detokenizer found a stop string). False if already finished."""
+        if reason not in FINISH_STATUS:
+            raise ValueError(f"finish reason must be one of {sorted(FINISH_STATUS)}, got {reason!r}")
+        if seq.is_finished or self._by_id.get(seq.request_id) is not seq:
+            return False
+        seq.stop_reason = stop_reason
+        self._finish(seq, FINISH_STATUS[reason])
+        return True
+
+    def take_finished(self) -> list[Sequence]:
+        """Sequences finished (any reason, aborts included) since the last call; each is returned once."""
+        out, self._finished = self._finished, []
+        return out
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._by_id.get(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._by_id)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._by_id)
+
+    # --- one step -----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        cfg, bm = self.config, self.block_manager
+        now = time.monotonic()
+        budget = cfg.max_num_batched_tokens
+        entries: dict[int, ScheduledSequence] = {}  # by seq_id, so a preempted entry can be withdrawn
+        preempted: list[Sequence] = []
+
+        # Decodes (1 uncomputed token) first, then continuing prefills; each group in priority order.
+        for seq in sorted(self.running, key=lambda s: (s.num_uncomputed_tokens > 1, _order_key(s))):
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            assert seq.num_uncomputed_tokens >= 1, seq.request_id  # a running sequence always has work
+            n = min(seq.num_uncomputed_tokens, budget)
+            if n == 0:
+                continue  # budget spent; it keeps its blocks and runs next step
+            while not bm.can_append(seq, n):
+                victim = max(self.running, key=_order_key)
+                if victim.seq_id in entries:
+                    budget += entries.pop(victim.seq_id).num_new_tokens
+                self.preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            bm.append_slots(seq, n)
+            entries[seq.seq_id] = self._entry(seq, n)
+            budget -= n
+
+        if not preempted:
+            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+                seq = self.waiting[0]
+                remaining = seq.num_tokens - bm.num_matched_tokens(seq)
+                if remaining > budget and not cfg.enable_chunked_prefill:
+                    break
+                n = min(remaining, budget)
+                if not bm.can_allocate(seq, n):
+                    break
+                bm.allocate(seq, n)
+                self.waiting.pop(0)
+                seq.status = SequenceStatus.RUNNING
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = now
+                self.running.append(seq)
+                entries[seq.seq_id] = self._entry(seq, n)
+                budget -= n
+
+        scheduled = sorted(entries.values(), key=lambda e: e.is_prefill)  # stable: decodes first
+        for e in scheduled:
+            if e.is_prefill:
+                self.stats.num_prefill_tokens += e.num_new_tokens
+            else:
+                self.stats.num_decode_tokens += e.num_new_tokens
+        assert sum(e.num_new_tokens for e in scheduled) <= cfg.max_num_batched_tokens
+        assert len(self.running) <= cfg.max_num_seqs
+        return SchedulerOutput(scheduled=scheduled, preempted=preempted)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Preempt a running sequence by recompute: free its blocks, reset its progress, re-queue it.
+
+        Called by schedule() when blocks run out; public so tests (and an engine under memory
+        pressure) can force it between steps.
+        """
+        assert seq.status is SequenceStatus.RUNNING, (seq.request_id, seq.status)
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        bisect.insort(self.waiting, seq, key=_order_key)
+
+    def postprocess(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> None:
+        """Commit a step: advance KV progress, append sampled tokens, finish stopped sequences.
+
+        `sampled_token_ids[i]` is the token sampled for `output.sampled[i]`.
+        """
+        sampled = output.sampled
+        assert len(sampled_token_ids) == len(sampled), (len(sampled_token_ids), len(sampled))
+        tokens = dict(zip((id(e) for e in sampled), sampled_token_ids))
+        now = time.monotonic()
+        for e in output.scheduled:
+            seq = e.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # aborted (or finished by a stop string) after schedule()
+            assert seq.num_computed_tokens == e.start, (seq.request_id, seq.num_computed_tokens, e.start)
+            seq.num_computed_tokens += e.num_new_tokens
+            self.block_manager.cache_full_blocks(seq)
+            if not e.do_sample:
+                continue
+            token = int(tokens[id(e)])
+            seq.append_token(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.last_token_time = now
+            self._check_stop(seq, token)
+
+    # --- internals ----------------------------------------------------------------------------
+    def _entry(self, seq: Sequence, n: int) -> ScheduledSequence:
+        start = seq.num_computed_tokens
+        do_sample = start + n == seq.num_tokens
+        is_decode = n == 1 and do_sample and seq.num_output_tokens > 0
+        return ScheduledSequence(seq=seq, start=start, num_new_tokens=n, is_prefill=not is_decode,
+                                 do_sample=do_sample,
+                                 slot_mapping=self.block_manager.slot_mapping(seq, start, start + n))
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params = seq.sampling_params
+        if seq.num_output_tokens >= params.min_tokens:
+            if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+                seq.stop_reason = token if token in params.stop_token_ids else None
+                self._finish(seq, SequenceStatus.FINISHED_STOPPED)
+                return
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            self._finish(seq, SequenceStatus.FINISHED_LENGTH)
+
+    def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        assert status.is_finished and not seq.is_finished
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = status
+        seq.finished_time = time.monotonic()
+        del self._by_id[seq.request_id]
+        self._finished.append(seq)
+        self.stats.num_finished[status.finish_reason] += 1
+
+
+def _order_key(seq: Sequence) -> tuple[int, float, int]:
+    return (seq.priority, seq.arrival_time, seq.seq_id)
