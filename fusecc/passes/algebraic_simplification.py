@@ -107,6 +107,8 @@ def mul_by_one(node):
 
 
 def add_zero(node):
+    # Exact except for the sign of zero: -0.0 + 0 is +0.0 in IEEE, x is -0.0 (inductor's
+    # remove_no_ops makes the same trade; no comparison or arithmetic but 1/x sees it).
     x, y = node.args[:2]
     alpha = node.kwargs.get("alpha", 1)
     if _is_number(y, 0) and isinstance(x, fx.Node):
@@ -238,7 +240,10 @@ def identity_slice(node):
     end = node.args[3] if len(node.args) > 3 else None
     step = node.args[4] if len(node.args) > 4 else 1
     src = _val(x)
-    if src is None or step != 1 or start not in (None, 0):
+    # isinstance first: comparing a SymInt start/step with `!=`/`in` would add a shape guard.
+    if src is None or not isinstance(step, int) or step != 1:
+        return None
+    if start is not None and not (isinstance(start, int) and start == 0):
         return None
     size = src.shape[dim]
     if end is None or (isinstance(end, int) and isinstance(size, int) and end >= size):
@@ -269,11 +274,17 @@ def mul_by_reciprocal(node):
     mantissa, _ = math.frexp(abs(c))
     if mantissa != 0.5 or _val(x) is None or not _val(x).dtype.is_floating_point:
         return None
+    # Both c and 1/c must be normal numbers of x's dtype: in f32, x / 2**-130 is finite for
+    # small x but 1/c = 2**130 rounds to inf, so x * (1/c) would be inf.
+    info = torch.finfo(_val(x).dtype)
+    if not (info.tiny <= abs(c) <= info.max and info.tiny <= 1.0 / abs(c) <= info.max):
+        return None
     return NewNode(aten.mul.Tensor, (x, 1.0 / c))
 
 
 def symbolic_expression(node):
-    """SymInt arithmetic that sympy reduces to a constant or to an input's symbol."""
+    """SymInt arithmetic that sympy reduces to a constant, or to a symbol an input (or an earlier
+    node, e.g. a sym_size) already holds."""
     val = node.meta.get("val")
     if not isinstance(val, torch.SymInt):
         return None
@@ -281,15 +292,24 @@ def symbolic_expression(node):
     shape_env = val.node.shape_env
     if shape_env is not None:
         expr = shape_env.simplify(expr)
-    if isinstance(expr, sympy.Integer) or expr.is_number:
+    if isinstance(expr, sympy.Integer):
         return int(expr)
+    # An earlier node already holding the same symbol: an input (s0) first, else e.g. a sym_size.
+    earlier = None
     for other in node.graph.nodes:
-        if other.op != "placeholder":
+        if other is node:
             break
         other_val = other.meta.get("val")
-        if isinstance(other_val, torch.SymInt) and other_val.node.expr == expr:
-            return other
-    return None
+        if isinstance(other_val, torch.SymInt) and _simplified(other_val) == expr:
+            if other.op == "placeholder":
+                return other
+            earlier = earlier or other
+    return earlier
+
+
+def _simplified(val: torch.SymInt):
+    shape_env = val.node.shape_env
+    return shape_env.simplify(val.node.expr) if shape_env is not None else val.node.expr
 
 
 _SYMBOLIC_TARGETS = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod,

@@ -8,8 +8,9 @@
 
 Two nodes merge when they have the same target, the same (already merged) inputs and the same
 literal arguments. Random ops (two draws differ) and impure ops (mutations, asserts) never
-merge. Two nodes that are both graph outputs do not merge either: the caller would receive
-one tensor twice and a write to one would show in the other.
+merge, and nothing merges across a mutation. Two nodes that are both graph outputs (or views
+returned as outputs) do not merge either: the caller would receive one tensor twice and a
+write to one would show in the other.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from fusecc.passes.base import GraphPass, PassResult
-from fusecc.passes.node_kinds import is_pure
+from fusecc.passes.node_kinds import feeds_output, is_pure, may_write
 
 
 class CommonSubexpressionElimination(GraphPass):
@@ -28,9 +29,13 @@ class CommonSubexpressionElimination(GraphPass):
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         stats: Counter = Counter()
-        outputs = set(gm.graph.output_node().all_input_nodes)
         seen: dict[tuple, fx.Node] = {}
         for node in list(gm.graph.nodes):
+            if may_write(node):
+                # A mutation (copy_ into x) changes what later reads of x see: `x + 1` after it
+                # is not the `x + 1` before it. Forget everything seen so far.
+                seen.clear()
+                continue
             if node.op == "get_attr":
                 key = ("get_attr", node.target)
             elif node.op == "call_function" and is_pure(node):
@@ -45,8 +50,8 @@ class CommonSubexpressionElimination(GraphPass):
             if twin is None:
                 seen[key] = node
                 continue
-            if node in outputs and twin in outputs:
-                continue
+            if feeds_output(node) and feeds_output(twin):
+                continue  # directly or through views: two outputs would share storage
             node.replace_all_uses_with(twin)
             gm.graph.erase_node(node)
             stats["merged"] += 1

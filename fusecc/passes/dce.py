@@ -29,6 +29,10 @@ class DeadCodeElimination(GraphPass):
         gm.graph.eliminate_dead_code(is_impure_node=lambda n: is_impure(n) or is_random(n))
         removed_attrs = delete_unused_constants(gm)
         removed = before - len(gm.graph.nodes)
+        if removed:
+            # eliminate_dead_code only edits the graph: without this, gm(...) would still run the
+            # old code, which reads the constants just deleted.
+            gm.recompile()
         stats = Counter({"removed": removed}) if removed else Counter()
         if removed_attrs:
             stats["constants_freed"] = removed_attrs

@@ -54,6 +54,11 @@ def is_impure(node: fx.Node) -> bool:
     return node.is_impure()
 
 
+def may_write(node: fx.Node) -> bool:
+    """True if the node may write to a tensor: impure calls other than asserts and prints."""
+    return node.op == "call_function" and is_impure(node) and node.target not in _SIDE_EFFECT_OPS
+
+
 def is_pure(node: fx.Node) -> bool:
     """Deterministic and side-effect free: may be merged with an identical twin or folded."""
     return not is_impure(node) and not is_random(node)
@@ -80,6 +85,23 @@ def feeds_output(node: fx.Node) -> bool:
         current = stack.pop()
         for user in current.users:
             if user.op == "output":
+                return True
+            if is_view(user):
+                stack.append(user)
+    return False
+
+
+def is_mutated(node: fx.Node) -> bool:
+    """True if the storage `node` lives in (its alias root, or any view of that root) is
+    written by some op in the graph (conservatively: used by any call that may write)."""
+    stack, seen = [alias_root(node)], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for user in current.users:
+            if may_write(user):
                 return True
             if is_view(user):
                 stack.append(user)

@@ -9,7 +9,8 @@ The engine, not each rule, enforces the safety conditions, so a sloppy rule cann
 - the replacement has the same shape, dtype, strides and device as the node (a broadcasting
   `x * ones` that changes shape, or an `x + 0` that changes dtype, is refused);
 - an existing-node replacement is refused if the node is a graph output (directly or through
-  views) and the replacement aliases an input or constant, or if any user mutates it.
+  views) and the replacement aliases an input or constant, if any user mutates it, or if the
+  replacement's storage is written anywhere in the graph (`clone(x)` -> `x` before `copy_(x, y)`).
 Refusals are counted as `refused:<rule>` so the report shows rules that matched but were unsafe.
 """
 
@@ -22,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.fx as fx
 
-from fusecc.passes.node_kinds import alias_root, feeds_output, is_impure
+from fusecc.passes.node_kinds import alias_root, feeds_output, is_impure, is_mutated
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,10 @@ def _replace(gm: fx.GraphModule, node: fx.Node, replacement: Replacement) -> boo
             return False
         if any(user.op == "call_function" and is_impure(user) for user in node.users):
             return False
+        # `clone(x)` -> `x` is wrong if x is written anywhere (`copy_(x, y)`): the clone's users
+        # would read the new value. (A view of x shares x's storage, so the write shows in both.)
+        if alias_root(node) is not alias_root(replacement) and is_mutated(replacement):
+            return False
         if feeds_output(node) and feeds_output(replacement):
             return False  # two outputs would become one tensor
         node.replace_all_uses_with(replacement)
@@ -116,8 +121,13 @@ def same_tensor_meta(a, b) -> bool:
 def _same_symbol(val, replacement: fx.Node) -> bool:
     other = replacement.meta.get("val")
     if isinstance(val, torch.SymInt) and isinstance(other, torch.SymInt):
-        return val.node.expr == other.node.expr
+        return _simplify(val) == _simplify(other)
     return False
+
+
+def _simplify(val: torch.SymInt):
+    shape_env = val.node.shape_env
+    return shape_env.simplify(val.node.expr) if shape_env is not None else val.node.expr
 
 
 def _fake_args(tree):

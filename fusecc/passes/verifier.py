@@ -34,11 +34,12 @@ class OutputSignature:
             if not isinstance(value, fx.Node):
                 entries.append(("const", repr(value), None, None))
                 continue
-            # Which earlier output is the very same tensor (None if it is the first).
-            same_as = first_seen.setdefault(value, i)
-            same_as = None if same_as == i else same_as
             val = value.meta.get("val")
             root = alias_root(value)
+            # Which earlier output shares this one's storage: the very same tensor or a view of
+            # the same base (None if it is the first). `(y, y.view(-1))` may share; `(a, b)` may not start to.
+            same_as = first_seen.setdefault(root, i)
+            same_as = None if same_as == i else same_as
             # An output that aliases a graph input or a constant is part of the contract.
             root_kind = root.target if root.op in ("placeholder", "get_attr") else None
             if isinstance(val, torch.Tensor):
@@ -69,4 +70,4 @@ def verify_graph(gm: fx.GraphModule, before: OutputSignature, pass_name: str) ->
                 "returning an input or constant would let the caller mutate it"
             )
         if a[3] is not None and a[3] != b[3]:
-            raise VerificationError(f"{where}: outputs {a[3]} and {i} are now the same tensor")
+            raise VerificationError(f"{where}: outputs {a[3]} and {i} now share storage (one tensor, or views of one)")
