@@ -31,8 +31,10 @@ def lower(gm: fx.GraphModule, options: FuseccOptions, dump, example_inputs: list
     from fusecc.passes.fusion import Fusion
     from fusecc.passes.pipeline import run_passes
 
+    from fusecc.passes.reinplace import Reinplace
+
     fusion = Fusion()
-    records = run_passes(gm, [fusion], verify=options.verify, dump=dump)
+    records = run_passes(gm, [Reinplace(), fusion], verify=options.verify, dump=dump)
     compiled = compile_wrapper(gm, check_kernels=options.check_kernels)
     call = compiled.call
     if options.cudagraphs and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
@@ -50,6 +52,8 @@ def lower(gm: fx.GraphModule, options: FuseccOptions, dump, example_inputs: list
             dump.note(f"group {module_name} runs as ATen ops: {reason}")
         dump.note(f"{compiled.launches_per_call} kernel launches and {compiled.extern_calls_per_call} "
                   f"extern/ATen calls per call")
+        dump.facts.update(kernel_launches=compiled.launches_per_call, extern_calls=compiled.extern_calls_per_call,
+                          codegen_fallbacks=len(compiled.fallbacks))
     return call, records
 
 

@@ -64,6 +64,11 @@ class KernelWriter:
         self.outputs = list(_flat_outputs(group))
         self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
         self.tensor_inputs = [n for n in self.placeholders if isinstance(n.meta["val"], torch.Tensor)]
+        device = self.outputs[0].meta["val"].device
+        for inp in self.tensor_inputs:
+            if inp.meta["val"].device != device:
+                # e.g. a CPU scalar tensor mixed into CUDA math: eager allows it, a kernel cannot load it.
+                raise CodegenUnsupported(f"input {inp.name} is on {inp.meta['val'].device}, the kernel on {device}")
         self.lines: list[str] = []
         self.memo: dict = {}
         self.counter = 0
