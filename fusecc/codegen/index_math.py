@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch.utils._sympy.functions import FloorDiv, ModularIndexing
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 
 
 class CodegenUnsupported(Exception):
@@ -147,6 +148,10 @@ def view_input_index(node: fx.Node, out_index: Sequence[sympy.Expr]) -> list[sym
         return in_index
     if target is aten.expand.default:
         return broadcast_index(in_shape, out_index, out_shape)
+    if target is prims.broadcast_in_dim.default:
+        dims = node.args[2]
+        return [sympy.Integer(0) if size == 1 and out_shape[d] != 1 else out_index[d]
+                for size, d in zip(in_shape, dims)]
     if target is aten.unsqueeze.default:
         dim = node.args[1] % (rank_in + 1)
         return [e for k, e in enumerate(out_index) if k != dim]

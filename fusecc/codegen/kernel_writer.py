@@ -244,17 +244,22 @@ class KernelWriter:
     def _reduction(self, node: fx.Node, index: list, mask: Optional[str]) -> str:
         if self.kind != "reduction":
             raise CodegenUnsupported("reduction in a pointwise group")
-        keepdim = bool(node.args[2]) if len(node.args) > 2 else False
+        spec = REDUCTIONS[node.target]
+        keepdim = spec.keepdim_arg is not None and len(node.args) > spec.keepdim_arg and bool(node.args[spec.keepdim_arg])
         outer = list(index[:-1]) if keepdim else list(index)
         if [sympy.simplify(a - b) for a, b in zip(outer, self.row_vars)] != [0] * len(outer) or \
                 len(outer) != len(self.row_vars):
             raise CodegenUnsupported("a reduction result read at another row than its own")
-        spec = REDUCTIONS[node.target]
         src = self.value(node.args[0], list(self.row_vars) + [RINDEX], mask)
         full_mask = "xmask & rmask" if mask is None else f"xmask & rmask & ({mask})"
         reduced = self._tmp(f"{spec.combine}(tl.where({full_mask}, {src}, {spec.identity}), 1)[:, None]")
-        if spec.mean:
+        if spec.mean or spec.variance:
             reduced = self._tmp(f"{reduced} / {self._print(self.rnumel)}")
+        if spec.variance:
+            correction = node.args[2] if len(node.args) > 2 else 1
+            centered = self._tmp(f"tl.where({full_mask}, {src} - {reduced}, 0)")
+            squares = self._tmp(f"tl.sum({centered} * {centered}, 1)[:, None]")
+            reduced = self._tmp(f"{squares} / {literal(float(int(self.rnumel) - correction))}")
         return reduced
 
     # ------------------------------------------------------------------ whole kernel

@@ -77,7 +77,17 @@ def _true_div(a, b, *, node, rounding_mode=None):
 
 
 def _float(expr: str, node: fx.Node) -> str:
+    if _is_literal(expr):
+        return expr  # a Python number: Triton promotes it where it meets a tensor
     return f"({expr}).to({COMPUTE_DTYPE[_dt(node)]})"
+
+
+def _is_literal(expr: str) -> bool:
+    try:
+        float(expr)
+        return True
+    except ValueError:
+        return expr.startswith("float(")
 
 
 def _unary(fn: str) -> Callable:
@@ -87,6 +97,7 @@ def _unary(fn: str) -> Callable:
 
 
 def _pow_scalar(a, exponent, *, node):
+    exponent = float(exponent) if isinstance(exponent, str) else exponent  # the writer passes literals as source
     if exponent == 2:
         return _cast(f"{a} * {a}", node)
     if exponent == 3:
@@ -146,7 +157,8 @@ def _sign(a, *, node):
 
 
 def _full(size, value, *, node, **_):
-    return f"tl.full([1], {literal(value)}, {COMPUTE_DTYPE[_dt(node)]})"
+    value = value if isinstance(value, str) else literal(value)
+    return f"tl.full([1], {value}, {COMPUTE_DTYPE[_dt(node)]})"
 
 
 def _relu(a, *, node):
@@ -193,6 +205,7 @@ POINTWISE: dict = {
     aten.logical_not.default: _logical_not, aten.bitwise_not.default: _logical_not,
     prims.convert_element_type.default: _convert, aten._to_copy.default: _convert,
     aten.clone.default: lambda a, *, node, memory_format=None: a,
+    prims.div.default: _true_div,  # float only (classify sends integer prims.div to ATen)
     aten.full.default: _full, aten.scalar_tensor.default: lambda v, *, node, **_: _full(None, v, node=node),
 }
 
@@ -206,6 +219,8 @@ class Reduction:
     combine: str      # Triton reduction function over axis 1
     identity: str     # value for masked-out lanes
     mean: bool = False
+    variance: bool = False       # two passes over the row held in registers: mean, then squares
+    keepdim_arg: int | None = 2  # position of keepdim in the op's arguments (prims never keep dims)
 
 
 REDUCTIONS = {
@@ -213,13 +228,15 @@ REDUCTIONS = {
     aten.mean.dim: Reduction("tl.sum", "0", mean=True),
     aten.amax.default: Reduction("tl.max", 'float("-inf")'),
     aten.amin.default: Reduction("tl.min", 'float("inf")'),
+    prims.sum.default: Reduction("tl.sum", "0", keepdim_arg=None),
+    prims.var.default: Reduction("tl.sum", "0", variance=True, keepdim_arg=None),
 }
 
 VIEW_OPS = {
     aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
     aten.transpose.int, aten.t.default, aten.expand.default, aten.unsqueeze.default,
     aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.slice.Tensor, aten.select.int,
-    aten.alias.default,
+    aten.alias.default, prims.broadcast_in_dim.default,
 }
 
 # Computed by better kernels than a generated one (cuBLAS, hand-written attention).
@@ -264,6 +281,8 @@ def classify(node: fx.Node) -> Classification:
                 _pow_scalar("x", node.args[1], node=node)
             except NotImplementedError as exc:
                 return Classification("fallback", f"{name}: {exc}")
+        if target is prims.div.default and not val.dtype.is_floating_point:
+            return Classification("fallback", f"{name}: integer division")
         if target is aten.div.Tensor and node.kwargs.get("rounding_mode") is not None:
             return Classification("fallback", f"{name}: rounding_mode")
         if target is aten.clone.default and node.kwargs.get("memory_format") not in (None, torch.contiguous_format, torch.preserve_format):

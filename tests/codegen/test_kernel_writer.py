@@ -1,0 +1,135 @@
+"""Which ops end up in one generated kernel, checked on the generated Triton source (FileCheck)
+and against eager PyTorch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import FileCheck
+
+from tests.codegen.compile_helpers import assert_close, compile_and_run
+
+
+def rms_norm(x, w):
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return w * (x * torch.rsqrt(variance + 1e-6))
+
+
+def test_rmsnorm_is_one_reduction_kernel(tmp_path):
+    x, w = torch.randn(3, 5, 48), torch.randn(48)
+    got = compile_and_run(rms_norm, x, w, tmp_path=tmp_path)
+    assert_close(got.outputs, rms_norm(x, w))
+    assert got.report["kernel_launches"] == 1 and got.report["extern_calls"] == 0
+    (source,) = got.kernels.values()
+    # x and the weight each loaded once (x's row is reused after the sum), one store.
+    FileCheck().check("def fused_reduction_").check_count("tl.load(", 2, exactly=True).run(source)
+    FileCheck().check("tl.sum(").check("tl.rsqrt(").check_count("tl.store(", 1, exactly=True).run(source)
+
+
+def test_residual_add_and_rmsnorm_share_a_kernel_with_two_outputs(tmp_path):
+    def block(h, delta, w):
+        h = h + delta
+        return h, rms_norm(h, w)
+
+    h, d, w = torch.randn(4, 32), torch.randn(4, 32), torch.randn(32)
+    got = compile_and_run(block, h, d, w, tmp_path=tmp_path)
+    assert_close(got.outputs, block(h, d, w))
+    assert got.report["kernel_launches"] == 1
+    (source,) = got.kernels.values()
+    FileCheck().check("tl.sum(").check_count("tl.store(", 2, exactly=True).run(source)
+
+
+def test_softmax_is_one_kernel(tmp_path):
+    x = torch.randn(6, 40)
+    got = compile_and_run(lambda t: torch.softmax(t * 0.5, dim=-1), x, tmp_path=tmp_path)
+    assert_close(got.outputs, torch.softmax(x * 0.5, dim=-1))
+    assert got.report["kernel_launches"] == 1
+    FileCheck().check("tl.max(").check("tl.exp(").check("tl.sum(").run(next(iter(got.kernels.values())))
+
+
+def test_layer_norm_is_one_kernel(tmp_path):
+    x, w, b = torch.randn(5, 24), torch.randn(24), torch.randn(24)
+    fn = lambda t: F.layer_norm(t, (24,), w, b, 1e-5)  # noqa: E731
+    got = compile_and_run(fn, x, tmp_path=tmp_path)
+    assert_close(got.outputs, fn(x))
+    assert got.report["kernel_launches"] == 1
+
+
+def test_swiglu_is_one_pointwise_kernel(tmp_path):
+    gate, up = torch.randn(4, 7, 16), torch.randn(4, 7, 16)
+    fn = lambda g, u: F.silu(g) * u  # noqa: E731
+    got = compile_and_run(fn, gate, up, tmp_path=tmp_path)
+    assert_close(got.outputs, fn(gate, up))
+    assert got.report["kernel_launches"] == 1
+    FileCheck().check("def fused_pointwise_").check("tl.sigmoid(").check_count("tl.store(", 1, exactly=True) \
+        .run(next(iter(got.kernels.values())))
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def test_rope_with_cos_sin_reads_is_one_kernel(tmp_path):
+    # q: [batch, heads, seq, head_dim] as transformers builds it (a transposed view of the projection)
+    q = torch.randn(2, 5, 3, 8).transpose(1, 2)
+    cos, sin = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+
+    def rope(q, cos, sin):
+        return q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
+
+    got = compile_and_run(rope, q, cos, sin, tmp_path=tmp_path)
+    assert_close(got.outputs, rope(q, cos, sin))
+    assert got.report["kernel_launches"] == 1
+    source = next(iter(got.kernels.values()))
+    # cat is an index condition, not a copy: both halves are loaded under complementary masks.
+    FileCheck().check("tl.where(").check_count("tl.store(", 1, exactly=True).run(source)
+
+
+def test_views_are_index_math_not_copies(tmp_path):
+    x = torch.randn(4, 6, 8)
+    fn = lambda t: (t.permute(2, 0, 1) * 2.0).reshape(8, 24) + 1.0  # noqa: E731
+    got = compile_and_run(fn, x, tmp_path=tmp_path)
+    assert_close(got.outputs, fn(x))
+    assert got.report["kernel_launches"] == 1 and got.report["extern_calls"] == 0
+
+
+def test_nan_propagates_like_eager(tmp_path):
+    x = torch.tensor([[float("nan"), -1.0, 2.0, float("-inf")]])
+    fn = lambda t: (torch.relu(t), torch.maximum(t, torch.zeros_like(t)), torch.clamp(t, -0.5, 0.5))  # noqa: E731
+    got = compile_and_run(fn, x, tmp_path=tmp_path)
+    for a, e in zip(got.outputs, fn(x)):
+        torch.testing.assert_close(a, e, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_low_precision_reductions_accumulate_in_fp32(tmp_path, dtype):
+    x = torch.randn(2, 512, dtype=dtype) + 3.0
+    fn = lambda t: t.sum(-1, keepdim=True)  # noqa: E731
+    got = compile_and_run(fn, x, tmp_path=tmp_path)
+    torch.testing.assert_close(got.outputs.float(), x.float().sum(-1, keepdim=True), rtol=2e-3, atol=2e-2)
+    FileCheck().check(".to(tl.float32)").check("tl.sum(").run(next(iter(got.kernels.values())))
+
+
+def test_op_without_lowering_runs_as_aten_and_the_dump_says_why(tmp_path):
+    x = torch.randn(3, 10)
+    fn = lambda t: torch.cumsum(t * 2.0, dim=1) + 1.0  # noqa: E731
+    got = compile_and_run(fn, x, tmp_path=tmp_path)
+    assert_close(got.outputs, fn(x))
+    assert any("cumsum" in note and "no Triton lowering" in note for note in got.report["notes"])
+    assert got.report["kernel_launches"] == 2  # the mul before, the add after
+
+
+def test_group_the_writer_rejects_falls_back_to_aten(tmp_path, monkeypatch):
+    from fusecc.codegen import kernel_writer
+    from fusecc.codegen.index_math import CodegenUnsupported
+
+    def refuse(self):
+        raise CodegenUnsupported("refused for this test")
+
+    monkeypatch.setattr(kernel_writer.KernelWriter, "write", refuse)
+    x = torch.randn(3, 10)
+    fn = lambda t: torch.sigmoid(t) * t  # noqa: E731
+    got = compile_and_run(fn, x, tmp_path=tmp_path)
+    assert_close(got.outputs, fn(x))
+    assert got.report["kernel_launches"] == 0 and got.report["codegen_fallbacks"] == 1
+    assert any("refused for this test" in note for note in got.report["notes"])
