@@ -52,15 +52,18 @@ from fusecc.kernels import reference as _ref  # noqa: E402
 
 @torch.library.custom_op("fusecc::flash_attention", mutates_args=())
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                    scale: Optional[float] = None) -> torch.Tensor:
-    """q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> [B, Hq, Sq, D] contiguous (GQA, bottom-right causal)."""
+                    scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> [B, Hq, Sq, D] contiguous (GQA, bottom-right causal).
+
+    attn_mask: broadcastable to [B, Hq, Sq, Sk]; bool (keep where True) or additive float. Rows with
+    nothing to attend to are 0 — what `fusecc::sdpa` (SDPA, torch >= 2.5) returns for them too."""
     if q.is_cuda:
-        return _kernels.flash_attention(q, k, v, causal=causal, scale=scale)
-    return _ref.attention_reference(q, k, v, causal=causal, scale=scale).contiguous()
+        return _kernels.flash_attention(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask)
+    return _ref.attention_reference(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask).contiguous()
 
 
 @flash_attention.register_fake
-def _flash_attention_fake(q, k, v, causal=False, scale=None):
+def _flash_attention_fake(q, k, v, causal=False, scale=None, attn_mask=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

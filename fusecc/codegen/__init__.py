@@ -31,10 +31,8 @@ def lower(gm: fx.GraphModule, options: FuseccOptions, dump, example_inputs: list
     from fusecc.passes.fusion import Fusion
     from fusecc.passes.pipeline import run_passes
 
-    from fusecc.passes.reinplace import Reinplace
-
     fusion = Fusion()
-    records = run_passes(gm, [Reinplace(), fusion], verify=options.verify, dump=dump)
+    records = run_passes(gm, [fusion], verify=options.verify, dump=dump)
     compiled = compile_wrapper(gm, check_kernels=options.check_kernels)
     call = compiled.call
     if options.cudagraphs and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):

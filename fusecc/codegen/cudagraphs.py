@@ -3,10 +3,10 @@
 One graph per input signature (shapes, strides, dtypes): the first call of a signature runs
 normally (warm-up), the second records a graph, later calls replay it; a new sequence length
 records a new graph. Every call executes the compiled function exactly once, as its inputs may
-be mutated (a KV cache). Inputs are copied into the graph's static buffers unless they already are those buffers
-(weights and KV caches passed every call are the same tensors, so they cost nothing); inputs the
-graph mutates are copied back when they were not. Outputs are cloned, because the next replay
-overwrites the static outputs.
+be mutated (a KV cache). Per-call inputs (token ids, positions) are copied into graph-owned
+buffers; weights and mutated inputs (KV caches) are read in place, and a call that passes them as
+other tensors than at capture runs without the graph. Outputs are cloned, because the next
+replay overwrites the static outputs.
 """
 
 from __future__ import annotations
@@ -35,16 +35,21 @@ class CUDAGraphRunner:
         self.persistent_inputs = set(persistent_inputs) | self.mutated_inputs
         self.graphs: dict[tuple, _Captured] = {}
         self.pool = None
+        # Argument positions by role, fixed on the first call.
+        self._int_args: list[int] | None = None
+        self._volatile: list[int] = []
+        self._persistent: list[int] = []
 
-    @staticmethod
-    def _signature(args: list) -> tuple:
-        sig = []
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                sig.append((tuple(a.shape), a.stride(), a.dtype, a.device))
-            else:
-                sig.append(a)  # SymInt values: a new value is a new graph
-        return tuple(sig)
+    def _signature(self, args: list) -> tuple:
+        """Dynamo already guards every static size, so a graph is identified by the integer
+        (SymInt) arguments and the shapes of the per-call tensors alone."""
+        if self._int_args is None:
+            self._int_args = [i for i, a in enumerate(args) if not isinstance(a, torch.Tensor)]
+            self._volatile = [i for i, a in enumerate(args)
+                              if isinstance(a, torch.Tensor) and i not in self.persistent_inputs]
+            self._persistent = [i for i, a in enumerate(args)
+                                if isinstance(a, torch.Tensor) and i in self.persistent_inputs]
+        return tuple(args[i] for i in self._int_args) + tuple(args[i].shape for i in self._volatile)
 
     def __call__(self, args: list):
         key = self._signature(args)
@@ -58,14 +63,15 @@ class CUDAGraphRunner:
                 return self.call(args)
             captured = self._capture(list(args))
             self.graphs[key] = captured
-        for static, real in zip(captured.static_inputs, args):
-            if isinstance(real, torch.Tensor) and static.data_ptr() != real.data_ptr():
-                static.copy_(real)
+        static = captured.static_inputs
+        for i in self._persistent:
+            if args[i] is not static[i] and args[i].data_ptr() != static[i].data_ptr():
+                # A weight or cache passed as another tensor than at capture: the graph would
+                # read (and write) the old one, so this call runs without the graph.
+                return self.call(args)
+        for i in self._volatile:
+            static[i].copy_(args[i])
         captured.graph.replay()
-        for i in self.mutated_inputs:
-            real, static = args[i], captured.static_inputs[i]
-            if isinstance(real, torch.Tensor) and static.data_ptr() != real.data_ptr():
-                real.copy_(static)
         args.clear()
         return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in captured.static_outputs)
 

@@ -12,7 +12,18 @@ A range of keys is swept either unmasked (`MASKED=False`: every key < seq_k and 
 row — no compares, no selects, the fast path) or masked (`MASKED=True`: the causal diagonal and
 the ragged tail of seq_k). `attn_bounds` splits a query tile's keys into those two ranges.
 
+An explicit attention mask (dense kernel only) is a third constexpr, `MASK_KIND`:
+0 none; 1 boolean (keep where True, read as uint8); 2 additive float bias (any float dtype, added
+to the scaled logit in fp32). The mask tile `[BLOCK_M, BLOCK_N]` is read through strides, so a
+broadcast mask (stride 0 on batch/head, an `expand`ed HF mask) is never materialised. With a
+mask every tile takes the compare-and-select path, the masked sweep's arithmetic.
+
 Rows that see no key keep m = -inf, l = 0, acc = 0; `attn_normalize` maps them to 0, not NaN.
+That covers rows a mask hides completely (all False, or all -inf): SDPA (torch >= 2.5, every
+backend we checked) returns 0 there too. A row hidden by a *finite* minimum (HF eager's
+`finfo.min`) is not empty: every logit rounds to that minimum and the row averages v uniformly,
+in eager and here alike (biases below -2.3e38 are clamped there, so the base-2 bias cannot
+overflow to -inf).
 """
 
 import os
@@ -64,15 +75,18 @@ def attn_inner(acc, l_i, m_i, q,
                k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
                table_ptr, stride_kpage, stride_vpage,
                lo, hi, seq_k, q_pos, qk_scale,
+               mask_ptr, stride_mq, stride_mk, offs_m, seq_q,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-               PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+               PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK_KIND: tl.constexpr):
     """Sweep keys [lo, hi) in BLOCK_N steps; returns the updated (acc, l_i, m_i).
 
     q: [BLOCK_M, HEAD_DIM_PAD] (input dtype); acc: [BLOCK_M, HEAD_DIM_PAD] fp32; l_i, m_i: [BLOCK_M] fp32.
     q_pos: [BLOCK_M] the last key each row may see (used when CAUSAL and MASKED).
     k_ptr/v_ptr point at key 0 of this (sequence, kv head); for PAGED, at page 0 slot 0 of this kv
     head, and table_ptr at this sequence's block-table row.
+    MASK_KIND != 0: mask_ptr points at element [0, 0] of this (batch, head)'s [seq_q, seq_k] mask;
+    offs_m: [BLOCK_M] the query rows (those >= seq_q are padding and read nothing).
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -94,11 +108,25 @@ def attn_inner(acc, l_i, m_i, q,
         k = _load_rows(k_ptr + k_rows[:, None] + offs_d[None, :] * stride_kd, n_ok, offs_d,
                        MASKED, HEAD_DIM, HEAD_DIM_PAD)
         qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32
-        if MASKED:
+        if MASKED or MASK_KIND != 0:
             ok = n_ok[None, :]
-            if CAUSAL:
+            if CAUSAL and MASKED:
                 ok = ok & (offs_n[None, :] <= q_pos[:, None])
-            qk = tl.where(ok, qk * qk_scale, float("-inf"))
+            qk = qk * qk_scale
+            if MASK_KIND != 0:
+                tile_ok = (offs_m[:, None] < seq_q) & n_ok[None, :]
+                m_ptrs = (mask_ptr + offs_m.to(tl.int64)[:, None] * stride_mq
+                          + offs_n.to(tl.int64)[None, :] * stride_mk)
+                if MASK_KIND == 1:
+                    ok = ok & (tl.load(m_ptrs, mask=tile_ok, other=0) != 0)
+                else:
+                    bias = tl.load(m_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+                    # to base-2 units like qk. A finite bias near -FLT_MAX (HF's finfo.min) must stay
+                    # finite: clamped to -FLT_MAX / log2(e) first, so the product cannot overflow;
+                    # only a true -inf hides the key
+                    bias2 = tl.maximum(bias, -2.3e38) * 1.4426950408889634
+                    qk = qk + tl.where(bias == float("-inf"), float("-inf"), bias2)
+            qk = tl.where(ok, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # a row that has seen nothing yet keeps m = -inf; subtract 0 instead (exp2(-inf) = 0, no NaN)
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -123,22 +151,27 @@ def attn_inner(acc, l_i, m_i, q,
 def attn_rows(q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
               table_ptr, stride_kpage, stride_vpage,
               start_m, seq_q, seq_k, qk_scale,
+              mask_ptr, stride_mq, stride_mk,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-              PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+              PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK_KIND: tl.constexpr):
     """Attention of query rows [start_m, start_m + BLOCK_M) of one (sequence, head): the unmasked
-    sweep, then the masked one. Returns the normalized output tile [BLOCK_M, HEAD_DIM_PAD] fp32."""
+    sweep, then the masked one. Returns the normalized output tile [BLOCK_M, HEAD_DIM_PAD] fp32.
+    mask_ptr (MASK_KIND != 0): this (sequence, head)'s [seq_q, seq_k] mask, element [0, 0]."""
     full_end, end = attn_bounds(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
-    q_pos = start_m + tl.arange(0, BLOCK_M) + (seq_k - seq_q)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q_pos = offs_m + (seq_k - seq_q)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
                                table_ptr, stride_kpage, stride_vpage, 0, full_end, seq_k, q_pos, qk_scale,
-                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, False, PAGED, PAGE_SIZE)
+                               mask_ptr, stride_mq, stride_mk, offs_m, seq_q,
+                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, False, PAGED, PAGE_SIZE, MASK_KIND)
     acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
                                table_ptr, stride_kpage, stride_vpage, full_end, end, seq_k, q_pos, qk_scale,
-                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, True, PAGED, PAGE_SIZE)
+                               mask_ptr, stride_mq, stride_mk, offs_m, seq_q,
+                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, True, PAGED, PAGE_SIZE, MASK_KIND)
     return attn_normalize(acc, l_i)
 
 

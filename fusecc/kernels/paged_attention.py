@@ -82,10 +82,12 @@ def _paged_decode_kernel(
     table = table_ptr + b * stride_table
     acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, k_base, v_base, stride_kslot, stride_kd, stride_vslot, stride_vd,
                                table, stride_kpage, stride_vpage, lo, full_end, hi, offs_g, qk_scale,
-                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, False, True, PAGE_SIZE)
+                               k_base, 0, 0, offs_g, 1,  # no attention mask
+                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, False, True, PAGE_SIZE, 0)
     acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, k_base, v_base, stride_kslot, stride_kd, stride_vslot, stride_vd,
                                table, stride_kpage, stride_vpage, full_end, hi, hi, offs_g, qk_scale,
-                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, True, True, PAGE_SIZE)
+                               k_base, 0, 0, offs_g, 1,  # no attention mask
+                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, True, True, PAGE_SIZE, 0)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if SPLIT:
         # part_o: [batch, q_heads, num_splits, HEAD_DIM_PAD] fp32; part_lse: [batch, q_heads, num_splits]

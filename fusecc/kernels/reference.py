@@ -16,8 +16,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                        scale: Optional[float] = None) -> torch.Tensor:
-    """q [..., Hq, Sq, D], k/v [..., Hkv, Sk, D] (Hq % Hkv == 0) -> [..., Hq, Sq, D]."""
+                        scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q [..., Hq, Sq, D], k/v [..., Hkv, Sk, D] (Hq % Hkv == 0) -> [..., Hq, Sq, D].
+
+    attn_mask broadcasts to [..., Hq, Sq, Sk]: bool keeps where True, float is added to the logits."""
     Hq, Sq, D = q.shape[-3:]
     Hkv, Sk = k.shape[-3], k.shape[-2]
     scale = D ** -0.5 if scale is None else scale
@@ -31,6 +33,13 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
         i = torch.arange(Sq, device=q.device)[:, None]
         j = torch.arange(Sk, device=q.device)[None, :]
         logits = logits.masked_fill(j > i + (Sk - Sq), float("-inf"))
+    if attn_mask is not None:
+        # [..., Hq, Sq, Sk] -> [..., Hkv, group, Sq, Sk] like the logits
+        mask = attn_mask.expand(*q.shape[:-3], Hq, Sq, Sk).reshape(*q.shape[:-3], Hkv, group, Sq, Sk)
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        else:
+            logits = logits + mask.to(ct)
     p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
     out = torch.matmul(p, vf).reshape(*q.shape[:-1], v.shape[-1])
     return out.to(q.dtype)

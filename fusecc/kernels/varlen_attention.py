@@ -66,7 +66,8 @@ def _varlen_attention_kernel(
     out = attn_rows(q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                     table, stride_kpage, stride_vpage,
                     start_m, seq_q, seq_k, qk_scale,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, PAGED, PAGE_SIZE)
+                    k_ptr, 0, 0,  # no attention mask
+                    BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, PAGED, PAGE_SIZE, 0)
 
     tl.store(o_ptr + rows * stride_ot + h * stride_oh + offs_d[None, :] * stride_od,
              out.to(o_ptr.dtype.element_ty), mask=io_mask)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from fusecc.config import FuseccOptions
 from fusecc.passes.algebraic_simplification import AlgebraicSimplification
+from fusecc.passes.attention_matching import AttentionMatching
 from fusecc.passes.base import GraphPass, PassResult
 from fusecc.passes.constant_folding import ConstantFolding
 from fusecc.passes.cse import CommonSubexpressionElimination
 from fusecc.passes.dce import DeadCodeElimination
 from fusecc.passes.pipeline import PassRecord, run_passes
+from fusecc.passes.reinplace import Reinplace
 
 
 def build_pipeline(options: FuseccOptions) -> list[GraphPass]:
@@ -22,6 +24,8 @@ def build_pipeline(options: FuseccOptions) -> list[GraphPass]:
         AlgebraicSimplification(),
         CommonSubexpressionElimination(),
         DeadCodeElimination(),
+        AttentionMatching(),  # runs once, after the fixed-point group
+        Reinplace(),          # runs once: static KV-cache scatters become in-place writes
     ]
     known = {p.name for p in passes}
     unknown = set(options.disable_passes) - known

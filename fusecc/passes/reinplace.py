@@ -12,10 +12,20 @@ that copies the whole cache, followed by a `copy_` back into the graph input:
 Safe only when nothing reads the old value of `%cache` after the scatter: every other reader of
 the placeholder must come earlier in the graph. The same holds for index_put and the
 slice/select scatters that `cache[:, :, pos] = k` functionalizes into.
+
+Custom ops that mutate their inputs (the paged KV-cache write) are functionalized into
+`auto_functionalized_v2`, which clones every mutated base; the same rule turns them back:
+
+    before:  %af = auto_functionalized_v2(fusecc.write_kv_cache, k=%k, v=%v, slot_mapping=%s,
+                                          _k_cache_base_index=0, _v_cache_base_index=1, _all_bases=[%kc, %vc])
+             %kc_new = getitem(%af, 1) ...reads of %kc_new...;  copy_(%kc, %kc_new)   # same for %vc
+    after:   fusecc.write_kv_cache(%k, %v, %kc, %vc, %s)                               # in place, no clone
+             ...reads of %kc...
 """
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 
 import torch
@@ -60,7 +70,69 @@ class Reinplace(GraphPass):
             gm.graph.erase_node(copy)
             gm.graph.erase_node(src)
             stats[f"reinplaced:{_INPLACE[src.target]._overloadpacket.__name__}"] += 1
+        for node in list(gm.graph.nodes):
+            if node.target is _AUTO_FUNCTIONALIZED_V2:
+                stats[_reinplace_auto_functionalized(gm, node, order)] += 1
         if stats:
             gm.recompile()
         modified = any(k.startswith("reinplaced") for k in stats)
         return PassResult(gm, modified, stats)
+
+
+_AUTO_FUNCTIONALIZED_V2 = getattr(torch.ops.higher_order, "auto_functionalized_v2", None)
+
+
+def _reinplace_auto_functionalized(gm: fx.GraphModule, node: fx.Node, order: dict) -> str:
+    """Rewrite one auto_functionalized_v2 whose bases are graph inputs mutated exactly in place
+    (each mutable argument IS a base, not a view of one) into the mutating op; returns a stat key."""
+    op, kwargs = node.args[0], dict(node.kwargs)
+    if not isinstance(op, torch._ops.OpOverload):
+        return "skipped:auto_functionalized_not_an_op"
+    bases = list(kwargs.pop("_all_bases", []))
+    if not bases or any(not isinstance(b, fx.Node) or b.op != "placeholder" for b in bases):
+        return "skipped:auto_functionalized_base_not_input"
+    schema = op._schema
+    call_kwargs = {}
+    for arg in schema.arguments:
+        mutable = arg.alias_info is not None and arg.alias_info.is_write
+        if mutable:
+            index = kwargs.get(f"_{arg.name}_base_index")
+            if not isinstance(index, int) or any(k.startswith(f"_{arg.name}_") and not k.endswith("_base_index")
+                                                 for k in kwargs):
+                return "skipped:auto_functionalized_view_of_base"
+            call_kwargs[arg.name] = bases[index]
+        elif arg.name in kwargs:
+            call_kwargs[arg.name] = kwargs[arg.name]
+    num_outputs = len(schema.returns) if len(schema.returns) > 1 else 1
+    copies, new_values = [], {}
+    for user in node.users:
+        if user.target is not operator.getitem:
+            return "skipped:auto_functionalized_untupled_use"
+        i = user.args[1] - num_outputs
+        if i < 0:
+            if user.users:
+                return "skipped:auto_functionalized_result_used"
+            continue
+        new_values[user] = bases[i]
+        for reader in user.users:
+            if reader.target is aten.copy_.default and reader.args[0] is bases[i] and reader.args[1] is user:
+                copies.append(reader)
+            elif reader.op == "output":
+                return "skipped:result_is_output"
+    if len(copies) != len(set(bases)):
+        return "skipped:auto_functionalized_no_copy_back"
+    for base in bases:
+        if any(u is not node and u not in copies and order[u] > order[node] for u in base.users):
+            return "skipped:old_value_read_later"
+    with gm.graph.inserting_before(node):
+        inplace = gm.graph.call_function(op, (), call_kwargs)
+    inplace.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")})
+    inplace.meta["val"] = None  # the op returns nothing; its effect is on the bases
+    for copy in copies:
+        gm.graph.erase_node(copy)
+    for getitem in list(node.users):
+        if getitem in new_values:
+            getitem.replace_all_uses_with(new_values[getitem])
+        gm.graph.erase_node(getitem)
+    gm.graph.erase_node(node)
+    return f"reinplaced:{op._overloadpacket.__name__}"

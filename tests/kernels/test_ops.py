@@ -34,6 +34,8 @@ def _cases():
     return [
         (ops.flash_attention, (q4, k4, v4, True, None)),
         (ops.flash_attention, (q4, k4, v4, False, 0.2)),
+        (ops.flash_attention, (q4, k4, v4, False, None, torch.rand(1, 1, 6, 9) > 0.3)),  # bool, broadcast heads
+        (ops.flash_attention, (q4, k4, v4, True, 0.3, torch.randn(6, 9))),  # additive float, 2-d
         (ops.varlen_attention, (q3, k3, v3, cu_q, cu_k, 4, 4, True, None)),
         (ops.paged_attention, (torch.randn(3, 4, 16), k_cache, v_cache, tables, ctx, None)),
         (ops.paged_prefill_attention, (q3, k_cache, v_cache, cu_new, tables, prefill_ctx, 5, None)),
@@ -41,7 +43,7 @@ def _cases():
     ]
 
 
-@pytest.mark.parametrize("i", range(6))
+@pytest.mark.parametrize("i", range(8))
 def test_opcheck(i):
     torch.manual_seed(0)
     op, args = _cases()[i]
