@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from fusecc.codegen import lower, wants_triton
 from fusecc.capture import capture_aten, keep_sdpa_whole
 from fusecc.config import FuseccOptions
 from fusecc.debug.dump import GraphDump
@@ -33,17 +34,22 @@ def fusecc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> C
         raise TypeError(f"fusecc backend got unexpected arguments {sorted(kwargs)}; use options={{...}}")
     options = FuseccOptions.from_sources(mode=mode, options=options_arg)
 
+    start = time.perf_counter()
+    dump = GraphDump.create(options.dump_dir)
+    if dump is not None:
+        dump.write_graph("dynamo", gm)
+
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
         warnings.warn(
             "fusecc compiles inference graphs only; this graph needs autograd (grad mode is on and an input "
             "requires grad), so it runs unoptimized. Wrap the call in torch.no_grad() or torch.inference_mode().",
             stacklevel=2,
         )
+        if dump is not None:
+            dump.note("needs autograd (grad mode on, an input requires grad): runs unoptimized")
+            _write_unoptimized_report(dump, gm, example_inputs, options, start)
         return gm.forward
 
-    dump = GraphDump.create(options.dump_dir)
-    if dump is not None:
-        dump.write_graph("dynamo", gm)
     weight_flags = [
         is_weight_input(node, ex)
         for node, ex in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)
@@ -53,6 +59,13 @@ def fusecc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> C
         compiler = InferenceCompiler(options, dump, list(example_inputs), weight_flags, num_sdpa)
         return capture_aten(gm, list(example_inputs), compiler)
     except Exception as exc:
+        if _is_dynamo_control_flow(exc):
+            # Not a failure: Dynamo asks to re-trace the frame (e.g. to specialize a float
+            # scalar) and will call us again with a new graph. Swallowing it would run the
+            # graph eagerly for good.
+            if dump is not None:
+                dump.discard()
+            raise
         if options.strict:
             raise
         warnings.warn(f"fusecc failed to compile a graph and runs it unoptimized instead: "
@@ -60,7 +73,34 @@ def fusecc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> C
         if dump is not None:
             dump.note(f"compilation failed, graph runs eagerly: {type(exc).__name__}: {exc}")
             dump.write_text("error.txt", f"{type(exc).__name__}: {exc}\n")
+            _write_unoptimized_report(dump, gm, example_inputs, options, start)
         return gm.forward
+
+
+def _write_unoptimized_report(dump, gm: fx.GraphModule, example_inputs: list, options: FuseccOptions,
+                              start: float) -> None:
+    """The report of a graph that runs as Dynamo captured it, so that `fusecc dump` lists it too."""
+    hist = op_histogram(gm)
+    dump.write_report({
+        "graph": dump.folder.name,
+        "status": "unoptimized",
+        "compile_seconds": time.perf_counter() - start,
+        "num_inputs": len(example_inputs),
+        "num_frozen": 0,
+        "num_sdpa_kept_whole": 0,
+        "ops_aten": "-",
+        "ops_final": count_ops(gm),
+        "options": _options_summary(options),
+        "passes": [],
+        "op_histogram_aten": {},
+        "op_histogram_final": dict(hist),
+    })
+
+
+def _is_dynamo_control_flow(exc: BaseException) -> bool:
+    from torch._dynamo import exc as dynamo_exc
+
+    return isinstance(exc, (dynamo_exc.RestartAnalysis, dynamo_exc.ShortenTraceback))
 
 
 class InferenceCompiler:
@@ -85,18 +125,24 @@ class InferenceCompiler:
             dump.write_graph("aten", aten_gm)
         ops_aten, hist_aten = count_ops(aten_gm), op_histogram(aten_gm)
         num_frozen = 0
+        params_flat = _aot_params_flat()
+        weight_inputs = [True] * len(params_flat) + self.weight_flags
+        if len(weight_inputs) != len(fake_inputs):
+            weight_inputs = [False] * len(fake_inputs)  # cannot map inputs: treat none as weights
         if options.freeze:
-            params_flat = _aot_params_flat()
-            flat = list(params_flat) + self.dynamo_inputs
-            flags = [True] * len(params_flat) + self.weight_flags
-            num_frozen = freeze_weights(aten_gm, flat, flags, dump)
+            num_frozen = freeze_weights(aten_gm, list(params_flat) + self.dynamo_inputs, weight_inputs, dump)
         records = run_passes(aten_gm, build_pipeline(options), max_rounds=options.max_pass_rounds,
                              verify=options.verify, dump=dump)
+        runner = make_boxed_func(aten_gm.forward)
+        if wants_triton(options, fake_inputs):
+            runner, codegen_records = lower(aten_gm, options, dump, fake_inputs, weight_inputs)
+            records += codegen_records
         seconds = time.perf_counter() - start
         if dump is not None:
             dump.write_graph("final", aten_gm)
             dump.write_report({
                 "graph": dump.folder.name,
+                "status": "compiled",
                 "compile_seconds": seconds,
                 "num_inputs": len(fake_inputs),
                 "num_frozen": num_frozen,
@@ -106,13 +152,13 @@ class InferenceCompiler:
                 "options": _options_summary(options),
                 "passes": [
                     {"name": r.name, "round": r.round, "seconds": r.seconds, "ops_before": r.ops_before,
-                     "ops_after": r.ops_after, "stats": dict(r.stats)}
+                     "ops_after": r.ops_after, "modified": r.modified, "stats": dict(r.stats)}
                     for r in records
                 ],
                 "op_histogram_aten": dict(hist_aten),
                 "op_histogram_final": dict(op_histogram(aten_gm)),
             })
-        return make_boxed_func(aten_gm.forward)
+        return runner
 
 
 def _aot_params_flat() -> list:

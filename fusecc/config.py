@@ -1,5 +1,6 @@
 """Backend options: one dataclass, filled from defaults, then `FUSECC_*` environment
-variables, then `torch.compile(..., mode=..., options={...})` (later sources win).
+variables, then `torch.compile(..., mode=..., options={...})` (later sources win; the flags a
+mode implies, e.g. reduce-overhead -> cudagraphs, beat the environment but not options=).
 
     torch.compile(model, backend="fusecc", options={"freeze": True, "dump_dir": "/tmp/dump"})
     FUSECC_FREEZE=1 FUSECC_DUMP_DIR=/tmp/dump python run.py
@@ -15,6 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_MODE_FLAGS: dict[str, dict[str, bool]] = {
+    "default": {},
+    "reduce-overhead": {"cudagraphs": True},
+    "max-autotune": {"cudagraphs": True, "autotune": True},
+    "max-autotune-no-cudagraphs": {"autotune": True},
+}
 
 
 @dataclass
@@ -67,26 +74,30 @@ class FuseccOptions:
         environ: Optional[Mapping[str, str]] = None,
     ) -> "FuseccOptions":
         environ = os.environ if environ is None else environ
+        known = {f.name: f for f in _user_fields()}
         values: dict[str, Any] = {}
-        for f in _user_fields():
+        for f in known.values():
             env_name = "FUSECC_" + f.name.upper()
             if env_name in environ:
                 values[f.name] = _parse(f, environ[env_name], source=env_name)
-        mode = mode or values.get("mode") or "default"
-        values["mode"] = mode
-        if mode == "reduce-overhead":
-            values["cudagraphs"] = True
-        elif mode == "max-autotune":
-            values.update(cudagraphs=True, autotune=True)
-        elif mode == "max-autotune-no-cudagraphs":
-            values["autotune"] = True
-        known = {f.name: f for f in _user_fields()}
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"fusecc: options must be a dict, got {type(options).__name__}")
+        explicit: dict[str, Any] = {}
         for name, value in (options or {}).items():
             if name not in known:
                 raise ValueError(
                     f"fusecc: unknown option {name!r}; known options: {', '.join(sorted(known))}"
                 )
-            values[name] = _coerce(known[name], value, source=f"options[{name!r}]")
+            explicit[name] = _coerce(known[name], value, source=f"options[{name!r}]")
+        # torch.compile(mode=...) or options={"mode": ...} or FUSECC_MODE, in that order. A mode
+        # implies flags (reduce-overhead -> cudagraphs), overriding the environment; a flag given
+        # explicitly in options= overrides the mode.
+        mode = mode or explicit.get("mode") or values.get("mode") or "default"
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ValueError(f"fusecc: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        values["mode"] = mode
+        values.update(_MODE_FLAGS[mode])
+        values.update({k: v for k, v in explicit.items() if k != "mode"})
         return cls(**values)
 
 
@@ -115,13 +126,21 @@ def _parse(f: dataclasses.Field, text: str, source: str) -> Any:
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
-    if isinstance(value, str) and f.type not in ("str",):
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if isinstance(value, str) and kind != "str":
         return _parse(f, value, source)
-    kind = f.type if isinstance(f.type, str) else str(f.type)
     if kind == "bool" and not isinstance(value, bool):
         raise TypeError(f"fusecc: {source} must be a bool, got {type(value).__name__}")
     if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
         raise TypeError(f"fusecc: {source} must be an int, got {type(value).__name__}")
+    if kind == "str":
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if not isinstance(value, str):
+            raise TypeError(f"fusecc: {source} must be a str, got {type(value).__name__}")
     if kind.startswith("tuple"):
+        if not isinstance(value, (tuple, list, set, frozenset)) or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"fusecc: {source} must be a tuple of str (or a comma-separated str), "
+                            f"got {value!r}")
         return tuple(value)
     return value

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +25,7 @@ class GraphDump:
         self.folder = folder
         self.step = 0
         self.notes: list[str] = []
+        self.facts: dict = {}  # structured figures later stages add to report.json
 
     @staticmethod
     def create(root: str, prefix: str = "graph") -> Optional["GraphDump"]:
@@ -41,8 +43,18 @@ class GraphDump:
             except FileExistsError:
                 index += 1
 
+    def discard(self) -> None:
+        """Remove this graph's folder: Dynamo restarted the trace, and the graph it
+        compiles next gets a folder of its own."""
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
     def write_graph(self, label: str, gm: fx.GraphModule) -> Path:
         text = gm.print_readable(print_output=False, include_stride=True, include_device=True)
+        # AOTAutograd's graph modules are named "<lambda>": make the dump parseable Python.
+        text = re.sub(r"^(\s*)class <(\w*)>\(", lambda m: f"{m.group(1)}class {m.group(2) or 'Graph'}_graph(",
+                      text, flags=re.M)
         return self.write_text(f"{label}.py", f"# {label}: {_op_count(gm)} ops\n{text}")
 
     def write_text(self, name: str, text: str) -> Path:
@@ -62,7 +74,7 @@ class GraphDump:
         return path
 
     def write_report(self, report: dict) -> None:
-        report = dict(report, notes=list(self.notes))
+        report = dict(report, notes=list(self.notes), **self.facts)
         (self.folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (self.folder / "report.md").write_text(render_report_markdown(report))
 
@@ -73,6 +85,8 @@ def _op_count(gm: fx.GraphModule) -> int:
 
 def render_report_markdown(report: dict) -> str:
     lines = [f"# {report['graph']}", ""]
+    if report.get("status") == "unoptimized":
+        lines.append("- **runs unoptimized** (as Dynamo captured it; see the notes below)")
     lines.append(f"- compile time: {report['compile_seconds'] * 1000:.1f} ms")
     lines.append(f"- inputs: {report['num_inputs']} ({report.get('num_frozen', 0)} frozen as constants)")
     lines.append(f"- ATen ops: {report['ops_aten']} -> {report['ops_final']} after passes")
@@ -97,18 +111,18 @@ def summarize_dump_dir(root: str) -> str:
     rows = []
     for report_path in sorted(Path(root).glob("*/report.json")):
         report = json.loads(report_path.read_text())
-        changed = [r for r in report["passes"] if r["stats"]]
+        changed = [r for r in report["passes"] if r.get("modified", bool(r["stats"]))]
         rules: dict[str, int] = {}
         for rec in report["passes"]:
             for key, value in rec["stats"].items():
                 rules[key] = rules.get(key, 0) + value
         top = ", ".join(f"{k}={v}" for k, v in sorted(rules.items(), key=lambda kv: -kv[1])[:4])
-        rows.append((report["graph"], str(report["ops_aten"]), str(report["ops_final"]),
+        rows.append((report["graph"], report.get("status", "compiled"), str(report["ops_aten"]), str(report["ops_final"]),
                      f"{len(changed)}/{len(report['passes'])}", f"{report['compile_seconds'] * 1000:.0f}",
                      str(len(report.get("notes", []))), top or "-"))
     if not rows:
         return f"no fusecc dumps under {root} (expected <graph>/report.json folders)"
-    header = ("graph", "aten ops", "final ops", "passes changed", "compile ms", "notes", "top matches")
+    header = ("graph", "status", "aten ops", "final ops", "passes changed", "compile ms", "notes", "top matches")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]

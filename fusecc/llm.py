@@ -1,0 +1,64 @@
+"""The offline API:
+
+    from fusecc import LLM, SamplingParams
+    llm = LLM()                                   # embedded default model; or LLM("path/to/hf-dir", **engine_args)
+    for out in llm.generate(["Hello", "Hi"], SamplingParams(temperature=0, max_tokens=32)):
+        print(out.outputs[0].text, out.outputs[0].finish_reason, out.metrics)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from fusecc.runtime.engine import LLMEngine
+from fusecc.runtime.outputs import RequestOutput
+from fusecc.runtime.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_args) -> None:
+        self.engine = LLMEngine.from_engine_args(model, **engine_args)
+        self._next_id = 0
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | list[int] | Sequence[str | list[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in prompt order. A prompt is a string or a list of token ids."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        ids = []
+        for prompt, p in zip(prompts, params):
+            ids.append(str(self._next_id))
+            self._next_id += 1
+            self.engine.add_request(ids[-1], prompt, p)
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(prompts), desc="Generating", unit="req", dynamic_ncols=True)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            while self.engine.has_unfinished_requests():
+                self.engine.step()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[rid] for rid in ids]

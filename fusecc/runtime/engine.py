@@ -1,0 +1,255 @@
+"""LLMEngine: requests in, cumulative RequestOutputs out, one scheduled step at a time.
+
+    engine = LLMEngine.from_engine_args("path/to/hf-dir", max_model_len=2048, enforce_eager=False)
+    engine.add_request("r0", "Hello", SamplingParams(max_tokens=32))
+    while engine.has_unfinished_requests():
+        for out in engine.step(): ...
+
+A step: scheduler.schedule() -> ModelRunner.execute (forward + sampler) -> scheduler.postprocess
+-> incremental detokenization and stop strings (scheduler.finish) -> scheduler.take_finished().
+A request with n > 1 runs as n sequences "<id>#<i>" (seeds seed + i), reported together.
+
+Thread safety: add_request / abort_request / step may be called from different threads (the
+async engine adds and aborts from the event loop while a background thread steps); the lock is
+not held during the forward pass, which the scheduler tolerates (an abort between schedule and
+postprocess is skipped by postprocess).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fusecc.runtime.block_manager import BlockManager
+from fusecc.runtime.config import EngineConfig
+from fusecc.runtime.detokenizer import IncrementalDetokenizer
+from fusecc.runtime.model_runner import ModelRunner
+from fusecc.runtime.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from fusecc.runtime.sampling_params import SamplingParams
+from fusecc.runtime.scheduler import Scheduler, SchedulerFullError
+from fusecc.runtime.sequence import Sequence
+
+ENGINE_ONLY_ARGS = ("dtype", "device", "enforce_eager", "tokenizer")
+
+
+@dataclass
+class _Child:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    logprobs: list[dict] | None
+    # prefix-cache hit at first admission (BlockManager.free resets the sequence's own count)
+    num_cached_tokens: int | None = None
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[_Child]
+    arrival_time: float
+    finished: set[int] = field(default_factory=set)  # child indices
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, config: EngineConfig, *, device, eos_token_ids=(), model_name: str = "",
+                 enforce_eager: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.runner = ModelRunner(model, config, device, enforce_eager=enforce_eager)
+        self.config = self.runner.config
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.block_manager = BlockManager(self.config.num_kv_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.block_manager, self.eos_token_ids)
+        self._requests: dict[str, _Request] = {}
+        self._by_seq: dict[str, tuple[_Request, int]] = {}  # sequence id -> (request, child index)
+        self._lock = threading.RLock()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @classmethod
+    def from_engine_args(cls, model: str | None = None, **engine_args) -> "LLMEngine":
+        """model: a local Hugging Face checkpoint directory, or None for the embedded default.
+        engine_args: EngineConfig fields, plus dtype, device, enforce_eager, tokenizer (a directory)."""
+        from fusecc.runtime import loader
+        from fusecc.runtime.models.registry import max_context_len
+
+        unknown = set(engine_args) - {f.name for f in dataclasses.fields(EngineConfig)} - set(ENGINE_ONLY_ARGS)
+        if unknown:
+            raise TypeError(f"unknown engine arguments: {sorted(unknown)}")
+        device = torch.device(engine_args.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = engine_args.pop("dtype", None)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        enforce_eager = bool(engine_args.pop("enforce_eager", False))
+        tokenizer_dir = engine_args.pop("tokenizer", None)
+        config = EngineConfig(**engine_args)
+        if model is None:
+            from fusecc.runtime.byte_tokenizer import ByteTokenizer
+            from fusecc.runtime.default_model import DEFAULT_MODEL_NAME, build_default_model, default_config
+
+            config = _fit_max_model_len(config, max_context_len(default_config()))
+            net, hf_config = build_default_model(dtype, device, config.max_model_len)
+            tokenizer, name = ByteTokenizer(), DEFAULT_MODEL_NAME
+            eos = loader.eos_token_ids(None, hf_config, tokenizer)
+        else:
+            hf_config = loader.load_config(model)
+            config = _fit_max_model_len(config, max_context_len(hf_config))
+            net = loader.load_model(model, dtype, device, config.max_model_len, config=hf_config)
+            tokenizer = loader.load_tokenizer(tokenizer_dir or model)
+            name = str(model)
+            eos = loader.eos_token_ids(model, hf_config, tokenizer)
+        return cls(net, tokenizer, config, device=device, eos_token_ids=eos, model_name=name,
+                   enforce_eager=enforce_eager)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    # --- requests -----------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None, priority: int = 0) -> None:
+        """Validate and queue. ValueError (bad params or prompt) / SchedulerFullError leave nothing queued."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        params._validate()  # fields may have been changed since construction
+        if isinstance(prompt, str):
+            text, ids = prompt, list(self.tokenizer.encode(prompt))
+        else:
+            text, ids = None, [int(t) for t in prompt]
+            if any(t < 0 or t >= self.runner.vocab_size for t in ids):
+                raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        children = []
+        for i in range(params.n):
+            child_params = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            seq = Sequence(seq_id, ids, child_params, block_size=self.config.block_size, priority=priority,
+                           arrival_time=arrival)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, child_params.stop, child_params.skip_special_tokens)
+            children.append(_Child(seq, detok, [] if params.logprobs is not None else None))
+        with self._lock:
+            if request_id in self._requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            if len(self.scheduler.waiting) + params.n > self.config.max_waiting:
+                raise SchedulerFullError(f"{len(self.scheduler.waiting)} requests waiting "
+                                         f"(max_waiting={self.config.max_waiting})")
+            req = _Request(request_id, text, ids, children, arrival)
+            added = []
+            try:
+                for i, c in enumerate(children):
+                    self.scheduler.add(c.seq)
+                    added.append(c.seq)
+                    self._by_seq[c.seq.request_id] = (req, i)
+            except BaseException:
+                for seq in added:
+                    self.scheduler.abort(seq.request_id)
+                    self._by_seq.pop(seq.request_id, None)
+                self.scheduler.take_finished()  # nothing was queued as far as the caller is concerned
+                raise
+            self._requests[request_id] = req
+            self.prompt_tokens_total += len(ids) * params.n
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort all sequences of a request; its final output (finish_reason 'abort') comes from step()."""
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None:
+                return False
+            for c in req.children:
+                self.scheduler.abort(c.seq.request_id)
+            return True
+
+    def has_unfinished_requests(self) -> bool:
+        with self._lock:
+            return bool(self._requests)
+
+    # --- one step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        with self._lock:
+            out = self.scheduler.schedule()
+            for e in out.scheduled:
+                found = self._by_seq.get(e.seq.request_id)
+                if found is not None and found[0].children[found[1]].num_cached_tokens is None:
+                    found[0].children[found[1]].num_cached_tokens = e.seq.num_cached_tokens
+        sampled = self.runner.execute(out, self.eos_token_ids) if not out.is_empty else None
+        token_ids = sampled.token_ids.tolist() if sampled is not None else []
+        with self._lock:
+            self.scheduler.postprocess(out, token_ids)
+            touched: dict[str, _Request] = {}
+            for row, e in enumerate(out.sampled):
+                found = self._by_seq.get(e.seq.request_id)
+                if found is None or e.seq.is_finished and e.seq.finish_reason == "abort":
+                    continue
+                req, i = found
+                child = req.children[i]
+                self.generation_tokens_total += 1
+                if child.logprobs is not None:
+                    child.logprobs.append(_logprob_entry(sampled, row, token_ids[row], child.seq.sampling_params))
+                new_text = child.detok.add_tokens([token_ids[row]])
+                stop = child.detok.check_stop(len(new_text))
+                if stop is not None:
+                    self.scheduler.finish(child.seq, "stop", stop)
+                touched[req.request_id] = req
+            for seq in self.scheduler.take_finished():
+                req, i = self._by_seq.pop(seq.request_id)
+                req.finished.add(i)
+                if seq.finish_reason != "abort" and not isinstance(seq.stop_reason, str):
+                    req.children[i].detok.flush()
+                touched[req.request_id] = req
+            outputs = [self._output(req) for req in touched.values()]
+            for o in outputs:
+                if o.finished:
+                    del self._requests[o.request_id]
+            return outputs
+
+    def _output(self, req: _Request) -> RequestOutput:
+        seqs = [c.seq for c in req.children]
+        finished = len(req.finished) == len(seqs)
+        completions = [CompletionOutput(index=i, text=c.detok.text, token_ids=c.seq.output_token_ids,
+                                        finish_reason=c.seq.finish_reason, stop_reason=c.seq.stop_reason,
+                                        logprobs=None if c.logprobs is None else list(c.logprobs))
+                       for i, c in enumerate(req.children)]
+        metrics = RequestMetrics(
+            arrival_time=req.arrival_time,
+            first_scheduled_time=_min(s.first_scheduled_time for s in seqs),
+            first_token_time=_min(s.first_token_time for s in seqs),
+            finished_time=max(s.finished_time for s in seqs) if finished else None,
+            num_cached_tokens=max(c.num_cached_tokens or 0 for c in req.children))
+        return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), completions, finished, metrics)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            s, bm = self.scheduler, self.block_manager
+            return EngineStats(
+                num_running=len(s.running), num_waiting=len(s.waiting), kv_cache_usage=bm.usage,
+                num_preemptions=s.stats.num_preemptions, prefix_cache_queries=bm.stats.prefix_cache_queries,
+                prefix_cache_hits=bm.stats.prefix_cache_hits, prompt_tokens_total=self.prompt_tokens_total,
+                generation_tokens_total=self.generation_tokens_total,
+                finished_by_reason=dict(s.stats.num_finished))
+
+
+def _fit_max_model_len(config: EngineConfig, model_limit: int) -> EngineConfig:
+    if config.max_model_len <= model_limit:
+        return config
+    return dataclasses.replace(config, max_model_len=model_limit)
+
+
+def _min(values):
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+def _logprob_entry(sampled, row: int, token_id: int, params: SamplingParams) -> dict:
+    top = []
+    if params.logprobs and sampled.top_token_ids is not None:
+        ids = sampled.top_token_ids[row, :params.logprobs].tolist()
+        lps = sampled.top_logprobs[row, :params.logprobs].tolist()
+        top = list(zip(ids, lps))
+    return {"token_id": token_id, "logprob": float(sampled.logprobs[row]), "top": top}

@@ -1,0 +1,124 @@
+"""A local Hugging Face checkpoint directory -> our model, its config and its tokenizer.
+
+    config.json                      transformers.AutoConfig (architecture, shapes, rope)
+    model.safetensors                one file, or
+    model-0000N-of-0000M.safetensors + model.safetensors.index.json (sharded)
+    tokenizer files                  transformers.AutoTokenizer
+    generation_config.json           optional: extra EOS ids (Llama 3 lists several)
+
+Only safetensors are read: pickle checkpoints (*.bin, *.pt) can run code on load, so a directory
+holding only those is refused with a message saying how to convert it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from fusecc.runtime.models.llama import LlamaForCausalLM
+from fusecc.runtime.models.registry import model_class
+
+
+def load_config(path: str | Path):
+    from transformers import AutoConfig
+
+    path = _checkpoint_dir(path)
+    return AutoConfig.from_pretrained(str(path), local_files_only=True)
+
+
+def safetensors_files(path: str | Path) -> list[Path]:
+    path = _checkpoint_dir(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / s for s in shards]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that do not exist: {missing}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+    if pickles:
+        raise ValueError(f"{path} holds only pickle weights ({', '.join(pickles)}); fusecc loads safetensors only. "
+                         f"Convert with transformers: AutoModelForCausalLM.from_pretrained(dir)"
+                         f".save_pretrained(dir, safe_serialization=True)")
+    raise FileNotFoundError(f"no *.safetensors weights in {path}")
+
+
+def iter_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
+               max_positions: int | None = None, config=None) -> LlamaForCausalLM:
+    """Build the registered model class for the checkpoint on `device` in `dtype` and load its weights."""
+    config = config if config is not None else load_config(path)
+    cls = model_class(config)
+    files = safetensors_files(path)  # fail on a bad directory before allocating anything
+    assert files
+    return build_model(cls, config, dtype, device, max_positions, iter_weights(path))
+
+
+def build_model(cls: type[LlamaForCausalLM], config, dtype: torch.dtype, device, max_positions: int | None,
+                weights) -> LlamaForCausalLM:
+    """Allocate (uninitialised) on the device, then copy `weights` (HF names) in; None = keep random init."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in `dtype`; the rope tables are explicitly fp32
+    try:
+        with torch.device(device):
+            model = cls(config, max_positions=max_positions)
+    finally:
+        torch.set_default_dtype(previous)
+    if weights is not None:
+        model.load_weights(weights)
+    return model.eval().requires_grad_(False)
+
+
+# tokenizer classes that mean "exactly the tokenizer.json on disk"; for these transformers 5's
+# AutoTokenizer substitutes the model type's own tokenizer class (e.g. Qwen2Tokenizer), which
+# rebuilds a different pipeline around the vocabulary
+_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = _checkpoint_dir(path)
+    tok_config = path / "tokenizer_config.json"
+    cls = json.loads(tok_config.read_text()).get("tokenizer_class") if tok_config.exists() else None
+    if cls in _GENERIC_TOKENIZER_CLASSES and (path / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def eos_token_ids(path: str | Path | None, config, tokenizer) -> set[int]:
+    """EOS ids from the tokenizer, the model config and generation_config.json."""
+    ids: set[int] = set()
+    sources = [getattr(tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None)]
+    gen = _checkpoint_dir(path) / "generation_config.json" if path is not None else None
+    if gen is not None and gen.exists():
+        sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+    for s in sources:
+        if isinstance(s, int):
+            ids.add(s)
+        elif isinstance(s, (list, tuple)):
+            ids.update(int(t) for t in s)
+    return ids
+
+
+def _checkpoint_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"model {str(path)!r} is not a local directory (fusecc loads local Hugging Face "
+                                f"checkpoint folders; it does not download)")
+    return p

@@ -1,0 +1,34 @@
+"""Hugging Face architecture name (config.architectures[0]) -> our model class."""
+
+from __future__ import annotations
+
+from fusecc.runtime.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+
+MODELS = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def model_class(config) -> type[LlamaForCausalLM]:
+    archs = list(getattr(config, "architectures", None) or [])
+    if not archs:
+        raise ValueError(f"config has no `architectures` entry; supported: {', '.join(MODELS)}")
+    cls = MODELS.get(archs[0])
+    if cls is None:
+        raise ValueError(f"unsupported architecture {archs[0]!r}; supported: {', '.join(MODELS)}")
+    if getattr(config, "use_sliding_window", False):
+        raise ValueError(f"{archs[0]}: sliding-window attention (use_sliding_window=True) is not supported")
+    return cls
+
+
+def max_context_len(config) -> int:
+    """Longest sequence the model attends correctly: positions, and Mistral's sliding window
+    (full attention equals windowed attention while the sequence fits in the window)."""
+    limit = int(config.max_position_embeddings)
+    window = getattr(config, "sliding_window", None)
+    if window and not getattr(config, "layer_types", None):
+        limit = min(limit, int(window))
+    return limit

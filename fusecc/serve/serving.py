@@ -1,0 +1,395 @@
+"""OpenAI completions and chat completions on top of AsyncLLMEngine.generate.
+
+    serving = OpenAIServing(engine, "fusecc-tiny", metrics)
+    body_or_events = await serving.completions(req, http_request)   # dict, or an async iterator of SSE lines
+
+One HTTP request becomes one engine request per prompt (a batch prompt is several); each engine
+request carries `n` choices. Choice index = prompt_index * n + output.index, as in OpenAI.
+
+The engine yields cumulative outputs; streaming turns them into deltas per choice. The first output
+of every engine request is awaited before any response byte is sent, so a full queue or an
+engine-side rejection is a real HTTP status (429/400), not an error event inside a 200 stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import anyio
+
+from fusecc.runtime.sampling_params import SamplingParams
+from fusecc.runtime.scheduler import SchedulerFullError
+from fusecc.serve.disconnect import until_disconnected
+from fusecc.serve.errors import APIError
+from fusecc.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
+                                   ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatTokenLogprob,
+                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
+                                   DeltaMessage, TopLogprob, Usage)
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+RETRY_AFTER_S = "1"
+
+
+def render_default_chat_template(messages: list[dict]) -> str:
+    """The template used when the tokenizer has none: `<|role|>\\ncontent\\n` per message, then
+    `<|assistant|>\\n` for the reply (the embedded model's documented default)."""
+    return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+
+
+@dataclass
+class _Tracked:
+    """One engine request: its id, prompt, the latest cumulative output and per-token timing."""
+
+    request_id: str
+    prompt_ids: list[int]
+    last: object = None  # RequestOutput
+    itls: list[float] = field(default_factory=list)
+    _last_time: float | None = None
+    _last_tokens: int = 0
+
+
+class OpenAIServing:
+    def __init__(self, engine, served_model_name: str, metrics) -> None:
+        self.engine = engine
+        self.model_name = served_model_name
+        self.metrics = metrics
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+
+    # ---- request -> engine inputs -------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+
+    def _prompt_ids(self, prompt, field_name: str) -> list[int]:
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer.encode(prompt)) if prompt else []
+        else:
+            ids = list(prompt)
+            vocab = getattr(self.tokenizer, "vocab_size", None)
+            bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=field_name)
+        if not ids:
+            raise APIError(400, f"{field_name} is empty", param=field_name)
+        if len(ids) >= self.max_model_len:
+            raise APIError(400, f"{field_name} has {len(ids)} tokens; the context is {self.max_model_len} tokens "
+                                f"(max_model_len), which leaves no room to generate", param=field_name,
+                           code="context_length_exceeded")
+        return ids
+
+    def _max_tokens(self, requested: int | None, default: int | None, longest_prompt: int) -> int:
+        room = self.max_model_len - longest_prompt
+        if requested is None:
+            return room if default is None else min(default, room)
+        if requested > room:
+            raise APIError(400, f"max_tokens={requested} plus the prompt's {longest_prompt} tokens exceeds the "
+                                f"context of {self.max_model_len} tokens (at most {room} here)",
+                           param="max_tokens", code="context_length_exceeded")
+        return requested
+
+    @staticmethod
+    def _sampling_params(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        try:
+            return SamplingParams(
+                n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty, seed=req.seed, stop=req.stop,
+                stop_token_ids=req.stop_token_ids or [], max_tokens=max_tokens, min_tokens=req.min_tokens,
+                ignore_eos=req.ignore_eos, logprobs=logprobs)
+        except ValueError as exc:
+            raise APIError.from_value_error(exc) from None
+
+    @staticmethod
+    def _check_stream_options(req) -> None:
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        if not req.messages:
+            raise APIError(400, "messages is empty", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        tok = self.tokenizer
+        if not hasattr(tok, "apply_chat_template") or getattr(tok, "chat_template", "") is None:
+            text = render_default_chat_template(messages)
+        else:
+            try:
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as exc:  # a template's raise_exception (roles must alternate, ...)
+                raise APIError(400, f"chat template failed on these messages: {exc}", param="messages") from None
+        ids = self._prompt_ids(text, "messages")
+        # A template that writes the BOS token itself plus an encode() that adds one gives two.
+        bos = getattr(tok, "bos_token_id", None)
+        if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
+            ids = ids[1:]
+        return ids
+
+    # ---- engine -------------------------------------------------------------------------------
+
+    async def _track(self, t: _Tracked, params: SamplingParams) -> AsyncIterator[object]:
+        gen = self.engine.generate(t.prompt_ids, params, t.request_id)
+        try:
+            async for out in gen:
+                now = time.perf_counter()
+                ntok = sum(len(o.token_ids) for o in out.outputs)
+                if ntok > t._last_tokens:
+                    if t._last_time is not None:
+                        t.itls.append(now - t._last_time)
+                    t._last_time, t._last_tokens = now, ntok
+                t.last = out
+                if out.finished:
+                    self.metrics.observe_request(out.metrics, t.itls)
+                yield out
+        finally:
+            # Closing the engine's generator aborts the request there; the explicit abort covers a
+            # generator that was closed before it started. Both are no-ops for a finished request.
+            with anyio.CancelScope(shield=True):
+                await gen.aclose()
+                if t.last is None or not t.last.finished:
+                    await self.engine.abort(t.request_id)
+
+    async def _start(self, prompts: list[list[int]], params: SamplingParams, base_id: str):
+        """Start one engine request per prompt and wait for each one's first output."""
+        tracked = [_Tracked(f"{base_id}-{i}", ids) for i, ids in enumerate(prompts)]
+        gens = [self._track(t, params) for t in tracked]
+        firsts = await asyncio.gather(*(anext(g) for g in gens), return_exceptions=True)
+        errors = [e for e in firsts if isinstance(e, BaseException)]
+        if errors:
+            for g in gens:
+                await g.aclose()
+            err = errors[0]
+            if isinstance(err, SchedulerFullError):
+                raise APIError(429, f"the server is busy: {err}", code="queue_full",
+                               headers={"Retry-After": RETRY_AFTER_S})
+            if isinstance(err, ValueError):
+                raise APIError.from_value_error(err, default_param="prompt")
+            if isinstance(err, StopAsyncIteration):
+                raise APIError(500, "the engine ended the request without output")
+            raise err
+        return tracked, gens, firsts
+
+    async def _run_to_end(self, request, prompts, params, base_id) -> list[object]:
+        async def go():
+            tracked, gens, _ = await self._start(prompts, params, base_id)
+
+            async def drain(g):
+                async for _ in g:
+                    pass
+            await asyncio.gather(*map(drain, gens))
+            return [t.last for t in tracked]
+        return await until_disconnected(request, go())
+
+    # ---- endpoints ----------------------------------------------------------------------------
+
+    async def completions(self, req: CompletionRequest, request, usage_out: dict):
+        self.check_model(req.model)
+        self._check_stream_options(req)
+        p = req.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            raw_prompts = p
+        else:
+            raw_prompts = [p]
+        prompts = [self._prompt_ids(x, "prompt") for x in raw_prompts]
+        max_tokens = self._max_tokens(req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, max(map(len, prompts)))
+        params = self._sampling_params(req, max_tokens, req.logprobs)
+        base_id = f"cmpl-{uuid.uuid4().hex}"
+        echo = [x if isinstance(x, str) else self.tokenizer.decode(ids) for x, ids in zip(raw_prompts, prompts)]
+        usage_out["prompt_tokens"] = sum(map(len, prompts))
+
+        if req.stream:
+            started = await until_disconnected(request, self._start(prompts, params, base_id))
+            return self._completion_events(req, started, base_id, echo, usage_out)
+
+        finals = await self._run_to_end(request, prompts, params, base_id)
+        choices = []
+        for i, out in enumerate(finals):
+            for o in out.outputs:
+                text = (echo[i] if req.echo else "") + o.text
+                lp = self._completion_logprobs(o.logprobs or [], 0) if req.logprobs is not None else None
+                choices.append(CompletionChoice(index=i * req.n + o.index, text=text, logprobs=lp,
+                                                finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+        usage = self._usage(finals)
+        usage_out["completion_tokens"] = usage.completion_tokens
+        return CompletionResponse(id=base_id, model=self.model_name, choices=choices, usage=usage).model_dump()
+
+    async def chat(self, req: ChatCompletionRequest, request, usage_out: dict):
+        self.check_model(req.model)
+        self._check_stream_options(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
+        prompt = self._chat_prompt(req)
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = self._max_tokens(requested, None, len(prompt))
+        params = self._sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        base_id = f"chatcmpl-{uuid.uuid4().hex}"
+        usage_out["prompt_tokens"] = len(prompt)
+
+        if req.stream:
+            started = await until_disconnected(request, self._start([prompt], params, base_id))
+            return self._chat_events(req, started, base_id, usage_out)
+
+        (final,) = await self._run_to_end(request, [prompt], params, base_id)
+        choices = [ChatChoice(index=o.index, message=AssistantMessage(content=o.text),
+                              logprobs=self._chat_logprobs(o.logprobs or [], 0) if req.logprobs else None,
+                              finish_reason=o.finish_reason, stop_reason=o.stop_reason)
+                   for o in final.outputs]
+        usage = self._usage([final])
+        usage_out["completion_tokens"] = usage.completion_tokens
+        return ChatCompletionResponse(id=base_id, model=self.model_name, choices=choices, usage=usage).model_dump()
+
+    # ---- streaming ----------------------------------------------------------------------------
+
+    async def _deltas(self, started, n: int, usage_out: dict):
+        """Yield (choice_index, new_text, output, start_token, finish_reason_or_None) per change."""
+        tracked, gens, firsts = started
+        sent: dict[int, tuple[int, int, bool]] = {}  # choice -> (chars, tokens, finish sent)
+
+        def changes(i: int, out):
+            for o in out.outputs:
+                idx = i * n + o.index
+                chars, toks, done = sent.get(idx, (0, 0, False))
+                if done:
+                    continue
+                finished = o.finish_reason is not None
+                if len(o.text) > chars or len(o.token_ids) > toks or finished:
+                    sent[idx] = (len(o.text), len(o.token_ids), finished)
+                    yield idx, o.text[chars:], o, toks, o.finish_reason if finished else None
+
+        merged = _merge(gens)
+        try:
+            for i, out in enumerate(firsts):
+                for change in changes(i, out):
+                    yield change
+            async for i, out in merged:
+                for change in changes(i, out):
+                    yield change
+        finally:
+            with anyio.CancelScope(shield=True):
+                await merged.aclose()  # first: it may be iterating the engine generators
+                for g in gens:
+                    await g.aclose()
+            usage_out["completion_tokens"] = sum(len(o.token_ids) for t in tracked if t.last
+                                                 for o in t.last.outputs)
+
+    def _stream_usage(self, started) -> Usage:
+        return self._usage([t.last for t in started[0]])
+
+    async def _completion_events(self, req, started, base_id, echo, usage_out) -> AsyncIterator[str]:
+        created = int(time.time())
+        deltas = self._deltas(started, req.n, usage_out)
+        try:
+            echoed = set()
+            async for idx, text, o, start, finish in deltas:
+                if req.echo and idx not in echoed:
+                    echoed.add(idx)
+                    text = echo[idx // req.n] + text
+                lp = self._completion_logprobs((o.logprobs or [])[start:len(o.token_ids)], 0) \
+                    if req.logprobs is not None else None
+                chunk = CompletionResponse(id=base_id, created=created, model=self.model_name, choices=[
+                    CompletionChoice(index=idx, text=text, logprobs=lp, finish_reason=finish,
+                                     stop_reason=o.stop_reason if finish else None)])
+                yield _sse(chunk.model_dump(exclude_none=True))
+            if req.stream_options and req.stream_options.include_usage:
+                yield _sse({"id": base_id, "object": "text_completion", "created": created, "model": self.model_name,
+                            "choices": [], "usage": self._stream_usage(started).model_dump()})
+            yield "data: [DONE]\n\n"
+        finally:
+            await deltas.aclose()
+
+    async def _chat_events(self, req, started, base_id, usage_out) -> AsyncIterator[str]:
+        created = int(time.time())
+        deltas = self._deltas(started, req.n, usage_out)
+
+        def chunk(choices, usage=None):
+            return _sse(ChatCompletionChunk(id=base_id, created=created, model=self.model_name, choices=choices,
+                                            usage=usage).model_dump(exclude_none=True))
+        try:
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                         for i in range(req.n)])
+            async for idx, text, o, start, finish in deltas:
+                lp = self._chat_logprobs((o.logprobs or [])[start:len(o.token_ids)], 0) if req.logprobs else None
+                delta = DeltaMessage(content=text) if text else DeltaMessage()
+                yield chunk([ChatChunkChoice(index=idx, delta=delta, logprobs=lp, finish_reason=finish)])
+            if req.stream_options and req.stream_options.include_usage:
+                yield chunk([], usage=self._stream_usage(started))
+            yield "data: [DONE]\n\n"
+        finally:
+            await deltas.aclose()
+
+    # ---- output conversion --------------------------------------------------------------------
+
+    @staticmethod
+    def _usage(finals) -> Usage:
+        prompt = sum(len(f.prompt_token_ids) for f in finals)
+        completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _completion_logprobs(self, entries: list[dict], offset: int) -> CompletionLogprobs:
+        lp = CompletionLogprobs()
+        for e in entries:
+            tok = self._token_text(e["token_id"])
+            lp.tokens.append(tok)
+            lp.token_logprobs.append(e["logprob"])
+            lp.top_logprobs.append({self._token_text(t): v for t, v in e.get("top", [])})
+            lp.text_offset.append(offset)
+            offset += len(tok)
+        return lp
+
+    def _chat_logprobs(self, entries: list[dict], _offset: int) -> ChatLogprobs:
+        content = []
+        for e in entries:
+            tok = self._token_text(e["token_id"])
+            tops = [TopLogprob(token=(s := self._token_text(t)), logprob=v, bytes=list(s.encode()))
+                    for t, v in e.get("top", [])]
+            content.append(ChatTokenLogprob(token=tok, logprob=e["logprob"], bytes=list(tok.encode()),
+                                            top_logprobs=tops))
+        return ChatLogprobs(content=content)
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def _merge(gens) -> AsyncIterator[tuple[int, object]]:
+    """Interleave several async iterators as items arrive; yields (iterator index, item)."""
+    if len(gens) == 1:
+        async for x in gens[0]:
+            yield 0, x
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def drain(i, g):
+        try:
+            async for x in g:
+                await queue.put((i, x, None))
+            await queue.put((i, None, done))
+        except Exception as exc:
+            await queue.put((i, None, exc))
+
+    tasks = [asyncio.ensure_future(drain(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, x, end = await queue.get()
+            if end is done:
+                remaining -= 1
+            elif end is not None:
+                raise end
+            else:
+                yield i, x
+    finally:
+        for t in tasks:
+            t.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)

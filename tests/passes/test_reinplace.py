@@ -1,0 +1,39 @@
+"""Reinplace of a functionalized custom-op mutation (the paged KV-cache write)."""
+
+import torch
+from torch._functorch.aot_autograd import aot_module_simplified
+
+import fusecc.ops  # noqa: F401
+from fusecc.passes.reinplace import Reinplace
+
+
+def _write_then_attend(x, k_cache, v_cache, slots, tables, lens):
+    torch.ops.fusecc.write_kv_cache(x * 2, x * 3, k_cache, v_cache, slots)
+    return torch.ops.fusecc.paged_attention(x, k_cache, v_cache, tables, lens)
+
+
+def test_auto_functionalized_kv_write_becomes_the_inplace_op():
+    stats, codes = [], []
+
+    def backend(gm, example_inputs):
+        def compile_fn(g, _):
+            stats.append(Reinplace().run(g).stats)
+            codes.append(g.code)
+            return g.forward
+        return aot_module_simplified(gm, example_inputs, fw_compiler=compile_fn, keep_inference_input_mutations=True)
+
+    x = torch.randn(3, 2, 8)
+    tables = torch.tensor([[0, 1], [2, 0], [3, 0]], dtype=torch.int32)
+    lens = torch.tensor([3, 1, 2], dtype=torch.int32)
+    slots = torch.tensor([2, 8, 13])
+    caches = [torch.randn(4, 4, 2, 8) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    expected = _write_then_attend(x, *ref_caches, slots, tables, lens)
+    with torch.inference_mode():
+        actual = torch.compile(_write_then_attend, backend=backend)(x, *caches, slots, tables, lens)
+    assert stats[0]["reinplaced:write_kv_cache"] == 1
+    assert "auto_functionalized" not in codes[0] and "copy_" not in codes[0]
+    assert "fusecc.write_kv_cache.default" in codes[0]
+    torch.testing.assert_close(actual, expected)
+    for c, r in zip(caches, ref_caches):
+        torch.testing.assert_close(c, r)

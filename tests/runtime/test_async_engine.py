@@ -1,0 +1,92 @@
+"""AsyncLLMEngine: streaming cumulative outputs, abort on consumer exit, validation before queueing."""
+
+import asyncio
+
+import pytest
+
+from fusecc.runtime.async_engine import AsyncLLMEngine
+from fusecc.runtime.sampling_params import SamplingParams
+from fusecc.runtime.scheduler import SchedulerFullError
+from tests.runtime.hf_checkpoints import hf_greedy, save_tiny_checkpoint, single_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+async def wait_until(cond, timeout=20.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_streams_cumulative_outputs_matching_transformers(tmp_path):
+    hf = save_tiny_checkpoint("llama", tmp_path)
+
+    async def main():
+        engine = AsyncLLMEngine.from_engine_args(str(tmp_path), enforce_eager=True, max_model_len=128)
+        assert engine.max_model_len == 128 and engine.model_name == str(tmp_path)
+
+        async def consume(rid, prompt):
+            seen = []
+            async for out in engine.generate(prompt, SamplingParams(temperature=0, max_tokens=10), rid):
+                seen.append(out)
+            return seen
+
+        streams = await asyncio.gather(consume("a", "w5 w6 w7"), consume("b", [1, 9, 8, 7, 6, 5, 4]))
+        for seen in streams:
+            assert seen[-1].finished and not any(o.finished for o in seen[:-1])
+            ids = [o.outputs[0].token_ids for o in seen]
+            assert all(ids[i] == ids[i + 1][:len(ids[i])] for i in range(len(ids) - 1))  # cumulative
+            assert ids[-1] == hf_greedy(hf, seen[-1].prompt_token_ids, 10)
+        assert engine.stats().generation_tokens_total == sum(len(s[-1].outputs[0].token_ids) for s in streams)
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_consumer_break_and_cancel_abort_and_free_blocks():
+    async def main():
+        engine = AsyncLLMEngine.from_engine_args(None, enforce_eager=True, max_model_len=512)
+        params = SamplingParams(max_tokens=400, ignore_eos=True)
+        async for out in engine.generate("x" * 40, params, "brk"):
+            if len(out.outputs[0].token_ids) >= 3:
+                break
+        await wait_until(lambda: engine.engine.block_manager.num_used_blocks == 0
+                         and not engine.engine.has_unfinished_requests())
+
+        async def consume():
+            async for _ in engine.generate("y" * 40, params, "cancel"):
+                pass
+        task = asyncio.create_task(consume())
+        await wait_until(lambda: engine.stats().num_running == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_until(lambda: engine.engine.block_manager.num_used_blocks == 0)
+        assert engine.stats().finished_by_reason["abort"] == 2
+
+        gen = engine.generate("z", params, "explicit")
+        first = await gen.__anext__()
+        await engine.abort("explicit")
+        rest = [o async for o in gen]
+        assert (rest or [first])[-1].outputs[0].finish_reason == "abort"
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_bad_params_and_full_queue_raise_before_queueing():
+    async def main():
+        engine = AsyncLLMEngine.from_engine_args(None, enforce_eager=True, max_model_len=64, max_waiting=1)
+        bad = SamplingParams()
+        bad.temperature = -1.0
+        with pytest.raises(ValueError, match="temperature"):
+            await engine.generate("hi", bad, "r").__anext__()
+        with pytest.raises(SchedulerFullError):
+            await engine.generate("hi", SamplingParams(n=2), "r").__anext__()
+        assert engine.stats().num_waiting == 0 and engine.stats().num_running == 0
+        out = [o async for o in engine.generate("hi", SamplingParams(max_tokens=3, ignore_eos=True), "r")]
+        assert out[-1].finished and len(out[-1].outputs[0].token_ids) == 3
+        await engine.shutdown()
+
+    asyncio.run(main())
