@@ -56,7 +56,8 @@ def verify_graph(gm: fx.GraphModule, before: OutputSignature, pass_name: str) ->
     except Exception as exc:  # lint raises plain RuntimeError/AssertionError
         raise VerificationError(f"{where}: graph.lint() failed: {exc}") from exc
     for node in gm.graph.nodes:
-        if node.op in ("call_function", "placeholder", "get_attr") and "val" not in node.meta:
+        if node.op in ("call_function", "placeholder", "get_attr") and "val" not in node.meta \
+                and not _returns_nothing(node):
             raise VerificationError(f"{where}: node {node.format_node()} has no meta['val']")
     after = OutputSignature.of(gm)
     if len(after.entries) != len(before.entries):
@@ -71,3 +72,9 @@ def verify_graph(gm: fx.GraphModule, before: OutputSignature, pass_name: str) ->
             )
         if a[3] is not None and a[3] != b[3]:
             raise VerificationError(f"{where}: outputs {a[3]} and {i} now share storage (one tensor, or views of one)")
+
+
+def _returns_nothing(node: fx.Node) -> bool:
+    """Ops like aten._assert_scalar return no value, so capture gives them no meta['val']."""
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and len(target._schema.returns) == 0

@@ -153,3 +153,16 @@ def forward(self, x_1):
         gm = trace(lambda x: x * 1, torch.randn(3))
         run_passes(gm, [ToyPass("toy_broken", _return_input)], verify=False, max_rounds=1)
         self.assertEqual(len(nodes(gm, aten.mul.Tensor)), 0)
+
+
+def test_ops_returning_nothing_need_no_meta_val():
+    # .item() captured in the graph brings aten._assert_scalar nodes, which return nothing.
+    import torch._dynamo
+
+    f = lambda x: torch.ones((x > 0).sum().item())  # noqa: E731
+    x = torch.randn(8)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True), torch.no_grad():
+        got = torch.compile(f, backend="fusecc", options={"strict": True})(x)
+    torch._dynamo.reset()
+    assert torch.equal(got, f(x))
