@@ -22,3 +22,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def plain_cpu_user(monkeypatch):
+    """The environment of a CPU user: no FUSECC_* settings and no TRITON_INTERPRET (set above for
+    the kernel tests; with it the backend would generate and interpret Triton kernels, which the
+    codegen tests cover). Dynamo's caches are reset around the test."""
+    import torch._dynamo
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for name in [k for k in os.environ if k.startswith("FUSECC_")]:
+        monkeypatch.delenv(name)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -17,16 +17,7 @@ import torch.nn.functional as F
 import fusecc.backend
 
 
-@pytest.fixture(autouse=True)
-def _plain_cpu_user(monkeypatch):
-    # No FUSECC_* settings and no TRITON_INTERPRET (conftest sets it for kernel tests; with it the
-    # backend would run generated Triton kernels through the interpreter, which codegen tests cover).
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for name in [k for k in os.environ if k.startswith("FUSECC_")]:
-        monkeypatch.delenv(name)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("plain_cpu_user")
 
 
 def reports(dump_dir) -> list[dict]:

@@ -23,14 +23,7 @@ PASS_NAMES = {p.name for p in build_pipeline(FuseccOptions())}
 GRAPH_FILE = re.compile(r"^(\d\d)\.([a-z_]+)(?:\.round(\d+))?\.py$")
 
 
-@pytest.fixture(autouse=True)
-def _plain_cpu_user(monkeypatch):
-    # A CPU user's environment: no FUSECC_* settings, no TRITON_INTERPRET (set by conftest for
-    # the kernel tests; with it the backend would generate and interpret Triton kernels).
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for name in [k for k in os.environ if k.startswith("FUSECC_")]:
-        monkeypatch.delenv(name)
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("plain_cpu_user")
 
 
 def simplifiable(x, w):

@@ -126,16 +126,7 @@ def check_op(op, dump_dir: str) -> None:
         torch.testing.assert_close(_tensors(fusecc_args), _tensors(eager_args), equal_nan=True, **TOL)
 
 
-@pytest.fixture(autouse=True)
-def _plain_cpu_user(monkeypatch):
-    # conftest sets TRITON_INTERPRET=1 for kernel tests; without it fusecc runs the optimized ATen
-    # graph on CPU, which is what this sweep checks (codegen has its own tests).
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for name in [k for k in os.environ if k.startswith("FUSECC_")]:
-        monkeypatch.delenv(name)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("plain_cpu_user")
 
 
 @pytest.mark.parametrize("op", OPS, ids=[op_id(op) for op in OPS])
