@@ -80,7 +80,7 @@ def _engine_demo(LLM, SamplingParams) -> int:
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     print(f"\nfusecc engine demo: {llm.engine.model_name} on {llm.engine.runner.device}, "
-          f"setup + compile {setup:.1f} s")
+          f"setup + compile {setup:.1f} s (random weights: the text is noise; the point is the machinery)")
     for o in outputs:
         print(f"  {o.prompt!r} -> {o.outputs[0].text[:48]!r} ({o.outputs[0].finish_reason})")
     print(f"  {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.0f} output tok/s; {llm.engine.stats()}")

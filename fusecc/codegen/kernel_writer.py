@@ -32,7 +32,7 @@ from torch.utils._sympy.functions import FloorDiv, ModularIndexing
 from fusecc.codegen.expr_printer import print_expr
 from fusecc.codegen.index_math import (CodegenUnsupported, broadcast_index, contiguous_strides, product,
                                        reshape_index, shape_of, strided_offset, sym, view_input_index)
-from fusecc.codegen.lowerings import POINTWISE, REDUCTIONS, STORAGE_DTYPE, classify, literal
+from fusecc.codegen.lowerings import COMPUTE_DTYPE, POINTWISE, REDUCTIONS, STORAGE_DTYPE, classify, literal
 
 XINDEX = sympy.Symbol("xindex", integer=True, nonnegative=True)
 RINDEX = sympy.Symbol("rindex", integer=True, nonnegative=True)
@@ -145,7 +145,7 @@ class KernelWriter:
 
     def _mask_for(self, offset: sympy.Expr, extra: Optional[str]) -> Optional[str]:
         parts = []
-        if XINDEX in offset.free_symbols or self.kind == "pointwise" and offset.free_symbols & {XINDEX}:
+        if XINDEX in offset.free_symbols:
             parts.append("xmask")
         if RINDEX in offset.free_symbols:
             parts.append("rmask")
@@ -208,11 +208,8 @@ class KernelWriter:
         offset = self._flat_equivalent(strided_offset(val, index))
         mask_expr = self._mask_for(offset, mask)
         other = "" if mask_expr is None else f", {mask_expr}, other=0"
-        compute = "tl.int1" if val.dtype == torch.bool else None
         load = f"tl.load({ptr} + {self._print(offset)}{other})"
-        from fusecc.codegen.lowerings import COMPUTE_DTYPE
-
-        return self._tmp(f"{load}.to({compute or COMPUTE_DTYPE[val.dtype]})")
+        return self._tmp(f"{load}.to({COMPUTE_DTYPE[val.dtype]})")
 
     def _cat(self, node: fx.Node, index: list, mask: Optional[str]) -> str:
         tensors = node.args[0]

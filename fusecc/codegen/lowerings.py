@@ -316,4 +316,4 @@ def _classify_reduction(node: fx.Node, name: str) -> Classification:
 
 
 def _op_name(target) -> str:
-    return str(getattr(target, "_overloadpacket", getattr(target, "__name__", target))).replace("aten.", "aten.")
+    return str(getattr(target, "_overloadpacket", getattr(target, "__name__", target)))

@@ -276,6 +276,6 @@ def _identifier(text: str) -> str:
 
 
 def _documented(source: str, globals_: dict) -> str:
-    kernels = [f"#   {name}: {getattr(v, 'fn', v).__module__ if hasattr(v, 'fn') else type(v).__name__}"
-               for name, v in globals_.items() if name.startswith("fused_")]
-    return "# fusecc generated wrapper\n" + ("# kernels:\n" + "\n".join(kernels) + "\n" if kernels else "") + source
+    kernels = sorted(name for name in globals_ if name.startswith("fused_"))
+    listing = "".join(f"#   {name}: kernels/{name}.py\n" for name in kernels)
+    return "# fusecc generated wrapper\n" + (f"# kernels:\n{listing}" if kernels else "") + source
