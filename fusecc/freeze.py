@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from fusecc.passes.constants import insert_constant_node
+from fusecc.passes.node_kinds import is_mutated
 
 
 def is_weight_input(dynamo_node: fx.Node, example) -> bool:
@@ -37,7 +38,7 @@ def freeze_weights(aten_gm: fx.GraphModule, flat_inputs: list, is_weight: list[b
     for node, value, weight in zip(placeholders, flat_inputs, is_weight):
         if not weight or not isinstance(value, torch.Tensor) or type(value) not in (torch.Tensor, torch.nn.Parameter):
             continue
-        if _is_mutated(node):
+        if is_mutated(node):
             if dump is not None:
                 dump.note(f"not frozen: {node.name} is mutated by the graph")
             continue
@@ -47,19 +48,3 @@ def freeze_weights(aten_gm: fx.GraphModule, flat_inputs: list, is_weight: list[b
     if frozen:
         aten_gm.recompile()
     return frozen
-
-
-def _is_mutated(node: fx.Node) -> bool:
-    """Conservative: any user with a mutable schema, reached directly or through views."""
-    from fusecc.passes.node_kinds import is_view
-
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        for user in current.users:
-            target = user.target
-            if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
-                return True
-            if is_view(user):
-                stack.append(user)
-    return False

@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from fusecc.config import FuseccOptions
+from fusecc.passes.node_kinds import is_mutated
 
 
 def wants_triton(options: FuseccOptions, example_inputs: list) -> bool:
@@ -38,7 +39,8 @@ def lower(gm: fx.GraphModule, options: FuseccOptions, dump, example_inputs: list
     if options.cudagraphs and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
         from fusecc.codegen.cudagraphs import CUDAGraphRunner
 
-        call = CUDAGraphRunner(call, mutated_inputs=_mutated_input_indices(gm),
+        call = CUDAGraphRunner(call, mutated_inputs=[i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
+                                               if is_mutated(p)],
                                persistent_inputs=[i for i, w in enumerate(weight_inputs) if w])
     if dump is not None:
         dump.write_text("wrapper.py", compiled.source)
@@ -53,15 +55,3 @@ def lower(gm: fx.GraphModule, options: FuseccOptions, dump, example_inputs: list
         dump.facts.update(kernel_launches=compiled.launches_per_call, extern_calls=compiled.extern_calls_per_call,
                           codegen_fallbacks=len(compiled.fallbacks))
     return call, records
-
-
-def _mutated_input_indices(gm: fx.GraphModule) -> list[int]:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    mutated = []
-    for i, p in enumerate(placeholders):
-        for user in p.users:
-            target = user.target
-            if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
-                mutated.append(i)
-                break
-    return mutated

@@ -293,11 +293,6 @@ def classify(node: fx.Node) -> Classification:
     return Classification("fallback", f"{name}: no Triton lowering")
 
 
-def reduction_dim_size(node: fx.Node) -> Optional[int]:
-    src = node.args[0].meta["val"]
-    return src.shape[-1] if src.dim() else None
-
-
 def _classify_reduction(node: fx.Node, name: str) -> Classification:
     src = node.args[0].meta["val"]
     dims = node.args[1] if len(node.args) > 1 else None

@@ -157,7 +157,8 @@ class _WrapperWriter:
         self.kernels[node.target] = ks
         for name, val in zip(outputs, node.meta["val"]):
             self._alloc(name, val)
-        kernel_name = self._kernel_global(ks.name, fn)
+        kernel_name = ks.name  # unique: derived from the kernel's structural hash
+        self.globals[kernel_name] = fn
         tensor_inputs = [a for a in node.args if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
         call_args = [self.var_of[a] for a in tensor_inputs] + outputs + size_args + [numel]
         meta = f"XBLOCK={ks.xblock}" + (f", RBLOCK={ks.rblock}" if ks.rblock else "") + f", num_warps={ks.num_warps}"
@@ -170,10 +171,6 @@ class _WrapperWriter:
             self.lines.append(f"check_kernel({ks.name!r}, {module}, [{inputs}], [{', '.join(outputs)}])")
         for user in node.users:
             self.var_of[user] = user.name
-
-    def _kernel_global(self, name: str, fn) -> str:
-        self.globals[name] = fn
-        return name
 
     def _emit_fallback_module(self, node: fx.Node, sub: fx.GraphModule, outputs: list, why: str) -> None:
         self.fallbacks[node.target] = why

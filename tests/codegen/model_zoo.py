@@ -31,7 +31,3 @@ def build(family: str, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_
     with torch.device(device):
         model = cls(config).to(dtype).eval()
     return model
-
-
-def num_layers(model) -> int:
-    return model.config.num_hidden_layers
