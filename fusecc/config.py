@@ -48,6 +48,11 @@ class FuseccOptions:
     # needs TRITON_INTERPRET=1), "aten" (the optimized ATen graph as an FX module), or "auto"
     # (triton for CUDA graphs, aten otherwise).
     codegen: str = "auto"
+    # Generated kernels compute fp16/bf16 math in fp32; with this on, every fp16/bf16 intermediate is
+    # rounded to its dtype where eager would round it (as Inductor's emulate_precision_casts), so
+    # results track eager instead of a differently-rounded, slightly more precise answer. Costs a
+    # few ALU ops in memory-bound kernels.
+    emulate_precision_casts: bool = True
     # Debugging: after every generated kernel, recompute its group with ATen and raise on a mismatch.
     check_kernels: bool = False
     # Raise compilation errors instead of warning and running the graph unoptimized.

@@ -34,7 +34,8 @@ def lower(gm: fx.GraphModule, options: FuseccOptions, dump, example_inputs: list
 
     fusion = Fusion()
     records = run_passes(gm, [fusion], verify=options.verify, dump=dump)
-    compiled = compile_wrapper(gm, check_kernels=options.check_kernels)
+    compiled = compile_wrapper(gm, check_kernels=options.check_kernels,
+                                emulate_precision_casts=options.emulate_precision_casts)
     call = compiled.call
     if options.cudagraphs and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
         from fusecc.codegen.cudagraphs import CUDAGraphRunner

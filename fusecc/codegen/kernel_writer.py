@@ -32,7 +32,7 @@ from torch.utils._sympy.functions import FloorDiv, ModularIndexing
 from fusecc.codegen.expr_printer import print_expr
 from fusecc.codegen.index_math import (CodegenUnsupported, broadcast_index, contiguous_strides, product,
                                        reshape_index, shape_of, strided_offset, sym, view_input_index)
-from fusecc.codegen.lowerings import COMPUTE_DTYPE, POINTWISE, REDUCTIONS, STORAGE_DTYPE, classify, literal
+from fusecc.codegen.lowerings import COMPUTE_DTYPE, POINTWISE, REDUCTIONS, STORAGE_DTYPE, convert_dtype, classify, literal
 
 XINDEX = sympy.Symbol("xindex", integer=True, nonnegative=True)
 RINDEX = sympy.Symbol("rindex", integer=True, nonnegative=True)
@@ -58,8 +58,9 @@ def next_power_of_2(n: int) -> int:
 
 
 class KernelWriter:
-    def __init__(self, group: fx.GraphModule):
+    def __init__(self, group: fx.GraphModule, emulate_precision_casts: bool = True):
         self.group = group
+        self.emulate_precision_casts = emulate_precision_casts
         self.nodes = list(group.graph.nodes)
         self.outputs = list(_flat_outputs(group))
         self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
@@ -185,10 +186,18 @@ class KernelWriter:
             out_shape = shape_of(node)
             args = [self._arg(a, index, out_shape, mask) for a in node.args]
             kwargs = {k: self._arg(v, index, out_shape, mask) for k, v in node.kwargs.items()}
-            return self._tmp(POINTWISE[node.target](*args, node=node, **kwargs))
+            result = self._tmp(POINTWISE[node.target](*args, node=node, **kwargs))
+            return result if POINTWISE[node.target] is convert_dtype else self._round(result, val)
         if node.target in REDUCTIONS:
-            return self._reduction(node, index, mask)
+            return self._round(self._reduction(node, index, mask), val)
         raise CodegenUnsupported(f"{node.target} cannot be generated")
+
+    def _round(self, value: str, val: torch.Tensor) -> str:
+        """fp16/bf16 results are computed in fp32; eager rounds each op's result to its dtype, and
+        with emulate_precision_casts so do we (a cast node already rounds: convert_dtype)."""
+        if not self.emulate_precision_casts or val.dtype not in (torch.float16, torch.bfloat16):
+            return value
+        return self._tmp(f"{value}.to({STORAGE_DTYPE[val.dtype]}).to(tl.float32)")
 
     def _arg(self, arg, index, out_shape, mask):
         if isinstance(arg, fx.Node):

@@ -141,7 +141,7 @@ def _compare(op: str) -> Callable:
     return emit
 
 
-def _convert(a, dtype=None, *, node):
+def convert_dtype(a, dtype=None, *, node):
     # Round through the storage dtype so a cast to bf16/fp16 loses what eager loses.
     target = _dt(node)
     return f"({a}).to({STORAGE_DTYPE[target]}).to({COMPUTE_DTYPE[target]})"
@@ -203,7 +203,7 @@ POINTWISE: dict = {
     aten.gt.Scalar: _compare(">"), aten.ge.Tensor: _compare(">="), aten.ge.Scalar: _compare(">="),
     aten.logical_and.default: _logical("&"), aten.logical_or.default: _logical("|"),
     aten.logical_not.default: _logical_not, aten.bitwise_not.default: _logical_not,
-    prims.convert_element_type.default: _convert, aten._to_copy.default: _convert,
+    prims.convert_element_type.default: convert_dtype, aten._to_copy.default: convert_dtype,
     aten.clone.default: lambda a, *, node, memory_format=None: a,
     prims.div.default: _true_div,  # float only (classify sends integer prims.div to ATen)
     aten.full.default: _full, aten.scalar_tensor.default: lambda v, *, node, **_: _full(None, v, node=node),

@@ -44,10 +44,12 @@ class CompiledWrapper:
     extern_calls_per_call: int = 0
 
 
-def compile_wrapper(gm: fx.GraphModule, cache_dir: Optional[str] = None, check_kernels: bool = False) -> CompiledWrapper:
+def compile_wrapper(gm: fx.GraphModule, cache_dir: Optional[str] = None, check_kernels: bool = False,
+                    emulate_precision_casts: bool = True) -> CompiledWrapper:
     """`check_kernels` re-runs every generated kernel's group with ATen after it and raises on a
-    mismatch naming the kernel (a debugging mode: slow)."""
-    return _WrapperWriter(gm, cache_dir or str(default_cache_dir()), check_kernels).build()
+    mismatch naming the kernel (a debugging mode: slow). `emulate_precision_casts`: see
+    FuseccOptions."""
+    return _WrapperWriter(gm, cache_dir or str(default_cache_dir()), check_kernels, emulate_precision_casts).build()
 
 
 def check_kernel(name: str, group: fx.GraphModule, inputs: list, outputs: list) -> None:
@@ -60,8 +62,10 @@ def check_kernel(name: str, group: fx.GraphModule, inputs: list, outputs: list) 
 
 
 class _WrapperWriter:
-    def __init__(self, gm: fx.GraphModule, cache_dir: str, check_kernels: bool = False):
+    def __init__(self, gm: fx.GraphModule, cache_dir: str, check_kernels: bool = False,
+                 emulate_precision_casts: bool = True):
         self.gm = gm
+        self.emulate_precision_casts = emulate_precision_casts
         self.check_kernels = check_kernels
         self.cache = kernel_cache(cache_dir)
         self.lines: list[str] = []
@@ -144,7 +148,7 @@ class _WrapperWriter:
                 outputs[user.args[1]] = user.name
         outputs = [o or f"{node.name}_unused{i}" for i, o in enumerate(outputs)]
         try:
-            ks = KernelWriter(sub).write()
+            ks = KernelWriter(sub, self.emulate_precision_casts).write()
             fn = self.cache.load(ks)
             size_args = [self._expr(s) for s in ks.size_args]
             numel = self._expr(ks.numel)
