@@ -13,6 +13,7 @@ from fusecc.passes.base import GraphPass, PassResult
 from fusecc.passes.constant_folding import ConstantFolding
 from fusecc.passes.cse import CommonSubexpressionElimination
 from fusecc.passes.dce import DeadCodeElimination
+from fusecc.passes.horizontal_matmul import HorizontalMatmulFusion
 from fusecc.passes.pipeline import PassRecord, run_passes
 from fusecc.passes.reinplace import Reinplace
 
@@ -24,6 +25,7 @@ def build_pipeline(options: FuseccOptions) -> list[GraphPass]:
         AlgebraicSimplification(),
         CommonSubexpressionElimination(),
         DeadCodeElimination(),
+        HorizontalMatmulFusion(max_bytes=options.constant_fold_max_bytes),  # once: frozen q/k/v -> one GEMM
         AttentionMatching(),  # runs once, after the fixed-point group
         Reinplace(),          # runs once: static KV-cache scatters become in-place writes
     ]

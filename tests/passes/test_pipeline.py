@@ -40,7 +40,7 @@ class TestPipeline(expecttest.TestCase):
     def test_default_pipeline_order(self):
         self.assertEqual([p.name for p in build_pipeline(FuseccOptions())],
                          ["dce", "constant_folding", "algebraic_simplification", "cse", "dce",
-                          "attention_matching", "reinplace"])
+                          "horizontal_matmul_fusion", "attention_matching", "reinplace"])
 
     def test_rounds_stop_when_nothing_changes(self):
         calls = []
@@ -76,7 +76,7 @@ class TestPipeline(expecttest.TestCase):
         gm = trace(fn, x)
         records = run_passes(gm, build_pipeline(FuseccOptions()), max_rounds=4)
         names = ["dce", "constant_folding", "algebraic_simplification", "cse", "dce"]
-        once = [("attention_matching", 0), ("reinplace", 0)]  # after the fixed-point group, once
+        once = [("horizontal_matmul_fusion", 0), ("attention_matching", 0), ("reinplace", 0)]  # once each
         self.assertEqual([(r.name, r.round) for r in records],
                          [(n, 0) for n in names] + [(n, 1) for n in names] + once)
         self.assertFalse(any(r.modified for r in records if r.round == 1))
@@ -111,6 +111,7 @@ def forward(self, x_1):
     def test_disable_passes_skips_them(self):
         options = FuseccOptions(disable_passes=("cse", "dce"))
         self.assertEqual([p.name for p in build_pipeline(options)], ["constant_folding", "algebraic_simplification",
+                                                                       "horizontal_matmul_fusion",
                                                                        "attention_matching", "reinplace"])
         gm = trace(lambda x: x.exp() + x.exp(), torch.randn(2))
         records = run_passes(gm, build_pipeline(options))
