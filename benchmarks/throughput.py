@@ -5,15 +5,28 @@ random 128-512-token prompts, 128 output tokens each, EOS ignored. One transform
 built per shape; the same weights are loaded into fusecc's model (no files). Reported: output
 tok/s, total seconds, peak KV-pool usage and preemptions (fusecc), setup/compile seconds.
 
+fusecc runs once per KV pool size: sized to fractions of the workload's peak demand
+(--kv-pool-fractions, default 85% -- the pool binds, the scheduler fills it and preempts -- and
+100%), then sized from free memory; keys fusecc_workload_pool_85_*, fusecc_workload_pool_100_*,
+fusecc_free_memory_pool_*, and fusecc_* for the fastest (fusecc_note says which). Each run's
+step_timings split step time into prefill-containing and decode-only steps and into host time and
+time blocked on the device (no syncs added); --profile-dir adds a cProfile of each measured run.
+
     python benchmarks/throughput.py --configs 1b,8b --out benchmarks/results/throughput.json
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import dataclasses
 import datetime
 import gc
+import io
 import json
+import math
+import os
+import pstats
 import sys
 import time
 import traceback
@@ -26,8 +39,8 @@ from benchmarks.decode import SHAPES  # noqa: E402
 NUM_REQUESTS, MIN_PROMPT, MAX_PROMPT, OUTPUT = 256, 128, 512, 128
 
 
-def make_prompts(vocab: int, n: int = NUM_REQUESTS) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
+def make_prompts(vocab: int, n: int = NUM_REQUESTS, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(MIN_PROMPT, MAX_PROMPT + 1, (n,), generator=g).tolist()
     return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lengths]
 
@@ -86,7 +99,76 @@ def bench_hf_generate(model, prompts, batch: int = 64) -> dict:
             "hf_generate_note": f"static batch of {batch} left-padded prompts (first {batch} of the requests)"}
 
 
-def bench_fusecc(hf_model, hf_config, prompts, args) -> dict:
+def workload_kv_blocks(prompts, output: int, block_size: int) -> int:
+    """KV blocks the workload holds at its peak if every request is resident at once (max_num_seqs
+    >= requests): a request's last step computes position len(prompt) + output - 2, so it then holds
+    cdiv(len(prompt) + output - 1, block_size) blocks. No prefix sharing (random prompts)."""
+    return sum(-(-(len(p) + output - 1) // block_size) for p in prompts)
+
+
+def step_timing_summary(before, after) -> dict:
+    """EngineStats.step_timings over the measured run (after - before), host vs device-wait split."""
+    d = {f.name: getattr(after, f.name) - getattr(before, f.name) for f in dataclasses.fields(after)}
+    wall = d["prefill_seconds"] + d["decode_seconds"]
+    wait = d["prefill_wait_seconds"] + d["decode_wait_seconds"]
+    return {
+        "prefill_steps": d["prefill_steps"], "prefill_seconds": d["prefill_seconds"],
+        "prefill_wait_seconds": d["prefill_wait_seconds"],
+        "decode_steps": d["decode_steps"], "decode_seconds": d["decode_seconds"],
+        "decode_wait_seconds": d["decode_wait_seconds"],
+        "decode_ms_per_step": 1e3 * d["decode_seconds"] / max(d["decode_steps"], 1),
+        "decode_host_ms_per_step": 1e3 * (d["decode_seconds"] - d["decode_wait_seconds"]) / max(d["decode_steps"], 1),
+        "graph_replays": d["graph_replays"],
+        "step_wall_seconds": wall, "host_seconds": wall - wait, "device_wait_seconds": wait,
+        "schedule_seconds": d["schedule_seconds"], "execute_seconds": d["execute_seconds"],
+        "postprocess_seconds": d["postprocess_seconds"],
+        "note": "host = step wall time minus the time blocked reading the sampled tokens (the step's only "
+                "sync); execute = input prep + kernel/graph launches + sampler launch; no syncs were added",
+    }
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def write_profile(profiler, directory: str, name: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    for key in ("tottime", "cumulative"):
+        stats.sort_stats(key).print_stats(40)
+    with open(os.path.join(directory, name), "w") as f:
+        f.write(out.getvalue())
+
+
+def warm_up(engine, vocab: int, batch_prompts, seed: int = 1) -> None:
+    """Compile and autotune, before the measurement, what the measured run will meet: the prefill
+    attention kernels autotune per power-of-two bucket of the step's longest prompt chunk, so one
+    prompt per bucket runs alone, up to the longest chunk a step can hold (a recompute after
+    preemption: max_model_len - 1 tokens); then `batch_prompts` together (mixed prefill + decode
+    steps, decode graphs). Random tokens: no prefix-cache hits for the measured prompts."""
+    from fusecc.runtime.sampling_params import SamplingParams
+
+    cfg = engine.config
+    longest = min(cfg.max_model_len - 1, cfg.max_num_batched_tokens)
+    lengths = [1 << k for k in range(longest.bit_length()) if 1 << k < longest] + [longest]
+    g = torch.Generator().manual_seed(seed)
+    for i, n in enumerate(lengths):
+        engine.add_request(f"warm-len{n}", torch.randint(0, vocab, (n,), generator=g).tolist(),
+                           SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
+    for i, p in enumerate(batch_prompts):
+        engine.add_request(f"warm{i}", p, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def bench_fusecc(hf_model, hf_config, prompts, args, num_kv_blocks: int | None, output: int = OUTPUT,
+                 device: str = "cuda", warmup_prompts=None, profile_name: str = "fusecc") -> dict:
+    """One engine on `prompts`; keys without the fusecc_ prefix. num_kv_blocks None = the pool is
+    sized from free memory (gpu_memory_utilization)."""
     from fusecc.runtime.byte_tokenizer import ByteTokenizer
     from fusecc.runtime.config import EngineConfig
     from fusecc.runtime.engine import LLMEngine
@@ -94,24 +176,28 @@ def bench_fusecc(hf_model, hf_config, prompts, args) -> dict:
     from fusecc.runtime.models.llama import LlamaForCausalLM
     from fusecc.runtime.sampling_params import SamplingParams
 
+    dtype = next(hf_model.parameters()).dtype
+    warmup_prompts = prompts[:4] if warmup_prompts is None else warmup_prompts
+    max_model_len = max(len(p) for p in prompts + warmup_prompts) + output
     start = time.perf_counter()
-    model = build_model(LlamaForCausalLM, hf_config, torch.bfloat16, "cuda", MAX_PROMPT + OUTPUT,
-                        hf_model.state_dict().items())
-    config = EngineConfig(max_model_len=MAX_PROMPT + OUTPUT, max_num_seqs=args.max_num_seqs,
+    model = build_model(LlamaForCausalLM, hf_config, dtype, device, max_model_len, hf_model.state_dict().items())
+    config = EngineConfig(max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,
-                          gpu_memory_utilization=args.gpu_memory_utilization)
-    engine = LLMEngine(model, ByteTokenizer(), config, device=torch.device("cuda"), model_name="llama-random",
+                          gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=num_kv_blocks)
+    engine = LLMEngine(model, ByteTokenizer(), config, device=torch.device(device), model_name="llama-random",
                        enforce_eager=args.enforce_eager)
-    params = SamplingParams(temperature=0, max_tokens=OUTPUT, ignore_eos=True)
-    for i, p in enumerate(prompts[:4]):  # warm-up: the remaining graph variants
-        engine.add_request(f"w{i}", p, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    while engine.has_unfinished_requests():
-        engine.step()
+    warm_up(engine, hf_config.vocab_size, warmup_prompts)
     setup = time.perf_counter() - start
-    engine.block_manager.stats.peak_used_blocks = 0
-    preempt0 = engine.scheduler.stats.num_preemptions
-    torch.cuda.synchronize()
+    # final_only: the run reads finished outputs only (like generate_batch), so the engine builds
+    # no per-step outputs and decodes each text once
+    params = SamplingParams(temperature=0, max_tokens=output, ignore_eos=True, output_kind="final_only")
+    engine.block_manager.reset_peak()
+    before = engine.stats()
+    profiler = cProfile.Profile() if getattr(args, "profile_dir", None) else None
+    sync(device)
     start = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
     tokens = steps = 0
@@ -120,15 +206,65 @@ def bench_fusecc(hf_model, hf_config, prompts, args) -> dict:
             if out.finished:
                 tokens += len(out.outputs[0].token_ids)
         steps += 1
-    torch.cuda.synchronize()
+    sync(device)
     seconds = time.perf_counter() - start
-    bm = engine.block_manager
-    return {"fusecc_tok_s": tokens / seconds, "fusecc_seconds": seconds, "fusecc_tokens": tokens,
-            "fusecc_steps": steps, "fusecc_setup_seconds": setup,
-            "fusecc_peak_kv_usage": bm.stats.peak_used_blocks / bm.num_blocks,
-            "fusecc_kv_blocks": bm.num_blocks, "fusecc_kv_cache_gib": engine.runner.kv_cache_bytes / 2**30,
-            "fusecc_preemptions": engine.scheduler.stats.num_preemptions - preempt0,
-            "fusecc_cuda_graph_buckets": sorted(engine.runner.graphs), "fusecc_enforce_eager": args.enforce_eager}
+    if profiler is not None:
+        profiler.disable()
+        write_profile(profiler, args.profile_dir, f"{profile_name}.txt")
+    after = engine.stats()
+    result = {"tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "steps": steps,
+              "setup_seconds": setup, "peak_kv_usage": after.peak_kv_cache_usage, "kv_blocks": after.num_kv_blocks,
+              "kv_cache_gib": engine.runner.kv_cache_bytes / 2**30,
+              "preemptions": after.num_preemptions - before.num_preemptions,
+              "step_timings": step_timing_summary(before.step_timings, after.step_timings)}
+    engine = model = None  # free the KV pool and graphs before the next engine
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def bench_fusecc_pools(hf_model, hf_config, prompts, args, device: str = "cuda", output: int = OUTPUT,
+                       warmup_prompts=None, shape_name: str = "") -> dict:
+    """The engine once per KV pool size: pools sized to a fraction of the workload's peak demand
+    (below 1 the pool binds: the scheduler fills it and preempts), then the pool sized from free
+    memory (far larger than the workload needs). Each run is a fresh engine (compiled code is reused)."""
+    block_size = 16  # EngineConfig's default, which bench_fusecc uses
+    demand = workload_kv_blocks(prompts, output, block_size)
+    max_model_len = max(len(p) for p in prompts + (warmup_prompts or [])) + output
+    pools = [(f"workload_pool_{round(100 * f)}", max(-(-max_model_len // block_size), math.ceil(f * demand)))
+             for f in args.kv_pool_fractions]
+    if not args.no_free_memory_pool:
+        pools.append(("free_memory_pool", None))
+    entry = {"fusecc_workload_kv_demand_blocks": demand, "fusecc_enforce_eager": args.enforce_eager,
+             "fusecc_output_kind": "final_only"}
+    runs = {}
+    for name, blocks in pools:
+        try:
+            runs[name] = bench_fusecc(hf_model, hf_config, prompts, args, blocks, output=output, device=device,
+                                      warmup_prompts=warmup_prompts, profile_name=f"{shape_name}_{name}")
+        except Exception as exc:  # one failing run must not lose the others
+            entry[f"fusecc_{name}_error"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+            gc.collect()
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        entry.update({f"fusecc_{name}_{k}": v for k, v in runs[name].items()})
+    if runs:
+        main = max(runs, key=lambda name: runs[name]["tok_s"])
+        entry.update({f"fusecc_{k}": v for k, v in runs[main].items()})
+        entry["fusecc_main_run"] = main
+        entry["fusecc_note"] = (
+            f"fusecc_* (unprefixed) = the fastest run: {main}. workload_pool_P: a KV pool of P% of the workload's "
+            f"peak demand ({demand} blocks of {block_size} tokens with all {len(prompts)} requests resident at "
+            f"their longest); below 100 the pool is the binding constraint, so the scheduler fills it and preempts "
+            f"(by recompute, more steps). free_memory_pool: pool sized from gpu_memory_utilization="
+            f"{args.gpu_memory_utilization}, far larger than the workload needs, so its peak usage is low. Same "
+            f"engine, workload and warm-up in every run; greedy, EOS ignored, outputs read only when finished "
+            f"(output_kind final_only). step_timings: host time includes time the device ran concurrently "
+            f"(prefill launches overlap the device), so device_wait_seconds is a lower bound on device time.")
+    return entry
 
 
 def main() -> None:
@@ -140,7 +276,18 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--kv-pool-fractions", default="0.85,1.0",
+                    help="one fusecc run per fraction: a KV pool of that fraction of the workload's peak demand "
+                         "(comma-separated; empty for none)")
+    ap.add_argument("--no-free-memory-pool", action="store_true",
+                    help="skip the fusecc run with the pool sized from free memory")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other configurations already in --out (each records its own run: "
+                         "device, versions, date, command), replacing only those run now")
+    ap.add_argument("--profile-dir", default=None,
+                    help="cProfile each measured fusecc run (host side) into DIR/<shape>_<run>.txt")
     args = ap.parse_args()
+    args.kv_pool_fractions = [float(f) for f in args.kv_pool_fractions.split(",") if f.strip()]
     import transformers
     import triton
 
@@ -149,8 +296,13 @@ def main() -> None:
               "command": " ".join(sys.argv), "workload": {"requests": NUM_REQUESTS, "prompt_tokens": [MIN_PROMPT, MAX_PROMPT],
                                                          "output_tokens": OUTPUT, "ignore_eos": True, "dtype": "bf16"},
               "configs": {}}
+    if args.merge and os.path.exists(args.out):
+        with open(args.out) as f:
+            result["configs"] = json.load(f).get("configs", {})
+    run = {key: result[key] for key in ("device", "torch", "triton", "transformers", "date", "command")}
     for shape in args.configs.split(","):
-        entry: dict = {"shape": SHAPES[shape]}
+        # the baselines and fusecc of one configuration always come from the same run
+        entry: dict = {"shape": SHAPES[shape], "run": run}
         result["configs"][shape] = entry
         try:
             model, config = build_hf(shape)
@@ -164,8 +316,9 @@ def main() -> None:
                         traceback.print_exc()
                     gc.collect()
                     torch.cuda.empty_cache()
-            entry.update(bench_fusecc(model, config, prompts, args))
-            if entry.get("hf_generate_batch_tok_s"):
+            entry.update(bench_fusecc_pools(model, config, prompts, args, shape_name=shape,
+                                            warmup_prompts=make_prompts(config.vocab_size, 4, seed=1)))
+            if entry.get("hf_generate_batch_tok_s") and entry.get("fusecc_tok_s"):
                 entry["speedup_vs_generate_batch"] = entry["fusecc_tok_s"] / entry["hf_generate_batch_tok_s"]
         except Exception as exc:
             entry["error"] = f"{type(exc).__name__}: {exc}"

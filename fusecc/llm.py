@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 from fusecc.runtime.engine import LLMEngine
@@ -34,6 +35,9 @@ class LLM:
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        # Only finished outputs are returned, so the engine need not build (or detokenize) the
+        # partial ones every step.
+        params = [dataclasses.replace(p, output_kind="final_only") for p in params]
         ids = []
         for prompt, p in zip(prompts, params):
             ids.append(str(self._next_id))

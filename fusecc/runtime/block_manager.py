@@ -140,22 +140,27 @@ class BlockManager:
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow the block table to hold positions [num_computed_tokens, +num_new_tokens)."""
-        assert seq.block_table, f"{seq.request_id}: append_slots before allocate"
-        assert self.can_append(seq, num_new_tokens)
-        for _ in range(self._num_blocks_to_append(seq, num_new_tokens)):
-            seq.block_table.append(self._take_free_block())
+        table = seq.block_table
+        assert table, f"{seq.request_id}: append_slots before allocate"
+        num_new_blocks = self._num_blocks_to_append(seq, num_new_tokens)
+        assert num_new_blocks <= len(self._free), (seq.request_id, num_new_blocks, len(self._free))
+        for _ in range(num_new_blocks):
+            table.append(self._take_free_block())
         # The blocks about to be written must be private: shared blocks are full and computed.
         first = seq.num_computed_tokens // self.block_size
         last = (seq.num_computed_tokens + num_new_tokens - 1) // self.block_size
-        for block_id in seq.block_table[first:last + 1]:
+        for block_id in table[first:last + 1]:
             assert self.blocks[block_id].ref_count == 1, f"{seq.request_id}: write into shared block {block_id}"
-        self._note_peak()
+        if num_new_blocks:
+            self._note_peak()
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Index the blocks of `seq` that became full and computed (after the step that computed them)."""
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        if num_full <= seq.num_hashed_blocks:  # the common decode step: no block became full
+            return
         hashes = self._block_hashes(seq)
         for i in range(seq.num_hashed_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
@@ -187,11 +192,22 @@ class BlockManager:
         """Cache slot of each token position in [start, end) of `seq`."""
         bs, table = self.block_size, seq.block_table
         assert 0 <= start <= end <= len(table) * bs, (seq.request_id, start, end, len(table))
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+        if end - start == 1:
+            return [table[start // bs] * bs + start % bs]
+        # per block rather than per token: a prompt chunk is thousands of positions
+        slots: list[int] = []
+        p = start
+        while p < end:
+            block_end = min(end, (p // bs + 1) * bs)
+            base = table[p // bs] * bs - (p // bs) * bs  # slot of position q in this block: base + q
+            slots += range(base + p, base + block_end)
+            p = block_end
+        return slots
 
     # --- internals ----------------------------------------------------------------------------
     def _num_blocks_to_append(self, seq: Sequence, num_new_tokens: int) -> int:
-        return max(0, seq.num_blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table))
+        needed = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        return max(0, needed - len(seq.block_table))
 
     def _take_free_block(self) -> int:
         block_id, _ = self._free.popitem(last=False)
@@ -232,7 +248,13 @@ class BlockManager:
         return hits
 
     def _note_peak(self) -> None:
-        self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.num_used_blocks)
+        used = self.num_blocks - len(self._free)
+        if used > self.stats.peak_used_blocks:
+            self.stats.peak_used_blocks = used
+
+    def reset_peak(self) -> None:
+        """Restart the peak-usage statistic from the current usage (e.g. after a warm-up)."""
+        self.stats.peak_used_blocks = self.num_used_blocks
 
     # --- test support -------------------------------------------------------------------------
     def check_invariants(self, live_sequences: Iterable[Sequence]) -> None:

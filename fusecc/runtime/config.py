@@ -6,6 +6,7 @@
 The model runner resolves what depends on the model and the device (the KV pool size from
 `gpu_memory_utilization` when `num_kv_blocks` is None, and may lower `max_model_len` to the
 model's context length with `dataclasses.replace`); the scheduler and block manager only read it.
+The pool's peak usage is `LLMEngine.stats().peak_kv_cache_usage`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ class EngineConfig:
     # Fraction of total GPU memory the runner may use (weights + activations + KV pool); the
     # pool gets what is left after a profiling forward pass.
     gpu_memory_utilization: float = 0.9
-    # Explicit KV pool size in blocks; None = sized from memory by the model runner.
+    # Explicit KV pool size in blocks (vLLM's num_gpu_blocks_override); None = sized from memory
+    # by the model runner (gpu_memory_utilization on CUDA, CPU_DEFAULT_KV_BLOCKS on CPU). Set it
+    # to make the pool, not free memory, the limit on concurrency: each block holds block_size
+    # tokens of K and V for every layer. Must hold one max_model_len sequence.
     num_kv_blocks: int | None = None
     # Admission control: new requests beyond this many waiting ones are refused
     # (Scheduler.add raises SchedulerFullError, which a server maps to HTTP 503).

@@ -8,6 +8,9 @@
 A step: scheduler.schedule() -> ModelRunner.execute (forward + sampler) -> scheduler.postprocess
 -> incremental detokenization and stop strings (scheduler.finish) -> scheduler.take_finished().
 A request with n > 1 runs as n sequences "<id>#<i>" (seeds seed + i), reported together.
+A request is reported after every step that gave it a token, or only once finished when its
+SamplingParams.output_kind is "final_only" (then, without stop strings, its text is decoded once
+at the end instead of token by token). `stats().step_timings` says where step time goes.
 
 Thread safety: add_request / abort_request / step may be called from different threads (the
 async engine adds and aborts from the event loop while a background thread steps); the lock is
@@ -28,7 +31,7 @@ from fusecc.runtime.block_manager import BlockManager
 from fusecc.runtime.config import EngineConfig
 from fusecc.runtime.detokenizer import IncrementalDetokenizer
 from fusecc.runtime.model_runner import ModelRunner
-from fusecc.runtime.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from fusecc.runtime.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, StepTimings
 from fusecc.runtime.sampling_params import SamplingParams
 from fusecc.runtime.scheduler import Scheduler, SchedulerFullError
 from fusecc.runtime.sequence import Sequence
@@ -43,6 +46,8 @@ class _Child:
     logprobs: list[dict] | None
     # prefix-cache hit at first admission (BlockManager.free resets the sequence's own count)
     num_cached_tokens: int | None = None
+    # Detokenize every step (cumulative outputs, or stop strings to look for); else once at the end.
+    incremental: bool = True
 
 
 @dataclass
@@ -53,6 +58,7 @@ class _Request:
     children: list[_Child]
     arrival_time: float
     finished: set[int] = field(default_factory=set)  # child indices
+    cumulative: bool = True  # report after every step (output_kind "cumulative"), else once finished
 
 
 class LLMEngine:
@@ -71,6 +77,7 @@ class LLMEngine:
         self._lock = threading.RLock()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.step_timings = StepTimings()
 
     @classmethod
     def from_engine_args(cls, model: str | None = None, **engine_args) -> "LLMEngine":
@@ -133,14 +140,16 @@ class LLMEngine:
             seq = Sequence(seq_id, ids, child_params, block_size=self.config.block_size, priority=priority,
                            arrival_time=arrival)
             detok = IncrementalDetokenizer(self.tokenizer, ids, child_params.stop, child_params.skip_special_tokens)
-            children.append(_Child(seq, detok, [] if params.logprobs is not None else None))
+            incremental = params.output_kind == "cumulative" or bool(child_params.stop)
+            children.append(_Child(seq, detok, [] if params.logprobs is not None else None,
+                                   incremental=incremental))
         with self._lock:
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
             if len(self.scheduler.waiting) + params.n > self.config.max_waiting:
                 raise SchedulerFullError(f"{len(self.scheduler.waiting)} requests waiting "
                                          f"(max_waiting={self.config.max_waiting})")
-            req = _Request(request_id, text, ids, children, arrival)
+            req = _Request(request_id, text, ids, children, arrival, cumulative=params.output_kind == "cumulative")
             added = []
             try:
                 for i, c in enumerate(children):
@@ -172,14 +181,20 @@ class LLMEngine:
 
     # --- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         with self._lock:
             out = self.scheduler.schedule()
             for e in out.scheduled:
+                if not e.is_prefill:  # a decode was a prefill in an earlier step, which recorded it
+                    continue
                 found = self._by_seq.get(e.seq.request_id)
                 if found is not None and found[0].children[found[1]].num_cached_tokens is None:
                     found[0].children[found[1]].num_cached_tokens = e.seq.num_cached_tokens
+        t1 = time.perf_counter()
         sampled = self.runner.execute(out, self.eos_token_ids) if not out.is_empty else None
-        token_ids = sampled.token_ids.tolist() if sampled is not None else []
+        t2 = time.perf_counter()
+        token_ids = sampled.token_ids.tolist() if sampled is not None else []  # the step's only sync
+        t3 = time.perf_counter()
         with self._lock:
             self.scheduler.postprocess(out, token_ids)
             touched: dict[str, _Request] = {}
@@ -192,47 +207,79 @@ class LLMEngine:
                 self.generation_tokens_total += 1
                 if child.logprobs is not None:
                     child.logprobs.append(_logprob_entry(sampled, row, token_ids[row], child.seq.sampling_params))
-                new_text = child.detok.add_tokens([token_ids[row]])
-                stop = child.detok.check_stop(len(new_text))
-                if stop is not None:
-                    self.scheduler.finish(child.seq, "stop", stop)
-                touched[req.request_id] = req
+                if child.incremental:
+                    new_text = child.detok.add_tokens([token_ids[row]])
+                    stop = child.detok.check_stop(len(new_text))
+                    if stop is not None:
+                        self.scheduler.finish(child.seq, "stop", stop)
+                if req.cumulative:
+                    touched[req.request_id] = req
             for seq in self.scheduler.take_finished():
                 req, i = self._by_seq.pop(seq.request_id)
                 req.finished.add(i)
-                if seq.finish_reason != "abort" and not isinstance(seq.stop_reason, str):
-                    req.children[i].detok.flush()
-                touched[req.request_id] = req
+                child = req.children[i]
+                if not child.incremental:
+                    _detokenize_at_finish(child.detok, seq)
+                elif seq.finish_reason != "abort" and not isinstance(seq.stop_reason, str):
+                    child.detok.flush()
+                if req.cumulative or len(req.finished) == len(req.children):
+                    touched[req.request_id] = req
             outputs = [self._output(req) for req in touched.values()]
             for o in outputs:
                 if o.finished:
                     del self._requests[o.request_id]
-            return outputs
+            if out.scheduled:
+                self._note_step(out.scheduled[-1].is_prefill, t0, t1, t2, t3, time.perf_counter())
+        return outputs
+
+    def _note_step(self, has_prefill: bool, t0: float, t1: float, t2: float, t3: float, t4: float) -> None:
+        # scheduled is decodes first, so the last entry tells whether any is a prefill
+        t = self.step_timings
+        if has_prefill:
+            t.prefill_steps += 1
+            t.prefill_seconds += t4 - t0
+            t.prefill_wait_seconds += t3 - t2
+        else:
+            t.decode_steps += 1
+            t.decode_seconds += t4 - t0
+            t.decode_wait_seconds += t3 - t2
+        t.schedule_seconds += t1 - t0
+        t.execute_seconds += t2 - t1
+        t.postprocess_seconds += t4 - t3
 
     def _output(self, req: _Request) -> RequestOutput:
-        seqs = [c.seq for c in req.children]
-        finished = len(req.finished) == len(seqs)
+        finished = len(req.finished) == len(req.children)
         completions = [CompletionOutput(index=i, text=c.detok.text, token_ids=c.seq.output_token_ids,
                                         finish_reason=c.seq.finish_reason, stop_reason=c.seq.stop_reason,
                                         logprobs=None if c.logprobs is None else list(c.logprobs))
                        for i, c in enumerate(req.children)]
-        metrics = RequestMetrics(
-            arrival_time=req.arrival_time,
-            first_scheduled_time=_min(s.first_scheduled_time for s in seqs),
-            first_token_time=_min(s.first_token_time for s in seqs),
-            finished_time=max(s.finished_time for s in seqs) if finished else None,
-            num_cached_tokens=max(c.num_cached_tokens or 0 for c in req.children))
+        if len(req.children) == 1:
+            seq = req.children[0].seq
+            metrics = RequestMetrics(
+                arrival_time=req.arrival_time, first_scheduled_time=seq.first_scheduled_time,
+                first_token_time=seq.first_token_time, finished_time=seq.finished_time if finished else None,
+                num_cached_tokens=req.children[0].num_cached_tokens or 0)
+        else:
+            seqs = [c.seq for c in req.children]
+            metrics = RequestMetrics(
+                arrival_time=req.arrival_time,
+                first_scheduled_time=_min(s.first_scheduled_time for s in seqs),
+                first_token_time=_min(s.first_token_time for s in seqs),
+                finished_time=max(s.finished_time for s in seqs) if finished else None,
+                num_cached_tokens=max(c.num_cached_tokens or 0 for c in req.children))
         return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), completions, finished, metrics)
 
     def stats(self) -> EngineStats:
         with self._lock:
             s, bm = self.scheduler, self.block_manager
+            timings = dataclasses.replace(self.step_timings, graph_replays=self.runner.num_graph_replays)
             return EngineStats(
                 num_running=len(s.running), num_waiting=len(s.waiting), kv_cache_usage=bm.usage,
                 num_preemptions=s.stats.num_preemptions, prefix_cache_queries=bm.stats.prefix_cache_queries,
                 prefix_cache_hits=bm.stats.prefix_cache_hits, prompt_tokens_total=self.prompt_tokens_total,
                 generation_tokens_total=self.generation_tokens_total,
-                finished_by_reason=dict(s.stats.num_finished))
+                finished_by_reason=dict(s.stats.num_finished), peak_kv_cache_usage=bm.peak_usage,
+                num_kv_blocks=bm.num_blocks, step_timings=timings)
 
 
 def _fit_max_model_len(config: EngineConfig, model_limit: int) -> EngineConfig:
@@ -244,6 +291,17 @@ def _fit_max_model_len(config: EngineConfig, model_limit: int) -> EngineConfig:
 def _min(values):
     present = [v for v in values if v is not None]
     return min(present) if present else None
+
+
+def _detokenize_at_finish(detok: IncrementalDetokenizer, seq: Sequence) -> None:
+    """The text of a request that was not detokenized step by step (final_only, no stop strings)."""
+    if seq.finish_reason == "abort":
+        # as the incremental path leaves it: no flush, so a trailing incomplete character is held back
+        for token in seq.output_token_ids:
+            detok.add_tokens([token])
+    else:
+        detok.add_tokens(seq.output_token_ids)
+        detok.flush()
 
 
 def _logprob_entry(sampled, row: int, token_id: int, params: SamplingParams) -> dict:

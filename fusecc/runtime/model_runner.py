@@ -9,6 +9,10 @@ The forward is `torch.compile(model, backend="fusecc", options={"freeze": True},
 `enforce_eager`. On CUDA, decode-only steps of up to max_num_seqs sequences replay CUDA graphs
 captured for batch-size buckets (1, 2, 4, 8, 16, 32, ...); a batch is padded to its bucket with
 slot -1 (no cache write) and context length 0 (attention output 0) rows.
+
+Per step, the host builds the flat inputs (fusecc/runtime/input_batch.py) and sends them through
+pinned memory with asynchronous copies; the step's one synchronisation is the caller reading the
+sampled tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import dataclasses
 import torch
 
 from fusecc.runtime.config import EngineConfig
+from fusecc.runtime.input_batch import BlockTableMirror, StepInputs, cdiv, cpu_tensor, prepare_inputs
 from fusecc.runtime.models.attention import AttentionMetadata
 from fusecc.runtime.sampler import Sampler, SamplerOutput, SamplingMetadata
 from fusecc.runtime.scheduler import SchedulerOutput
@@ -26,10 +31,6 @@ CPU_DEFAULT_KV_BLOCKS = 512
 # GPU memory kept out of the KV pool for what the profiling pass does not see: CUDA graphs,
 # the sampler's temporaries (a few [max_num_seqs, vocab] fp32 copies), allocator slack.
 GPU_RESERVE_BYTES = 512 << 20
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -70,6 +71,9 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
         self.sampler = Sampler(seed=config.seed)
+        # Two rows per schedulable sequence: rows of finished sequences are recycled in bulk.
+        self._tables = BlockTableMirror(2 * config.max_num_seqs, self.max_blocks_per_seq)
+        self.num_graph_replays = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._bucket_of: dict[int, int] = {}  # decode batch size -> captured bucket
         if self.device.type == "cuda" and not enforce_eager:
@@ -84,33 +88,37 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, eos_token_ids=()) -> SamplerOutput | None:
         entries = out.scheduled
         assert entries, "execute() needs a non-empty schedule"
-        token_ids, positions, slots, cu = [], [], [], [0]
-        for e in entries:
-            token_ids += e.token_ids
-            positions += e.positions
-            slots += e.slot_mapping
-            cu.append(cu[-1] + e.num_new_tokens)
-        context_lens = [e.context_len for e in entries]
-        sample_rows = [cu[i + 1] - 1 for i, e in enumerate(entries) if e.do_sample]
-        decode_only = len(token_ids) == len(entries)
-        if decode_only and len(entries) in self._bucket_of:
-            hidden = self._replay(token_ids, positions, slots, context_lens, [e.block_table for e in entries])
+        inputs = prepare_inputs(entries, self._tables, self.config.block_size)
+        if inputs.decode_only and inputs.num_seqs in self._bucket_of:
+            hidden = self._replay(inputs)
+            self.num_graph_replays += 1
         else:
-            width = max(cdiv(c, self.config.block_size) for c in context_lens)
-            tables = [e.block_table[:width] + [0] * (width - len(e.block_table[:width])) for e in entries]
             md = AttentionMetadata(
-                slot_mapping=self._tensor(slots, torch.int64), block_tables=self._tensor(tables, torch.int32),
-                context_lens=self._tensor(context_lens, torch.int32), cu_seqlens_q=self._tensor(cu, torch.int32),
-                max_seqlen_q=max(e.num_new_tokens for e in entries), decode_only=decode_only,
-                num_decodes=sum(not e.is_prefill for e in entries))
-            hidden = self.forward(self._tensor(token_ids, torch.int64), self._tensor(positions, torch.int64),
-                                  self.kv_caches, md)
-        if not sample_rows:
+                slot_mapping=self._device(inputs.slot_mapping, torch.int64),
+                block_tables=self._device(inputs.block_tables, torch.int32),
+                context_lens=self._device(inputs.context_lens, torch.int32),
+                cu_seqlens_q=self._device(inputs.cu_seqlens_q, torch.int32),
+                max_seqlen_q=inputs.max_seqlen_q, decode_only=inputs.decode_only, num_decodes=inputs.num_decodes)
+            hidden = self.forward(self._device(inputs.token_ids, torch.int64),
+                                  self._device(inputs.positions, torch.int64), self.kv_caches, md)
+        if not inputs.num_sampled:
             return None
-        logits = self.model.compute_logits(hidden[self._tensor(sample_rows, torch.int64)])
+        if inputs.sample_rows is not None:
+            hidden = hidden[self._device(inputs.sample_rows, torch.int64)]
+        logits = self.model.compute_logits(hidden)
         md = SamplingMetadata.build([e.seq for e in entries if e.do_sample], vocab_size=self.vocab_size,
                                     device=self.device, eos_token_ids=eos_token_ids)
         return self.sampler(logits, md)
+
+    def _device(self, values, dtype: torch.dtype) -> torch.Tensor:
+        """A list (or CPU tensor) on the device. CUDA: through pinned memory, so the copy is
+        asynchronous (a pageable source makes cudaMemcpyAsync wait for the stream); the caching
+        host allocator keeps the pinned block until the copy has run."""
+        t = values if isinstance(values, torch.Tensor) else cpu_tensor(values, dtype)
+        assert t.dtype == dtype, (t.dtype, dtype)
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
@@ -137,11 +145,14 @@ class ModelRunner:
             first += nb
             positions += range(n)
             cu.append(cu[-1] + n)
-        md = AttentionMetadata(
-            slot_mapping=self._tensor(list(range(num_tokens)), torch.int64),
-            block_tables=self._tensor(tables, torch.int32), context_lens=self._tensor(lens, torch.int32),
-            cu_seqlens_q=self._tensor(cu, torch.int32), max_seqlen_q=max(lens), decode_only=False)
+        # The inputs are made under inference_mode, like execute()'s: a compiled graph guards on
+        # the dispatch keys of its tensor inputs, so normal tensors here would cost a recompile
+        # of the mixed-step graph at the first real step. (The caches are normal tensors in both.)
         with torch.inference_mode():
+            md = AttentionMetadata(
+                slot_mapping=self._tensor(list(range(num_tokens)), torch.int64),
+                block_tables=self._tensor(tables, torch.int32), context_lens=self._tensor(lens, torch.int32),
+                cu_seqlens_q=self._tensor(cu, torch.int32), max_seqlen_q=max(lens), decode_only=False)
             hidden = self.forward(torch.zeros(num_tokens, dtype=torch.int64, device=self.device),
                                   self._tensor(positions, torch.int64), scratch, md)
             self.model.compute_logits(hidden[:config.max_num_seqs]).softmax(-1)
@@ -162,26 +173,13 @@ class ModelRunner:
 
     # --- CUDA graphs for decode ---------------------------------------------------------------
     def _capture_graphs(self) -> None:
-        n = self.config.max_num_seqs
-        buckets = graph_buckets(n)
-        dev = self.device
-        self._static = dict(
-            input_ids=torch.zeros(n, dtype=torch.int64, device=dev),
-            positions=torch.zeros(n, dtype=torch.int64, device=dev),
-            slots=torch.full((n,), -1, dtype=torch.int64, device=dev),
-            context_lens=torch.zeros(n, dtype=torch.int32, device=dev),
-            block_tables=torch.zeros((n, self.max_blocks_per_seq), dtype=torch.int32, device=dev),
-            cu=torch.arange(n + 1, dtype=torch.int32, device=dev),
-        )
+        buckets = graph_buckets(self.config.max_num_seqs)
+        self._static = self._static_inputs()
         self._graph_out: dict[int, torch.Tensor] = {}
         pool = torch.cuda.graph_pool_handle()
-        s = self._static
         with torch.inference_mode():
             for b in reversed(buckets):  # largest first: the smaller graphs reuse its memory pool
-                md = AttentionMetadata(slot_mapping=s["slots"][:b], block_tables=s["block_tables"][:b],
-                                       context_lens=s["context_lens"][:b], cu_seqlens_q=s["cu"][:b + 1],
-                                       max_seqlen_q=1, decode_only=True, num_decodes=b)
-                args = (s["input_ids"][:b], s["positions"][:b], self.kv_caches, md)
+                args = self._graph_args(b)
                 for _ in range(2):  # compile / autotune outside the capture
                     self.forward(*args)
                 torch.cuda.synchronize()
@@ -190,21 +188,45 @@ class ModelRunner:
                     self._graph_out[b] = self.forward(*args)
                 self.graphs[b] = graph
         torch.cuda.synchronize()
-        for size in range(1, n + 1):
+        for size in range(1, self.config.max_num_seqs + 1):
             self._bucket_of[size] = next(b for b in buckets if b >= size)
 
-    def _replay(self, token_ids, positions, slots, context_lens, block_tables) -> torch.Tensor:
-        B = len(token_ids)
+    def _static_inputs(self) -> dict[str, torch.Tensor]:
+        """The decode graphs' input buffers, for max_num_seqs rows; bucket b reads the first b."""
+        n, dev = self.config.max_num_seqs, self.device
+        return dict(
+            input_ids=torch.zeros(n, dtype=torch.int64, device=dev),
+            positions=torch.zeros(n, dtype=torch.int64, device=dev),
+            slots=torch.full((n,), -1, dtype=torch.int64, device=dev),
+            context_lens=torch.zeros(n, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros((n, self.max_blocks_per_seq), dtype=torch.int32, device=dev),
+            cu=torch.arange(n + 1, dtype=torch.int32, device=dev),
+        )
+
+    def _graph_args(self, b: int) -> tuple:
+        """forward() arguments of the bucket-b decode graph: views of the static inputs."""
+        s = self._static
+        md = AttentionMetadata(slot_mapping=s["slots"][:b], block_tables=s["block_tables"][:b],
+                               context_lens=s["context_lens"][:b], cu_seqlens_q=s["cu"][:b + 1],
+                               max_seqlen_q=1, decode_only=True, num_decodes=b)
+        return (s["input_ids"][:b], s["positions"][:b], self.kv_caches, md)
+
+    def _replay(self, inputs: StepInputs) -> torch.Tensor:
+        """Copy a decode batch into the static inputs of its bucket's graph (one host-to-device
+        copy for the 1-D inputs, one for the block tables) and replay it. Rows past the batch
+        get slot -1 (no cache write) and context length 0 (attention output 0)."""
+        B = inputs.num_seqs
         b = self._bucket_of[B]
         s = self._static
-        width = max(cdiv(c, self.config.block_size) for c in context_lens)
-        tables = [t[:width] + [0] * (width - len(t[:width])) for t in block_tables]
-        s["input_ids"][:B].copy_(self._tensor(token_ids, torch.int64))
-        s["positions"][:B].copy_(self._tensor(positions, torch.int64))
-        s["slots"].fill_(-1)
-        s["slots"][:B].copy_(self._tensor(slots, torch.int64))
-        s["context_lens"].zero_()
-        s["context_lens"][:B].copy_(self._tensor(context_lens, torch.int32))
-        s["block_tables"][:B, :width].copy_(self._tensor(tables, torch.int32))
+        pad = [0] * (b - B)
+        # [4 * b] int64: token ids | positions | slots | context lengths, each padded to b
+        packed = self._device(inputs.token_ids + pad + inputs.positions + pad + inputs.slot_mapping
+                              + [-1] * (b - B) + inputs.context_lens + pad, torch.int64)
+        tables = self._device(inputs.block_tables, torch.int32)
+        s["input_ids"][:b].copy_(packed[:b])
+        s["positions"][:b].copy_(packed[b:2 * b])
+        s["slots"][:b].copy_(packed[2 * b:3 * b])
+        s["context_lens"][:b].copy_(packed[3 * b:])  # int64 -> int32
+        s["block_tables"][:B, :tables.shape[1]].copy_(tables)
         self.graphs[b].replay()
         return self._graph_out[b][:B]

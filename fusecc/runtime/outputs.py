@@ -37,6 +37,32 @@ class RequestOutput:
 
 
 @dataclass
+class StepTimings:
+    """Where LLMEngine.step spends its time (time.perf_counter seconds, cumulative).
+
+    No device synchronisation is added: the step's one synchronisation is the device-to-host
+    copy of the sampled tokens, and the time blocked in it is `*_wait_seconds`. So per kind,
+    seconds - wait_seconds is host time (scheduling, input preparation, kernel launches,
+    postprocessing), and wait_seconds is device time that host work did not hide (launches are
+    asynchronous: a long prefill's device time partly overlaps its own launches, so wait is a
+    lower bound on device time). A step is a prefill step if any scheduled sequence computes
+    prompt (or recompute) tokens, else a decode step.
+    """
+
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    prefill_wait_seconds: float = 0.0
+    decode_wait_seconds: float = 0.0
+    # host phases, all steps together
+    schedule_seconds: float = 0.0
+    execute_seconds: float = 0.0  # input preparation, forward / graph replay launch, sampler launch
+    postprocess_seconds: float = 0.0  # scheduler.postprocess, detokenization, stop strings, outputs
+    graph_replays: int = 0  # decode steps run as a CUDA graph replay
+
+
+@dataclass
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -47,3 +73,7 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     finished_by_reason: dict[str, int] = field(default_factory=dict)
+    # highest kv_cache_usage since start or BlockManager.reset_peak()
+    peak_kv_cache_usage: float = 0.0
+    num_kv_blocks: int = 0
+    step_timings: StepTimings = field(default_factory=StepTimings)

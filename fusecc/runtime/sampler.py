@@ -20,6 +20,10 @@ Processing order (vLLM v1's), each step skipped when no row uses it:
    row with a seed comes from a generator seeded with hash(seed, number of outputs so far), so its
    tokens do not depend on the batch it lands in, nor on preemption.
 
+When every row is greedy with no penalty, no pending min_tokens mask and no logprobs (the
+common offline case) the sampler is a single argmax of the logits (`plain_greedy`): the same
+tokens as steps 1-3, without the [B, V] float32 copy or any per-row tensors.
+
 Logprobs (`logprobs_mode`):
 - "processed" (default): log_softmax of the logits sampled from, i.e. after steps 1-4; tokens cut
   by top-k/top-p/min-p have -inf. For greedy rows: after steps 1-2, at temperature 1, uncut.
@@ -59,12 +63,22 @@ class SamplingMetadata:
     stop_mask_index: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) to set to -inf
     step_seeds: list[int | None]  # per row: this step's generator seed, None = the sampler's generator
     max_num_logprobs: int | None  # top-n to return (max over rows); None = no logprobs
+    # Every row is greedy with nothing to apply before the argmax (no penalty, no min_tokens
+    # masking, no logprobs): the sampler is one argmax of the logits as given.
+    plain_greedy: bool = False
 
     @classmethod
     def build(cls, seqs: Seq, vocab_size: int, device: torch.device | str = "cpu",
               eos_token_ids: Iterable[int] = ()) -> "SamplingMetadata":
         """From sequences (anything with .sampling_params, .prompt_token_ids, .output_token_ids)."""
         params = [s.sampling_params for s in seqs]
+        if all(_is_plain_greedy(s, p) for s, p in zip(seqs, params)):
+            B = len(params)
+            return cls(temperature=torch.ones(B, device=device), greedy=torch.ones(B, dtype=torch.bool, device=device),
+                       all_greedy=True, top_k=None, max_top_k=vocab_size, top_p=None, min_p=None,
+                       repetition_penalty=None, presence_penalty=None, frequency_penalty=None, prompt_tokens=None,
+                       output_tokens=None, stop_mask_index=None, step_seeds=[None] * B, max_num_logprobs=None,
+                       plain_greedy=True)
         eos = [t for t in eos_token_ids if 0 <= t < vocab_size]
         greedy = [p.is_greedy for p in params]
 
@@ -132,6 +146,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == md.temperature.shape[0], (logits.shape, md.temperature.shape)
+        if md.plain_greedy:  # the same tokens as below: penalize would only copy to float32 (exact)
+            return SamplerOutput(token_ids=logits.argmax(dim=-1))
         raw = logits
         logits = self.penalize(logits, md)
         greedy_tokens = logits.argmax(dim=-1)
@@ -233,6 +249,12 @@ class Sampler:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
+
+
+def _is_plain_greedy(seq, params) -> bool:
+    return (params.is_greedy and params.logprobs is None and params.repetition_penalty == 1.0
+            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+            and (params.min_tokens == 0 or len(seq.output_token_ids) >= params.min_tokens))
 
 
 def _step_seed(seed: int, step: int) -> int:

@@ -10,6 +10,11 @@ Where each option is applied:
 - The detokenizing layer (engine): stop strings and skip_special_tokens; it ends a request
   through Scheduler.finish when a stop string appears.
 `n > 1` is the engine's business: it adds n sequences, each with its own request id.
+
+`output_kind` (engine): "cumulative" (default) reports the request after every step that gave
+it a token (text and token ids so far), as a streaming server needs; "final_only" reports it
+once, finished, which saves the per-step output building and, without stop strings, the
+incremental detokenization (the text is decoded once at the end), as offline batch runs want.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 GREEDY_EPS = 1e-5
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
+OUTPUT_KINDS = ("cumulative", "final_only")
 
 
 @dataclass
@@ -50,6 +56,8 @@ class SamplingParams:
     # None = no logprobs, 0 = only the sampled token's.
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # When LLMEngine.step reports the request: "cumulative" (every step) or "final_only".
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         # Accept the OpenAI API's `stop: "str"` and None as well as lists.
@@ -97,6 +105,7 @@ class SamplingParams:
                  self.stop_token_ids, "must hold non-negative integers")
         _require(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
                  "logprobs", self.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        _require(self.output_kind in OUTPUT_KINDS, "output_kind", self.output_kind, f"must be one of {OUTPUT_KINDS}")
 
 
 def _require(ok: bool, name: str, value: object, what: str) -> None:

@@ -195,11 +195,12 @@ class Scheduler:
         preempted: list[Sequence] = []
 
         # Decodes (1 uncomputed token) first, then continuing prefills; each group in priority order.
-        for seq in sorted(self.running, key=lambda s: (s.num_uncomputed_tokens > 1, _order_key(s))):
+        for seq in sorted(self.running, key=_running_order_key):
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            assert seq.num_uncomputed_tokens >= 1, seq.request_id  # a running sequence always has work
-            n = min(seq.num_uncomputed_tokens, budget)
+            uncomputed = len(seq.token_ids) - seq.num_computed_tokens
+            assert uncomputed >= 1, seq.request_id  # a running sequence always has work
+            n = min(uncomputed, budget)
             if n == 0:
                 continue  # budget spent; it keeps its blocks and runs next step
             while not bm.can_append(seq, n):
@@ -235,12 +236,10 @@ class Scheduler:
                 budget -= n
 
         scheduled = sorted(entries.values(), key=lambda e: e.is_prefill)  # stable: decodes first
-        for e in scheduled:
-            if e.is_prefill:
-                self.stats.num_prefill_tokens += e.num_new_tokens
-            else:
-                self.stats.num_decode_tokens += e.num_new_tokens
-        assert sum(e.num_new_tokens for e in scheduled) <= cfg.max_num_batched_tokens
+        num_prefill_tokens = sum(e.num_new_tokens for e in scheduled if e.is_prefill)
+        self.stats.num_prefill_tokens += num_prefill_tokens
+        self.stats.num_decode_tokens += cfg.max_num_batched_tokens - budget - num_prefill_tokens
+        assert sum(e.num_new_tokens for e in scheduled) == cfg.max_num_batched_tokens - budget
         assert len(self.running) <= cfg.max_num_seqs
         return SchedulerOutput(scheduled=scheduled, preempted=preempted)
 
@@ -263,20 +262,21 @@ class Scheduler:
 
         `sampled_token_ids[i]` is the token sampled for `output.sampled[i]`.
         """
-        sampled = output.sampled
-        assert len(sampled_token_ids) == len(sampled), (len(sampled_token_ids), len(sampled))
-        tokens = dict(zip((id(e) for e in sampled), sampled_token_ids))
+        num_sampled = sum(e.do_sample for e in output.scheduled)
+        assert len(sampled_token_ids) == num_sampled, (len(sampled_token_ids), num_sampled)
+        tokens = iter(sampled_token_ids)  # one per do_sample entry, in order
         now = time.monotonic()
         for e in output.scheduled:
+            token = next(tokens) if e.do_sample else None
             seq = e.seq
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted (or finished by a stop string) after schedule()
             assert seq.num_computed_tokens == e.start, (seq.request_id, seq.num_computed_tokens, e.start)
             seq.num_computed_tokens += e.num_new_tokens
             self.block_manager.cache_full_blocks(seq)
-            if not e.do_sample:
+            if token is None:
                 continue
-            token = int(tokens[id(e)])
+            token = int(token)
             seq.append_token(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -286,8 +286,9 @@ class Scheduler:
     # --- internals ----------------------------------------------------------------------------
     def _entry(self, seq: Sequence, n: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
-        do_sample = start + n == seq.num_tokens
-        is_decode = n == 1 and do_sample and seq.num_output_tokens > 0
+        num_tokens = len(seq.token_ids)
+        do_sample = start + n == num_tokens
+        is_decode = n == 1 and do_sample and num_tokens > seq.num_prompt_tokens
         return ScheduledSequence(seq=seq, start=start, num_new_tokens=n, is_prefill=not is_decode,
                                  do_sample=do_sample,
                                  slot_mapping=self.block_manager.slot_mapping(seq, start, start + n))
@@ -318,3 +319,8 @@ class Scheduler:
 
 def _order_key(seq: Sequence) -> tuple[int, float, int]:
     return (seq.priority, seq.arrival_time, seq.seq_id)
+
+
+def _running_order_key(seq: Sequence) -> tuple[bool, int, float, int]:
+    # decodes (one uncomputed token) before continuing prefills, then _order_key
+    return (len(seq.token_ids) - seq.num_computed_tokens > 1, seq.priority, seq.arrival_time, seq.seq_id)

@@ -31,20 +31,22 @@ class SequenceStatus(enum.Enum):
     FINISHED_LENGTH = "finished_length"  # max_tokens or max_model_len
     FINISHED_ABORTED = "finished_aborted"
 
+    # Keyed by the member's value string: hashing an Enum member runs Python code
+    # (Enum.__hash__), and these are read for every sequence every step.
     @property
     def is_finished(self) -> bool:
-        return self in _FINISHED
+        return self._value_ in _FINISHED
 
     @property
     def finish_reason(self) -> str | None:
-        return _FINISH_REASON.get(self)
+        return _FINISH_REASON.get(self._value_)
 
 
-_FINISHED = frozenset({SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
-                       SequenceStatus.FINISHED_ABORTED})
-_FINISH_REASON = {SequenceStatus.FINISHED_STOPPED: "stop", SequenceStatus.FINISHED_LENGTH: "length",
-                  SequenceStatus.FINISHED_ABORTED: "abort"}
-FINISH_STATUS = {reason: status for status, reason in _FINISH_REASON.items()}
+_FINISHED = frozenset({SequenceStatus.FINISHED_STOPPED.value, SequenceStatus.FINISHED_LENGTH.value,
+                       SequenceStatus.FINISHED_ABORTED.value})
+_FINISH_REASON = {SequenceStatus.FINISHED_STOPPED.value: "stop", SequenceStatus.FINISHED_LENGTH.value: "length",
+                  SequenceStatus.FINISHED_ABORTED.value: "abort"}
+FINISH_STATUS = {reason: SequenceStatus(value) for value, reason in _FINISH_REASON.items()}
 
 
 @dataclass(eq=False)  # identity equality: two requests with equal prompts are different sequences

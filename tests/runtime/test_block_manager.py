@@ -80,6 +80,21 @@ def test_slot_mapping_follows_the_block_table():
     a = seq(range(7))
     a.block_table = [3, 1]  # hand-made table: positions 0-3 in block 3, 4-7 in block 1
     assert bm.slot_mapping(a, 2, 7) == [14, 15, 4, 5, 6]
+    assert bm.slot_mapping(a, 5, 6) == [5] and bm.slot_mapping(a, 3, 3) == []
+
+
+def test_slot_mapping_equals_the_per_position_formula():
+    import random
+
+    rng = random.Random(0)
+    for bs in (1, 3, 16):
+        bm = BlockManager(64, bs)
+        a = seq(range(5))
+        a.block_table = rng.sample(range(64), 10)
+        for _ in range(50):
+            start = rng.randrange(0, 10 * bs + 1)
+            end = rng.randrange(start, 10 * bs + 1)
+            assert bm.slot_mapping(a, start, end) == [a.block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
 
 def test_prefix_hit_shares_full_computed_blocks():

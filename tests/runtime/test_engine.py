@@ -132,3 +132,71 @@ def test_bad_requests_raise_before_anything_is_queued(checkpoints):
     assert not engine.has_unfinished_requests() and not engine.scheduler.waiting
     with pytest.raises(TypeError, match="unknown engine arguments"):
         LLMEngine.from_engine_args(str(path), max_len=3)
+
+
+def _run_steps(engine, requests, abort_after: dict | None = None):
+    """All outputs of every step, in order; abort_after: request id -> step index to abort it after."""
+    for rid, prompt, params in requests:
+        engine.add_request(rid, prompt, params)
+    steps = []
+    while engine.has_unfinished_requests():
+        steps.append(engine.step())
+        for rid, at in (abort_after or {}).items():
+            if at == len(steps):
+                engine.abort_request(rid)
+    return steps
+
+
+def _final(steps) -> dict:
+    return {o.request_id: o for outs in steps for o in outs if o.finished}
+
+
+@pytest.mark.parametrize("model", ["llama", "default"])
+def test_final_only_reports_once_with_the_last_cumulative_output(checkpoints, model):
+    import dataclasses
+
+    if model == "default":  # byte tokenizer, sampled bytes: incomplete UTF-8 everywhere
+        make = lambda: LLMEngine.from_engine_args(None, enforce_eager=True, max_model_len=256)  # noqa: E731
+        ps = ["héllo wörld ✓", "abc", "\u00e9" * 7, "plain text"]
+    else:
+        make = lambda: LLMEngine.from_engine_args(str(checkpoints[model][0]), enforce_eager=True,  # noqa: E731
+                                                  max_model_len=256)
+        ps = prompts(4, seed=9, max_len=30)
+    requests = [("greedy", ps[0], SamplingParams(temperature=0, max_tokens=20)),
+                ("sampled", ps[1], SamplingParams(temperature=1.0, seed=3, max_tokens=30, ignore_eos=True)),
+                ("n", ps[2], SamplingParams(temperature=1.0, seed=4, n=2, max_tokens=12, logprobs=1)),
+                ("stop", ps[3], SamplingParams(temperature=1.0, seed=5, max_tokens=40, stop=[" ", "w1"])),
+                ("aborted", ps[0], SamplingParams(temperature=1.0, seed=6, max_tokens=100, ignore_eos=True))]
+    cumulative = _run_steps(make(), requests, abort_after={"aborted": 5})
+    final_only_requests = [(rid, p, dataclasses.replace(sp, output_kind="final_only")) for rid, p, sp in requests]
+    engine = make()
+    final_only = _run_steps(engine, final_only_requests, abort_after={"aborted": 5})
+    assert all(o.finished for outs in final_only for o in outs)
+    assert sorted(o.request_id for outs in final_only for o in outs) == sorted(rid for rid, _, _ in requests)
+    expected, got = _final(cumulative), _final(final_only)
+    for rid in expected:
+        e, g = expected[rid], got[rid]
+        assert [(c.text, c.token_ids, c.finish_reason, c.stop_reason, c.logprobs) for c in g.outputs] == \
+            [(c.text, c.token_ids, c.finish_reason, c.stop_reason, c.logprobs) for c in e.outputs], rid
+        assert g.metrics.finished_time is not None and g.prompt_token_ids == e.prompt_token_ids
+    assert expected["aborted"].outputs[0].finish_reason == "abort"
+    assert not engine.has_unfinished_requests() and engine.block_manager.num_used_blocks == 0
+
+
+def test_stats_peak_kv_usage_and_step_timings(checkpoints):
+    path, _ = checkpoints["qwen3"]
+    engine = LLMEngine.from_engine_args(str(path), enforce_eager=True, max_model_len=96, block_size=4,
+                                        num_kv_blocks=24, max_num_batched_tokens=16, max_num_seqs=6)
+    steps = _run_steps(engine, [(str(i), p, GREEDY) for i, p in enumerate(prompts(8, seed=2, min_len=10, max_len=60))])
+    stats = engine.stats()
+    t = stats.step_timings
+    assert stats.num_kv_blocks == 24 and stats.kv_cache_usage == 0
+    assert 0.9 <= stats.peak_kv_cache_usage <= 1.0  # the pool bound: preemptions happened
+    assert stats.num_preemptions > 0
+    assert t.prefill_steps > 0 and t.decode_steps > 0 and t.prefill_steps + t.decode_steps == len(steps)
+    assert t.prefill_seconds >= t.prefill_wait_seconds >= 0 and t.decode_seconds >= t.decode_wait_seconds >= 0
+    total = t.prefill_seconds + t.decode_seconds
+    assert t.schedule_seconds + t.execute_seconds + t.postprocess_seconds <= total + 1e-6
+    assert t.graph_replays == 0  # CPU
+    engine.block_manager.reset_peak()
+    assert engine.stats().peak_kv_cache_usage == 0

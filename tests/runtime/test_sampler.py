@@ -252,3 +252,35 @@ def test_sequences_and_plain_rows_give_the_same_penalties():
     penalised = Sampler.penalize(logits, build([seq, row]))
     assert_same_logits(penalised[0], reference(logits[0].tolist(), row)[0])
     assert_same_logits(penalised[1], reference(logits[1].tolist(), row)[0])
+
+
+@pytest.mark.parametrize("params,outputs,plain", [
+    (SamplingParams(temperature=0), [], True),
+    (SamplingParams(temperature=0, seed=5, top_k=3, top_p=0.5, min_p=0.1), [], True),  # filters off when greedy
+    (SamplingParams(temperature=0, min_tokens=2), [4, 5], True),  # min_tokens already reached
+    (SamplingParams(temperature=0, min_tokens=2), [4], False),  # EOS still masked
+    (SamplingParams(temperature=0, repetition_penalty=1.2), [], False),
+    (SamplingParams(temperature=0, presence_penalty=0.5), [], False),
+    (SamplingParams(temperature=0, frequency_penalty=0.5), [], False),
+    (SamplingParams(temperature=0, logprobs=0), [], False),
+    (SamplingParams(temperature=0.5), [], False),
+])
+def test_plain_greedy_fast_path_only_when_nothing_applies_before_argmax(params, outputs, plain):
+    rows = [Row(SamplingParams(temperature=0)), Row(params, [1, 2], outputs)]
+    md = build(rows)
+    assert md.plain_greedy == plain and (md.all_greedy or not plain)
+
+
+def test_plain_greedy_fast_path_gives_the_general_paths_tokens():
+    torch.manual_seed(2)
+    rows = [Row(SamplingParams(temperature=0)) for _ in range(8)]
+    md = build(rows)
+    assert md.plain_greedy
+    general = build(rows)
+    general.plain_greedy = False
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(8, V).to(dtype)
+        logits[3, 5] = logits[3, 7] = logits[3].max() + 1  # a tie: the first index wins in both paths
+        fast, slow = Sampler(seed=0)(logits, md), Sampler(seed=0)(logits, general)
+        assert fast.token_ids.tolist() == slow.token_ids.tolist()
+        assert fast.token_ids[3].item() == 5 and fast.logprobs is None
