@@ -32,6 +32,8 @@ def lower(gm: fx.GraphModule, options: FuseccOptions, dump, example_inputs: list
     from fusecc.passes.fusion import Fusion
     from fusecc.passes.pipeline import run_passes
 
+    # Before fusion: a fused kernel (call_module) that writes an input no longer shows as a write.
+    mutated_inputs = [i for i, p in enumerate(gm.graph.find_nodes(op="placeholder")) if is_mutated(p)]
     fusion = Fusion()
     records = run_passes(gm, [fusion], verify=options.verify, dump=dump)
     compiled = compile_wrapper(gm, check_kernels=options.check_kernels,
@@ -40,8 +42,7 @@ def lower(gm: fx.GraphModule, options: FuseccOptions, dump, example_inputs: list
     if options.cudagraphs and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
         from fusecc.codegen.cudagraphs import CUDAGraphRunner
 
-        call = CUDAGraphRunner(call, mutated_inputs=[i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
-                                               if is_mutated(p)],
+        call = CUDAGraphRunner(call, mutated_inputs=mutated_inputs,
                                persistent_inputs=[i for i, w in enumerate(weight_inputs) if w])
     if dump is not None:
         dump.write_text("wrapper.py", compiled.source)

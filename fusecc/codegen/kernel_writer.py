@@ -34,6 +34,8 @@ from fusecc.codegen.index_math import (CodegenUnsupported, broadcast_index, cont
                                        reshape_index, shape_of, strided_offset, sym, view_input_index)
 from fusecc.codegen.lowerings import COMPUTE_DTYPE, POINTWISE, REDUCTIONS, STORAGE_DTYPE, convert_dtype, classify, literal
 
+aten = torch.ops.aten
+
 XINDEX = sympy.Symbol("xindex", integer=True, nonnegative=True)
 RINDEX = sympy.Symbol("rindex", integer=True, nonnegative=True)
 
@@ -63,9 +65,15 @@ class KernelWriter:
         self.emulate_precision_casts = emulate_precision_casts
         self.nodes = list(group.graph.nodes)
         self.outputs = list(_flat_outputs(group))
+        # index_copy_ into an input: stores of `src` to the rows `index` of `dest` (no output buffer)
+        self.scatters = [n for n in self.nodes if n.op == "call_function" and n.target is aten.index_copy_.default]
         self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
         self.tensor_inputs = [n for n in self.placeholders if isinstance(n.meta["val"], torch.Tensor)]
-        device = self.outputs[0].meta["val"].device
+        # what the kernel iterates over: its outputs, or the sources it scatters
+        anchors = self.outputs + [x.args[3] for x in self.scatters]
+        if not anchors:
+            raise CodegenUnsupported("a group with no outputs")
+        device = anchors[0].meta["val"].device
         for inp in self.tensor_inputs:
             if inp.meta["val"].device != device:
                 # e.g. a CPU scalar tensor mixed into CUDA math: eager allows it, a kernel cannot load it.
@@ -88,8 +96,10 @@ class KernelWriter:
             self.full_shape = list(self.rows_shape) + [self.rnumel]
         else:
             self.kind = "pointwise"
-            self.full_shape = shape_of(self.outputs[0])
+            self.full_shape = shape_of(anchors[0])
             self.row_vars = self._split(XINDEX, self.full_shape, "x")
+        if self.scatters and self.kind != "pointwise":
+            raise CodegenUnsupported("index_copy_ in a reduction kernel")
 
     # ------------------------------------------------------------------ iteration variables
 
@@ -287,6 +297,27 @@ class KernelWriter:
             return list(self.row_vars), "xmask"
         raise CodegenUnsupported(f"output of shape {shape} in a reduction over rows {self.rows_shape}")
 
+    def _scatter_store(self, node: fx.Node) -> str:
+        """`dest.index_copy_(dim, index, src)`: lane i computes src at its index and stores it to
+        dest at the same index except along `dim`, where the row is index[...]; rows out of
+        range are not written (eager raises there; a kernel must not write past the cache)."""
+        dest, dim, index_node, src = node.args
+        dest_val = dest.meta["val"]
+        dim = dim % dest_val.dim()
+        index, mask = self._store_index(src)
+        value = self.value(src, index)
+        row = self.value(index_node, [index[dim]])
+        if index_node.meta["val"].dtype != torch.int64:
+            row = self._tmp(f"{row}.to(tl.int64)")  # 64-bit offsets into large caches
+        base = list(index)
+        base[dim] = sympy.Integer(0)
+        offset = self._print(strided_offset(dest_val, base))
+        rows, stride = self._print(sym(dest_val.shape[dim])), self._print(sym(dest_val.stride()[dim]))
+        in_range = f"({row} >= 0) & ({row} < {rows})"
+        ptr = f"in_ptr{self.tensor_inputs.index(dest)}"
+        return (f"tl.store({ptr} + {offset} + {row} * {stride}, {value}.to({STORAGE_DTYPE[dest_val.dtype]}), "
+                f"{mask} & {in_range})")
+
     def write(self) -> KernelSource:
         stores = []
         for i, out in enumerate(self.outputs):
@@ -296,6 +327,7 @@ class KernelWriter:
             offset = self._flat_equivalent(strided_offset(out_val, index))
             stores.append(f"tl.store(out_ptr{i} + {self._print(offset)}, "
                           f"{value}.to({STORAGE_DTYPE[out_val.dtype]}), {mask})")
+        stores += [self._scatter_store(x) for x in self.scatters]
         numel = product(self.rows_shape if self.kind == "reduction" else self.full_shape)
         self._print(numel)
         size_args = sorted(self.symbols, key=lambda s: s.name)

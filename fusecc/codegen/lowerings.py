@@ -1,11 +1,13 @@
 """What the Triton code generator can compute inside a fused kernel, and how.
 
-Three kinds of fusible ops:
+Four kinds of fusible ops:
 - pointwise: `POINTWISE[op](*arg_exprs, node=node) -> str`, a Triton expression over the
   already-loaded argument values (all of the node's iteration shape);
 - views: pure index transforms (view/reshape/permute/expand/slice/...), handled in
   index_transforms.py — they never move data inside a kernel;
-- reductions: `REDUCTIONS[op]` over the last dimension, persistent (whole row in registers).
+- reductions: `REDUCTIONS[op]` over the last dimension, persistent (whole row in registers);
+- `index_copy_` into a graph input (a KV-cache write): a scatter store of the kernel that
+  computes its source, so the source is never materialised.
 
 Everything else is an extern call (matmuls, attention: better hand-written kernels exist) or an
 ATen fallback, and `classify(node)` says which, with the reason the dump shows.
@@ -246,7 +248,7 @@ EXTERN_OPS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbm
 
 @dataclass(frozen=True)
 class Classification:
-    kind: str          # "pointwise" | "view" | "reduction" | "cat" | "extern" | "fallback" | "none"
+    kind: str  # "pointwise" | "view" | "reduction" | "cat" | "index_copy" | "extern" | "fallback" | "none"
     reason: str = ""
 
 
@@ -290,7 +292,24 @@ def classify(node: fx.Node) -> Classification:
         return Classification("pointwise")
     if target in REDUCTIONS:
         return _classify_reduction(node, name)
+    if target is aten.index_copy_.default:
+        return _classify_index_copy(node, name)
     return Classification("fallback", f"{name}: no Triton lowering")
+
+
+def _classify_index_copy(node: fx.Node, name: str) -> Classification:
+    """`dest.index_copy_(dim, index, src)` (a static KV-cache write, after reinplacing) can be the
+    store of the kernel computing `src`: each lane writes its element to row `index[i]` of `dest`.
+    Whether it may join that kernel depends on the graph around it (fusion.py decides)."""
+    dest, dim, index, src = node.args
+    dest_val, index_val, src_val = (a.meta.get("val") for a in (dest, index, src))
+    if not all(isinstance(v, torch.Tensor) for v in (dest_val, index_val, src_val)):
+        return Classification("fallback", f"{name}: non-tensor arguments")
+    if src_val.dtype != dest_val.dtype or index_val.dim() != 1 or index_val.dtype not in (torch.int32, torch.int64):
+        return Classification("fallback", f"{name}: source dtype differs from destination, or index not 1-D int")
+    if src_val.dim() != dest_val.dim() or src_val.dim() == 0:
+        return Classification("fallback", f"{name}: source and destination ranks differ")
+    return Classification("index_copy")
 
 
 def _classify_reduction(node: fx.Node, name: str) -> Classification:

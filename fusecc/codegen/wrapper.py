@@ -180,7 +180,8 @@ class _WrapperWriter:
         self.fallbacks[node.target] = why
         module = self._global(f"{node.target}_aten", sub)
         args = ", ".join(self._render(a) for a in node.args)
-        self.lines.append(f"{', '.join(outputs)}, = {module}({args})  # runs as ATen: {why}")
+        bind = f"{', '.join(outputs)}, = " if outputs else ""  # a group of in-place writes returns nothing
+        self.lines.append(f"{bind}{module}({args})  # runs as ATen: {why}")
         self.externs += 1
         for user in node.users:
             self.var_of[user] = user.name

@@ -18,6 +18,12 @@ merge creates no cycle in the dependency DAG. Views join the group of their inpu
 folded into index expressions; a view whose users are all outside the group runs as an ATen
 view. Matmuls, custom ops and ops without a lowering are boundaries. Every node left out of a
 group is reported with the reason (`reasons`) so the dump answers "why is this op not fused?".
+
+A KV-cache write `index_copy_(cache, dim, pos, k)` into a graph input joins the kernel computing
+`k` as its last op (the kernel stores straight into the cache rows), only where that cannot
+reorder an access to the cache: the kernel runs where its last op stood, so the write must be
+that last op, and nothing may touch the cache between the kernel's first op and the write
+(a node there that reads a kernel output is moved after the kernel).
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 from fusecc.codegen.index_math import product, shape_of
 from fusecc.codegen.lowerings import classify
 from fusecc.passes.base import GraphPass, PassResult
+from fusecc.passes.node_kinds import is_view
 
 _FUSIBLE = ("pointwise", "view", "cat", "reduction")
+_INDEX_COPY = torch.ops.aten.index_copy_.default
 
 
 class _Group:
@@ -96,6 +104,14 @@ class Fusion(GraphPass):
         stats: Counter = Counter()
         for node in graph.nodes:
             c = classify(node)
+            if c.kind == "index_copy":
+                why = _join_index_copy(node, group_of, order)
+                if why is None:
+                    stats["index_copy_fused"] += 1
+                else:
+                    self.reasons[node.name] = f"runs as ATen index_copy_: {why}"
+                    stats["not_fused:index_copy"] += 1
+                continue
             if c.kind not in _FUSIBLE:
                 if c.reason:
                     self.reasons[node.name] = c.reason
@@ -140,6 +156,12 @@ class Fusion(GraphPass):
                 group = producer
         groups = []
         for g in {id(g): g for g in group_of.values()}.values():
+            last = max(g.nodes, key=order.__getitem__)
+            for n in [n for n in g.nodes if n.target is _INDEX_COPY and n is not last]:
+                g.nodes.remove(n)  # later ops joined the kernel: the write would move past them
+                self.reasons[n.name] = "runs as ATen index_copy_: later ops joined its source's kernel"
+                stats["index_copy_fused"] -= 1
+                stats["not_fused:index_copy"] += 1
             _drop_trailing_views(g, self.reasons)
             if g.has_compute() and len(g.nodes) >= self.min_nodes:
                 groups.append(g)
@@ -157,6 +179,53 @@ class Fusion(GraphPass):
         _restore_meta(gm)
         gm.recompile()
         return PassResult(gm, True, stats)
+
+
+def _join_index_copy(node: fx.Node, group_of: dict, order: dict) -> Optional[str]:
+    """Add `dest.index_copy_(dim, index, src)` to the kernel computing `src`; else why not."""
+    dest, _dim, index, src = node.args
+    if dest.op != "placeholder":
+        return "the destination is not a graph input"
+    if node.users:
+        return "its result is read"
+    group = group_of.get(src)
+    if group is None:
+        return "its source is not computed by a generated kernel"
+    if group.space[0] != "p" or sympy.simplify(group.space[1] - product(shape_of(src))) != 0:
+        return "its source is not over the whole iteration space of a pointwise kernel"
+    if group_of.get(index) is group:
+        return "its index is computed by the same kernel"
+    first = min(order[n] for n in group.nodes)
+    members = set(group.nodes)
+    for accessor in _storage_accessors(dest):
+        if accessor is node:
+            continue
+        if accessor in members:
+            return "the kernel computing its source reads the destination"
+        if first < order[accessor] < order[node]:
+            return f"{accessor.name} touches the destination between the kernel's first op and the write"
+    if _creates_cycle(group.nodes + [node], order):
+        return "fusing with its producer would create a cycle"
+    group.nodes.append(node)
+    group_of[node] = group
+    return None
+
+
+def _storage_accessors(root: fx.Node) -> set[fx.Node]:
+    """Every node that reads or writes `root`'s storage: non-view users of it or of any view of
+    it (making a view touches no data)."""
+    accessors, stack, seen = set(), [root], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for user in current.users:
+            if is_view(user):
+                stack.append(user)
+            else:
+                accessors.add(user)
+    return accessors
 
 
 def _only_feeds(producer: _Group, group: _Group, node: fx.Node) -> bool:
