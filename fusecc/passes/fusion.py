@@ -28,6 +28,8 @@ that last op, and nothing may touch the cache between the kernel's first op and 
 
 from __future__ import annotations
 
+import heapq
+import operator
 from collections import Counter
 from typing import Optional
 
@@ -35,7 +37,7 @@ import networkx as nx
 import sympy
 import torch
 import torch.fx as fx
-from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
+from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
 
 from fusecc.codegen.index_math import product, shape_of
 from fusecc.codegen.lowerings import classify
@@ -175,8 +177,7 @@ class Fusion(GraphPass):
         stats["kernels"] = len(groups)
         stats["nodes_fused"] = sum(len(g.nodes) for g in groups)
         stats["reduction_kernels"] = sum(1 for g in groups if g.space[0] == "r")
-        fuse_by_partitions(gm, partitions, prefix="kernel_", always_return_tuple=True)
-        _restore_meta(gm)
+        _contract(gm, [list(p) for p in partitions], prefix="kernel_")
         gm.recompile()
         return PassResult(gm, True, stats)
 
@@ -274,17 +275,52 @@ def _creates_cycle(nodes: list[fx.Node], order: dict) -> bool:
     return not nx.is_directed_acyclic_graph(dag)
 
 
-def _restore_meta(gm: fx.GraphModule) -> None:
-    """fuse_by_partitions leaves the new call_module/getitem nodes without meta['val']."""
-    import operator
+def _contract(gm: fx.GraphModule, partitions: list[list[fx.Node]], prefix: str) -> None:
+    """Replace each partition (nodes in graph order) by a call_module of its subgraph, placed where
+    its last node stood, with one getitem per value read outside it (a partition of writes only
+    has none), then restore a topological order that moves as few nodes as possible.
 
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        sub = gm.get_submodule(node.target)
-        outs = sub.graph.output_node().args[0]
-        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-        node.meta["val"] = tuple(o.meta.get("val") for o in outs)
+    (torch's fuse_by_partitions does the same, but before torch 2.13 it places the call after the
+    last *output* and fails on a partition without outputs.)"""
+    graph = gm.graph
+    for index, nodes in enumerate(partitions):
+        name = f"{prefix}{index}"
+        sub, inputs, outputs = fuse_as_graphmodule(gm, nodes, name, dict.fromkeys(nodes), always_return_tuple=True)
+        gm.add_submodule(name, sub)
+        with graph.inserting_after(nodes[-1]):
+            call = graph.call_module(name, args=inputs)
+        call.meta["val"] = tuple(out.meta.get("val") for out in outputs)
+        anchor = call
+        for i, out in enumerate(outputs):
+            with graph.inserting_after(anchor):
+                item = graph.call_function(operator.getitem, (call, i))
+            item.meta["val"] = out.meta.get("val")
+            out.replace_all_uses_with(item)
+            anchor = item
+        for node in reversed(nodes):
+            graph.erase_node(node)
+    _stable_topological_sort(graph)
+    graph.lint()
+
+
+def _stable_topological_sort(graph: fx.Graph) -> None:
+    """Kahn's algorithm taking the earliest ready node first: nodes already in a valid place stay."""
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    waiting = {n: len(n.all_input_nodes) for n in graph.nodes}
+    ready = [(position[n], n) for n, count in waiting.items() if count == 0]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        _, node = heapq.heappop(ready)
+        ordered.append(node)
         for user in node.users:
-            if user.op == "call_function" and user.target is operator.getitem:
-                user.meta["val"] = node.meta["val"][user.args[1]]
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, (position[user], user))
+    if len(ordered) != len(position):
+        raise RuntimeError("fusion produced a cyclic graph")  # the cycle check should make this impossible
+    previous = ordered[0]
+    for node in ordered[1:]:
+        if previous.next is not node:
+            previous.append(node)
+        previous = node
