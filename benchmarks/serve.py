@@ -111,9 +111,11 @@ def stop(proc) -> int | None:
     return proc.returncode
 
 
-def bench(url: str, args, extra: list[str], out: Path, plot: Path | None) -> dict:
+def bench(url: str, args, extra: list[str], out: Path, plot: Path | None, seed: int) -> dict:
+    """One `fusecc bench serve` run. Each run gets its own seed: runs that replayed the same random
+    prompts would hit the prefix cache left by the previous one and report a TTFT no cold request sees."""
     cmd = [sys.executable, "-m", "fusecc.cli", "bench", "serve", "--base-url", url, "--input-len",
-           str(args.input_len), "--output-len", str(args.output_len), "--seed", "0", "--out", str(out), *extra]
+           str(args.input_len), "--output-len", str(args.output_len), "--seed", str(seed), "--out", str(out), *extra]
     if plot is not None:
         cmd += ["--plot", str(plot)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.bench_timeout,
@@ -122,6 +124,14 @@ def bench(url: str, args, extra: list[str], out: Path, plot: Path | None) -> dic
     result = json.loads(out.read_text())
     result["command"] = "fusecc bench serve " + " ".join(cmd[5:])
     return result
+
+
+def server_counters(url: str) -> dict[str, float]:
+    """The server's token, preemption and prefix-cache counters from /metrics."""
+    metrics = httpx.get(url + "/metrics", timeout=10).text
+    return {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in metrics.splitlines()
+            if ln.startswith(("fusecc_num_preemptions_total", "fusecc_prefix_cache",
+                              "fusecc_generation_tokens_total", "fusecc_prompt_tokens_total"))}
 
 
 def versions() -> dict:
@@ -179,18 +189,19 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     try:
         # Warm-up (not recorded): first-use compilation of batch shapes, allocator growth.
-        bench(url, args, ["--num-requests", "32", "--concurrency", "32"], work / "warmup.json", None)
-        for rate in [float(r) for r in args.rates.split(",")]:
+        bench(url, args, ["--num-requests", "32", "--concurrency", "32"], work / "warmup.json", None, seed=1000)
+        for index, rate in enumerate(float(r) for r in args.rates.split(",")):
             plot = out_path.with_name(f"serve_rate{rate:g}.png")
+            before = server_counters(url)
             run = bench(url, args, ["--num-requests", str(args.num_requests), "--request-rate", str(rate)],
-                        work / f"rate{rate:g}.json", plot)
+                        work / f"rate{rate:g}.json", plot, seed=index)
+            after = server_counters(url)
             run["plot"] = str(plot)
+            # what the server counted during this run alone (prefix-cache hits should be ~0)
+            run["server_counter_deltas"] = {name: after[name] - before.get(name, 0.0) for name in after}
             result["runs"].append(run)
             out_path.write_text(json.dumps(result, indent=2))  # keep what is done if a later rate dies
-        metrics = httpx.get(url + "/metrics", timeout=10).text
-        result["server_metrics"] = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in metrics.splitlines()
-                                    if ln.startswith(("fusecc_num_preemptions_total", "fusecc_prefix_cache",
-                                                      "fusecc_generation_tokens_total", "fusecc_prompt_tokens_total"))}
+        result["server_metrics"] = server_counters(url)
     finally:
         result["server_exit_code"] = stop(proc)
         result["server_log_tail"] = (work / f"server-{result.get('mode', 'compiled')}.log").read_text(
