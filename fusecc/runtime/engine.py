@@ -294,13 +294,13 @@ def _min(values):
 
 
 def _detokenize_at_finish(detok: IncrementalDetokenizer, seq: Sequence) -> None:
-    """The text of a request that was not detokenized step by step (final_only, no stop strings)."""
-    if seq.finish_reason == "abort":
-        # as the incremental path leaves it: no flush, so a trailing incomplete character is held back
-        for token in seq.output_token_ids:
-            detok.add_tokens([token])
-    else:
-        detok.add_tokens(seq.output_token_ids)
+    """The text of a request that was not detokenized step by step (final_only, no stop strings):
+    token by token, exactly as the step-by-step path does. (All at once is not the same: when the
+    prompt ends inside a UTF-8 character that the first output token completes, the incremental
+    detokenizer's prefix check fails and a whole-output decode would come out empty.)"""
+    for token in seq.output_token_ids:
+        detok.add_tokens([token])
+    if seq.finish_reason != "abort":  # an aborted request holds a trailing incomplete character back
         detok.flush()
 
 

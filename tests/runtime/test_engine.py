@@ -167,6 +167,11 @@ def test_final_only_reports_once_with_the_last_cumulative_output(checkpoints, mo
                 ("n", ps[2], SamplingParams(temperature=1.0, seed=4, n=2, max_tokens=12, logprobs=1)),
                 ("stop", ps[3], SamplingParams(temperature=1.0, seed=5, max_tokens=40, stop=[" ", "w1"])),
                 ("aborted", ps[0], SamplingParams(temperature=1.0, seed=6, max_tokens=100, ignore_eos=True))]
+    if model == "default":
+        # token ids ending inside a UTF-8 character ("hi " + the first byte of a 3-byte one): the
+        # output's first byte may complete it, which decoding everything at once got wrong
+        requests.append(("ids_mid_char", [104, 105, 32, 0xE2],
+                         SamplingParams(temperature=1.0, seed=5, max_tokens=12, ignore_eos=True)))
     cumulative = _run_steps(make(), requests, abort_after={"aborted": 5})
     final_only_requests = [(rid, p, dataclasses.replace(sp, output_kind="final_only")) for rid, p, sp in requests]
     engine = make()
