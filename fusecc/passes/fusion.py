@@ -42,7 +42,7 @@ from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
 from fusecc.codegen.index_math import product, shape_of
 from fusecc.codegen.lowerings import classify
 from fusecc.passes.base import GraphPass, PassResult
-from fusecc.passes.node_kinds import is_view
+from fusecc.passes.node_kinds import is_view, storage_users
 
 _FUSIBLE = ("pointwise", "view", "cat", "reduction")
 _INDEX_COPY = torch.ops.aten.index_copy_.default
@@ -173,11 +173,11 @@ class Fusion(GraphPass):
         if not groups:
             return PassResult(gm, False, stats)
         groups.sort(key=lambda g: order[g.nodes[0]])
-        partitions = [dict.fromkeys(sorted(g.nodes, key=order.__getitem__)) for g in groups]
+        partitions = [sorted(g.nodes, key=order.__getitem__) for g in groups]
         stats["kernels"] = len(groups)
         stats["nodes_fused"] = sum(len(g.nodes) for g in groups)
         stats["reduction_kernels"] = sum(1 for g in groups if g.space[0] == "r")
-        _contract(gm, [list(p) for p in partitions], prefix="kernel_")
+        _contract(gm, partitions, prefix="kernel_")
         gm.recompile()
         return PassResult(gm, True, stats)
 
@@ -198,7 +198,9 @@ def _join_index_copy(node: fx.Node, group_of: dict, order: dict) -> Optional[str
         return "its index is computed by the same kernel"
     first = min(order[n] for n in group.nodes)
     members = set(group.nodes)
-    for accessor in _storage_accessors(dest):
+    # who reads or writes the cache (making a view of it touches no data)
+    accessors = {user for user in storage_users(dest) if not is_view(user)}
+    for accessor in accessors:
         if accessor is node:
             continue
         if accessor in members:
@@ -210,23 +212,6 @@ def _join_index_copy(node: fx.Node, group_of: dict, order: dict) -> Optional[str
     group.nodes.append(node)
     group_of[node] = group
     return None
-
-
-def _storage_accessors(root: fx.Node) -> set[fx.Node]:
-    """Every node that reads or writes `root`'s storage: non-view users of it or of any view of
-    it (making a view touches no data)."""
-    accessors, stack, seen = set(), [root], set()
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        for user in current.users:
-            if is_view(user):
-                stack.append(user)
-            else:
-                accessors.add(user)
-    return accessors
 
 
 def _only_feeds(producer: _Group, group: _Group, node: fx.Node) -> bool:

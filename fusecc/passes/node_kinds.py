@@ -91,9 +91,9 @@ def feeds_output(node: fx.Node) -> bool:
     return False
 
 
-def is_mutated(node: fx.Node) -> bool:
-    """True if the storage `node` lives in (its alias root, or any view of that root) is
-    written by some op in the graph (conservatively: used by any call that may write)."""
+def storage_users(node: fx.Node):
+    """Every user of the storage `node` lives in: users of its alias root and of any view of that
+    root, views included (a node using several of them comes once per use)."""
     stack, seen = [alias_root(node)], set()
     while stack:
         current = stack.pop()
@@ -101,8 +101,12 @@ def is_mutated(node: fx.Node) -> bool:
             continue
         seen.add(current)
         for user in current.users:
-            if may_write(user):
-                return True
+            yield user
             if is_view(user):
                 stack.append(user)
-    return False
+
+
+def is_mutated(node: fx.Node) -> bool:
+    """True if the storage `node` lives in (its alias root, or any view of that root) is
+    written by some op in the graph (conservatively: used by any call that may write)."""
+    return any(may_write(user) for user in storage_users(node))
