@@ -206,8 +206,7 @@ class BlockManager:
 
     # --- internals ----------------------------------------------------------------------------
     def _num_blocks_to_append(self, seq: Sequence, num_new_tokens: int) -> int:
-        needed = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
-        return max(0, needed - len(seq.block_table))
+        return max(0, seq.num_blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table))
 
     def _take_free_block(self) -> int:
         block_id, _ = self._free.popitem(last=False)
@@ -248,9 +247,7 @@ class BlockManager:
         return hits
 
     def _note_peak(self) -> None:
-        used = self.num_blocks - len(self._free)
-        if used > self.stats.peak_used_blocks:
-            self.stats.peak_used_blocks = used
+        self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.num_used_blocks)
 
     def reset_peak(self) -> None:
         """Restart the peak-usage statistic from the current usage (e.g. after a warm-up)."""
