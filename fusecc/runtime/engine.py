@@ -253,20 +253,13 @@ class LLMEngine:
                                         finish_reason=c.seq.finish_reason, stop_reason=c.seq.stop_reason,
                                         logprobs=None if c.logprobs is None else list(c.logprobs))
                        for i, c in enumerate(req.children)]
-        if len(req.children) == 1:
-            seq = req.children[0].seq
-            metrics = RequestMetrics(
-                arrival_time=req.arrival_time, first_scheduled_time=seq.first_scheduled_time,
-                first_token_time=seq.first_token_time, finished_time=seq.finished_time if finished else None,
-                num_cached_tokens=req.children[0].num_cached_tokens or 0)
-        else:
-            seqs = [c.seq for c in req.children]
-            metrics = RequestMetrics(
-                arrival_time=req.arrival_time,
-                first_scheduled_time=_min(s.first_scheduled_time for s in seqs),
-                first_token_time=_min(s.first_token_time for s in seqs),
-                finished_time=max(s.finished_time for s in seqs) if finished else None,
-                num_cached_tokens=max(c.num_cached_tokens or 0 for c in req.children))
+        seqs = [c.seq for c in req.children]
+        metrics = RequestMetrics(
+            arrival_time=req.arrival_time,
+            first_scheduled_time=_min(s.first_scheduled_time for s in seqs),
+            first_token_time=_min(s.first_token_time for s in seqs),
+            finished_time=max(s.finished_time for s in seqs) if finished else None,
+            num_cached_tokens=max(c.num_cached_tokens or 0 for c in req.children))
         return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), completions, finished, metrics)
 
     def stats(self) -> EngineStats:

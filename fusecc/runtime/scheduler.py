@@ -198,9 +198,8 @@ class Scheduler:
         for seq in sorted(self.running, key=_running_order_key):
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            uncomputed = len(seq.token_ids) - seq.num_computed_tokens
-            assert uncomputed >= 1, seq.request_id  # a running sequence always has work
-            n = min(uncomputed, budget)
+            assert seq.num_uncomputed_tokens >= 1, seq.request_id  # a running sequence always has work
+            n = min(seq.num_uncomputed_tokens, budget)
             if n == 0:
                 continue  # budget spent; it keeps its blocks and runs next step
             while not bm.can_append(seq, n):
@@ -323,4 +322,4 @@ def _order_key(seq: Sequence) -> tuple[int, float, int]:
 
 def _running_order_key(seq: Sequence) -> tuple[bool, int, float, int]:
     # decodes (one uncomputed token) before continuing prefills, then _order_key
-    return (len(seq.token_ids) - seq.num_computed_tokens > 1, seq.priority, seq.arrival_time, seq.seq_id)
+    return (seq.num_uncomputed_tokens > 1, *_order_key(seq))
