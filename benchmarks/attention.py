@@ -26,7 +26,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fusecc.kernels import flash_attention, paged_attention
 from fusecc.kernels.flash_attention import _flash_attention_kernel
-from fusecc.kernels.paged_attention import _paged_decode_kernel, choose_num_splits, _num_sms
+from fusecc.kernels.paged_attention import _paged_decode_kernel
+from fusecc.kernels.split_kv import choose_num_splits, num_sms
 
 
 def bench(fn):
@@ -162,7 +163,7 @@ def decode_rows(copy_tbs):
             ms = time_in_graph(lambda i: paged_attention(q, *caches[i], tables, ctx, out=out), calls=copies)
             row["fusecc_us"] = ms * 1e3
             row["rotating_caches"] = copies
-            row["num_splits"] = choose_num_splits(B, Hkv, ctx_len, _num_sms(q.device))
+            row["num_splits"] = choose_num_splits(B, Hkv, ctx_len, num_sms(q.device))
             row["fusecc_config"] = str(_paged_decode_kernel.best_config)
             row["bandwidth_tbs"] = kv_bytes / (ms * 1e-3) / 1e12
             row["fraction_of_copy"] = row["bandwidth_tbs"] / copy_tbs
@@ -186,7 +187,7 @@ def main():
     print(f"device-to-device copy: {copy_tbs:.2f} TB/s", flush=True)
     result = {
         "device": torch.cuda.get_device_name(),
-        "sm_count": _num_sms(torch.device("cuda")),
+        "sm_count": num_sms(torch.device("cuda")),
         "torch": torch.__version__, "triton": triton.__version__,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),

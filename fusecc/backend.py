@@ -137,6 +137,7 @@ class InferenceCompiler:
         if wants_triton(options, fake_inputs):
             runner, codegen_records = lower(aten_gm, options, dump, fake_inputs, weight_inputs)
             records += codegen_records
+        runner = _with_kernel_autotuning(runner, options.autotune)
         seconds = time.perf_counter() - start
         if dump is not None:
             dump.write_graph("final", aten_gm)
@@ -159,6 +160,20 @@ class InferenceCompiler:
                 "op_histogram_final": dict(op_histogram(aten_gm)),
             })
         return runner
+
+
+def _with_kernel_autotuning(runner: Callable, enabled: bool) -> Callable:
+    """Run the compiled graph with the attention kernels' config search on or off, as the graph's
+    `autotune` option says (off by default: a hand-picked tile config per shape class, no seconds
+    of compiling and timing the alternatives on the first call; mode="max-autotune" turns it on)."""
+    from fusecc.kernels.attention_tile import kernel_autotuning
+
+    def call(args):
+        with kernel_autotuning(enabled):
+            return runner(args)
+
+    call._boxed_call = True
+    return call
 
 
 def _aot_params_flat() -> list:

@@ -42,7 +42,8 @@ class FuseccOptions:
     verify: bool = True
     # Capture the compiled call in a CUDA graph (set by mode="reduce-overhead").
     cudagraphs: bool = False
-    # Autotune generated kernels over several configs (set by mode="max-autotune*").
+    # The graph's attention kernels time their tile configs on first use instead of launching a
+    # hand-picked one (set by mode="max-autotune*"; see fusecc/kernels/attention_tile.py).
     autotune: bool = False
     # How the optimized graph runs: "triton" (fusion + generated kernels; on CPU tensors this
     # needs TRITON_INTERPRET=1), "aten" (the optimized ATen graph as an FX module), or "auto"

@@ -367,3 +367,38 @@ def test_without_freeze_weight_changes_are_seen():
         compiled(x)
         model.fc2.bias.add_(1.0)
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+# ---- the autotune option reaches the attention kernels ----------------------------------------
+
+_AUTOTUNE_SEEN: list[bool] = []
+
+
+@torch.library.custom_op("fusecc_test::autotune_probe", mutates_args=())
+def _autotune_probe(x: torch.Tensor) -> torch.Tensor:
+    """Stands where an attention kernel launch would: records what launch_tuned would decide."""
+    from fusecc.kernels.attention_tile import autotune_enabled
+
+    _AUTOTUNE_SEEN.append(autotune_enabled())
+    return x + 1
+
+
+@_autotune_probe.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@pytest.mark.parametrize("autotune", [False, True])
+def test_autotune_option_decides_inside_the_graph_only(monkeypatch, autotune):
+    from fusecc.kernels.attention_tile import autotune_enabled
+
+    # the environment says the opposite: inside the compiled graph the option wins
+    monkeypatch.setenv("FUSECC_AUTOTUNE", "0" if autotune else "1")
+    _AUTOTUNE_SEEN.clear()
+    compiled = torch.compile(lambda x: torch.ops.fusecc_test.autotune_probe(x * 2) * 3, backend="fusecc",
+                             options={"autotune": autotune})
+    with torch.no_grad():
+        out = compiled(torch.ones(4))
+    torch.testing.assert_close(out, torch.full((4,), 9.0))
+    assert _AUTOTUNE_SEEN == [autotune]
+    assert autotune_enabled() is (not autotune)  # outside the graph the environment decides again

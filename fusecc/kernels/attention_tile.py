@@ -26,7 +26,11 @@ in eager and here alike (biases below -2.3e38 are clamped there, so the base-2 b
 overflow to -inf).
 """
 
+import contextlib
+import contextvars
+import functools
 import os
+from typing import Optional
 
 import triton
 import triton.language as tl
@@ -190,10 +194,37 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Set by compiled graphs around each call (their `autotune` option, on with mode="max-autotune");
+# None outside them, where FUSECC_AUTOTUNE decides.
+_AUTOTUNE_OVERRIDE: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("fusecc_autotune", default=None)
+
+
 def autotune_enabled() -> bool:
-    """FUSECC_AUTOTUNE=0 keeps only the first (hand-picked) config of each pruned list: GPU tests
-    then compile one kernel per shape class instead of one per candidate config."""
+    """Whether the attention kernels search their tile configs (compiling and timing each, once per
+    shape class: seconds of compile time) or launch a hand-picked one. Inside a compiled graph its
+    `autotune` option decides; direct calls follow FUSECC_AUTOTUNE (default on)."""
+    forced = _AUTOTUNE_OVERRIDE.get()
+    if forced is not None:
+        return forced
     return os.environ.get("FUSECC_AUTOTUNE", "1") != "0"
+
+
+@contextlib.contextmanager
+def kernel_autotuning(enabled: bool):
+    token = _AUTOTUNE_OVERRIDE.set(enabled)
+    try:
+        yield
+    finally:
+        _AUTOTUNE_OVERRIDE.reset(token)
+
+
+def launch_tuned(kernel, grid, args: tuple, kwargs: dict, first_choice: triton.Config) -> None:
+    """Launch an @triton.autotune kernel: over its configs when autotune_enabled(), else directly
+    with `first_choice` (its hand-picked config for these constexprs; no timing runs)."""
+    if autotune_enabled() and not interpreting():
+        kernel[grid](*args, **kwargs)
+    else:
+        kernel.fn[grid](*args, **kwargs, **first_choice.all_kwargs())
 
 
 def head_dim_pad(head_dim: int) -> int:
@@ -236,5 +267,10 @@ def prune_prefill_configs(configs, named_args, **kwargs):
         keep = [c for c in configs if c.kwargs["BLOCK_M"] == 128 or c.num_stages == 3 and c.kwargs["BLOCK_N"] == 64]
     else:
         keep = [c for c in configs if c.num_stages == 2 and c.kwargs["BLOCK_N"] <= 64]
-    keep = keep or configs
-    return keep if autotune_enabled() else keep[:1]
+    return keep or configs
+
+
+@functools.lru_cache(maxsize=None)
+def first_prefill_config(head_dim_pad: int) -> triton.Config:
+    """The config the prefill kernels launch when not autotuning: the first one pruning keeps."""
+    return prune_prefill_configs(prefill_configs(), {"HEAD_DIM_PAD": head_dim_pad})[0]

@@ -15,6 +15,7 @@ Any strides are accepted (HF's transposed views run without a copy); a last-dim 
 what makes the loads wide.
 
 One program owns BLOCK_M query rows of one (batch, head); the key loop lives in attention_tile.py.
+A single query row (seq_q == 1, a static-cache decode step) goes to dense_decode_attention.py instead.
 """
 
 from typing import Optional
@@ -23,8 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.attention_tile import (LOG2E, attn_rows, check_head_dim, head_dim_pad, prefill_configs,
-                                           prune_prefill_configs, softmax_scale)
+from fusecc.kernels.attention_tile import (LOG2E, attn_rows, check_head_dim, first_prefill_config, head_dim_pad,
+                                           launch_tuned, prefill_configs, prune_prefill_configs, softmax_scale)
+from fusecc.kernels.dense_decode_attention import dense_decode_attention
+
 
 @triton.autotune(configs=prefill_configs(), key=["HEAD_DIM_PAD", "CAUSAL", "MASK_KIND", "SEQ_BUCKET"],
                  prune_configs_by={"early_config_prune": prune_prefill_configs}, cache_results=True)
@@ -99,17 +102,21 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if out.numel() == 0:
         return out
     scale = softmax_scale(scale, D)
+    if Sq == 1:
+        # a decode step (static KV cache): split-KV over the keys instead of one mostly empty
+        # query tile per head; causal is moot (the one query sees every key)
+        return dense_decode_attention(q, k, v, out, scale * LOG2E, mask, mask_kind)
 
     def grid(meta):
         return (triton.cdiv(Sq, meta["BLOCK_M"]), Hq, B)
 
-    _flash_attention_kernel[grid](
+    d_pad = head_dim_pad(D)
+    launch_tuned(_flash_attention_kernel, grid, (
         q, k, v, out, mask, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask.stride(),
         Hq // Hkv, Sq, Sk, scale * LOG2E,
         triton.next_power_of_2(max(Sq, Sk, 1)),
-        HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), CAUSAL=bool(causal),
-        MASK_KIND=mask_kind,
-    )
+    ), dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, CAUSAL=bool(causal), MASK_KIND=mask_kind),
+        first_prefill_config(d_pad))
     return out
 
 

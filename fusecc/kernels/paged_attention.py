@@ -11,7 +11,7 @@ batch 1 a program per (sequence, kv head) would leave most SMs idle. So each (se
 is split into NUM_SPLITS key ranges, one program each, chosen from batch·kv_heads vs the SM count.
 Each program packs the q heads of its KV group into one tile ([GROUP_PAD >= 16, head_dim]) so the
 GQA heads share every K/V load and the scores go through tl.dot (tensor cores), writes its
-normalized partial output and its log-sum-exp (base 2); a second small kernel merges the splits.
+normalized partial output and its log-sum-exp (base 2); split_kv.py merges the splits.
 With one split the first kernel writes the output directly and the merge is skipped.
 """
 
@@ -21,26 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.attention_tile import (LOG2E, attn_inner, autotune_enabled, check_head_dim, head_dim_pad,
-                                           interpreting, softmax_scale)
-
-# keep a split at least this many keys long: shorter ones cost more in the merge than they save.
-# Short splits matter at small batch·context, where a program's serial chain of dependent loads
-# (block table -> K -> V), not bandwidth, sets the time (measured: 256-key splits left batch 8 x 1k at 42% of copy)
-MIN_KEYS_PER_SPLIT = 128
-PROGRAMS_PER_SM = 4
-MAX_SPLITS = 128
+from fusecc.kernels.attention_tile import LOG2E, attn_inner, check_head_dim, head_dim_pad, launch_tuned, softmax_scale
+from fusecc.kernels.split_kv import (choose_num_splits, decode_configs, merge_splits, num_sms, split_buffers,
+                                     store_split_partial)
 
 
-def _decode_configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    cfgs = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4)]]
-    return cfgs if autotune_enabled() else cfgs[:1]
-
-
-@triton.autotune(configs=_decode_configs(),
+@triton.autotune(configs=decode_configs(),
                  key=["HEAD_DIM_PAD", "GROUP_PAD", "PAGE_SIZE", "SPLIT", "WORK_BUCKET", "CTX_BUCKET"],
                  cache_results=True)
 @triton.jit
@@ -90,60 +76,11 @@ def _paged_decode_kernel(
                                BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, True, True, PAGE_SIZE, 0)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if SPLIT:
-        # part_o: [batch, q_heads, num_splits, HEAD_DIM_PAD] fp32; part_lse: [batch, q_heads, num_splits]
-        row = (b * q_heads + heads) * num_splits + split
-        tl.store(part_o_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :], out, mask=offs_g[:, None] < group)
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-        tl.store(part_lse_ptr + row, lse, mask=offs_g < group)
+        store_split_partial(part_o_ptr, part_lse_ptr, out, l_i, m_i, b, heads, offs_g < group, split,
+                            q_heads, num_splits, HEAD_DIM_PAD)
     else:
         tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  out.to(o_ptr.dtype.element_ty), mask=io_mask)
-
-
-@triton.jit
-def _merge_splits_kernel(
-    part_o_ptr, part_lse_ptr, o_ptr, stride_ob, stride_oh, stride_od, q_heads, num_splits,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-):
-    h = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
-    offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    s_ok = offs_s < num_splits
-    row = (b * q_heads + h) * num_splits + offs_s
-    lse = tl.load(part_lse_ptr + row, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    # all splits empty (context 0): weights 0, output 0
-    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    denom = tl.sum(w, 0)
-    o = tl.load(part_o_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(o_ptr.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
-
-
-_SM_COUNT = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # interpreter: a few splits, so the split path is what the CPU tests exercise
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
-def choose_num_splits(batch: int, kv_heads: int, max_context: int, num_sms: int) -> int:
-    """Enough programs for ~PROGRAMS_PER_SM per SM, each split >= MIN_KEYS_PER_SPLIT keys of the longest context.
-
-    max_context is the block-table capacity (no device sync to read the real lengths)."""
-    work = batch * kv_heads
-    if work >= num_sms:
-        return 1
-    want = triton.cdiv(PROGRAMS_PER_SM * num_sms, work)
-    useful = triton.cdiv(max(max_context, 1), MIN_KEYS_PER_SPLIT)
-    return max(1, min(want, useful, MAX_SPLITS))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -181,25 +118,20 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     group = Hq // Hkv
     capacity = block_tables.shape[1] * page_size
     if num_splits is None:
-        num_splits = choose_num_splits(B, Hkv, capacity, _num_sms(q.device))
+        num_splits = choose_num_splits(B, Hkv, capacity, num_sms(q.device))
     d_pad = head_dim_pad(D)
     split = num_splits > 1
     if split:
-        part_o = torch.empty((B, Hq, num_splits, d_pad), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+        part_o, part_lse = split_buffers(B, Hq, num_splits, d_pad, q.device)
     else:
         part_o = part_lse = out  # unused
-    _paged_decode_kernel[(num_splits, Hkv, B)](
+    launch_tuned(_paged_decode_kernel, (num_splits, Hkv, B), (
         q, k_cache, v_cache, out, part_o, part_lse, table, ctx,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), table.stride(0), *out.stride(),
         Hq, group, num_splits, scale * LOG2E,
         triton.next_power_of_2(B * Hkv), triton.next_power_of_2(max(capacity, 1)),
-        HEAD_DIM=D, HEAD_DIM_PAD=d_pad, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        PAGE_SIZE=page_size, SPLIT=split,
-    )
+    ), dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+            PAGE_SIZE=page_size, SPLIT=split), decode_configs()[0])
     if split:
-        _merge_splits_kernel[(Hq, B)](
-            part_o, part_lse, out, *out.stride(), Hq, num_splits,
-            HEAD_DIM=D, HEAD_DIM_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
-        )
+        merge_splits(part_o, part_lse, out, *out.stride(), D)
     return out

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.attention_tile import (LOG2E, attn_rows, check_head_dim, head_dim_pad, prefill_configs,
-                                           prune_prefill_configs, softmax_scale)
+from fusecc.kernels.attention_tile import (LOG2E, attn_rows, check_head_dim, first_prefill_config, head_dim_pad,
+                                           launch_tuned, prefill_configs, prune_prefill_configs, softmax_scale)
 
 
 @triton.autotune(configs=prefill_configs(), key=["HEAD_DIM_PAD", "CAUSAL", "PAGED", "SEQ_BUCKET"],
@@ -136,10 +136,11 @@ def launch_varlen(q, k, v, out, cu_q, cu_k, table, ctx,
     def grid(meta):
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), Hq, batch)
 
-    _varlen_attention_kernel[grid](
+    d_pad = head_dim_pad(D)
+    launch_tuned(_varlen_attention_kernel, grid, (
         q, k, v, out, cu_q, cu_k, table, ctx,
         *q.stride(), stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd, *out.stride(),
         stride_kpage, stride_vpage, stride_table,
         Hq // Hkv, scale * LOG2E, triton.next_power_of_2(max_seqlen_q),
-        HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad(D), CAUSAL=causal, PAGED=paged, PAGE_SIZE=page_size,
-    )
+    ), dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, CAUSAL=causal, PAGED=paged, PAGE_SIZE=page_size),
+        first_prefill_config(d_pad))

@@ -1,0 +1,109 @@
+"""Split-KV (flash-decoding) pieces shared by the decode kernels (paged and dense).
+
+A decode step has one query row per (sequence, head) and reads every cached K/V byte once: it is
+bandwidth-bound, and at small batch a program per (sequence, kv head) leaves most SMs idle. So each
+(sequence, kv head) is split into `num_splits` key ranges, one program each; every program writes
+its normalized partial output and its log-sum-exp (base 2), and `merge_splits` combines them:
+
+    out = sum_s 2^(lse_s - max lse) * o_s / sum_s 2^(lse_s - max lse)
+
+With one split the decode kernel writes the output itself and no merge runs.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fusecc.kernels.attention_tile import interpreting
+
+# keep a split at least this many keys long: shorter ones cost more in the merge than they save.
+# Short splits matter at small batch·context, where a program's serial chain of dependent loads
+# (block table -> K -> V), not bandwidth, sets the time (measured: 256-key splits left batch 8 x 1k at 42% of copy)
+MIN_KEYS_PER_SPLIT = 128
+PROGRAMS_PER_SM = 4
+MAX_SPLITS = 128
+
+
+def decode_configs():
+    """Key-tile configs of the decode kernels (the query tile is the GQA group, not a choice); the
+    first is the hand-picked one launched when not autotuning."""
+    if interpreting():
+        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bn, w, s in [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4)]]
+
+
+_SM_COUNT = {}
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a few splits, so the split path is what the CPU tests exercise
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_context: int, sm_count: int) -> int:
+    """Enough programs for ~PROGRAMS_PER_SM per SM, each split >= MIN_KEYS_PER_SPLIT keys of the longest context.
+
+    max_context is an upper bound known on the host (no device sync to read the real lengths)."""
+    work = batch * kv_heads
+    if work >= sm_count:
+        return 1
+    want = triton.cdiv(PROGRAMS_PER_SM * sm_count, work)
+    useful = triton.cdiv(max(max_context, 1), MIN_KEYS_PER_SPLIT)
+    return max(1, min(want, useful, MAX_SPLITS))
+
+
+def split_buffers(batch: int, q_heads: int, num_splits: int, head_dim_pad: int, device: torch.device):
+    """(part_o [batch, q_heads, num_splits, head_dim_pad] fp32, part_lse [batch, q_heads, num_splits] fp32)."""
+    part_o = torch.empty((batch, q_heads, num_splits, head_dim_pad), dtype=torch.float32, device=device)
+    part_lse = torch.empty((batch, q_heads, num_splits), dtype=torch.float32, device=device)
+    return part_o, part_lse
+
+
+@triton.jit
+def store_split_partial(part_o_ptr, part_lse_ptr, out, l_i, m_i, b, heads, rows_ok, split, q_heads, num_splits,
+                        HEAD_DIM_PAD: tl.constexpr):
+    """Write one program's normalized partial output `out [R, HEAD_DIM_PAD]` and its base-2 LSE for the
+    q heads `heads [R]` of sequence `b` (rows_ok masks padding rows). A split that saw no key has
+    l = 0: its LSE is -inf, so the merge gives it weight 0."""
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row = (b * q_heads + heads) * num_splits + split
+    tl.store(part_o_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :], out, mask=rows_ok[:, None])
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+    tl.store(part_lse_ptr + row, lse, mask=rows_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_o_ptr, part_lse_ptr, o_ptr, stride_ob, stride_oh, stride_od, q_heads, num_splits,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    h = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    s_ok = offs_s < num_splits
+    row = (b * q_heads + h) * num_splits + offs_s
+    lse = tl.load(part_lse_ptr + row, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    # all splits empty (context 0, or every key masked): weights 0, output 0
+    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    denom = tl.sum(w, 0)
+    o = tl.load(part_o_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(o_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+def merge_splits(part_o: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor,
+                 stride_ob: int, stride_oh: int, stride_od: int, head_dim: int) -> None:
+    """out[b, h, :head_dim] (addressed through the given strides) <- the LSE-weighted merge of the splits."""
+    batch, q_heads, splits, d_pad = part_o.shape
+    _merge_splits_kernel[(q_heads, batch)](
+        part_o, part_lse, out, stride_ob, stride_oh, stride_od, q_heads, splits,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,
+    )
