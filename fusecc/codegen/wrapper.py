@@ -31,6 +31,7 @@ from fusecc.codegen.expr_printer import print_expr
 from fusecc.codegen.index_math import CodegenUnsupported, sym
 from fusecc.codegen.kernel_cache import default_cache_dir, kernel_cache
 from fusecc.codegen.kernel_writer import KernelSource, KernelWriter
+from fusecc.codegen.precompile import KernelLaunch, precompile, stand_in
 from fusecc.passes.node_kinds import is_view
 
 
@@ -72,6 +73,8 @@ class _WrapperWriter:
         self.globals: dict[str, Any] = {"torch": torch, "device": torch.device,
                                         "empty_strided": torch.empty_strided, "check_kernel": check_kernel}
         self.symbol_source: dict[sympy.Symbol, str] = {}
+        self.symbol_hint: dict[sympy.Symbol, int] = {}  # example values, for precompiling
+        self.launch_examples: list[KernelLaunch] = []
         self.kernels: dict[str, KernelSource] = {}
         self.fallbacks: dict[str, str] = {}
         self.launches = 0
@@ -120,6 +123,7 @@ class _WrapperWriter:
             if isinstance(val, torch.SymInt) and isinstance(val.node.expr, sympy.Symbol):
                 if val.node.expr not in self.symbol_source:
                     self.symbol_source[val.node.expr] = p.name
+                    self.symbol_hint[val.node.expr] = val.node.hint
                     self.lines.append(f"{val.node.expr.name} = {p.name}")
         for p in placeholders:
             val = p.meta.get("val")
@@ -129,6 +133,7 @@ class _WrapperWriter:
                 if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
                     if size.node.expr not in self.symbol_source:
                         self.symbol_source[size.node.expr] = f"{p.name}.size({d})"
+                        self.symbol_hint[size.node.expr] = size.node.hint
                         self.lines.append(f"{size.node.expr.name} = {p.name}.size({d})")
 
     # ----------------------------------------------------------------- node emission
@@ -169,12 +174,28 @@ class _WrapperWriter:
         grid = f"(({numel} + {ks.xblock - 1}) // {ks.xblock},)"
         self.lines.append(f"if {numel} > 0: {kernel_name}[{grid}]({', '.join(call_args)}, {meta})")
         self.launches += 1
+        self._record_launch_example(fn, ks, [a.meta["val"] for a in tensor_inputs] + list(node.meta["val"]))
         if self.check_kernels:
             module = self._global(f"{node.target}_aten", sub)
             inputs = ", ".join(self._render(a) for a in node.args)
             self.lines.append(f"check_kernel({ks.name!r}, {module}, [{inputs}], [{', '.join(outputs)}])")
         for user in node.users:
             self.var_of[user] = user.name
+
+    def _record_launch_example(self, fn, ks: KernelSource, tensors: list) -> None:
+        """The launch with the graph's example values, for precompile(); skipped where a size has
+        no example value (unbacked)."""
+        ints = []
+        for expr in list(ks.size_args) + [ks.numel]:
+            expr = sym(expr) if not isinstance(expr, sympy.Expr) else expr
+            hints = {s: self.symbol_hint.get(s) for s in expr.free_symbols}
+            if any(h is None for h in hints.values()):
+                return
+            ints.append(int(expr.subs(hints)))
+        meta = {"XBLOCK": ks.xblock, "num_warps": ks.num_warps}
+        if ks.rblock:
+            meta["RBLOCK"] = ks.rblock
+        self.launch_examples.append(KernelLaunch(fn, [stand_in(t) for t in tensors] + ints, meta))
 
     def _emit_fallback_module(self, node: fx.Node, sub: fx.GraphModule, outputs: list, why: str) -> None:
         self.fallbacks[node.target] = why
@@ -246,9 +267,15 @@ class _WrapperWriter:
         exec(compile(source, "<fusecc-wrapper>", "exec"), namespace)
         call = namespace["call"]
         call._boxed_call = True
+        if _is_cuda_graph(placeholders):
+            precompile(self.launch_examples)
         return CompiledWrapper(call=call, source=_documented(source, self.globals), kernels=self.kernels,
                                fallbacks=self.fallbacks, launches_per_call=self.launches,
                                extern_calls_per_call=self.externs)
+
+
+def _is_cuda_graph(placeholders: list[fx.Node]) -> bool:
+    return any(isinstance(p.meta.get("val"), torch.Tensor) and p.meta["val"].is_cuda for p in placeholders)
 
 
 def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:

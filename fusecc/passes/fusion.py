@@ -37,7 +37,7 @@ import networkx as nx
 import sympy
 import torch
 import torch.fx as fx
-from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from fusecc.codegen.index_math import product, shape_of
 from fusecc.codegen.lowerings import classify
@@ -270,7 +270,7 @@ def _contract(gm: fx.GraphModule, partitions: list[list[fx.Node]], prefix: str) 
     graph = gm.graph
     for index, nodes in enumerate(partitions):
         name = f"{prefix}{index}"
-        sub, inputs, outputs = fuse_as_graphmodule(gm, nodes, name, dict.fromkeys(nodes), always_return_tuple=True)
+        sub, inputs, outputs = _lift(gm, nodes, name)
         gm.add_submodule(name, sub)
         with graph.inserting_after(nodes[-1]):
             call = graph.call_module(name, args=inputs)
@@ -286,6 +286,32 @@ def _contract(gm: fx.GraphModule, partitions: list[list[fx.Node]], prefix: str) 
             graph.erase_node(node)
     _stable_topological_sort(graph)
     graph.lint()
+
+
+def _lift(gm: fx.GraphModule, nodes: list[fx.Node], name: str):
+    """(module running `nodes` and returning a tuple of the values read outside them, its inputs
+    in gm, those outputs in gm). As torch's fuse_as_graphmodule, minus its cycle check (ours ran
+    already) and with a lazy module: a kernel's group is compiled to Python only if it runs as
+    ATen; a model has hundreds of groups and codegen reads just their graphs."""
+    members = set(nodes)
+    subgraph = fx.Graph()
+    placeholder_of: dict[fx.Node, fx.Node] = {}
+    copy_of: dict[fx.Node, fx.Node] = {}
+
+    def remap(x: fx.Node) -> fx.Node:
+        if x in members:
+            return copy_of[x]
+        if x not in placeholder_of:
+            placeholder = subgraph.placeholder(x.name, type_expr=x.type)
+            placeholder.meta = dict(x.meta)
+            placeholder_of[x] = placeholder
+        return placeholder_of[x]
+
+    for node in nodes:
+        copy_of[node] = subgraph.node_copy(node, remap)
+    outputs = [n for n in nodes if any(u not in members for u in n.users)]
+    subgraph.output(tuple(copy_of[n] for n in outputs))
+    return _LazyGraphModule(gm, subgraph, class_name=name), tuple(placeholder_of), tuple(outputs)
 
 
 def _stable_topological_sort(graph: fx.Graph) -> None:
