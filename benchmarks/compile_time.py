@@ -1,0 +1,111 @@
+"""Where compile time goes (GPU): the first decode step of benchmarks/decode.py's models, timed as
+
+    aot_eager      Dynamo capture + AOTAutograd tracing, then the graph runs as ATen: the part of
+                   any torch.compile backend's first call that the backend does not control
+                   (unless it caches AOTAutograd's output, as inductor does)
+    fusecc cold    fresh kernel caches (fusecc's and Triton's) in this process
+    fusecc warm    after torch._dynamo.reset(): kernel caches warm, everything else redone
+    inductor cold / warm   the same for mode="reduce-overhead" (fresh caches, then warm)
+
+and, for fusecc, the seconds its own compiler took (freezing, passes, codegen, kernel precompile:
+fusecc.backend.InferenceCompiler, summed over the compiled graphs). No dumps are written.
+
+    python benchmarks/compile_time.py --configs 1b:1,8b:1 --out benchmarks/results/compile_time.json
+"""
+
+from __future__ import annotations
+
+import benchmarks.decode as decode  # sets fresh cache directories before torch is imported
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+
+_BACKEND_SECONDS = [0.0]
+
+
+def _time_fusecc_compiler() -> None:
+    """Accumulate the time spent in fusecc's InferenceCompiler (after AOTAutograd hands it the graph)."""
+    import fusecc.backend
+
+    original = fusecc.backend.InferenceCompiler._compile
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _BACKEND_SECONDS[0] += time.perf_counter() - start
+
+    fusecc.backend.InferenceCompiler._compile = timed
+
+
+def bench_config(shape: str, batch: int) -> dict:
+    from transformers import StaticCache
+
+    model, config = decode.build_model(shape)
+    cache = StaticCache(config=config, max_cache_len=decode.PROMPT + decode.STEPS + 8)
+
+    def step(token, cache):
+        return model(token, past_key_values=cache, use_cache=True).logits
+
+    result: dict = {"shape": shape, "batch": batch}
+    fusecc_options = {"cudagraphs": True, "freeze": True}
+    runs = [("aot_eager", lambda: torch.compile(step, backend="aot_eager")),
+            ("fusecc_cold", lambda: torch.compile(step, backend="fusecc", options=fusecc_options)),
+            ("fusecc_warm", lambda: torch.compile(step, backend="fusecc", options=fusecc_options)),
+            ("inductor_cold", lambda: torch.compile(step, mode="reduce-overhead")),
+            ("inductor_warm", lambda: torch.compile(step, mode="reduce-overhead"))]
+    for label, make in runs:
+        torch._dynamo.reset()
+        compiled = make()
+        _BACKEND_SECONDS[0] = 0.0
+        result[f"{label}_first_call_s"] = decode.first_call_seconds(model, config, compiled, batch, cache)
+        if label.startswith("fusecc"):
+            result[f"{label}_backend_s"] = _BACKEND_SECONDS[0]
+    for kind in ("cold", "warm"):
+        result[f"fusecc_vs_inductor_{kind}"] = result[f"fusecc_{kind}_first_call_s"] / result[f"inductor_{kind}_first_call_s"]
+    del model, cache
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--configs", default="1b:1,8b:1", help="shape:batch, comma separated")
+    parser.add_argument("--out", default="benchmarks/results/compile_time.json")
+    args = parser.parse_args()
+    import triton
+
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__, "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": "python " + " ".join(sys.argv),
+        "configurations": [],
+    }
+    # one throwaway compile first, so that no configuration pays the process's one-time costs
+    # (imports, CUDA and Triton initialisation)
+    torch.compile(lambda x: x * 2, backend="aot_eager")(torch.ones(4, device="cuda"))
+    _time_fusecc_compiler()
+    for item in args.configs.split(","):
+        shape, batch = item.split(":")
+        report["configurations"].append(bench_config(shape, int(batch)))
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    print(f"{'config':<8} {'aot_eager':>9} {'fcc cold':>9} {'(backend)':>9} {'fcc warm':>9} {'(backend)':>9} "
+          f"{'ind cold':>9} {'ind warm':>9}")
+    for r in report["configurations"]:
+        print(f"{r['shape']}:{r['batch']:<5} {r['aot_eager_first_call_s']:9.2f} {r['fusecc_cold_first_call_s']:9.2f} "
+              f"{r['fusecc_cold_backend_s']:9.2f} {r['fusecc_warm_first_call_s']:9.2f} {r['fusecc_warm_backend_s']:9.2f} "
+              f"{r['inductor_cold_first_call_s']:9.2f} {r['inductor_warm_first_call_s']:9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
