@@ -46,6 +46,19 @@ def test_every_launch_is_recorded_with_example_values(monkeypatch):
         assert {"XBLOCK", "num_warps"} <= set(launch.meta)
 
 
+def test_a_failing_precompile_never_fails_compilation(monkeypatch):
+    import fusecc.codegen.precompile as precompile_module
+
+    def broken(launches, workers):
+        raise RuntimeError("compiler crashed")
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(precompile_module, "_compile_all", broken)
+    launch = precompile_module.KernelLaunch(kernel=None, args=[], meta={})
+    assert precompile_module.precompile([launch]) == 0
+
+
 @pytest.mark.gpu
 def test_first_call_compiles_no_generated_kernel_at_launch(monkeypatch, tmp_path):
     import triton
