@@ -100,7 +100,7 @@ def prefill_rows():
                 row = {"head_dim": D, "heads": H, "batch": B, "seq": S, "causal": causal}
                 out = flash_attention(q, k, v, causal=causal)
                 row["fusecc_ms"] = bench(lambda: flash_attention(q, k, v, causal=causal))
-                row["fusecc_config"] = str(_flash_attention_kernel.best_config)
+                row["fusecc_config"] = str(getattr(_flash_attention_kernel, "best_config", "hand-picked"))
                 for name, backend in [("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)]:
                     try:
                         with sdpa_kernel(backend):
@@ -164,7 +164,7 @@ def decode_rows(copy_tbs):
             row["fusecc_us"] = ms * 1e3
             row["rotating_caches"] = copies
             row["num_splits"] = choose_num_splits(B, Hkv, ctx_len, num_sms(q.device))
-            row["fusecc_config"] = str(_paged_decode_kernel.best_config)
+            row["fusecc_config"] = str(getattr(_paged_decode_kernel, "best_config", "hand-picked"))
             row["bandwidth_tbs"] = kv_bytes / (ms * 1e-3) / 1e12
             row["fraction_of_copy"] = row["bandwidth_tbs"] / copy_tbs
             rows.append(row)

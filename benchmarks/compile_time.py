@@ -55,7 +55,7 @@ def bench_config(shape: str, batch: int) -> dict:
         return model(token, past_key_values=cache, use_cache=True).logits
 
     result: dict = {"shape": shape, "batch": batch}
-    fusecc_options = {"cudagraphs": True, "freeze": True}
+    fusecc_options = {"cudagraphs": True, "freeze": True, "strict": True}  # strict: a fallback raises
     runs = [("aot_eager", lambda: torch.compile(step, backend="aot_eager")),
             ("fusecc_cold", lambda: torch.compile(step, backend="fusecc", options=fusecc_options)),
             ("fusecc_warm", lambda: torch.compile(step, backend="fusecc", options=fusecc_options)),
@@ -89,9 +89,7 @@ def main() -> int:
         "command": "python " + " ".join(sys.argv),
         "configurations": [],
     }
-    # one throwaway compile first, so that no configuration pays the process's one-time costs
-    # (imports, CUDA and Triton initialisation)
-    torch.compile(lambda x: x * 2, backend="aot_eager")(torch.ones(4, device="cuda"))
+    decode.warm_up_process()
     _time_fusecc_compiler()
     for item in args.configs.split(","):
         shape, batch = item.split(":")

@@ -57,11 +57,11 @@ def precompile(launches: list[KernelLaunch], max_workers: int | None = None) -> 
     """Compile the distinct kernels of `launches` in parallel; returns how many were submitted."""
     if not launches or os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
         return 0
-    from triton.runtime import _async_compile
-
-    if _async_compile.active_mode.get() is not None:
-        return 0  # someone else is batching compiles here; our launches compile as they come
     try:
+        from triton.runtime import _async_compile  # private: absent in some Triton version, no harm
+
+        if _async_compile.active_mode.get() is not None:
+            return 0  # someone else is batching compiles here; our launches compile as they come
         return _compile_all(launches, max_workers or min(16, os.cpu_count() or 1))
     except Exception:  # an optimisation only: whatever failed here compiles (or fails) at its launch
         return 0

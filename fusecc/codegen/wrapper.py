@@ -184,18 +184,21 @@ class _WrapperWriter:
 
     def _record_launch_example(self, fn, ks: KernelSource, tensors: list) -> None:
         """The launch with the graph's example values, for precompile(); skipped where a size has
-        no example value (unbacked)."""
-        ints = []
-        for expr in list(ks.size_args) + [ks.numel]:
-            expr = sym(expr) if not isinstance(expr, sympy.Expr) else expr
-            hints = {s: self.symbol_hint.get(s) for s in expr.free_symbols}
-            if any(h is None for h in hints.values()):
-                return
-            ints.append(int(expr.subs(hints)))
-        meta = {"XBLOCK": ks.xblock, "num_warps": ks.num_warps}
-        if ks.rblock:
-            meta["RBLOCK"] = ks.rblock
-        self.launch_examples.append(KernelLaunch(fn, [stand_in(t) for t in tensors] + ints, meta))
+        no example value (unbacked) or anything else is unexpected: precompiling is optional."""
+        try:
+            ints = []
+            for expr in list(ks.size_args) + [ks.numel]:
+                expr = sym(expr) if not isinstance(expr, sympy.Expr) else expr
+                hints = {s: self.symbol_hint.get(s) for s in expr.free_symbols}
+                if any(h is None for h in hints.values()):
+                    return
+                ints.append(int(expr.subs(hints)))
+            meta = {"XBLOCK": ks.xblock, "num_warps": ks.num_warps}
+            if ks.rblock:
+                meta["RBLOCK"] = ks.rblock
+            self.launch_examples.append(KernelLaunch(fn, [stand_in(t) for t in tensors] + ints, meta))
+        except Exception:
+            return
 
     def _emit_fallback_module(self, node: fx.Node, sub: fx.GraphModule, outputs: list, why: str) -> None:
         self.fallbacks[node.target] = why

@@ -218,13 +218,37 @@ def kernel_autotuning(enabled: bool):
         _AUTOTUNE_OVERRIDE.reset(token)
 
 
+# (kernel, constexprs, dtypes) -> the config launched without autotuning: the hand-picked one, or
+# the first of the others that fits in shared memory (fp32 tiles are twice the size of bf16 ones)
+_FITTING_CONFIG: dict = {}
+
+
 def launch_tuned(kernel, grid, args: tuple, kwargs: dict, first_choice: triton.Config) -> None:
     """Launch an @triton.autotune kernel: over its configs when autotune_enabled(), else directly
-    with `first_choice` (its hand-picked config for these constexprs; no timing runs)."""
+    with `first_choice` (its hand-picked config for these constexprs; no timing runs), or, when
+    that config does not fit on the device, the first of the kernel's configs that does."""
     if autotune_enabled() and not interpreting():
         kernel[grid](*args, **kwargs)
-    else:
-        kernel.fn[grid](*args, **kwargs, **first_choice.all_kwargs())
+        return
+    key = (id(kernel), tuple(sorted(kwargs.items())),
+           tuple(a.dtype for a in args if hasattr(a, "dtype")))
+    known = _FITTING_CONFIG.get(key)
+    if known is not None:
+        kernel.fn[grid](*args, **kwargs, **known.all_kwargs())
+        return
+    from triton.runtime.errors import OutOfResources
+
+    candidates = [first_choice] + [c for c in kernel.configs if c is not first_choice]
+    for i, config in enumerate(candidates):
+        try:
+            # a config that does not fit fails when its binary is loaded, before anything runs
+            kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+        except OutOfResources:
+            if i == len(candidates) - 1:
+                raise
+            continue
+        _FITTING_CONFIG[key] = config
+        return
 
 
 def head_dim_pad(head_dim: int) -> int:

@@ -4,8 +4,8 @@
     config = runner.config                                 # num_kv_blocks resolved
     sampled = runner.execute(scheduler_output, eos_ids)    # SamplerOutput (None if nothing samples)
 
-The forward is `torch.compile(model, backend="fusecc", options={"freeze": True, "autotune": True},
-dynamic=True)` (a server tunes its attention kernels once at start-up; one graph for decode-only steps and one for mixed steps, dynamic over the token count) unless
+The forward is `torch.compile(model, backend="fusecc", options={"freeze": True, "autotune": ...},
+dynamic=True)` (a server tunes its attention kernels once at start-up unless FUSECC_AUTOTUNE=0; one graph for decode-only steps and one for mixed steps, dynamic over the token count) unless
 `enforce_eager`. On CUDA, decode-only steps of up to max_num_seqs sequences replay CUDA graphs
 captured for batch-size buckets (1, 2, 4, 8, 16, 32, ...); a batch is padded to its bucket with
 slot -1 (no cache write) and context length 0 (attention output 0) rows.
@@ -21,6 +21,7 @@ import dataclasses
 
 import torch
 
+from fusecc.kernels.attention_tile import autotune_enabled
 from fusecc.runtime.config import EngineConfig
 from fusecc.runtime.input_batch import BlockTableMirror, StepInputs, cdiv, cpu_tensor, prepare_inputs
 from fusecc.runtime.models.attention import AttentionMetadata
@@ -61,7 +62,7 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.max_blocks_per_seq = cdiv(config.max_model_len, config.block_size)
         self.forward = model if enforce_eager else _no_duck_sizing(torch.compile(
-            model, backend="fusecc", options={"freeze": True, "autotune": True}, dynamic=True))
+            model, backend="fusecc", options={"freeze": True, "autotune": autotune_enabled()}, dynamic=True))
         if config.num_kv_blocks is None:
             num_blocks = self._profile_num_blocks(config) if self.device.type == "cuda" else max(
                 CPU_DEFAULT_KV_BLOCKS, 2 * self.max_blocks_per_seq)
