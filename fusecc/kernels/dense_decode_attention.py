@@ -13,9 +13,7 @@ decode kernel, one program owns the q heads of a KV group (packed into a >= 16-r
 scores still go through tl.dot and every K/V load serves the whole group) over one key range, and
 split_kv.py merges the ranges. Causal masking is moot with one query: aligned bottom-right, it
 sees every key. The explicit mask (HF's padding/causal mask over the static cache's unused tail)
-is read per (head row, key), so a split whose keys are all masked contributes nothing; first, each
-program narrows its key range to the keys some row can see, so the unused tail of a static cache
-(whatever its max_cache_len) costs a scan of its mask, not a read of its K/V.
+is read per (head row, key), so a split whose keys are all masked contributes nothing.
 """
 
 from typing import Optional
@@ -27,29 +25,6 @@ import triton.language as tl
 from fusecc.kernels.attention_tile import attn_inner, head_dim_pad, launch_tuned
 from fusecc.kernels.split_kv import (choose_num_splits, decode_configs, merge_splits, num_sms, split_buffers,
                                      store_split_partial)
-
-
-@triton.jit
-def _visible_key_range(m_base, stride_mh, stride_mk, rows_ok, lo, hi,
-                       MASK_KIND: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[first, last + 1): the keys of [lo, hi) that some row may see. Keys outside are hidden from
-    every row (False, or a -inf bias), so not loading their K/V changes nothing; a static cache's
-    unused tail (and left padding) is such a range. Reads only the mask: a few bytes a key, against
-    4·head_dim bytes of K and V. Nothing visible: (hi, hi), an empty range."""
-    offs_g = tl.arange(0, GROUP_PAD)
-    first = hi
-    last = lo
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        ok = rows_ok[:, None] & (offs_n < hi)[None, :]
-        ptrs = m_base + offs_g.to(tl.int64)[:, None] * stride_mh + offs_n.to(tl.int64)[None, :] * stride_mk
-        if MASK_KIND == 1:
-            visible = ok & (tl.load(ptrs, mask=ok, other=0) != 0)
-        else:
-            visible = ok & (tl.load(ptrs, mask=ok, other=float("-inf")) != float("-inf"))
-        first = tl.minimum(first, tl.min(tl.where(visible, offs_n[None, :], hi)))
-        last = tl.maximum(last, tl.max(tl.where(visible, offs_n[None, :] + 1, lo)))
-    return first, tl.maximum(last, first)
 
 
 @triton.autotune(configs=decode_configs(),
@@ -71,21 +46,17 @@ def _dense_decode_kernel(
     split = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    # equal splits, each a whole number of BLOCK_N tiles: only the last one has a ragged tail
+    split_len = tl.cdiv(tl.cdiv(seq_k, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    n_keys = tl.maximum(tl.minimum(seq_k - lo, split_len), 0)
+    hi = lo + n_keys
+    full_end = lo + (n_keys // BLOCK_N) * BLOCK_N
+
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     heads = kvh * group + offs_g  # [GROUP_PAD] q heads of this KV group
     rows_ok = offs_g < group
-    # The tile's rows are heads, so the mask's "row" stride is its head stride and the rows that
-    # exist are the `group` heads: attn_inner reads mask[b, heads[r], 0, n].
-    m_base = mask_ptr + b * stride_mb + (kvh * group) * stride_mh
-
-    # equal splits, each a whole number of BLOCK_N tiles: only the last one has a ragged tail
-    split_len = tl.cdiv(tl.cdiv(seq_k, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * split_len
-    hi = lo + tl.maximum(tl.minimum(seq_k - lo, split_len), 0)
-    if MASK_KIND != 0:
-        lo, hi = _visible_key_range(m_base, stride_mh, stride_mk, rows_ok, lo, hi, MASK_KIND, GROUP_PAD, BLOCK_N)
-    full_end = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
     io_mask = rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=io_mask, other=0.0)
@@ -95,6 +66,9 @@ def _dense_decode_kernel(
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    # The tile's rows are heads, so the mask's "row" stride is its head stride and the rows that
+    # exist are the `group` heads: attn_inner reads mask[b, heads[r], 0, n].
+    m_base = mask_ptr + b * stride_mb + (kvh * group) * stride_mh
     acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
                                k_base, 0, 0, lo, full_end, hi, offs_g, qk_scale,
                                m_base, stride_mh, stride_mk, offs_g, group,

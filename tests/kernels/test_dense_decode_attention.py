@@ -80,27 +80,6 @@ def test_static_cache_mask(kind, splits):
     torch.testing.assert_close(out.double(), _reference(q, k, v, mask, scale=0.2), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["bool", "-inf"])
-def test_hidden_keys_outside_the_visible_range_are_not_read(kind):
-    # left padding [0, 16) and an unused tail [48, 80) hidden from every head: their K/V are never
-    # loaded (NaN there would poison p·v even at weight 0), and the result is attention over [16, 48)
-    torch.manual_seed(6)
-    B, Hq, Hkv, Sk, D = 1, 4, 2, 80, 16
-    q, k, v = _inputs(B, Hq, Hkv, Sk, D, torch.float32)
-    keep = torch.zeros(B, 1, 1, Sk, dtype=torch.bool)
-    keep[..., 16:48] = True
-    keep[..., 20] = False  # a hidden key inside the range is masked as usual
-    mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
-    k[:, :, :16] = float("nan")
-    v[:, :, :16] = float("nan")
-    k[:, :, 48:] = float("nan")
-    v[:, :, 48:] = float("nan")
-    for splits in (1, 2, 5):
-        out = _decode(q, k, v, mask=mask, num_splits=splits)
-        ref = _reference(q[..., :], k[:, :, 16:48], v[:, :, 16:48], keep[..., 16:48])
-        torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
-
-
 def test_per_head_mask_and_fully_masked_head():
     # a full-shape mask reads a different row per q head of a packed GQA group; a head whose keys
     # are all hidden comes out 0, as SDPA returns
