@@ -126,6 +126,7 @@ class InferenceCompiler:
         # thousands of nodes is ~0.1 s each time. A lazy graph module regenerates it only when
         # something reads the code or runs forward (the dump, the ATen runner), once.
         aten_gm = _LazyGraphModule.from_graphmodule(aten_gm)
+        dump_seconds_before = dump.seconds if dump is not None else 0.0
         if dump is not None:
             dump.write_graph("aten", aten_gm)
         ops_aten, hist_aten = count_ops(aten_gm), op_histogram(aten_gm)
@@ -134,22 +135,32 @@ class InferenceCompiler:
         weight_inputs = [True] * len(params_flat) + self.weight_flags
         if len(weight_inputs) != len(fake_inputs):
             weight_inputs = [False] * len(fake_inputs)  # cannot map inputs: treat none as weights
+        marks = [time.perf_counter()]
         if options.freeze:
             num_frozen = freeze_weights(aten_gm, list(params_flat) + self.dynamo_inputs, weight_inputs, dump)
+        marks.append(time.perf_counter())
         records = run_passes(aten_gm, build_pipeline(options), max_rounds=options.max_pass_rounds,
                              verify=options.verify, dump=dump)
+        marks.append(time.perf_counter())
         runner = make_boxed_func(aten_gm.forward)
         if wants_triton(options, fake_inputs):
             runner, codegen_records = lower(aten_gm, options, dump, fake_inputs, weight_inputs)
             records += codegen_records
         runner = _with_kernel_autotuning(runner, options.autotune)
-        seconds = time.perf_counter() - start
+        marks.append(time.perf_counter())
+        seconds = marks[-1] - start
         if dump is not None:
+            precompile = dump.facts.get("precompile_seconds", 0.0)
+            dump_writing = dump.seconds - dump_seconds_before
             dump.write_graph("final", aten_gm)
             dump.write_report({
                 "graph": dump.folder.name,
                 "status": "compiled",
                 "compile_seconds": seconds,
+                # where it went, in ms in report.md; every phase includes writing its part of the dump
+                "phase_seconds": {"freeze": marks[1] - marks[0], "passes": marks[2] - marks[1],
+                                  "codegen": marks[3] - marks[2] - precompile, "kernel precompile": precompile,
+                                  "of which dump writing": dump_writing},
                 "num_inputs": len(fake_inputs),
                 "num_frozen": num_frozen,
                 "num_sdpa_kept_whole": self.num_sdpa,

@@ -87,7 +87,15 @@ def test_report_contents(tmp_path):
     assert simp["stats"].get("rule:add_zero") == 1
     assert sum(v for k, v in simp["stats"].items() if k.startswith("rule:")) >= 3
     assert report["compile_seconds"] > 0
+    phases = report["phase_seconds"]
+    assert set(phases) == {"freeze", "passes", "codegen", "kernel precompile", "of which dump writing"}
+    assert all(s >= 0 for s in phases.values())
+    assert phases["passes"] >= sum(r["seconds"] for r in passes)  # the pass records are inside it
+    assert phases["freeze"] + phases["passes"] + phases["codegen"] + phases["kernel precompile"] \
+        <= report["compile_seconds"] + 1e-6
+    assert 0 < phases["of which dump writing"] < report["compile_seconds"]
     md = (folder / "report.md").read_text()
+    assert "- compile time: " in md and "passes " in md and "of which dump writing " in md
     assert "| pass | round | time (ms) | ops before | ops after | what it did |" in md
     assert "rule:mul_by_one=1" in md and "rule:add_zero=1" in md
     for name in {"dce", "constant_folding", "algebraic_simplification", "cse"}:

@@ -54,6 +54,9 @@ def lower(gm: fx.GraphModule, options: FuseccOptions, dump, example_inputs: list
             dump.note(f"group {module_name} runs as ATen ops: {reason}")
         dump.note(f"{compiled.launches_per_call} kernel launches and {compiled.extern_calls_per_call} "
                   f"extern/ATen calls per call")
+        if compiled.precompiled:
+            dump.note(f"{compiled.precompiled} kernels compiled in parallel before the first call "
+                      f"({compiled.precompile_seconds:.2f} s)")
         dump.facts.update(kernel_launches=compiled.launches_per_call, extern_calls=compiled.extern_calls_per_call,
-                          codegen_fallbacks=len(compiled.fallbacks))
+                          codegen_fallbacks=len(compiled.fallbacks), precompile_seconds=compiled.precompile_seconds)
     return call, records

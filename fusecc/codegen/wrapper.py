@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import operator
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -43,6 +44,8 @@ class CompiledWrapper:
     fallbacks: dict[str, str] = field(default_factory=dict)   # submodule -> why it runs as ATen
     launches_per_call: int = 0
     extern_calls_per_call: int = 0
+    precompiled: int = 0             # distinct kernels compiled before the first call
+    precompile_seconds: float = 0.0
 
 
 def compile_wrapper(gm: fx.GraphModule, cache_dir: Optional[str] = None, check_kernels: bool = False,
@@ -270,11 +273,13 @@ class _WrapperWriter:
         exec(compile(source, "<fusecc-wrapper>", "exec"), namespace)
         call = namespace["call"]
         call._boxed_call = True
+        precompiled, precompile_start = 0, time.perf_counter()
         if _is_cuda_graph(placeholders):
-            precompile(self.launch_examples)
+            precompiled = precompile(self.launch_examples)
         return CompiledWrapper(call=call, source=_documented(source, self.globals), kernels=self.kernels,
                                fallbacks=self.fallbacks, launches_per_call=self.launches,
-                               extern_calls_per_call=self.externs)
+                               extern_calls_per_call=self.externs, precompiled=precompiled,
+                               precompile_seconds=time.perf_counter() - precompile_start)
 
 
 def _is_cuda_graph(placeholders: list[fx.Node]) -> bool:

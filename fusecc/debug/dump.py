@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +27,7 @@ class GraphDump:
         self.step = 0
         self.notes: list[str] = []
         self.facts: dict = {}  # structured figures later stages add to report.json
+        self.seconds = 0.0     # spent writing this dump (it is part of the compile's wall time)
 
     @staticmethod
     def create(root: str, prefix: str = "graph") -> Optional["GraphDump"]:
@@ -51,16 +53,20 @@ class GraphDump:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def write_graph(self, label: str, gm: fx.GraphModule) -> Path:
+        start = time.perf_counter()
         text = gm.print_readable(print_output=False, include_stride=True, include_device=True)
         # AOTAutograd's graph modules are named "<lambda>": make the dump parseable Python.
         text = re.sub(r"^(\s*)class <(\w*)>\(", lambda m: f"{m.group(1)}class {m.group(2) or 'Graph'}_graph(",
                       text, flags=re.M)
+        self.seconds += time.perf_counter() - start
         return self.write_text(f"{label}.py", f"# {label}: {_op_count(gm)} ops\n{text}")
 
     def write_text(self, name: str, text: str) -> Path:
+        start = time.perf_counter()
         path = self.folder / f"{self.step:02d}.{name}"
         self.step += 1
         path.write_text(text)
+        self.seconds += time.perf_counter() - start
         return path
 
     def note(self, message: str) -> None:
@@ -68,9 +74,11 @@ class GraphDump:
         self.notes.append(message)
 
     def write_file(self, relative: str, text: str) -> Path:
+        start = time.perf_counter()
         path = self.folder / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+        self.seconds += time.perf_counter() - start
         return path
 
     def write_report(self, report: dict) -> None:
@@ -87,7 +95,7 @@ def render_report_markdown(report: dict) -> str:
     lines = [f"# {report['graph']}", ""]
     if report.get("status") == "unoptimized":
         lines.append("- **runs unoptimized** (as Dynamo captured it; see the notes below)")
-    lines.append(f"- compile time: {report['compile_seconds'] * 1000:.1f} ms")
+    lines.append(f"- compile time: {report['compile_seconds'] * 1000:.1f} ms" + _phases_text(report.get("phase_seconds")))
     lines.append(f"- inputs: {report['num_inputs']} ({report.get('num_frozen', 0)} frozen as constants)")
     lines.append(f"- ATen ops: {report['ops_aten']} -> {report['ops_final']} after passes")
     lines.append(f"- options: `{report['options']}`")
@@ -104,6 +112,12 @@ def render_report_markdown(report: dict) -> str:
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _phases_text(phases: Optional[dict]) -> str:
+    if not phases:
+        return ""
+    return " (" + ", ".join(f"{name} {seconds * 1000:.1f}" for name, seconds in phases.items()) + ")"
 
 
 def summarize_dump_dir(root: str) -> str:
