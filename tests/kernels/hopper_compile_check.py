@@ -12,6 +12,9 @@ Llama through the backend. Triton's full pipeline runs (MLIR passes, LLVM, ptxas
 wheel), so a kernel that the interpreter accepts but the GPU compiler rejects fails here, in CI.
 Whether a config fits in shared memory and what the kernels compute are the GPU tests' business.
 
+Also checks that the hand-picked bf16 configs (what compiled graphs launch without autotuning) fit
+in Hopper's shared memory, from the compiled binaries' metadata.
+
 Prints one line per (kernel, configs compiled) and exits non-zero on the first failure.
 """
 
@@ -31,6 +34,9 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 COMPILED: collections.Counter = collections.Counter()
+SHARED_BYTES: dict = {}  # kernel name -> largest shared memory of its hand-picked (non-autotuned) launches
+HOPPER_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H200
+_HAND_PICKED = [False]
 
 
 class HopperWithoutGPU:
@@ -55,6 +61,9 @@ def _compile_only(original):
         if kernel is None:
             raise RuntimeError(f"{self.fn.__name__} did not compile")
         COMPILED[self.fn.__name__] += 1
+        if _HAND_PICKED[0]:
+            name = self.fn.__name__
+            SHARED_BYTES[name] = max(SHARED_BYTES.get(name, 0), kernel.metadata.shared)
         return kernel
     return run
 
@@ -72,13 +81,15 @@ def install() -> None:
     Autotuner.run = _every_config
 
 
-def attention_kernels() -> None:
+def attention_kernels(autotune: bool) -> None:
+    """bf16 calls of every attention wrapper: with autotune, every pruned config compiles; without,
+    the hand-picked one (what compiled graphs launch)."""
     from fusecc.kernels import flash_attention, paged_attention, paged_prefill_attention, varlen_attention
     from fusecc.kernels import write_kv_cache
     from fusecc.kernels.attention_tile import kernel_autotuning
 
     bf16 = torch.bfloat16
-    with kernel_autotuning(True):
+    with kernel_autotuning(autotune):
         for d in (64, 128):
             q = torch.randn(1, 8, 300, d, dtype=bf16)
             k = torch.randn(1, 2, 300, d, dtype=bf16)
@@ -111,10 +122,19 @@ def generated_kernels() -> None:
 
 def main() -> int:
     install()
-    attention_kernels()
+    attention_kernels(autotune=True)
+    _HAND_PICKED[0] = True
+    attention_kernels(autotune=False)
+    _HAND_PICKED[0] = False
     generated_kernels()
     for name, count in sorted(COMPILED.items()):
         print(f"{name} {count}")
+    # a hand-picked bf16 config must fit: launch_tuned's fallback to another config is for fp32
+    too_big = {name: size for name, size in SHARED_BYTES.items() if size > HOPPER_SHARED_LIMIT}
+    if too_big:
+        print(f"hand-picked configs over Hopper's shared memory ({HOPPER_SHARED_LIMIT} B): {too_big}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
