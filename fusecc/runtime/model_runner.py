@@ -5,8 +5,9 @@
     sampled = runner.execute(scheduler_output, eos_ids)    # SamplerOutput (None if nothing samples)
 
 The forward is `torch.compile(model, backend="fusecc", options={"freeze": True, "autotune": ...},
-dynamic=True)` (a server tunes its attention kernels once at start-up unless FUSECC_AUTOTUNE=0; one graph for decode-only steps and one for mixed steps, dynamic over the token count) unless
-`enforce_eager`. On CUDA, decode-only steps of up to max_num_seqs sequences replay CUDA graphs
+dynamic=True)` unless `enforce_eager`: one graph for decode-only steps and one for mixed steps,
+dynamic over the token count; a server tunes its attention kernels once at start-up unless
+FUSECC_AUTOTUNE=0. On CUDA, decode-only steps of up to max_num_seqs sequences replay CUDA graphs
 captured for batch-size buckets (1, 2, 4, 8, 16, 32, ...); a batch is padded to its bucket with
 slot -1 (no cache write) and context length 0 (attention output 0) rows.
 
