@@ -21,9 +21,16 @@ group is reported with the reason (`reasons`) so the dump answers "why is this o
 
 A KV-cache write `index_copy_(cache, dim, pos, k)` into a graph input joins the kernel computing
 `k` as its last op (the kernel stores straight into the cache rows), only where that cannot
-reorder an access to the cache: the kernel runs where its last op stood, so the write must be
-that last op, and nothing may touch the cache between the kernel's first op and the write
-(a node there that reads a kernel output is moved after the kernel).
+reorder an access to the cache: the kernel runs where its last op stood, so the write stays
+that last op (nothing joins a kernel after its write), and nothing may touch the cache between
+the kernel's first op and the write (a node there that reads a kernel output is moved after the
+kernel).
+
+Every in-place write (fused or not: `index_copy_`, `index_put_`, `copy_` into an input) orders
+the other accesses to its storage: a read before it stays before it, a read after it stays
+after it. Readers do not consume the write's result, so these are extra edges (`_write_order`)
+in the cycle check and in the topological sort after contraction; a group whose members would
+straddle a write is a cycle and is not formed.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 from fusecc.codegen.index_math import product, shape_of
 from fusecc.codegen.lowerings import classify
 from fusecc.passes.base import GraphPass, PassResult
-from fusecc.passes.node_kinds import is_view, storage_users
+from fusecc.passes.node_kinds import alias_root, is_view, may_write, storage_users
 
 _FUSIBLE = ("pointwise", "view", "cat", "reduction")
 _INDEX_COPY = torch.ops.aten.index_copy_.default
@@ -101,13 +108,14 @@ class Fusion(GraphPass):
     def run(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
         order = {n: i for i, n in enumerate(graph.nodes)}
+        after = _write_order(graph, order)
         group_of: dict[fx.Node, _Group] = {}
         self.reasons = {}
         stats: Counter = Counter()
         for node in graph.nodes:
             c = classify(node)
             if c.kind == "index_copy":
-                why = _join_index_copy(node, group_of, order)
+                why = _join_index_copy(node, group_of, order, after)
                 if why is None:
                     stats["index_copy_fused"] += 1
                 else:
@@ -123,6 +131,13 @@ class Fusion(GraphPass):
             for inp in node.all_input_nodes:
                 g = group_of.get(inp)
                 if g is not None and g not in producers:
+                    if g.nodes[-1].target is _INDEX_COPY:
+                        # the kernel ends with its cache write: an op joining it would run before
+                        # the write is stored, though it came after it
+                        self.reasons.setdefault(node.name, f"its producer kernel ends with the cache write "
+                                                           f"{g.nodes[-1].name}: starts a new kernel")
+                        stats["blocked:after_cache_write"] += 1
+                        continue
                     producers.append(g)
             if c.kind == "view":
                 if len(producers) == 1:
@@ -146,7 +161,7 @@ class Fusion(GraphPass):
                                                        f"{producer.space}: starts a new kernel")
                     continue
                 candidate = producer.nodes + group.nodes
-                if _creates_cycle(candidate, order):
+                if _creates_cycle(candidate, order, after):
                     stats["blocked:cycle"] += 1
                     self.reasons.setdefault(node.name, "fusing with its producer would create a cycle")
                     continue
@@ -158,12 +173,6 @@ class Fusion(GraphPass):
                 group = producer
         groups = []
         for g in {id(g): g for g in group_of.values()}.values():
-            last = max(g.nodes, key=order.__getitem__)
-            for n in [n for n in g.nodes if n.target is _INDEX_COPY and n is not last]:
-                g.nodes.remove(n)  # later ops joined the kernel: the write would move past them
-                self.reasons[n.name] = "runs as ATen index_copy_: later ops joined its source's kernel"
-                stats["index_copy_fused"] -= 1
-                stats["not_fused:index_copy"] += 1
             _drop_trailing_views(g, self.reasons)
             if g.has_compute() and len(g.nodes) >= self.min_nodes:
                 groups.append(g)
@@ -177,12 +186,12 @@ class Fusion(GraphPass):
         stats["kernels"] = len(groups)
         stats["nodes_fused"] = sum(len(g.nodes) for g in groups)
         stats["reduction_kernels"] = sum(1 for g in groups if g.space[0] == "r")
-        _contract(gm, partitions, prefix="kernel_")
+        _contract(gm, partitions, prefix="kernel_", after=after)
         gm.recompile()
         return PassResult(gm, True, stats)
 
 
-def _join_index_copy(node: fx.Node, group_of: dict, order: dict) -> Optional[str]:
+def _join_index_copy(node: fx.Node, group_of: dict, order: dict, after: dict) -> Optional[str]:
     """Add `dest.index_copy_(dim, index, src)` to the kernel computing `src`; else why not."""
     dest, _dim, index, src = node.args
     if dest.op != "placeholder":
@@ -207,7 +216,7 @@ def _join_index_copy(node: fx.Node, group_of: dict, order: dict) -> Optional[str
             return "the kernel computing its source reads the destination"
         if first < order[accessor] < order[node]:
             return f"{accessor.name} touches the destination between the kernel's first op and the write"
-    if _creates_cycle(group.nodes + [node], order):
+    if _creates_cycle(group.nodes + [node], order, after):
         return "fusing with its producer would create a cycle"
     group.nodes.append(node)
     group_of[node] = group
@@ -235,12 +244,35 @@ def _drop_trailing_views(group: _Group, reasons: dict) -> None:
                 changed = True
 
 
-def _creates_cycle(nodes: list[fx.Node], order: dict) -> bool:
+def _write_order(graph: fx.Graph, order: dict) -> dict[fx.Node, list[fx.Node]]:
+    """node -> the nodes that must run before it beyond its data inputs: around every op that may
+    write a tensor in place (a KV-cache `index_copy_`, `copy_` into an input, ...), each other
+    access to that storage keeps its side of the write. Readers of a buffer do not take the
+    write's output as an input, so without these edges a kernel placed where its last op stood,
+    or the topological sort after contraction, could move a read across the write."""
+    before: dict[fx.Node, list[fx.Node]] = {}
+    for writer in graph.nodes:
+        if not may_write(writer):
+            continue
+        roots = {alias_root(inp) for inp in writer.all_input_nodes}
+        for root in roots:
+            for accessor in {u for u in storage_users(root) if not is_view(u)}:
+                if accessor is writer:
+                    continue
+                if order[accessor] < order[writer]:
+                    before.setdefault(writer, []).append(accessor)
+                else:
+                    before.setdefault(accessor, []).append(writer)
+    return before
+
+
+def _creates_cycle(nodes: list[fx.Node], order: dict, after: dict) -> bool:
     """Would contracting `nodes` into one kernel make the dependency graph cyclic?
 
     Builds the DAG of everything upstream of the members back to the earliest member (nothing
-    earlier can lie on a member -> outside -> member path), contracts the members into one
-    vertex, and asks networkx whether it is still acyclic."""
+    earlier can lie on a member -> outside -> member path), over data inputs and the ordering
+    around in-place writes (`after`, from _write_order), contracts the members into one vertex,
+    and asks networkx whether it is still acyclic."""
     members = set(nodes)
     lowest = min(order[n] for n in nodes)
     dag = nx.DiGraph()
@@ -251,7 +283,7 @@ def _creates_cycle(nodes: list[fx.Node], order: dict) -> bool:
         if current in seen:
             continue
         seen.add(current)
-        for inp in current.all_input_nodes:
+        for inp in list(current.all_input_nodes) + after.get(current, []):
             if order[inp] < lowest:
                 continue
             if vertex(inp) != vertex(current):
@@ -260,14 +292,16 @@ def _creates_cycle(nodes: list[fx.Node], order: dict) -> bool:
     return not nx.is_directed_acyclic_graph(dag)
 
 
-def _contract(gm: fx.GraphModule, partitions: list[list[fx.Node]], prefix: str) -> None:
+def _contract(gm: fx.GraphModule, partitions: list[list[fx.Node]], prefix: str, after: dict) -> None:
     """Replace each partition (nodes in graph order) by a call_module of its subgraph, placed where
     its last node stood, with one getitem per value read outside it (a partition of writes only
-    has none), then restore a topological order that moves as few nodes as possible.
+    has none), then restore a topological order — data inputs and `after` (the ordering around
+    in-place writes, see _write_order) — that moves as few nodes as possible.
 
     (torch's fuse_by_partitions does the same, but before torch 2.13 it places the call after the
     last *output* and fails on a partition without outputs.)"""
     graph = gm.graph
+    kernel_of: dict[fx.Node, fx.Node] = {}
     for index, nodes in enumerate(partitions):
         name = f"{prefix}{index}"
         sub, inputs, outputs = _lift(gm, nodes, name)
@@ -282,9 +316,18 @@ def _contract(gm: fx.GraphModule, partitions: list[list[fx.Node]], prefix: str) 
             item.meta["val"] = out.meta.get("val")
             out.replace_all_uses_with(item)
             anchor = item
+        for node in nodes:
+            kernel_of[node] = call
         for node in reversed(nodes):
             graph.erase_node(node)
-    _stable_topological_sort(graph)
+    must_follow: dict[fx.Node, set[fx.Node]] = {}
+    for node, preds in after.items():
+        here = kernel_of.get(node, node)
+        for pred in preds:
+            there = kernel_of.get(pred, pred)
+            if there is not here:
+                must_follow.setdefault(here, set()).add(there)
+    _stable_topological_sort(graph, must_follow)
     graph.lint()
 
 
@@ -314,20 +357,26 @@ def _lift(gm: fx.GraphModule, nodes: list[fx.Node], name: str):
     return _LazyGraphModule(gm, subgraph, class_name=name), tuple(placeholder_of), tuple(outputs)
 
 
-def _stable_topological_sort(graph: fx.Graph) -> None:
-    """Kahn's algorithm taking the earliest ready node first: nodes already in a valid place stay."""
+def _stable_topological_sort(graph: fx.Graph, must_follow: dict[fx.Node, set[fx.Node]]) -> None:
+    """Kahn's algorithm taking the earliest ready node first: nodes already in a valid place stay.
+    A node waits for its data inputs and for the nodes `must_follow[node]` names."""
     position = {n: i for i, n in enumerate(graph.nodes)}
+    successors: dict[fx.Node, list[fx.Node]] = {n: list(n.users) for n in graph.nodes}
     waiting = {n: len(n.all_input_nodes) for n in graph.nodes}
+    for node, preds in must_follow.items():
+        waiting[node] += len(preds)
+        for pred in preds:
+            successors[pred].append(node)
     ready = [(position[n], n) for n, count in waiting.items() if count == 0]
     heapq.heapify(ready)
     ordered = []
     while ready:
         _, node = heapq.heappop(ready)
         ordered.append(node)
-        for user in node.users:
-            waiting[user] -= 1
-            if waiting[user] == 0:
-                heapq.heappush(ready, (position[user], user))
+        for successor in successors[node]:
+            waiting[successor] -= 1
+            if waiting[successor] == 0:
+                heapq.heappush(ready, (position[successor], successor))
     if len(ordered) != len(position):
         raise RuntimeError("fusion produced a cyclic graph")  # the cycle check should make this impossible
     previous = ordered[0]

@@ -79,3 +79,58 @@ def test_cache_read_between_kernel_and_write_is_not_fused(tmp_path):
     assert wrapper.count("index_copy") >= 1, wrapper  # k's write runs as ATen
     assert sum("tl.store(in_ptr" in src for src in kernels.values()) == 1  # v's is still fused
     assert "runs as ATen index_copy_" in notes and "between the kernel's first op and the write" in notes, notes
+
+
+# ---- reads around an in-place write keep their side of it (found by a miscompile hunt) ----
+
+def _check_against_eager(fn, *args):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager_args = [a.clone() for a in args]
+    compiled_args = [a.clone() for a in args]
+    compiled = torch.compile(fn, backend="fusecc", options={"codegen": "triton", "strict": True})
+    with torch.no_grad():
+        expected = fn(*eager_args)
+        actual = compiled(*compiled_args)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(compiled_args, eager_args):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _read_write_read(cache, pos, k):
+    before = cache * 2                 # reads the old rows
+    cache.index_copy_(0, pos, k)
+    return before + cache              # same iteration space: must not share a kernel with `before`
+
+
+def _write_then_reduce(cache, pos, k):
+    kk = k * 2
+    cache.index_copy_(0, pos, kk)      # fused into kk's kernel
+    return cache.sum(-1), kk + 1       # the sum must wait for the write; kk + 1 starts a new kernel
+
+
+def _put_then_read(cache, pos, k):
+    before = cache * 2
+    cache[pos] = k                     # index_put_, never fused: still orders the reads around it
+    return before + cache
+
+
+def _stats_before_write(cache, pos, k):
+    old = cache.sum(-1, keepdim=True)
+    cache.index_copy_(0, pos, k)
+    return cache / (old + 10)
+
+
+def _extern_read_before_write(cache, pos, k, w):
+    scores = cache @ w                 # an extern (mm) reading the old cache
+    cache.index_copy_(0, pos, k * 3)
+    return scores, cache + 1
+
+
+def test_reads_keep_their_side_of_an_in_place_write():
+    torch.manual_seed(0)
+    cache, pos, k = torch.randn(6, 4), torch.tensor([1, 3]), torch.randn(2, 4)
+    for fn in (_read_write_read, _write_then_reduce, _put_then_read, _stats_before_write):
+        _check_against_eager(fn, cache, pos, k)
+    _check_against_eager(_extern_read_before_write, cache, pos, k, torch.randn(4, 4))
