@@ -266,9 +266,14 @@ class KernelWriter:
         if [sympy.simplify(a - b) for a, b in zip(outer, self.row_vars)] != [0] * len(outer) or \
                 len(outer) != len(self.row_vars):
             raise CodegenUnsupported("a reduction result read at another row than its own")
-        src = self.value(node.args[0], list(self.row_vars) + [RINDEX], mask)
-        full_mask = "xmask & rmask" if mask is None else f"xmask & rmask & ({mask})"
+        # The whole row, whatever lanes the consumer needs (`mask`: e.g. a cat piece's slot): a
+        # reduction's value does not depend on where it is read.
+        src = self.value(node.args[0], list(self.row_vars) + [RINDEX], None)
+        full_mask = "xmask & rmask"
         reduced = self._tmp(f"{spec.combine}(tl.where({full_mask}, {src}, {spec.identity}), 1)[:, None]")
+        if spec.propagate_nan:
+            has_nan = self._tmp(f"tl.max(tl.where({full_mask} & ({src} != {src}), 1, 0), 1)[:, None] > 0")
+            reduced = self._tmp(f'tl.where({has_nan}, float("nan"), {reduced})')
         if spec.mean or spec.variance:
             reduced = self._tmp(f"{reduced} / {self._print(self.rnumel)}")
         if spec.variance:

@@ -185,6 +185,18 @@ def _logical_not(a, *, node):
     return f"({a} == 0)"
 
 
+def _bitwise_not(a, *, node):
+    # on bool it is logical not; on integers it flips every bit (~x == -x - 1)
+    return _logical_not(a, node=node) if _dt(node) == torch.bool else _cast(f"~({a})", node)
+
+
+def _rounding(fn: str) -> Callable:
+    """floor/ceil: integers are already whole (torch returns them unchanged)."""
+    def emit(a, *, node):
+        return _cast(f"{fn}({_float(a, node)})", node) if _dt(node).is_floating_point else a
+    return emit
+
+
 POINTWISE: dict = {
     aten.add.Tensor: _binary("+"), aten.sub.Tensor: _binary("-"), aten.mul.Tensor: _binary("*"),
     aten.div.Tensor: _true_div, aten.neg.default: _neg, aten.abs.default: _abs,
@@ -193,8 +205,8 @@ POINTWISE: dict = {
     aten.sqrt.default: _unary("tl.sqrt"), aten.rsqrt.default: _unary("tl.rsqrt"),
     aten.sigmoid.default: _unary("tl.sigmoid"), aten.tanh.default: _tanh,
     aten.sin.default: _unary("tl.sin"), aten.cos.default: _unary("tl.cos"),
-    aten.erf.default: _unary("tl.erf"), aten.floor.default: _unary("tl.floor"),
-    aten.ceil.default: _unary("tl.ceil"), aten.reciprocal.default: lambda a, *, node: _cast(f"1.0 / {_float(a, node)}", node),
+    aten.erf.default: _unary("tl.erf"), aten.floor.default: _rounding("tl.floor"),
+    aten.ceil.default: _rounding("tl.ceil"), aten.reciprocal.default: lambda a, *, node: _cast(f"1.0 / {_float(a, node)}", node),
     aten.relu.default: _relu, aten.sign.default: _sign,
     aten.pow.Tensor_Scalar: _pow_scalar, aten.where.self: _where,
     aten.maximum.default: _maximum, aten.minimum.default: _minimum,
@@ -204,7 +216,7 @@ POINTWISE: dict = {
     aten.le.Tensor: _compare("<="), aten.le.Scalar: _compare("<="), aten.gt.Tensor: _compare(">"),
     aten.gt.Scalar: _compare(">"), aten.ge.Tensor: _compare(">="), aten.ge.Scalar: _compare(">="),
     aten.logical_and.default: _logical("&"), aten.logical_or.default: _logical("|"),
-    aten.logical_not.default: _logical_not, aten.bitwise_not.default: _logical_not,
+    aten.logical_not.default: _logical_not, aten.bitwise_not.default: _bitwise_not,
     prims.convert_element_type.default: convert_dtype, aten._to_copy.default: convert_dtype,
     aten.clone.default: lambda a, *, node, memory_format=None: a,
     prims.div.default: _true_div,  # float only (classify sends integer prims.div to ATen)
@@ -223,13 +235,14 @@ class Reduction:
     mean: bool = False
     variance: bool = False       # two passes over the row held in registers: mean, then squares
     keepdim_arg: int | None = 2  # position of keepdim in the op's arguments (prims never keep dims)
+    propagate_nan: bool = False  # a NaN anywhere in the row is the result (tl.max/tl.min skip NaN)
 
 
 REDUCTIONS = {
     aten.sum.dim_IntList: Reduction("tl.sum", "0"),
     aten.mean.dim: Reduction("tl.sum", "0", mean=True),
-    aten.amax.default: Reduction("tl.max", 'float("-inf")'),
-    aten.amin.default: Reduction("tl.min", 'float("inf")'),
+    aten.amax.default: Reduction("tl.max", 'float("-inf")', propagate_nan=True),
+    aten.amin.default: Reduction("tl.min", 'float("inf")', propagate_nan=True),
     prims.sum.default: Reduction("tl.sum", "0", keepdim_arg=None),
     prims.var.default: Reduction("tl.sum", "0", variance=True, keepdim_arg=None),
 }
@@ -274,6 +287,9 @@ def classify(node: fx.Node) -> Classification:
     if target is aten.cat.default:
         return Classification("cat")
     if target in POINTWISE:
+        out_of_range = _int_scalar_out_of_range(node)
+        if out_of_range:
+            return Classification("fallback", f"{name}: {out_of_range}")
         if target in _FLOAT_ONLY and not val.dtype.is_floating_point:
             return Classification("fallback", f"{name}: integer result")
         if target is aten._to_copy.default and set(node.kwargs) - {"dtype"}:
@@ -295,6 +311,22 @@ def classify(node: fx.Node) -> Classification:
     if target is aten.index_copy_.default:
         return _classify_index_copy(node, name)
     return Classification("fallback", f"{name}: no Triton lowering")
+
+
+def _int_scalar_out_of_range(node: fx.Node) -> str:
+    """Eager converts a Python int operand to an integer tensor operand's dtype first, wrapping it
+    (uint8: -1 is 255); a kernel would use its mathematical value. Rare: such nodes run as ATen."""
+    int_dtypes = [a.meta["val"].dtype for a in node.all_input_nodes
+                  if isinstance(a.meta.get("val"), torch.Tensor) and not a.meta["val"].dtype.is_floating_point
+                  and a.meta["val"].dtype != torch.bool]
+    scalars = [a for a in list(node.args) + list(node.kwargs.values())
+               if isinstance(a, int) and not isinstance(a, bool)]
+    for dtype in int_dtypes:
+        info = torch.iinfo(dtype)
+        for value in scalars:
+            if not info.min <= value <= info.max:
+                return f"integer scalar {value} outside the range of {dtype} (eager wraps it)"
+    return ""
 
 
 def _classify_index_copy(node: fx.Node, name: str) -> Classification:

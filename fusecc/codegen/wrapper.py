@@ -83,6 +83,7 @@ class _WrapperWriter:
         self.launches = 0
         self.externs = 0
         self.var_of: dict[fx.Node, str] = {}
+        self.node_names = {n.name for n in gm.graph.nodes}
 
     # ----------------------------------------------------------------- rendering helpers
 
@@ -90,7 +91,12 @@ class _WrapperWriter:
         for name, existing in self.globals.items():
             if existing is value and name.startswith(prefix):
                 return name
-        name = f"{prefix}{len(self.globals)}"
+        # never a graph node's name: those are the call function's locals (`mul_5 = mul_5(...)`
+        # would read the local before assignment)
+        number = len(self.globals)
+        while f"{prefix}{number}" in self.node_names or f"{prefix}{number}" in self.globals:
+            number += 1
+        name = f"{prefix}{number}"
         self.globals[name] = value
         return name
 

@@ -85,8 +85,8 @@ def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
         if src in (torch.float16, torch.bfloat16):
             return dst in (torch.float32, torch.float64)
         return src == torch.float32 and dst == torch.float64
-    if src.is_complex or dst.is_complex:
-        return False
+    if src.is_complex or dst.is_complex or dst == torch.bool:
+        return False  # to bool keeps only "nonzero" (src is not bool here)
     src_info = torch.iinfo(src)
     if dst.is_floating_point:
         mantissa = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24, torch.float64: 53}.get(dst, 0)

@@ -169,3 +169,55 @@ def test_emulated_precision_casts_reproduce_eager_bits(tmp_path):
     assert exact_on > 0.98, exact_on
     assert exact_off < 0.9, exact_off
     assert_close(on.outputs, expected, tol=1e-3)
+
+
+# ---- found by a hunt for miscompiles: each of these gave a wrong answer or crashed ----
+
+def test_cat_of_row_reductions_reads_whole_rows(tmp_path):
+    # each piece's slot condition (on the row index, when the cat is as wide as the rows) used to
+    # mask the reduction's own input: each reduction saw only its own output column
+    stats = lambda a: torch.cat([a.sum(-1, keepdim=True), a.amax(-1, keepdim=True)], -1)  # noqa: E731
+    scaled = lambda a: torch.cat([a[:, :1], a.sum(-1, keepdim=True) * a[:, 1:]], -1)  # noqa: E731
+    for i, (fn, a) in enumerate(((stats, torch.randn(5, 2)), (scaled, torch.randn(5, 7)))):
+        assert_close(compile_and_run(fn, a, tmp_path=tmp_path / str(i)).outputs, fn(a))
+
+
+@pytest.mark.parametrize("op", [torch.amax, torch.amin])
+def test_amax_amin_propagate_nan(tmp_path, op):
+    a = torch.randn(3, 6)
+    a[1, 2] = float("nan")
+    got = compile_and_run(lambda x: op(x, -1) + 1, a, tmp_path=tmp_path)
+    expected = op(a, -1) + 1
+    assert torch.isnan(got.outputs[1]) and not torch.isnan(got.outputs[[0, 2]]).any()
+    torch.testing.assert_close(got.outputs, expected, equal_nan=True)
+
+
+def test_bitwise_not_flips_integer_bits(tmp_path):
+    a = torch.tensor([-2, 0, 3, 2 ** 30], dtype=torch.int32)
+    b = torch.tensor([True, False, True])
+    got = compile_and_run(lambda x, y: (~x + 1, ~y), a, b, tmp_path=tmp_path)
+    assert torch.equal(got.outputs[0], ~a + 1) and torch.equal(got.outputs[1], ~b)
+
+
+def test_floor_and_ceil_of_integers_are_the_integers(tmp_path):
+    a = torch.tensor([-3, 0, 7], dtype=torch.int64)
+    got = compile_and_run(lambda x: (torch.floor(x) + 1, torch.ceil(x) * 2), a, tmp_path=tmp_path)
+    assert torch.equal(got.outputs[0], a + 1) and torch.equal(got.outputs[1], a * 2)
+
+
+def test_integer_scalar_outside_the_dtype_runs_as_aten(tmp_path):
+    # eager converts -1 to uint8 (255) first; a kernel would compare with -1
+    u8 = torch.tensor([0, 5, 255], dtype=torch.uint8)
+    got = compile_and_run(lambda x: ((x > -1).int(), x + (-1)), u8, tmp_path=tmp_path)
+    assert torch.equal(got.outputs[0], (u8 > -1).int()) and torch.equal(got.outputs[1], u8 + (-1))
+    assert any("integer scalar -1 outside the range of torch.uint8" in n for n in got.report["notes"]), got.report
+
+
+def test_wrapper_globals_never_shadow_graph_values(tmp_path):
+    # with dynamic shapes the graph has a SymInt node `mul_5` and the wrapper a global for
+    # operator.mul: they used to share the name and the call raised UnboundLocalError
+    fn = lambda a: (a.t() * 2).reshape(-1) + 1  # noqa: E731
+    for shape in ((4, 5), (6, 3)):
+        a = torch.randn(shape)
+        got = compile_and_run(fn, a, tmp_path=tmp_path / f"{shape[0]}", dynamic=True)
+        assert_close(got.outputs, fn(a))

@@ -118,6 +118,11 @@ def generated_kernels() -> None:
     compiled = torch.compile(model, backend="fusecc", options={"codegen": "triton", "strict": True})
     with torch.no_grad():
         compiled(torch.randint(0, 128, (2, 9)))
+    # what the Llama does not have: NaN-propagating max/min rows, integer bit ops, fp16 I/O
+    ops = lambda a, b: (torch.softmax(a, -1), a.amin(-1), ~b + 1, torch.floor(b))  # noqa: E731
+    ops_compiled = torch.compile(ops, backend="fusecc", options={"codegen": "triton", "strict": True})
+    with torch.no_grad():
+        ops_compiled(torch.randn(4, 64, dtype=torch.float16), torch.arange(4, dtype=torch.int32))
 
 
 def main() -> int:

@@ -233,6 +233,11 @@ def forward(self, x_1):
         self.assertFalse(torch.equal(x.half().float(), x))
         self.assert_not_fired(lambda x: x.half().float().exp(), x)
 
+    def test_int_to_bool_chain_stays(self):
+        # int -> bool keeps only "nonzero": 2 becomes 1.0 through bool, not 2.0 (this used to crash
+        # the rule: torch.iinfo(torch.bool))
+        self.assert_not_fired(lambda x: (x * 2).bool().float(), torch.tensor([0, 1, 2], dtype=torch.int32))
+
     def test_int_to_f16_chain_stays(self):
         # int32 -> f16 loses values above 2048 (and overflows above 65504).
         self.assert_not_fired(lambda x: x.half().float() + 1, torch.tensor([2049, 100000, 3], dtype=torch.int32))
