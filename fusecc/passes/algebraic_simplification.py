@@ -48,6 +48,16 @@ def _is_constant_filled(arg, value) -> bool:
     return isinstance(tensor, torch.Tensor) and tensor.numel() <= 64 and bool((tensor == value).all())
 
 
+def _has_negative_zero(arg) -> bool:
+    if isinstance(arg, float):
+        return math.copysign(1.0, arg) < 0 and arg == 0
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        tensor = constant_value(arg.graph.owning_module, arg)
+        return isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and bool(
+            ((tensor == 0) & torch.signbit(tensor)).any())
+    return False
+
+
 def _val(node):
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
@@ -119,7 +129,11 @@ def add_zero(node):
 
 
 def sub_zero(node):
+    # exact for +0 (x - 0.0 keeps -0.0); not for -0.0: x - (-0.0) is x + 0.0, which turns -0.0
+    # into +0.0, so that one stays
     x, y = node.args[:2]
+    if _has_negative_zero(y):
+        return None
     return x if _is_number(y, 0) and isinstance(x, fx.Node) else None
 
 

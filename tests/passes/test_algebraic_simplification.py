@@ -116,6 +116,12 @@ def forward(self, x_1):
     exp = torch.ops.aten.exp.default(x_1);  x_1 = None
     return exp""")
 
+    def test_sub_negative_zero_stays(self):
+        # x - (-0.0) is x + 0.0: it turns -0.0 into +0.0, so it is not x
+        x = torch.tensor([-0.0, 1.0])
+        self.assertTrue(torch.signbit((x - (-0.0))[0]) == False)  # noqa: E712
+        self.assert_not_fired(lambda x: (x - (-0.0)) * 2, x)
+
     def test_div_by_one(self):
         result, text, gm = self.simplify(lambda x: (x / 1).exp(), torch.randn(2, 3))
         self.assertEqual(fired(result), {"rule:div_by_one": 1})
