@@ -29,18 +29,25 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     qg = q.to(ct).reshape(*q.shape[:-3], Hkv, group, Sq, D)
     kf, vf = k.to(ct).unsqueeze(-3), v.to(ct).unsqueeze(-3)
     logits = torch.matmul(qg, kf.transpose(-1, -2)) * scale  # [..., Hkv, group, Sq, Sk]
+    hidden = torch.zeros((Sq, Sk), dtype=torch.bool, device=q.device)  # keys a row may not see
     if causal:
         i = torch.arange(Sq, device=q.device)[:, None]
         j = torch.arange(Sk, device=q.device)[None, :]
+        hidden = hidden | (j > i + (Sk - Sq))
         logits = logits.masked_fill(j > i + (Sk - Sq), float("-inf"))
     if attn_mask is not None:
         # [..., Hq, Sq, Sk] -> [..., Hkv, group, Sq, Sk] like the logits
         mask = attn_mask.expand(*q.shape[:-3], Hq, Sq, Sk).reshape(*q.shape[:-3], Hkv, group, Sq, Sk)
         if mask.dtype == torch.bool:
+            hidden = hidden | ~mask
             logits = logits.masked_fill(~mask, float("-inf"))
         else:
+            hidden = hidden | (mask == float("-inf"))
             logits = logits + mask.to(ct)
-    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
+    # Rows the causal structure or the mask hide completely are 0 (SDPA's convention); a NaN that
+    # comes from q, k or v themselves stays NaN, as in eager
+    empty = hidden.all(-1, keepdim=True)
+    p = torch.softmax(logits, dim=-1).masked_fill(empty, 0.0)
     out = torch.matmul(p, vf).reshape(*q.shape[:-1], v.shape[-1])
     return out.to(q.dtype)
 

@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from fusecc.passes.base import GraphPass, PassResult
+from fusecc.passes.node_kinds import feeds_output
 
 aten = torch.ops.aten
 
@@ -60,7 +61,9 @@ class Reinplace(GraphPass):
             if later_readers:
                 stats["skipped:old_value_read_later"] += 1
                 continue
-            if any(u.op == "output" for u in src.users):
+            if copy.users or feeds_output(src):
+                # the new value is returned (directly, through a view, or as copy_'s result):
+                # in place, the output would be the input itself, a new alias
                 stats["skipped:result_is_output"] += 1
                 continue
             with gm.graph.inserting_before(src):

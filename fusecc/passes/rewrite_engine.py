@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.fx as fx
 
-from fusecc.passes.node_kinds import alias_root, feeds_output, is_impure, is_mutated
+from fusecc.passes.node_kinds import alias_root, feeds_output, is_impure, is_mutated, storage_users
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,8 @@ def _replace(gm: fx.GraphModule, node: fx.Node, replacement: Replacement) -> boo
         # would read the new value. (A view of x shares x's storage, so the write shows in both.)
         if alias_root(node) is not alias_root(replacement) and is_mutated(replacement):
             return False
-        if feeds_output(node) and feeds_output(replacement):
-            return False  # two outputs would become one tensor
+        if feeds_output(node) and any(user.op == "output" for user in storage_users(replacement)):
+            return False  # two outputs would share one storage (the other through any view of it)
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
         return True

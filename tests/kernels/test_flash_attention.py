@@ -199,3 +199,16 @@ def test_gpu_bf16_masked(kind, D, Sq, Sk):
         assert _rel_err(out[:, :, 7], sdpa[:, :, 7].float()) < 1e-2
     else:
         assert torch.equal(out[:, :, 7], torch.zeros_like(out[:, :, 7])) and (sdpa[:, :, 7] == 0).all()
+
+
+def test_reference_keeps_nan_from_inputs_and_zeroes_only_hidden_rows():
+    # the CPU path of the attention ops: a NaN in q is a NaN row, as in eager softmax; a row the
+    # causal structure hides completely is 0 (found by a miscompile hunt: nan_to_num made both 0)
+    from fusecc.kernels.reference import attention_reference
+
+    q, k, v = torch.ones(1, 1, 3, 8), torch.ones(1, 1, 2, 8), torch.ones(1, 1, 2, 8)
+    q[0, 0, 2] = float("nan")
+    out = attention_reference(q, k, v, causal=True)  # seq_q > seq_k: row 0 sees no key
+    assert torch.equal(out[0, 0, 0], torch.zeros(8))
+    assert torch.equal(out[0, 0, 1], torch.ones(8))
+    assert torch.isnan(out[0, 0, 2]).all()

@@ -122,6 +122,22 @@ def forward(self, x_1):
         self.assertTrue(torch.signbit((x - (-0.0))[0]) == False)  # noqa: E712
         self.assert_not_fired(lambda x: (x - (-0.0)) * 2, x)
 
+    def test_identity_not_applied_when_another_output_shares_the_storage(self):
+        # `y.view(-1) * 1` -> `y.view(-1)` would make two outputs views of one buffer (y.t() is the
+        # other): the caller could change one through the other (found by a miscompile hunt)
+        import torch._dynamo
+
+        def fn(x):
+            y = x.exp()
+            return y.view(-1) * 1, y.t()
+
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend="fusecc", options={"codegen": "aten", "strict": True})
+        with torch.no_grad():
+            a, b = compiled(torch.zeros(2, 3))
+        a.add_(100)
+        self.assertTrue(torch.equal(b, torch.ones(3, 2)))
+
     def test_div_by_one(self):
         result, text, gm = self.simplify(lambda x: (x / 1).exp(), torch.randn(2, 3))
         self.assertEqual(fired(result), {"rule:div_by_one": 1})

@@ -37,3 +37,38 @@ def test_auto_functionalized_kv_write_becomes_the_inplace_op():
     torch.testing.assert_close(actual, expected)
     for c, r in zip(caches, ref_caches):
         torch.testing.assert_close(c, r)
+
+
+# ---- found by a hunt for miscompiles: these crashed the pass ----
+
+def _compile_aten(fn, *args):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager_args, compiled_args = [a.clone() for a in args], [a.clone() for a in args]
+    compiled = torch.compile(fn, backend="fusecc", options={"codegen": "aten", "strict": True})
+    with torch.no_grad():
+        expected, actual = fn(*eager_args), compiled(*compiled_args)
+    torch.testing.assert_close(actual, expected)
+    for got, want in zip(compiled_args, eager_args):
+        torch.testing.assert_close(got, want)
+    return actual, compiled_args
+
+
+def _write_and_return_cache(cache, k, pos):
+    cache.index_copy_(1, pos, k)
+    return cache
+
+
+def _write_and_return_view(cache, k, pos):
+    cache.index_copy_(1, pos, k)
+    return cache.view(-1)
+
+
+def test_returning_the_written_input_or_a_view_of_it_compiles_and_aliases_like_eager():
+    args = (torch.zeros(2, 8, 4), torch.ones(2, 2, 4), torch.tensor([1, 5]))
+    for fn in (_write_and_return_cache, _write_and_return_view):
+        out, (cache, _, _) = _compile_aten(fn, *args)
+        # eager returns the cache (or a view of it): writing through the output writes the cache
+        out.add_(1)
+        assert cache.sum() == 16 + cache.numel()
