@@ -165,18 +165,35 @@ def attn_rows(q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
     full_end, end = attn_bounds(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q_pos = offs_m + (seq_k - seq_q)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    acc, l_i, m_i = attn_span(q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                              table_ptr, stride_kpage, stride_vpage, 0, full_end, end, seq_k, q_pos, qk_scale,
+                              mask_ptr, stride_mq, stride_mk, offs_m, seq_q,
+                              BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, PAGED, PAGE_SIZE, MASK_KIND)
+    return attn_normalize(acc, l_i)
+
+
+@triton.jit
+def attn_span(q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+              table_ptr, stride_kpage, stride_vpage,
+              lo, full_end, end, seq_k, q_pos, qk_scale,
+              mask_ptr, stride_mq, stride_mk, offs_m, seq_q,
+              ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+              CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK_KIND: tl.constexpr):
+    """A fresh online softmax of the ROWS query rows of `q` over keys [lo, full_end) unmasked, then
+    [full_end, end) masked (attn_inner's arguments otherwise). Returns (acc, l_i, m_i), not yet
+    normalized: split-KV decode needs l_i and m_i for its log-sum-exp."""
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM_PAD], tl.float32)
     acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-                               table_ptr, stride_kpage, stride_vpage, 0, full_end, seq_k, q_pos, qk_scale,
+                               table_ptr, stride_kpage, stride_vpage, lo, full_end, seq_k, q_pos, qk_scale,
                                mask_ptr, stride_mq, stride_mk, offs_m, seq_q,
                                BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, False, PAGED, PAGE_SIZE, MASK_KIND)
     acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
                                table_ptr, stride_kpage, stride_vpage, full_end, end, seq_k, q_pos, qk_scale,
                                mask_ptr, stride_mq, stride_mk, offs_m, seq_q,
                                BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, True, PAGED, PAGE_SIZE, MASK_KIND)
-    return attn_normalize(acc, l_i)
+    return acc, l_i, m_i
 
 
 @triton.jit

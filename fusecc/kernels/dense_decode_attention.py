@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.attention_tile import attn_inner, head_dim_pad, launch_tuned
-from fusecc.kernels.split_kv import (choose_num_splits, decode_configs, merge_splits, num_sms, split_buffers,
-                                     store_split_partial)
+from fusecc.kernels.attention_tile import head_dim_pad, launch_tuned
+from fusecc.kernels.split_kv import (choose_num_splits, decode_configs, decode_split, merge_splits, num_sms,
+                                     split_buffers)
 
 
 @triton.autotune(configs=decode_configs(),
@@ -46,44 +46,14 @@ def _dense_decode_kernel(
     split = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    # equal splits, each a whole number of BLOCK_N tiles: only the last one has a ragged tail
-    split_len = tl.cdiv(tl.cdiv(seq_k, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * split_len
-    n_keys = tl.maximum(tl.minimum(seq_k - lo, split_len), 0)
-    hi = lo + n_keys
-    full_end = lo + (n_keys // BLOCK_N) * BLOCK_N
-
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    heads = kvh * group + offs_g  # [GROUP_PAD] q heads of this KV group
-    rows_ok = offs_g < group
-    io_mask = rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=io_mask, other=0.0)
-
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
-    v_base = v_ptr + b * stride_vb + kvh * stride_vh
-    # The tile's rows are heads, so the mask's "row" stride is its head stride and the rows that
-    # exist are the `group` heads: attn_inner reads mask[b, heads[r], 0, n].
-    m_base = mask_ptr + b * stride_mb + (kvh * group) * stride_mh
-    acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-                               k_base, 0, 0, lo, full_end, hi, offs_g, qk_scale,
-                               m_base, stride_mh, stride_mk, offs_g, group,
-                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, False, False, 1, MASK_KIND)
-    acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
-                               k_base, 0, 0, full_end, hi, hi, offs_g, qk_scale,
-                               m_base, stride_mh, stride_mk, offs_g, group,
-                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, True, False, 1, MASK_KIND)
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    if SPLIT:
-        store_split_partial(part_o_ptr, part_lse_ptr, out, l_i, m_i, b, heads, rows_ok, split,
-                            q_heads, num_splits, HEAD_DIM_PAD)
-    else:
-        tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
-                 out.to(o_ptr.dtype.element_ty), mask=io_mask)
+    decode_split(q_ptr, stride_qb, stride_qh, stride_qd,
+                 k_base, v_ptr + b * stride_vb + kvh * stride_vh, stride_ks, stride_kd, stride_vs, stride_vd,
+                 k_base, 0, 0,  # no block table
+                 mask_ptr + b * stride_mb + (kvh * group) * stride_mh, stride_mh, stride_mk,
+                 o_ptr, stride_ob, stride_oh, stride_od, part_o_ptr, part_lse_ptr,
+                 b, kvh, split, seq_k, q_heads, group, num_splits, qk_scale,
+                 HEAD_DIM, HEAD_DIM_PAD, GROUP_PAD, False, 1, MASK_KIND, SPLIT, BLOCK_N)
 
 
 def dense_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.attention_tile import LOG2E, attn_inner, check_head_dim, head_dim_pad, launch_tuned, softmax_scale
-from fusecc.kernels.split_kv import (choose_num_splits, decode_configs, merge_splits, num_sms, split_buffers,
-                                     store_split_partial)
+from fusecc.kernels.attention_tile import LOG2E, check_head_dim, head_dim_pad, launch_tuned, softmax_scale
+from fusecc.kernels.split_kv import (choose_num_splits, decode_configs, decode_split, merge_splits, num_sms,
+                                     split_buffers)
 
 
 @triton.autotune(configs=decode_configs(),
@@ -44,43 +44,15 @@ def _paged_decode_kernel(
     split = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    ctx = tl.load(ctx_ptr + b)
-    # equal splits of this sequence's own context, each a whole number of BLOCK_N tiles, so only
-    # the last split has a ragged (masked) tail
-    split_len = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * split_len
-    n_keys = tl.maximum(tl.minimum(ctx - lo, split_len), 0)
-    hi = lo + n_keys
-    full_end = lo + (n_keys // BLOCK_N) * BLOCK_N
-
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    heads = kvh * group + offs_g  # [GROUP_PAD] q heads of this KV group
-    io_mask = (offs_g[:, None] < group) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=io_mask, other=0.0)
-
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
     k_base = k_ptr + kvh * stride_kh
-    v_base = v_ptr + kvh * stride_vh
-    table = table_ptr + b * stride_table
-    acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, k_base, v_base, stride_kslot, stride_kd, stride_vslot, stride_vd,
-                               table, stride_kpage, stride_vpage, lo, full_end, hi, offs_g, qk_scale,
-                               k_base, 0, 0, offs_g, 1,  # no attention mask
-                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, False, True, PAGE_SIZE, 0)
-    acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, k_base, v_base, stride_kslot, stride_kd, stride_vslot, stride_vd,
-                               table, stride_kpage, stride_vpage, full_end, hi, hi, offs_g, qk_scale,
-                               k_base, 0, 0, offs_g, 1,  # no attention mask
-                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, True, True, PAGE_SIZE, 0)
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    if SPLIT:
-        store_split_partial(part_o_ptr, part_lse_ptr, out, l_i, m_i, b, heads, offs_g < group, split,
-                            q_heads, num_splits, HEAD_DIM_PAD)
-    else:
-        tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
-                 out.to(o_ptr.dtype.element_ty), mask=io_mask)
+    # splits of this sequence's own context (the block table's capacity only sized the grid)
+    decode_split(q_ptr, stride_qb, stride_qh, stride_qd,
+                 k_base, v_ptr + kvh * stride_vh, stride_kslot, stride_kd, stride_vslot, stride_vd,
+                 table_ptr + b * stride_table, stride_kpage, stride_vpage,
+                 k_base, 0, 0,  # no attention mask
+                 o_ptr, stride_ob, stride_oh, stride_od, part_o_ptr, part_lse_ptr,
+                 b, kvh, split, tl.load(ctx_ptr + b), q_heads, group, num_splits, qk_scale,
+                 HEAD_DIM, HEAD_DIM_PAD, GROUP_PAD, True, PAGE_SIZE, 0, SPLIT, BLOCK_N)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

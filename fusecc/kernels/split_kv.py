@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.attention_tile import interpreting
+from fusecc.kernels.attention_tile import attn_normalize, attn_span, interpreting
 
 # keep a split at least this many keys long: shorter ones cost more in the merge than they save.
 # Short splits matter at small batch·context, where a program's serial chain of dependent loads
@@ -75,6 +75,52 @@ def store_split_partial(part_o_ptr, part_lse_ptr, out, l_i, m_i, b, heads, rows_
     tl.store(part_o_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :], out, mask=rows_ok[:, None])
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
     tl.store(part_lse_ptr + row, lse, mask=rows_ok)
+
+
+@triton.jit
+def decode_split(q_ptr, stride_qb, stride_qh, stride_qd,
+                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                 table, stride_kpage, stride_vpage,
+                 m_base, stride_mh, stride_mk,
+                 o_ptr, stride_ob, stride_oh, stride_od, part_o_ptr, part_lse_ptr,
+                 b, kvh, split, n_keys_total, q_heads, group, num_splits, qk_scale,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP_PAD: tl.constexpr,
+                 PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK_KIND: tl.constexpr,
+                 SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program of a split-KV decode kernel: the q heads of KV head `kvh` of sequence `b`, packed
+    into one [GROUP_PAD, HEAD_DIM_PAD] tile, over key range `split` of `n_keys_total` keys.
+
+    k_base/v_base point at key 0 of this (sequence, kv head), or for PAGED at page 0 slot 0 of this
+    kv head with `table` this sequence's block-table row (see attention_tile.attn_inner). With
+    MASK_KIND != 0, m_base is mask[b, first head of the group, 0, 0]: the tile's rows are heads,
+    so the mask's row stride is its head stride. Writes the normalized partial output and LSE
+    (SPLIT) or the output itself."""
+    # equal splits, each a whole number of BLOCK_N tiles: only the last one has a ragged tail
+    split_len = tl.cdiv(tl.cdiv(n_keys_total, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    n_keys = tl.maximum(tl.minimum(n_keys_total - lo, split_len), 0)
+    hi = lo + n_keys
+    full_end = lo + (n_keys // BLOCK_N) * BLOCK_N
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    heads = kvh * group + offs_g  # [GROUP_PAD] q heads of this KV group
+    rows_ok = offs_g < group
+    io_mask = rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=io_mask, other=0.0)
+
+    acc, l_i, m_i = attn_span(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                              table, stride_kpage, stride_vpage, lo, full_end, hi, hi, offs_g, qk_scale,
+                              m_base, stride_mh, stride_mk, offs_g, group,
+                              GROUP_PAD, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, PAGED, PAGE_SIZE, MASK_KIND)
+    out = attn_normalize(acc, l_i)
+    if SPLIT:
+        store_split_partial(part_o_ptr, part_lse_ptr, out, l_i, m_i, b, heads, rows_ok, split,
+                            q_heads, num_splits, HEAD_DIM_PAD)
+    else:
+        tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 out.to(o_ptr.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
