@@ -179,11 +179,12 @@ class _WrapperWriter:
         self.globals[kernel_name] = fn
         tensor_inputs = [a for a in node.args if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
         call_args = [self.var_of[a] for a in tensor_inputs] + outputs + size_args + [numel]
-        meta = f"XBLOCK={ks.xblock}" + (f", RBLOCK={ks.rblock}" if ks.rblock else "") + f", num_warps={ks.num_warps}"
+        meta = {"XBLOCK": ks.xblock, **({"RBLOCK": ks.rblock} if ks.rblock else {}), "num_warps": ks.num_warps}
+        rendered_meta = ", ".join(f"{k}={v}" for k, v in meta.items())
         grid = f"(({numel} + {ks.xblock - 1}) // {ks.xblock},)"
-        self.lines.append(f"if {numel} > 0: {kernel_name}[{grid}]({', '.join(call_args)}, {meta})")
+        self.lines.append(f"if {numel} > 0: {kernel_name}[{grid}]({', '.join(call_args)}, {rendered_meta})")
         self.launches += 1
-        self._record_launch_example(fn, ks, [a.meta["val"] for a in tensor_inputs] + list(node.meta["val"]))
+        self._record_launch_example(fn, ks, [a.meta["val"] for a in tensor_inputs] + list(node.meta["val"]), meta)
         if self.check_kernels:
             module = self._global(f"{node.target}_aten", sub)
             inputs = ", ".join(self._render(a) for a in node.args)
@@ -191,7 +192,7 @@ class _WrapperWriter:
         for user in node.users:
             self.var_of[user] = user.name
 
-    def _record_launch_example(self, fn, ks: KernelSource, tensors: list) -> None:
+    def _record_launch_example(self, fn, ks: KernelSource, tensors: list, meta: dict) -> None:
         """The launch with the graph's example values, for precompile(); skipped where a size has
         no example value (unbacked) or anything else is unexpected: precompiling is optional."""
         try:
@@ -202,9 +203,6 @@ class _WrapperWriter:
                 if any(h is None for h in hints.values()):
                     return
                 ints.append(int(expr.subs(hints)))
-            meta = {"XBLOCK": ks.xblock, "num_warps": ks.num_warps}
-            if ks.rblock:
-                meta["RBLOCK"] = ks.rblock
             self.launch_examples.append(KernelLaunch(fn, [stand_in(t) for t in tensors] + ints, meta))
         except Exception:
             return

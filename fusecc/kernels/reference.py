@@ -34,7 +34,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
         i = torch.arange(Sq, device=q.device)[:, None]
         j = torch.arange(Sk, device=q.device)[None, :]
         hidden = hidden | (j > i + (Sk - Sq))
-        logits = logits.masked_fill(j > i + (Sk - Sq), float("-inf"))
+        logits = logits.masked_fill(hidden, float("-inf"))
     if attn_mask is not None:
         # [..., Hq, Sq, Sk] -> [..., Hkv, group, Sq, Sk] like the logits
         mask = attn_mask.expand(*q.shape[:-3], Hq, Sq, Sk).reshape(*q.shape[:-3], Hkv, group, Sq, Sk)

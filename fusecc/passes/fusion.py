@@ -207,9 +207,7 @@ def _join_index_copy(node: fx.Node, group_of: dict, order: dict, after: dict) ->
         return "its index is computed by the same kernel"
     first = min(order[n] for n in group.nodes)
     members = set(group.nodes)
-    # who reads or writes the cache (making a view of it touches no data)
-    accessors = {user for user in storage_users(dest) if not is_view(user)}
-    for accessor in accessors:
+    for accessor in _accessors(dest):
         if accessor is node:
             continue
         if accessor in members:
@@ -244,6 +242,11 @@ def _drop_trailing_views(group: _Group, reasons: dict) -> None:
                 changed = True
 
 
+def _accessors(node: fx.Node) -> set[fx.Node]:
+    """Who reads or writes the storage `node` lives in (making a view of it touches no data)."""
+    return {user for user in storage_users(node) if not is_view(user)}
+
+
 def _write_order(graph: fx.Graph, order: dict) -> dict[fx.Node, list[fx.Node]]:
     """node -> the nodes that must run before it beyond its data inputs: around every op that may
     write a tensor in place (a KV-cache `index_copy_`, `copy_` into an input, ...), each other
@@ -256,7 +259,7 @@ def _write_order(graph: fx.Graph, order: dict) -> dict[fx.Node, list[fx.Node]]:
             continue
         roots = {alias_root(inp) for inp in writer.all_input_nodes}
         for root in roots:
-            for accessor in {u for u in storage_users(root) if not is_view(u)}:
+            for accessor in _accessors(root):
                 if accessor is writer:
                     continue
                 if order[accessor] < order[writer]:
