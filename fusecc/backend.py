@@ -19,7 +19,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
-from fusecc.codegen import lower, wants_triton
+from fusecc.codegen import lower, wants_triton, with_kernel_autotuning
 from fusecc.capture import capture_aten, keep_sdpa_whole
 from fusecc.config import FuseccOptions
 from fusecc.debug.dump import GraphDump
@@ -142,11 +142,11 @@ class InferenceCompiler:
         records = run_passes(aten_gm, build_pipeline(options), max_rounds=options.max_pass_rounds,
                              verify=options.verify, dump=dump)
         marks.append(time.perf_counter())
-        runner = make_boxed_func(aten_gm.forward)
         if wants_triton(options, fake_inputs):
             runner, codegen_records = lower(aten_gm, options, dump, fake_inputs, weight_inputs)
             records += codegen_records
-        runner = _with_kernel_autotuning(runner, options.autotune)
+        else:
+            runner = with_kernel_autotuning(make_boxed_func(aten_gm.forward), options.autotune)
         marks.append(time.perf_counter())
         seconds = marks[-1] - start
         if dump is not None:
@@ -176,20 +176,6 @@ class InferenceCompiler:
                 "op_histogram_final": dict(op_histogram(aten_gm)),
             })
         return runner
-
-
-def _with_kernel_autotuning(runner: Callable, enabled: bool) -> Callable:
-    """Run the compiled graph with the attention kernels' config search on or off, as the graph's
-    `autotune` option says (off by default: a hand-picked tile config per shape class, no seconds
-    of compiling and timing the alternatives on the first call; mode="max-autotune" turns it on)."""
-    from fusecc.kernels.attention_tile import kernel_autotuning
-
-    def call(args):
-        with kernel_autotuning(enabled):
-            return runner(args)
-
-    call._boxed_call = True
-    return call
 
 
 def _aot_params_flat() -> list:

@@ -388,15 +388,18 @@ def _(x):
     return torch.empty_like(x)
 
 
+@pytest.mark.parametrize("codegen", ["aten", "triton"])
 @pytest.mark.parametrize("autotune", [False, True])
-def test_autotune_option_decides_inside_the_graph_only(monkeypatch, autotune):
+def test_autotune_option_decides_inside_the_graph_only(monkeypatch, autotune, codegen):
     from fusecc.kernels.attention_tile import autotune_enabled
 
+    if codegen == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # generated kernels on CPU tensors
     # the environment says the opposite: inside the compiled graph the option wins
     monkeypatch.setenv("FUSECC_AUTOTUNE", "0" if autotune else "1")
     _AUTOTUNE_SEEN.clear()
     compiled = torch.compile(lambda x: torch.ops.fusecc_test.autotune_probe(x * 2) * 3, backend="fusecc",
-                             options={"autotune": autotune})
+                             options={"autotune": autotune, "codegen": codegen})
     with torch.no_grad():
         out = compiled(torch.ones(4))
     torch.testing.assert_close(out, torch.full((4,), 9.0))

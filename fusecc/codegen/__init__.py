@@ -25,6 +25,21 @@ def wants_triton(options: FuseccOptions, example_inputs: list) -> bool:
     return any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
 
 
+def with_kernel_autotuning(runner: Callable, enabled: bool) -> Callable:
+    """Run a compiled graph (boxed call) with the attention kernels' config search on or off, as
+    the graph's `autotune` option says (off by default: a hand-picked tile config per shape class,
+    no seconds of compiling and timing the alternatives on the first call; mode="max-autotune"
+    turns it on)."""
+    from fusecc.kernels.attention_tile import kernel_autotuning
+
+    def call(args):
+        with kernel_autotuning(enabled):
+            return runner(args)
+
+    call._boxed_call = True
+    return call
+
+
 def lower(gm: fx.GraphModule, options: FuseccOptions, dump, example_inputs: list,
           weight_inputs: list[bool]) -> tuple[Callable, list]:
     """Fuse, generate kernels and the wrapper; returns (boxed callable, pass records)."""
@@ -38,7 +53,8 @@ def lower(gm: fx.GraphModule, options: FuseccOptions, dump, example_inputs: list
     records = run_passes(gm, [fusion], verify=options.verify, dump=dump)
     compiled = compile_wrapper(gm, check_kernels=options.check_kernels,
                                 emulate_precision_casts=options.emulate_precision_casts)
-    call = compiled.call
+    # inside the CUDA-graph runner: a replay launches nothing, so it needs no scope
+    call = with_kernel_autotuning(compiled.call, options.autotune)
     if options.cudagraphs and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
         from fusecc.codegen.cudagraphs import CUDAGraphRunner
 
