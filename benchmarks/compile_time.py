@@ -10,7 +10,7 @@
 and, for fusecc, the seconds its own compiler took (freezing, passes, codegen, kernel precompile:
 fusecc.backend.InferenceCompiler, summed over the compiled graphs). No dumps are written.
 
-    python benchmarks/compile_time.py --configs 1b:1,8b:1 --out benchmarks/results/compile_time.json
+    python -m benchmarks.compile_time --configs 1b:1,8b:1 --out benchmarks/results/compile_time.json
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from __future__ import annotations
 import benchmarks.decode as decode  # sets fresh cache directories before torch is imported
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -80,22 +78,8 @@ def main() -> int:
     parser.add_argument("--configs", default="1b:1,8b:1", help="shape:batch, comma separated")
     parser.add_argument("--out", default="benchmarks/results/compile_time.json")
     args = parser.parse_args()
-    import triton
-
-    report = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__, "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(),
-        "command": "python " + " ".join(sys.argv),
-        "configurations": [],
-    }
-    decode.warm_up_process()
     _time_fusecc_compiler()
-    for item in args.configs.split(","):
-        shape, batch = item.split(":")
-        report["configurations"].append(bench_config(shape, int(batch)))
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+    report = decode.run_configs(args.configs, args.out, bench_config)
     print(f"{'config':<8} {'aot_eager':>9} {'fcc cold':>9} {'(backend)':>9} {'fcc warm':>9} {'(backend)':>9} "
           f"{'ind cold':>9} {'ind warm':>9}")
     for r in report["configurations"]:

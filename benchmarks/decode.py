@@ -176,28 +176,37 @@ def bench_config(shape: str, batch: int, bandwidth: float) -> dict:
     return result
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--configs", default="1b:1,1b:32,8b:1,8b:32", help="shape:batch, comma separated")
-    parser.add_argument("--out", default="benchmarks/results/decode.json")
-    args = parser.parse_args()
+def run_configs(configs: str, out: str, bench, **header) -> dict:
+    """The report of a benchmark over "shape:batch,..." configurations: device, versions, date and
+    command, `header`, and `bench(shape, batch)` per configuration, after warm_up_process(). The
+    file is rewritten after each configuration, so a later crash keeps the earlier ones."""
     import triton
 
-    bandwidth = copy_bandwidth()
     report = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__, "triton": triton.__version__,
         "date": datetime.date.today().isoformat(),
         "command": "python " + " ".join(sys.argv),
-        "copy_bandwidth_bytes_per_s": bandwidth,
+        **header,
         "configurations": [],
     }
     warm_up_process()
-    for item in args.configs.split(","):
+    for item in configs.split(","):
         shape, batch = item.split(":")
-        report["configurations"].append(bench_config(shape, int(batch), bandwidth))
-        with open(args.out, "w") as f:
+        report["configurations"].append(bench(shape, int(batch)))
+        with open(out, "w") as f:
             json.dump(report, f, indent=2)
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--configs", default="1b:1,1b:32,8b:1,8b:32", help="shape:batch, comma separated")
+    parser.add_argument("--out", default="benchmarks/results/decode.json")
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    report = run_configs(args.configs, args.out, lambda shape, batch: bench_config(shape, batch, bandwidth),
+                         copy_bandwidth_bytes_per_s=bandwidth)
     print(f"{'config':<8} {'eager':>8} {'inductor':>9} {'fusecc':>8} {'x ind':>6} {'roofline':>9} "
           f"{'ind cmp s':>9} {'fcc cmp s':>9} {'fcc warm':>8} {'launch':>6} {'rel err':>8}")
     for r in report["configurations"]:
