@@ -6,15 +6,18 @@ Prefill: bf16, MHA, batch·seq = 16k tokens, d=64 (32 heads) and d=128 (16 heads
 causal and not; TFLOP/s = 4·B·H·Sq·Sk·D (halved when causal) / median time.
 Decode: paged, bf16, GQA 32/8, d=128, block_size 16, batch 1/8/64 × context 1k/8k/32k;
 bandwidth = bytes of K and V read / time per call, against a measured device-to-device copy (bytes
-read + written / time). Decode is timed as the runtime runs it: calls replayed back to back from one
-CUDA graph, each call on its own K/V cache (rotating over enough caches that no call finds its K/V in
-the 50 MB L2), time per call = CUDA-event time of the replays / calls. do_bench's L2 flush is not used
+read + written / time) of 512 MiB, and against a one-kernel read of the same bytes timed the same way
+(`same_size_read_tbs`: what a call of that size can reach once launch and ramp are paid).
+Decode is timed as the runtime runs it: calls replayed back to back from one CUDA graph, each call
+on its own K/V cache (rotating over enough caches that no call finds its K/V in the 50 MB L2),
+time per call = CUDA-event time of the replays / calls. do_bench's L2 flush is not used
 for decode: it memsets 256 MB right before the call, and writing back those dirty L2 lines (~17 us)
 lands inside a 10-30 us kernel's time; its single-call figure is kept beside, as `flushed_single_call_us`.
 The eager time (Python launch cost included) is kept too. Prefill times are do_bench medians.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import sys
@@ -25,7 +28,9 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fusecc.kernels import flash_attention, paged_attention
+from fusecc.kernels import flash_attention_tma
 from fusecc.kernels.flash_attention import _flash_attention_kernel
+from fusecc.kernels.flash_attention_tma import _flash_attention_tma_kernel, tma_prefill_eligible
 from fusecc.kernels.paged_attention import _paged_decode_kernel
 from fusecc.kernels.split_kv import choose_num_splits, num_sms
 
@@ -73,6 +78,26 @@ def copy_bandwidth():
     return nbytes / (min(ms) * 1e-3) / 1e12  # TB/s
 
 
+@contextlib.contextmanager
+def pointer_kernel_only():
+    """flash_attention without the TMA descriptor kernel (device_has_tma says no)."""
+    saved = flash_attention_tma.device_has_tma
+    flash_attention_tma.device_has_tma = lambda device: False
+    try:
+        yield
+    finally:
+        flash_attention_tma.device_has_tma = saved
+
+
+def read_bandwidth(nbytes: int, copies: int) -> float:
+    """TB/s of a one-kernel read of `nbytes` (torch.sum of a bf16 buffer), timed like decode: back
+    to back in one CUDA graph over `copies` buffers. At tens of MB a call's fixed cost (launch, ramp,
+    tail) is a visible share: this is the same-size reference beside the 512 MiB copy."""
+    bufs = [torch.randn(nbytes // 2, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    ms = time_in_graph(lambda i: bufs[i].sum(dtype=torch.float32), calls=copies)
+    return nbytes / (ms * 1e-3) / 1e12
+
+
 def _eager_ms(fn, reps: int = 20) -> float:
     fn()
     torch.cuda.synchronize()
@@ -100,7 +125,14 @@ def prefill_rows():
                 row = {"head_dim": D, "heads": H, "batch": B, "seq": S, "causal": causal}
                 out = flash_attention(q, k, v, causal=causal)
                 row["fusecc_ms"] = bench(lambda: flash_attention(q, k, v, causal=causal))
-                row["fusecc_config"] = str(getattr(_flash_attention_kernel, "best_config", "hand-picked"))
+                tma = tma_prefill_eligible(q, k, v, out, 0)
+                row["fusecc_kernel"] = "tma" if tma else "pointer"
+                kernel = _flash_attention_tma_kernel if tma else _flash_attention_kernel
+                row["fusecc_config"] = str(getattr(kernel, "best_config", "hand-picked"))
+                if tma:  # the pointer kernel on the same inputs: what the descriptors gain
+                    with pointer_kernel_only():
+                        flash_attention(q, k, v, causal=causal)
+                        row["fusecc_pointer_kernel_ms"] = bench(lambda: flash_attention(q, k, v, causal=causal))
                 for name, backend in [("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)]:
                     try:
                         with sdpa_kernel(backend):
@@ -110,8 +142,8 @@ def prefill_rows():
                     except RuntimeError as e:  # backend not available for this shape/build
                         row[f"{name}_ms"] = None
                         row[f"{name}_error"] = str(e).splitlines()[0][:200]
-                for name in ["fusecc", "sdpa_flash", "sdpa_cudnn"]:
-                    ms = row[f"{name}_ms"]
+                for name in ["fusecc", "fusecc_pointer_kernel", "sdpa_flash", "sdpa_cudnn"]:
+                    ms = row.get(f"{name}_ms")
                     row[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12 if ms else None
                 for name in ["sdpa_flash", "sdpa_cudnn"]:
                     row[f"vs_{name}"] = row["fusecc_tflops"] / row[f"{name}_tflops"] if row[f"{name}_tflops"] else None
@@ -167,11 +199,14 @@ def decode_rows(copy_tbs):
             row["fusecc_config"] = str(getattr(_paged_decode_kernel, "best_config", "hand-picked"))
             row["bandwidth_tbs"] = kv_bytes / (ms * 1e-3) / 1e12
             row["fraction_of_copy"] = row["bandwidth_tbs"] / copy_tbs
+            del caches
+            row["same_size_read_tbs"] = read_bandwidth(kv_bytes, copies)
+            row["fraction_of_same_size_read"] = row["bandwidth_tbs"] / row["same_size_read_tbs"]
             rows.append(row)
             print(f"decode B={B} ctx={ctx_len}: {row['fusecc_us']:.1f} us (eager {row['eager_us']:.1f}) {row['bandwidth_tbs']:.2f} TB/s "
                   f"({100 * row['fraction_of_copy']:.0f}% of copy) splits={row['num_splits']} {row['fusecc_config']}",
                   flush=True)
-            del k_cache, v_cache, out, caches
+            del k_cache, v_cache, out
             torch.cuda.empty_cache()
     return rows
 
@@ -206,13 +241,14 @@ def main():
         print(f"d{r['head_dim']:<3} {'causal' if r['causal'] else 'full  '} S={r['seq']:<6}"
               f"{f(r['fusecc_tflops'])} {f(r['sdpa_flash_tflops'])} {f(r['sdpa_cudnn_tflops'])}"
               f"  {g(r['vs_sdpa_flash'])}  {g(r['vs_sdpa_cudnn'])}")
-    print("decode (graph, back to back) us   TB/s   % copy  splits  flushed us")
+    print("decode (graph, back to back) us   TB/s   % copy  % same-size read  splits  flushed us")
     for r in result["decode"]:
         if "skipped" in r:
             print(f"B={r['batch']:<3} ctx={r['context']:<6} skipped: {r['skipped']}")
             continue
         print(f"B={r['batch']:<3} ctx={r['context']:<6} {r['fusecc_us']:8.1f} {r['bandwidth_tbs']:7.2f} "
-              f"{100 * r['fraction_of_copy']:7.0f}  {r['num_splits']:6d}  {r['flushed_single_call_us']:8.1f}")
+              f"{100 * r['fraction_of_copy']:7.0f}  {100 * r['fraction_of_same_size_read']:16.0f}  {r['num_splits']:6d}"
+              f"  {r['flushed_single_call_us']:8.1f}")
 
 
 if __name__ == "__main__":

@@ -104,8 +104,9 @@ def run_decode(model, config, step, batch: int, cache):
 def first_call_seconds(model, config, step, batch: int, cache) -> float:
     with torch.inference_mode():
         cache.reset()
-    token = torch.zeros((batch, 1), dtype=torch.long, device="cuda")
-    with torch.inference_mode():
+        # made under inference mode like run_decode's tokens: a normal tensor here fails Dynamo's
+        # dispatch-key guard on the next call, and every compiler would be timed compiling twice
+        token = torch.zeros((batch, 1), dtype=torch.long, device="cuda")
         model(torch.zeros((batch, 4), dtype=torch.long, device="cuda"), past_key_values=cache, use_cache=True)
         torch.cuda.synchronize()
         start = time.perf_counter()

@@ -131,24 +131,36 @@ def attn_inner(acc, l_i, m_i, q,
                     bias2 = tl.maximum(bias, -2.3e38) * 1.4426950408889634
                     qk = qk + tl.where(bias == float("-inf"), float("-inf"), bias2)
             qk = tl.where(ok, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # a row that has seen nothing yet keeps m = -inf; subtract 0 instead (exp2(-inf) = 0, no NaN)
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            qk = qk - m_sub[:, None]
-        else:
-            # scale the row max, not the tile (qk_scale >= 0, checked by the wrappers), then one FMA
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_sub = m_new
-            qk = qk * qk_scale - m_sub[:, None]
-        p = tl.math.exp2(qk)
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_i = softmax_step(qk, m_i, l_i, qk_scale, MASKED or MASK_KIND != 0)
         v = _load_rows(v_ptr + v_rows[:, None] + offs_d[None, :] * stride_vd, n_ok, offs_d,
                        MASKED, HEAD_DIM, HEAD_DIM_PAD)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def softmax_step(qk, m_i, l_i, qk_scale, SCALED_AND_MASKED: tl.constexpr):
+    """One online-softmax step over a score tile `qk [R, N]` fp32. Returns (p, alpha, l_i, m_new):
+    the tile's weights, the factor that rescales the running accumulator, and the updated row sum
+    and max; the caller does `acc = dot(p, v, acc * alpha)`.
+
+    SCALED_AND_MASKED: qk is already scaled and -inf where hidden, so a row may have seen nothing
+    yet. Otherwise qk is raw and every entry visible: the scale goes on the row max, not the tile
+    (qk_scale >= 0, checked by the wrappers), then one FMA per entry."""
+    if SCALED_AND_MASKED:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # a row that has seen nothing yet keeps m = -inf; subtract 0 instead (exp2(-inf) = 0, no NaN)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        qk = qk - m_sub[:, None]
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_sub = m_new
+        qk = qk * qk_scale - m_sub[:, None]
+    p = tl.math.exp2(qk)
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, l_i, m_new
 
 
 @triton.jit
@@ -251,7 +263,7 @@ def launch_tuned(kernel, grid, args: tuple, kwargs: dict, first_choice: triton.C
            tuple(a.dtype for a in args if hasattr(a, "dtype")))
     known = _FITTING_CONFIG.get(key)
     if known is not None:
-        kernel.fn[grid](*args, **kwargs, **known.all_kwargs())
+        _launch_with(kernel, grid, args, kwargs, known)
         return
     from triton.runtime.errors import OutOfResources
 
@@ -259,13 +271,21 @@ def launch_tuned(kernel, grid, args: tuple, kwargs: dict, first_choice: triton.C
     for i, config in enumerate(candidates):
         try:
             # a config that does not fit fails when its binary is loaded, before anything runs
-            kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+            _launch_with(kernel, grid, args, kwargs, config)
         except OutOfResources:
             if i == len(candidates) - 1:
                 raise
             continue
         _FITTING_CONFIG[key] = config
         return
+
+
+def _launch_with(kernel, grid, args: tuple, kwargs: dict, config: triton.Config) -> None:
+    # what the autotuner does for its chosen config: the pre-hook first (TMA kernels size their
+    # descriptors' boxes there), then the launch
+    if config.pre_hook is not None:
+        config.pre_hook({**dict(zip(kernel.arg_names, args)), **kwargs, **config.kwargs})
+    kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
 
 
 def head_dim_pad(head_dim: int) -> int:

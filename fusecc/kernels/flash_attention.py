@@ -15,7 +15,9 @@ Any strides are accepted (HF's transposed views run without a copy); a last-dim 
 what makes the loads wide.
 
 One program owns BLOCK_M query rows of one (batch, head); the key loop lives in attention_tile.py.
-A single query row (seq_q == 1, a static-cache decode step) goes to dense_decode_attention.py instead.
+On Hopper, unmasked fp16/bf16 calls with head_dim 64/128 and aligned strides run the same loop with
+TMA descriptor loads (flash_attention_tma.py). A single query row (seq_q == 1, a static-cache
+decode step) goes to dense_decode_attention.py instead.
 """
 
 from typing import Optional
@@ -27,6 +29,7 @@ import triton.language as tl
 from fusecc.kernels.attention_tile import (LOG2E, attn_rows, check_head_dim, first_prefill_config, head_dim_pad,
                                            launch_tuned, prefill_configs, prune_prefill_configs, softmax_scale)
 from fusecc.kernels.dense_decode_attention import dense_decode_attention
+from fusecc.kernels.flash_attention_tma import launch_tma_prefill, tma_prefill_eligible
 
 
 @triton.autotune(configs=prefill_configs(), key=["HEAD_DIM_PAD", "CAUSAL", "MASK_KIND", "SEQ_BUCKET"],
@@ -106,6 +109,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         # a decode step (static KV cache): split-KV over the keys instead of one mostly empty
         # query tile per head; causal is moot (the one query sees every key)
         return dense_decode_attention(q, k, v, out, scale * LOG2E, mask, mask_kind)
+
+    if tma_prefill_eligible(q, k, v, out, mask_kind):
+        launch_tma_prefill(q, k, v, out, causal, scale * LOG2E)
+        return out
 
     def grid(meta):
         return (triton.cdiv(Sq, meta["BLOCK_M"]), Hq, B)

@@ -71,12 +71,17 @@ def _compile_only(original):
 def _every_config(self, *args, grid, warmup, **kwargs):
     self.nargs = dict(zip(self.arg_names, args))
     for config in self.prune_configs(kwargs):
+        if config.pre_hook is not None:  # as the autotuner does before each benchmark (TMA boxes)
+            config.pre_hook({**self.nargs, **kwargs, **config.kwargs})
         self.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
     self.nargs = None
 
 
 def install() -> None:
+    from fusecc.kernels import flash_attention_tma
+
     driver.set_active(HopperWithoutGPU())
+    flash_attention_tma.device_has_tma = lambda device: True  # CPU tensors stand in for sm_90 ones
     JITFunction.run = _compile_only(JITFunction.run)
     Autotuner.run = _every_config
 
@@ -93,7 +98,8 @@ def attention_kernels(autotune: bool) -> None:
         for d in (64, 128):
             q = torch.randn(1, 8, 300, d, dtype=bf16)
             k = torch.randn(1, 2, 300, d, dtype=bf16)
-            flash_attention(q, k, k, causal=True)
+            flash_attention(q, k, k, causal=True)  # the TMA descriptor kernel
+            flash_attention(q[..., :d - 16], k[..., :d - 16], k[..., :d - 16])  # odd head dim: pointer kernel
             flash_attention(q, k, k, attn_mask=torch.ones(1, 1, 300, 300, dtype=torch.bool))
             # one query row: the split-KV decode kernel, split (2 KV heads < 4 "SMs") and merged
             flash_attention(q[:, :, :1], k, k, attn_mask=torch.zeros(1, 1, 1, 300, dtype=bf16))
