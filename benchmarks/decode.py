@@ -115,16 +115,16 @@ def first_call_seconds(model, config, step, batch: int, cache) -> float:
     return time.perf_counter() - start
 
 
-def bench_config(shape: str, batch: int, bandwidth: float) -> dict:
+def bench_config(shape: str, batch: int, bandwidth: float, cache_len: int = PROMPT + STEPS + 8) -> dict:
     from transformers import StaticCache
 
     model, config = build_model(shape)
-    cache = StaticCache(config=config, max_cache_len=PROMPT + STEPS + 8)
+    cache = StaticCache(config=config, max_cache_len=cache_len)
 
     def eager_step(token, cache):
         return model(token, past_key_values=cache, use_cache=True).logits
 
-    result: dict = {"shape": shape, "batch": batch, "prompt": PROMPT, "decode_steps": STEPS}
+    result: dict = {"shape": shape, "batch": batch, "prompt": PROMPT, "decode_steps": STEPS, "max_cache_len": cache_len}
     n_params = sum(p.numel() for p in model.parameters())
     kv_bytes = (batch * config.num_hidden_layers * 2 * config.num_key_value_heads * (PROMPT + STEPS)
                 * config.head_dim * 2)
@@ -204,9 +204,12 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", default="1b:1,1b:32,8b:1,8b:32", help="shape:batch, comma separated")
     parser.add_argument("--out", default="benchmarks/results/decode.json")
+    parser.add_argument("--cache-len", type=int, default=PROMPT + STEPS + 8,
+                        help="StaticCache max_cache_len; the roofline counts only the K/V of tokens in use")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
-    report = run_configs(args.configs, args.out, lambda shape, batch: bench_config(shape, batch, bandwidth),
+    report = run_configs(args.configs, args.out,
+                         lambda shape, batch: bench_config(shape, batch, bandwidth, args.cache_len),
                          copy_bandwidth_bytes_per_s=bandwidth)
     print(f"{'config':<8} {'eager':>8} {'inductor':>9} {'fusecc':>8} {'x ind':>6} {'roofline':>9} "
           f"{'ind cmp s':>9} {'fcc cmp s':>9} {'fcc warm':>8} {'launch':>6} {'rel err':>8}")

@@ -13,7 +13,10 @@ decode kernel, one program owns the q heads of a KV group (packed into a >= 16-r
 scores still go through tl.dot and every K/V load serves the whole group) over one key range, and
 split_kv.py merges the ranges. Causal masking is moot with one query: aligned bottom-right, it
 sees every key. The explicit mask (HF's padding/causal mask over the static cache's unused tail)
-is read per (head row, key), so a split whose keys are all masked contributes nothing.
+is read per (head row, key), so a split whose keys are all masked contributes nothing; first, each
+program narrows its key range to the keys some row can see (split_kv.visible_key_range), so the
+unused tail of a static cache (whatever its max_cache_len) costs a scan of its mask, not a read of
+its K/V.
 """
 
 from typing import Optional

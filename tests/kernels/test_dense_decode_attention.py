@@ -80,6 +80,58 @@ def test_static_cache_mask(kind, splits):
     torch.testing.assert_close(out.double(), _reference(q, k, v, mask, scale=0.2), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["bool", "-inf"])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_hidden_keys_outside_the_visible_range_are_not_read(kind, per_head):
+    # left padding [0, 16) and an unused tail [48, 80) hidden from every head: their K/V are never
+    # loaded (NaN there would poison p·v even at weight 0), and the result is attention over [16, 48).
+    # per_head: each head of a KV group sees part of [16, 48); the group must read their union
+    torch.manual_seed(6)
+    B, Hq, Hkv, Sk, D = 1, 4, 2, 80, 16
+    q, k, v = _inputs(B, Hq, Hkv, Sk, D, torch.float32)
+    keep = torch.zeros(B, Hq if per_head else 1, 1, Sk, dtype=torch.bool)
+    if per_head:
+        keep[:, 0::2, :, 16:30] = True
+        keep[:, 1::2, :, 25:48] = True
+    else:
+        keep[..., 16:48] = True
+    keep[..., 20] = False  # a hidden key inside the range is masked as usual
+    mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    k[:, :, :16] = float("nan")
+    v[:, :, :16] = float("nan")
+    k[:, :, 48:] = float("nan")
+    v[:, :, 48:] = float("nan")
+    for splits in (1, 2, 5):
+        out = _decode(q, k, v, mask=mask, num_splits=splits)
+        ref = _reference(q, k[:, :, 16:48], v[:, :, 16:48], keep[..., 16:48])
+        torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bias", ["zero", "-0.0", "one key biased", "nan key"])
+def test_plain_range_drops_the_mask_only_when_it_changes_nothing(bias):
+    # after the hidden tail is cut off, a float mask of zeros (or -0.0) inside the range is left out
+    # of the sweep; one nonzero or NaN bias inside the range must keep the masked sweep
+    torch.manual_seed(7)
+    B, Hq, Hkv, Sk, D = 2, 4, 2, 70, 16
+    q, k, v = _inputs(B, Hq, Hkv, Sk, D, torch.float32)
+    mask = torch.zeros(B, 1, 1, Sk)
+    mask[..., 50:] = float("-inf")
+    if bias == "-0.0":
+        mask[..., :50] = -0.0
+    elif bias == "one key biased":
+        mask[1, ..., 33] = 3.0
+    elif bias == "nan key":
+        mask[0, ..., 7] = float("nan")
+    k[:, :, 50:] = float("nan")  # never read: hidden from every head
+    v[:, :, 50:] = float("nan")
+    for splits in (1, 3):
+        out = _decode(q, k, v, mask=mask, num_splits=splits)
+        ref = _reference(q, k[:, :, :50], v[:, :, :50], mask[..., :50])
+        torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4, equal_nan=True)
+        if bias == "nan key":
+            assert out[0].isnan().all() and not out[1].isnan().any()
+
+
 def test_per_head_mask_and_fully_masked_head():
     # a full-shape mask reads a different row per q head of a packed GQA group; a head whose keys
     # are all hidden comes out 0, as SDPA returns
