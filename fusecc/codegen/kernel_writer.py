@@ -32,7 +32,8 @@ from torch.utils._sympy.functions import FloorDiv, ModularIndexing
 from fusecc.codegen.expr_printer import print_expr
 from fusecc.codegen.index_math import (CodegenUnsupported, broadcast_index, contiguous_strides, product,
                                        reshape_index, shape_of, strided_offset, sym, view_input_index)
-from fusecc.codegen.lowerings import COMPUTE_DTYPE, POINTWISE, REDUCTIONS, STORAGE_DTYPE, convert_dtype, classify, literal
+from fusecc.codegen.lowerings import (COMPUTE_DTYPE, POINTWISE, REDUCTIONS, STORAGE_DTYPE, classify, convert_dtype,
+                                     literal, promoted_operands, to_dtype)
 
 aten = torch.ops.aten
 
@@ -196,6 +197,11 @@ class KernelWriter:
             out_shape = shape_of(node)
             args = [self._arg(a, index, out_shape, mask) for a in node.args]
             kwargs = {k: self._arg(v, index, out_shape, mask) for k, v in node.kwargs.items()}
+            positions, common = promoted_operands(node)
+            for i in positions:
+                operand = node.args[i] if i < len(node.args) else None
+                if isinstance(operand, fx.Node) and operand.meta["val"].dtype != common:
+                    args[i] = self._tmp(to_dtype(args[i], common))
             result = self._tmp(POINTWISE[node.target](*args, node=node, **kwargs))
             return result if POINTWISE[node.target] is convert_dtype else self._round(result, val)
         if node.target in REDUCTIONS:
@@ -225,7 +231,10 @@ class KernelWriter:
         val = node.meta["val"]
         ptr = f"in_ptr{self.tensor_inputs.index(node)}"
         offset = self._flat_equivalent(strided_offset(val, index))
-        mask_expr = self._mask_for(offset, mask)
+        # one element for every lane (a 0-d tensor, a broadcast one, a one-element cat piece): a
+        # scalar load, always in bounds, and a block mask would not fit a scalar pointer
+        scalar = not ({XINDEX, RINDEX} & sympy.sympify(offset).free_symbols)
+        mask_expr = None if scalar else self._mask_for(offset, mask)
         other = "" if mask_expr is None else f", {mask_expr}, other=0"
         load = f"tl.load({ptr} + {self._print(offset)}{other})"
         return self._tmp(f"{load}.to({COMPUTE_DTYPE[val.dtype]})")
@@ -280,7 +289,8 @@ class KernelWriter:
             correction = node.args[2] if len(node.args) > 2 else 1
             centered = self._tmp(f"tl.where({full_mask}, {src} - {reduced}, 0)")
             squares = self._tmp(f"tl.sum({centered} * {centered}, 1)[:, None]")
-            reduced = self._tmp(f"{squares} / {literal(float(int(self.rnumel) - correction))}")
+            # eager divides by max(0, N - correction): inf (or NaN for a constant row) when <= 0
+            reduced = self._tmp(f"{squares} / {literal(float(max(0, int(self.rnumel) - correction)))}")
         return reduced
 
     # ------------------------------------------------------------------ whole kernel

@@ -145,13 +145,19 @@ def _compare(op: str) -> Callable:
 
 def convert_dtype(a, dtype=None, *, node):
     # Round through the storage dtype so a cast to bf16/fp16 loses what eager loses.
-    target = _dt(node)
-    return f"({a}).to({STORAGE_DTYPE[target]}).to({COMPUTE_DTYPE[target]})"
+    return to_dtype(a, _dt(node))
 
 
 def _tanh(a, *, node):
+    # 1 - 2 / (exp(2x) + 1) cancels near 0 (tanh(1e-8) came out 0): an odd Taylor polynomial below
+    # |x| = 0.25 (next term < 1e-8 relative), (1 - e) / (1 + e) with e = exp(-2|x|) above it
     x = _float(a, node)
-    return _cast(f"2.0 * tl.sigmoid(2.0 * {x}) - 1.0", node)
+    x2 = f"({x} * {x})"
+    small = f"{x} * (1.0 + {x2} * (-0.3333333333333333 + {x2} * (0.13333333333333333 + {x2} * " \
+            f"(-0.05396825396825397 + {x2} * (0.021869488536155203 - {x2} * 0.008863235529902197)))))"
+    e = f"tl.exp(-2.0 * tl.abs({x}))"
+    large = f"tl.where({x} < 0, -1.0, 1.0) * ((1.0 - {e}) / (1.0 + {e}))"
+    return _cast(f"tl.where(tl.abs({x}) < 0.25, {small}, {large})", node)
 
 
 def _sign(a, *, node):
@@ -222,6 +228,39 @@ POINTWISE: dict = {
     prims.div.default: _true_div,  # float only (classify sends integer prims.div to ATen)
     aten.full.default: _full, aten.scalar_tensor.default: lambda v, *, node, **_: _full(None, v, node=node),
 }
+
+# Operand positions that take part in type promotion: eager converts each tensor operand to the
+# op's common dtype (fp16 + a 0-d fp32 tensor rounds the latter to fp16; int32 + fp16 converts the
+# int to fp16; uint8 > a 0-d int64 -1 compares with 255) before computing. Python scalars are kept
+# as fp32/int literals, as CUDA eager passes them in its compute type.
+_PROMOTED_ARGS = {
+    aten.add.Tensor: (0, 1), aten.sub.Tensor: (0, 1), aten.mul.Tensor: (0, 1), aten.div.Tensor: (0, 1),
+    prims.div.default: (0, 1), aten.maximum.default: (0, 1), aten.minimum.default: (0, 1),
+    aten.where.self: (1, 2), aten.clamp.default: (0, 1, 2), aten.pow.Tensor_Scalar: (0, 1),
+    aten.eq.Tensor: (0, 1), aten.eq.Scalar: (0, 1), aten.ne.Tensor: (0, 1), aten.ne.Scalar: (0, 1),
+    aten.lt.Tensor: (0, 1), aten.lt.Scalar: (0, 1), aten.le.Tensor: (0, 1), aten.le.Scalar: (0, 1),
+    aten.gt.Tensor: (0, 1), aten.gt.Scalar: (0, 1), aten.ge.Tensor: (0, 1), aten.ge.Scalar: (0, 1),
+}
+
+
+def promoted_operands(node: fx.Node) -> tuple[tuple[int, ...], Optional[torch.dtype]]:
+    """(positions of the node's promoted operands, their common dtype), or ((), None)."""
+    from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes
+
+    positions = _PROMOTED_ARGS.get(node.target, ())
+    operands = [node.args[i] for i in positions if i < len(node.args) and node.args[i] is not None]
+    values = [a.meta["val"] if isinstance(a, fx.Node) else a for a in operands]
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return (), None
+    _, common = elementwise_dtypes(*values, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)
+    return positions, common
+
+
+def to_dtype(expr: str, dtype: torch.dtype) -> str:
+    """A loaded value converted as eager converts a tensor to `dtype` (through its storage type,
+    so fp16/bf16 round and narrow integers wrap), in that dtype's compute type."""
+    return f"({expr}).to({STORAGE_DTYPE[dtype]}).to({COMPUTE_DTYPE[dtype]})"
+
 
 _FLOAT_ONLY = {aten.exp.default, aten.exp2.default, aten.log.default, aten.log2.default, aten.sqrt.default,
                aten.rsqrt.default, aten.sigmoid.default, aten.tanh.default, aten.sin.default, aten.cos.default,

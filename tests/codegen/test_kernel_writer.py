@@ -221,3 +221,54 @@ def test_wrapper_globals_never_shadow_graph_values(tmp_path):
         a = torch.randn(shape)
         got = compile_and_run(fn, a, tmp_path=tmp_path / f"{shape[0]}", dynamic=True)
         assert_close(got.outputs, fn(a))
+
+
+def test_operands_are_converted_to_the_common_dtype_first(tmp_path):
+    # eager converts each tensor operand to the op's common dtype before computing: a 0-d fp32
+    # tensor meeting fp16 rounds to fp16 (65000 -> 64992, 0.1 -> 0.09998), an int32 tensor meeting
+    # fp16 becomes fp16 (2049 -> 2048, 70000 -> inf), a 0-d int64 -1 meeting uint8 becomes 255
+    h = torch.tensor([12.0, 0.1], dtype=torch.float16)
+    i32 = torch.tensor([2049, 70000], dtype=torch.int32)
+    h2 = torch.tensor([0.5, -1e4], dtype=torch.float16)
+    u8 = torch.tensor([0, 5, 255], dtype=torch.uint8)
+    fn = lambda h, s, t, i, h2, u, m: (h + s, h == t, i + h2, h2 / i, u > m, i == m)  # noqa: E731
+    args = (h, torch.tensor(65000.0), torch.tensor(0.1), i32, h2, u8, torch.tensor(-1))
+    got = compile_and_run(fn, *args, tmp_path=tmp_path)
+    for g, e in zip(got.outputs, fn(*args)):
+        assert g.dtype == e.dtype and torch.equal(g, e), (g, e)
+
+
+def test_integer_pow_with_a_float_exponent_is_computed_in_float(tmp_path):
+    a = torch.tensor([50000, 3], dtype=torch.int32)
+    got = compile_and_run(lambda x: (x ** 2.0, x ** 3.0), a, tmp_path=tmp_path)
+    assert torch.equal(got.outputs[0], a ** 2.0) and torch.equal(got.outputs[1], a ** 3.0)
+
+
+def test_tanh_keeps_its_relative_precision_near_zero(tmp_path):
+    a = torch.tensor([1e-8, -1e-5, 1e-3, 0.2, 0.3, -2.0, 9.0, 50.0, -0.0, float("inf"), float("nan")])
+    got = compile_and_run(lambda x: torch.tanh(x) * 1, a, tmp_path=tmp_path)
+    torch.testing.assert_close(got.outputs, torch.tanh(a), rtol=2e-6, atol=0, equal_nan=True)
+    assert torch.equal(torch.signbit(got.outputs[8:9]), torch.tensor([True]))
+
+
+def test_cat_pieces_of_one_element(tmp_path):
+    # a piece whose every lane reads one element used to load through a scalar pointer with the
+    # per-lane slot mask, which Triton rejects at run time
+    x, y, s, m = torch.randn(5), torch.randn(1), torch.randn(()), torch.randn(3, 2)
+    row = torch.randn(1, 3)
+    fns = [lambda x, y, s, m, r: torch.cat([x, y]) * 2,
+           lambda x, y, s, m, r: torch.cat([s.view(1), x]) + 1,
+           lambda x, y, s, m, r: torch.cat([x[1:], x[:1]]) - 1,
+           lambda x, y, s, m, r: torch.cat([m, s.view(1, 1).expand(3, 1)], 1) * 3,
+           lambda x, y, s, m, r: torch.cat([r.sum(-1, keepdim=True), r], -1) * 2]
+    for i, fn in enumerate(fns):
+        got = compile_and_run(fn, x, y, s, m, row, tmp_path=tmp_path / str(i))
+        assert_close(got.outputs, fn(x, y, s, m, row))
+
+
+def test_variance_with_correction_beyond_the_row_is_inf(tmp_path):
+    a = torch.tensor([[1.0, 2.0, 4.0]])
+    fn = lambda x: (torch.var(x, -1, correction=5) + 0, torch.std(x, -1, correction=3) + 0)  # noqa: E731
+    got = compile_and_run(fn, a, tmp_path=tmp_path)
+    for g, e in zip(got.outputs, fn(a)):
+        torch.testing.assert_close(g, e, equal_nan=True)
