@@ -105,6 +105,11 @@ def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
     return dst_info.min <= src_info.min and src_info.max <= dst_info.max
 
 
+def _finite_number(value) -> bool:
+    # alpha scales the zero operand: a finite alpha keeps it zero, inf or NaN makes it NaN
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 # ---------------------------------------------------------------- rules (one function each)
 
 def mul_by_one(node):
@@ -121,6 +126,8 @@ def add_zero(node):
     # remove_no_ops makes the same trade; no comparison or arithmetic but 1/x sees it).
     x, y = node.args[:2]
     alpha = node.kwargs.get("alpha", 1)
+    if not _finite_number(alpha):
+        return None  # x + inf * 0 is NaN
     if _is_number(y, 0) and isinstance(x, fx.Node):
         return x
     if _is_number(x, 0) and isinstance(y, fx.Node) and alpha == 1:
@@ -132,7 +139,7 @@ def sub_zero(node):
     # exact for +0 (x - 0.0 keeps -0.0); not for -0.0: x - (-0.0) is x + 0.0, which turns -0.0
     # into +0.0, so that one stays
     x, y = node.args[:2]
-    if _has_negative_zero(y):
+    if _has_negative_zero(y) or not _finite_number(node.kwargs.get("alpha", 1)):
         return None
     return x if _is_number(y, 0) and isinstance(x, fx.Node) else None
 

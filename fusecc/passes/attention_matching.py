@@ -201,6 +201,8 @@ def _match_eager(gm: fx.GraphModule, bmm2: fx.Node) -> _Match:
         raise NoMatch("kv_shape")
     _check_dtypes(qv, kv, vv)
     if mask is not None:
+        if isinstance(mask, fx.Node) and _tensor(mask).dtype == torch.bool:
+            raise NoMatch("eager_bool_mask_added")  # logits + bool adds 1.0 where True: not keep/drop
         _check_mask(mask, qv, (B, H, Sq, Sk))
         if not _provably_finite(gm, mask):
             raise NoMatch("eager_mask_may_hold_-inf")  # eager gives NaN on an all -inf row, the kernel 0
@@ -208,7 +210,8 @@ def _match_eager(gm: fx.GraphModule, bmm2: fx.Node) -> _Match:
     inner = set(core)
     if any(u not in inner for n in core if n is not anchor for u in n.users):
         raise NoMatch("eager_intermediate_used_elsewhere")
-    scale = _check_scale(scale)
+    # no mul/div on the logits: eager scales by 1, not by the kernel's default 1/sqrt(D)
+    scale = 1.0 if scale is None else _check_scale(scale)
     removed = core + q_chain[:q_chain.index(q4)] + k_nodes + v_nodes
     match = _Match("eager", anchor, q4, k_src, v_src, False, scale, mask, removed,
                    k_through + v_through + _copies(q_chain, q4), k_rep)
@@ -225,7 +228,7 @@ def _softmax_input(p: fx.Node):
     """p = [cast](div(exp(x - amax(x, -1)), sum(exp, -1))) -> (casts, softmax nodes, x in the
     logits' dtype)."""
     casts = []
-    while _cast_dtype(p) is not None:
+    while _cast_dtype(p) in _DTYPES:  # the probabilities cast to the dtype of v (the kernel does)
         casts.append(p)
         p = p.args[0]
     if not _is(p, aten.div.Tensor):
@@ -242,8 +245,10 @@ def _softmax_input(p: fx.Node):
     if amax.args[0] is not x or not _last_dim_keepdim(amax):
         raise NoMatch("eager_no_softmax")
     nodes = [p, e, s, sub, amax]
-    while _cast_dtype(x) is not None and _tensor(x.args[0]).dtype in _DTYPES:
-        casts.append(x)  # softmax computed in fp32 on fp16/bf16 logits: the kernel does so too
+    while _cast_dtype(x) == torch.float32 and _tensor(x.args[0]).dtype in _DTYPES:
+        # softmax computed in fp32 on fp16/bf16/fp32 logits: the kernel does so too. Any other
+        # cast (to an integer, or narrowing to bf16) rounds the logits first: not the same math
+        casts.append(x)
         x = x.args[0]
     return casts, nodes, x
 

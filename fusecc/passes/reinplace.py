@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from fusecc.passes.base import GraphPass, PassResult
-from fusecc.passes.node_kinds import feeds_output
+from fusecc.passes.node_kinds import feeds_output, is_view, storage_users
 
 aten = torch.ops.aten
 
@@ -57,7 +57,10 @@ class Reinplace(GraphPass):
                 continue
             if src.args[0] is not dest:
                 continue
-            later_readers = [u for u in dest.users if u not in (src, copy) and order[u] > order[src]]
+            # readers of the old value: users of the input or of any view of it (a slice taken
+            # before the scatter and read after it sees the old rows only while it is functional)
+            later_readers = [u for u in storage_users(dest)
+                             if u not in (src, copy) and not is_view(u) and order[u] > order[src]]
             if later_readers:
                 stats["skipped:old_value_read_later"] += 1
                 continue
@@ -125,7 +128,8 @@ def _reinplace_auto_functionalized(gm: fx.GraphModule, node: fx.Node, order: dic
     if len(copies) != len(set(bases)):
         return "skipped:auto_functionalized_no_copy_back"
     for base in bases:
-        if any(u is not node and u not in copies and order[u] > order[node] for u in base.users):
+        if any(u is not node and u not in copies and not is_view(u) and order[u] > order[node]
+               for u in storage_users(base)):
             return "skipped:old_value_read_later"
     with gm.graph.inserting_before(node):
         inplace = gm.graph.call_function(op, (), call_kwargs)

@@ -122,6 +122,12 @@ def forward(self, x_1):
         self.assertTrue(torch.signbit((x - (-0.0))[0]) == False)  # noqa: E712
         self.assert_not_fired(lambda x: (x - (-0.0)) * 2, x)
 
+    def test_add_and_sub_zero_not_with_a_non_finite_alpha(self):
+        # y + inf * 0 and y - nan * 0 are NaN, not y
+        x = torch.randn(4)
+        self.assert_not_fired(lambda x: torch.add(x * 2, 0, alpha=float("inf")) * 3, x)
+        self.assert_not_fired(lambda x: torch.sub(x * 2, 0, alpha=float("nan")) * 3, x)
+
     def test_identity_not_applied_when_another_output_shares_the_storage(self):
         # `y.view(-1) * 1` -> `y.view(-1)` would make two outputs views of one buffer (y.t() is the
         # other): the caller could change one through the other (found by a miscompile hunt)

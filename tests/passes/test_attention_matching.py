@@ -321,3 +321,44 @@ def test_gpu_hf_llama_bf16(attn_implementation, tmp_path):
     (final,) = glob.glob(os.path.join(tmp_path, "*", "*.final.py"))
     text = open(final).read()
     assert text.count("torch.ops.fusecc.flash_attention.default(") == 4 and "fusecc.sdpa" not in text
+
+
+# ---- patterns that look like attention but are not the kernel's math (found by a hunt) ----
+
+def _compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=fusecc_backend, options={"codegen": "aten", "strict": True})
+
+
+def _eager_softmax(x):
+    e = torch.exp(x - x.amax(-1, keepdim=True))
+    return e / e.sum(-1, keepdim=True)
+
+
+def test_unscaled_eager_attention_keeps_scale_one():
+    # no mul/div on the logits: eager scales by 1, the kernel's default would be 1/sqrt(D)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
+    fn = lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v  # noqa: E731
+    torch.testing.assert_close(_compiled(fn)(q, k, v), fn(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_bool_mask_added_to_logits_is_not_a_keep_mask():
+    # logits + bool adds 1.0 where True; it must not become a keep/drop mask
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
+
+    def fn(q, k, v):
+        m = torch.ones(8, 8, dtype=torch.bool).tril()
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25 + m, dim=-1) @ v
+
+    torch.testing.assert_close(_compiled(fn)(q, k, v), fn(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bfloat16])
+def test_logits_rounded_before_softmax_stay_rounded(dtype):
+    # a cast of the logits to an integer, or narrowing to bf16, changes them before the softmax
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 8, 16) * 3 for _ in range(3))
+    fn = lambda q, k, v: _eager_softmax((q @ k.transpose(-1, -2) * 0.25).to(dtype)).float() @ v  # noqa: E731
+    torch.testing.assert_close(_compiled(fn)(q, k, v), fn(q, k, v), atol=1e-5, rtol=1e-5)

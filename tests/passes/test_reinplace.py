@@ -72,3 +72,26 @@ def test_returning_the_written_input_or_a_view_of_it_compiles_and_aliases_like_e
         # eager returns the cache (or a view of it): writing through the output writes the cache
         out.add_(1)
         assert cache.sum() == 16 + cache.numel()
+
+
+def test_a_view_taken_before_the_scatter_and_read_after_keeps_the_old_rows():
+    # k_old is a slice of the cache taken before index_copy_ and read after it: the scatter must
+    # stay functional, or k_old would see the new row (attention matching removes the clones)
+    import torch.nn.functional as F
+
+    from fusecc.backend import fusecc_backend
+
+    def fn(q, ck, cv, pos, kn, vn):
+        k_old, v_old = ck[:, :, :4].clone(), cv[:, :, :4].clone()
+        ck.index_copy_(2, pos, kn)
+        cv.index_copy_(2, pos, vn)
+        return F.scaled_dot_product_attention(q, k_old, v_old)
+
+    torch.manual_seed(0)
+    q, ck, cv = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    pos, kn, vn = torch.tensor([1]), torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=fusecc_backend, options={"codegen": "aten", "strict": True})
+    ck_c, cv_c, ck_e, cv_e = ck.clone(), cv.clone(), ck.clone(), cv.clone()
+    torch.testing.assert_close(compiled(q, ck_c, cv_c, pos, kn, vn), fn(q, ck_e, cv_e, pos, kn, vn))
+    assert torch.equal(ck_c, ck_e) and torch.equal(cv_c, cv_e)
