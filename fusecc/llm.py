@@ -39,17 +39,20 @@ class LLM:
         # partial ones every step.
         params = [dataclasses.replace(p, output_kind="final_only") for p in params]
         ids = []
-        for prompt, p in zip(prompts, params):
-            ids.append(str(self._next_id))
-            self._next_id += 1
-            self.engine.add_request(ids[-1], prompt, p)
         results: dict[str, RequestOutput] = {}
         bar = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(prompts), desc="Generating", unit="req", dynamic_ncols=True)
         try:
+            # inside the try: a prompt rejected halfway through the batch takes the ones queued
+            # before it out again, instead of leaving them to run in the next call
+            for prompt, p in zip(prompts, params):
+                request_id = str(self._next_id)
+                self._next_id += 1
+                self.engine.add_request(request_id, prompt, p)
+                ids.append(request_id)
+            if use_tqdm:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(prompts), desc="Generating", unit="req", dynamic_ncols=True)
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:

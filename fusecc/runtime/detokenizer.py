@@ -51,6 +51,16 @@ class IncrementalDetokenizer:
         self.text += new
         return new
 
+    def stable_text(self) -> str:
+        """The text an unfinished request may show: without its longest suffix that begins a stop
+        string (the next tokens could complete it, and the stop string is cut from the output), so
+        every text shown is a prefix of the final one. vLLM holds such a tail back too."""
+        for n in range(min(len(self.text), self.max_stop_len - 1) if self.stop else 0, 0, -1):
+            tail = self.text[-n:]
+            if any(stop.startswith(tail) for stop in self.stop):
+                return self.text[:-n]
+        return self.text
+
     def check_stop(self, new_text_len: int) -> str | None:
         """The stop string ending in the last `new_text_len` characters, if any; truncates text before it."""
         if not self.stop or not new_text_len:

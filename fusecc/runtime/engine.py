@@ -160,7 +160,7 @@ class LLMEngine:
                 for seq in added:
                     self.scheduler.abort(seq.request_id)
                     self._by_seq.pop(seq.request_id, None)
-                self.scheduler.take_finished()  # nothing was queued as far as the caller is concerned
+                self.scheduler.forget_finished(added)  # nothing was queued as far as the caller is concerned
                 raise
             self._requests[request_id] = req
             self.prompt_tokens_total += len(ids) * params.n
@@ -249,7 +249,8 @@ class LLMEngine:
 
     def _output(self, req: _Request) -> RequestOutput:
         finished = len(req.finished) == len(req.children)
-        completions = [CompletionOutput(index=i, text=c.detok.text, token_ids=c.seq.output_token_ids,
+        completions = [CompletionOutput(index=i, text=c.detok.text if c.seq.is_finished else c.detok.stable_text(),
+                                        token_ids=c.seq.output_token_ids,
                                         finish_reason=c.seq.finish_reason, stop_reason=c.seq.stop_reason,
                                         logprobs=None if c.logprobs is None else list(c.logprobs))
                        for i, c in enumerate(req.children)]

@@ -79,9 +79,9 @@ class SamplingParams:
         return self.top_k > 0
 
     def _validate(self) -> None:
-        _require(isinstance(self.n, int) and self.n >= 1, "n", self.n, "must be an integer >= 1")
+        _require(_is_int(self.n) and self.n >= 1, "n", self.n, "must be an integer >= 1")
         _require(self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0 (0 = greedy)")
-        _require(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", self.top_k,
+        _require(_is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k,
                  "must be -1 or 0 (off) or a positive integer")
         _require(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
         _require(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "must be in [0, 1]")
@@ -90,10 +90,10 @@ class SamplingParams:
                  "must be in [-2, 2]")
         _require(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", self.frequency_penalty,
                  "must be in [-2, 2]")
-        _require(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "must be an integer or None")
-        _require(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
+        _require(self.seed is None or _is_int(self.seed), "seed", self.seed, "must be an integer or None")
+        _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
                  "must be an integer >= 1")
-        _require(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", self.min_tokens,
+        _require(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens,
                  "must be an integer >= 0")
         _require(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
                  f"must be <= max_tokens ({self.max_tokens})")
@@ -101,11 +101,16 @@ class SamplingParams:
                  f"must hold at most {MAX_STOP_STRINGS} strings")
         _require(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
                  "must hold non-empty strings")
-        _require(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+        _require(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                  self.stop_token_ids, "must hold non-negative integers")
-        _require(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+        _require(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                  "logprobs", self.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
         _require(self.output_kind in OUTPUT_KINDS, "output_kind", self.output_kind, f"must be one of {OUTPUT_KINDS}")
+
+
+def _is_int(value) -> bool:
+    # bool is an int subclass: top_k=True or logprobs=True would pass, then crash the engine step
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _require(ok: bool, name: str, value: object, what: str) -> None:

@@ -165,6 +165,14 @@ class Scheduler:
         """End `seq` from outside (the detokenizer found a stop string). False if already finished."""
         if reason not in FINISH_STATUS:
             raise ValueError(f"finish reason must be one of {sorted(FINISH_STATUS)}, got {reason!r}")
+        if reason == "stop" and seq.finish_reason == "length" and any(f is seq for f in self._finished):
+            # the token that reached max_tokens also completed a stop string (this step, not yet
+            # reported): it is a stop, as vLLM and OpenAI report it
+            self.stats.num_finished["length"] -= 1
+            seq.status = FINISH_STATUS["stop"]
+            seq.stop_reason = stop_reason
+            self.stats.num_finished["stop"] += 1
+            return True
         if seq.is_finished or self._by_id.get(seq.request_id) is not seq:
             return False
         seq.stop_reason = stop_reason
@@ -175,6 +183,11 @@ class Scheduler:
         """Sequences finished (any reason, aborts included) since the last call; each is returned once."""
         out, self._finished = self._finished, []
         return out
+
+    def forget_finished(self, seqs: list[Sequence]) -> None:
+        """Drop `seqs` from what take_finished() will return: requests rejected while being added,
+        which the caller never saw queued. Other requests' finishes stay to be reported."""
+        self._finished = [f for f in self._finished if not any(f is s for s in seqs)]
 
     def get(self, request_id: str) -> Sequence | None:
         return self._by_id.get(request_id)

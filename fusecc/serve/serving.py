@@ -211,8 +211,10 @@ class OpenAIServing:
         choices = []
         for i, out in enumerate(finals):
             for o in out.outputs:
-                text = (echo[i] if req.echo else "") + o.text
-                lp = self._completion_logprobs(o.logprobs or [], 0) if req.logprobs is not None else None
+                prefix = echo[i] if req.echo else ""
+                text = prefix + o.text
+                # text_offset: character offsets into the returned text, the echoed prompt included
+                lp = self._completion_logprobs(o.logprobs or [], len(prefix)) if req.logprobs is not None else None
                 choices.append(CompletionChoice(index=i * req.n + o.index, text=text, logprobs=lp,
                                                 finish_reason=o.finish_reason, stop_reason=o.stop_reason))
         usage = self._usage(finals)
@@ -226,8 +228,15 @@ class OpenAIServing:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         prompt = self._chat_prompt(req)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_tokens = self._max_tokens(requested, None, len(prompt))
-        params = self._sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        # errors name the field the client sent, not the SamplingParams field it became
+        sent_as = {"max_tokens": "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
+                   "logprobs": "top_logprobs" if req.top_logprobs is not None else "logprobs"}
+        try:
+            max_tokens = self._max_tokens(requested, None, len(prompt))
+            params = self._sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        except APIError as exc:
+            exc.param = sent_as.get(exc.param, exc.param)
+            raise
         base_id = f"chatcmpl-{uuid.uuid4().hex}"
         usage_out["prompt_tokens"] = len(prompt)
 
@@ -286,12 +295,17 @@ class OpenAIServing:
         deltas = self._deltas(started, req.n, usage_out)
         try:
             echoed = set()
+            offsets: dict[int, int] = {}  # choice -> text_offset of its next token (the stream goes on)
             async for idx, text, o, start, finish in deltas:
                 if req.echo and idx not in echoed:
                     echoed.add(idx)
                     text = echo[idx // req.n] + text
-                lp = self._completion_logprobs((o.logprobs or [])[start:len(o.token_ids)], 0) \
-                    if req.logprobs is not None else None
+                    offsets[idx] = len(echo[idx // req.n])
+                lp = None
+                if req.logprobs is not None:
+                    lp = self._completion_logprobs((o.logprobs or [])[start:len(o.token_ids)], offsets.get(idx, 0))
+                    if lp.tokens:
+                        offsets[idx] = lp.text_offset[-1] + len(lp.tokens[-1])
                 chunk = CompletionResponse(id=base_id, created=created, model=self.model_name, choices=[
                     CompletionChoice(index=idx, text=text, logprobs=lp, finish_reason=finish,
                                      stop_reason=o.stop_reason if finish else None)])

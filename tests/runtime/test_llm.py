@@ -45,3 +45,60 @@ def test_llm_on_a_checkpoint_matches_transformers(tmp_path):
         assert o.outputs[0].token_ids == hf_greedy(hf, o.prompt_token_ids, n)
     with pytest.raises(ValueError, match="2 sampling_params for 4 prompts"):
         llm.generate(ps, [SamplingParams()] * 2)
+
+
+def test_a_rejected_prompt_takes_the_batch_out_again():
+    # the valid prompts queued before the rejected one must not stay in the engine
+    from fusecc import LLM, SamplingParams
+
+    llm = LLM(enforce_eager=True, max_model_len=64, num_kv_blocks=16)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate(["good prompt", "x" * 200], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+    assert len(llm.generate("next", SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)) == 1
+
+
+def test_engine_reports_an_abort_pending_when_another_request_is_rejected():
+    from fusecc import SamplingParams
+    from fusecc.runtime.engine import LLMEngine
+
+    engine = LLMEngine.from_engine_args(None, enforce_eager=True, max_model_len=64, num_kv_blocks=16)
+    engine.add_request("a", "hello", SamplingParams(max_tokens=8))
+    engine.abort_request("a")
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("b", list(range(100)), SamplingParams(max_tokens=8))
+    reported = [(o.request_id, o.outputs[0].finish_reason) for _ in range(3) for o in engine.step()]
+    assert reported == [("a", "abort")] and not engine.has_unfinished_requests()
+
+
+def _run_one(engine, prompt, params):
+    engine.add_request("r", prompt, params)
+    texts = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            texts.append(out.outputs[0].text)
+            if out.finished:
+                return out.outputs[0], texts
+
+
+def test_stop_strings_finish_as_stop_and_never_stream_a_retracted_tail():
+    from fusecc import SamplingParams
+    from fusecc.runtime.engine import LLMEngine
+
+    engine = LLMEngine.from_engine_args(None, enforce_eager=True, max_model_len=128, num_kv_blocks=32)
+    prompt, base = list(b"The quick brown fox"), dict(temperature=1.0, seed=5, ignore_eos=True)
+    full, _ = _run_one(engine, prompt, SamplingParams(max_tokens=40, **base))
+    # a stop string completed by the last allowed token: "stop", not "length"
+    eighth, _ = _run_one(engine, prompt, SamplingParams(max_tokens=8, **base))
+    last = eighth.text[-1]
+    assert eighth.text.find(last) == len(eighth.text) - 1 and last.isprintable(), eighth.text  # seeded
+    out, _ = _run_one(engine, prompt, SamplingParams(max_tokens=8, stop=[last], **base))
+    assert (out.text, out.finish_reason, out.stop_reason) == (eighth.text[:-1], "stop", last)
+    # a two-character stop string: streamed (cumulative) texts are prefixes of the final text
+    start = next(i for i in range(1, len(full.text) - 1) if full.text[i:i + 2].isascii()
+                 and full.text[i:i + 2].isprintable() and full.text.find(full.text[i:i + 2]) == i)
+    stop = full.text[start:start + 2]
+    out, texts = _run_one(engine, prompt, SamplingParams(max_tokens=40, stop=[stop], **base))
+    assert out.text == full.text[:start] and out.finish_reason == "stop"
+    assert all(out.text.startswith(t) for t in texts), (texts, out.text)

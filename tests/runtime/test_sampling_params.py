@@ -46,6 +46,9 @@ def test_stop_accepts_a_string_or_none():
     (dict(logprobs=-1), "logprobs"),
     (dict(logprobs=21), "logprobs"),
     (dict(seed=1.5), "seed"),
+    (dict(top_k=True), "top_k"),        # bool is an int subclass: it passed, then crashed the engine step
+    (dict(logprobs=True), "logprobs"),
+    (dict(max_tokens=True), "max_tokens"),
 ])
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field}\b"):

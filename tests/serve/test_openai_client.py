@@ -61,6 +61,15 @@ def test_completion_logprobs(client):
     assert lp.text_offset == [0, 1, 2]
 
 
+def test_completion_logprobs_text_offset_with_echo_and_streaming(client):
+    # offsets index the returned text: after the echoed prompt, and continuing across stream chunks
+    r = client.completions.create(model=MODEL, prompt="xyz", max_tokens=4, logprobs=1, echo=True)
+    assert r.choices[0].text.startswith("xyz") and r.choices[0].logprobs.text_offset == [3, 4, 5, 6]
+    stream = client.completions.create(model=MODEL, prompt="xyz", max_tokens=4, logprobs=1, stream=True)
+    offsets = [o for c in stream if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == [0, 1, 2, 3]
+
+
 def test_completion_stream_with_usage(client):
     stream = client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, stream=True,
                                        stream_options={"include_usage": True})

@@ -49,6 +49,9 @@ BAD = {
     "chat_max_tokens_too_large": (CHAT, {"messages": USER, "max_tokens": 600}, "max_tokens"),
     "chat_top_logprobs_without_logprobs": (CHAT, {"messages": USER, "top_logprobs": 2}, "top_logprobs"),
     "chat_logprobs_not_bool": (CHAT, {"messages": USER, "logprobs": 3}, "logprobs"),
+    # the error names the field the client sent, not the SamplingParams field it maps to
+    "chat_max_completion_tokens_zero": (CHAT, {"messages": USER, "max_completion_tokens": 0}, "max_completion_tokens"),
+    "chat_top_logprobs_too_many": (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 25}, "top_logprobs"),
 }
 
 
