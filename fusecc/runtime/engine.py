@@ -21,6 +21,7 @@ postprocess is skipped by postprocess).
 from __future__ import annotations
 
 import dataclasses
+import operator
 import threading
 import time
 from dataclasses import dataclass, field
@@ -129,7 +130,12 @@ class LLMEngine:
         if isinstance(prompt, str):
             text, ids = prompt, list(self.tokenizer.encode(prompt))
         else:
-            text, ids = None, [int(t) for t in prompt]
+            if any(isinstance(t, bool) for t in prompt):
+                raise ValueError("prompt token ids must be integers, got a bool")
+            try:  # ints and integer scalars (numpy, 0-d tensors); int(1.7) would silently be 1
+                text, ids = None, [operator.index(t) for t in prompt]
+            except TypeError:
+                raise ValueError(f"prompt token ids must be integers, got {prompt!r:.80}") from None
             if any(t < 0 or t >= self.runner.vocab_size for t in ids):
                 raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
         arrival = time.monotonic() if arrival_time is None else arrival_time
@@ -209,7 +215,9 @@ class LLMEngine:
                     child.logprobs.append(_logprob_entry(sampled, row, token_ids[row], child.seq.sampling_params))
                 if child.incremental:
                     new_text = child.detok.add_tokens([token_ids[row]])
-                    stop = child.detok.check_stop(len(new_text))
+                    # as vLLM: no stop string ends a request before min_tokens are out
+                    too_early = e.seq.num_output_tokens < e.seq.sampling_params.min_tokens
+                    stop = None if too_early else child.detok.check_stop(len(new_text))
                     if stop is not None:
                         self.scheduler.finish(child.seq, "stop", stop)
                 if req.cumulative:

@@ -8,7 +8,7 @@ Where each option is applied:
   seed, logprobs, and min_tokens (EOS and stop_token_ids are masked until min_tokens are out).
 - Scheduler.postprocess: max_tokens, stop_token_ids, EOS (unless ignore_eos), min_tokens.
 - The detokenizing layer (engine): stop strings and skip_special_tokens; it ends a request
-  through Scheduler.finish when a stop string appears.
+  through Scheduler.finish when a stop string appears once min_tokens are out (as vLLM).
 `n > 1` is the engine's business: it adds n sequences, each with its own request id.
 
 `output_kind` (engine): "cumulative" (default) reports the request after every step that gave
@@ -19,6 +19,7 @@ incremental detokenization (the text is decoded once at the end), as offline bat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # Temperatures below this are greedy: dividing logits by ~0 only turns sampling into argmax
@@ -80,12 +81,14 @@ class SamplingParams:
 
     def _validate(self) -> None:
         _require(_is_int(self.n) and self.n >= 1, "n", self.n, "must be an integer >= 1")
-        _require(self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        _require(math.isfinite(self.temperature) and self.temperature >= 0.0, "temperature", self.temperature,
+                 "must be a finite number >= 0 (0 = greedy)")  # inf turned the masked logits into NaN
         _require(_is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k,
                  "must be -1 or 0 (off) or a positive integer")
         _require(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
         _require(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "must be in [0, 1]")
-        _require(self.repetition_penalty > 0.0, "repetition_penalty", self.repetition_penalty, "must be > 0")
+        _require(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0, "repetition_penalty",
+                 self.repetition_penalty, "must be a finite number > 0")
         _require(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty,
                  "must be in [-2, 2]")
         _require(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", self.frequency_penalty,

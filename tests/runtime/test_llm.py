@@ -102,3 +102,24 @@ def test_stop_strings_finish_as_stop_and_never_stream_a_retracted_tail():
     out, texts = _run_one(engine, prompt, SamplingParams(max_tokens=40, stop=[stop], **base))
     assert out.text == full.text[:start] and out.finish_reason == "stop"
     assert all(out.text.startswith(t) for t in texts), (texts, out.text)
+
+
+def test_min_tokens_holds_stop_strings_and_prompt_ids_must_be_integers():
+    from fusecc import SamplingParams
+    from fusecc.runtime.engine import LLMEngine
+
+    engine = LLMEngine.from_engine_args(None, enforce_eager=True, max_model_len=128, num_kv_blocks=32)
+    prompt, base = list(b"The quick brown fox"), dict(temperature=1.0, seed=5, ignore_eos=True, max_tokens=30)
+    full, _ = _run_one(engine, prompt, SamplingParams(**base))
+    stop = full.text[1]  # appears in the second character: a stop string before min_tokens
+    out, _ = _run_one(engine, prompt, SamplingParams(stop=[stop], min_tokens=20, **base))
+    # the early occurrence did not end it (before min_tokens), and the seeded tokens are the same
+    assert len(out.token_ids) >= 20 and stop in out.text and full.text.startswith(out.text)
+    for bad in ([1.7, 2], [True, 3]):
+        with pytest.raises(ValueError, match="integers"):
+            engine.add_request("bad", bad, SamplingParams())
+    import numpy as np
+
+    engine.add_request("np", [np.int64(65), np.int32(66)], SamplingParams(max_tokens=1))
+    outs = [o for _ in range(5) for o in engine.step()]
+    assert outs[-1].finished and outs[-1].prompt_token_ids == [65, 66]

@@ -49,6 +49,8 @@ def test_stop_accepts_a_string_or_none():
     (dict(top_k=True), "top_k"),        # bool is an int subclass: it passed, then crashed the engine step
     (dict(logprobs=True), "logprobs"),
     (dict(max_tokens=True), "max_tokens"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty"),
 ])
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field}\b"):
