@@ -200,7 +200,8 @@ class KernelWriter:
             positions, common = promoted_operands(node)
             for i in positions:
                 operand = node.args[i] if i < len(node.args) else None
-                if isinstance(operand, fx.Node) and operand.meta["val"].dtype != common:
+                if isinstance(operand, fx.Node) and isinstance(operand.meta.get("val"), torch.Tensor) \
+                        and operand.meta["val"].dtype != common:  # a SymInt operand is a literal-like scalar
                     args[i] = self._tmp(to_dtype(args[i], common))
             result = self._tmp(POINTWISE[node.target](*args, node=node, **kwargs))
             return result if POINTWISE[node.target] is convert_dtype else self._round(result, val)

@@ -150,14 +150,16 @@ def convert_dtype(a, dtype=None, *, node):
 
 def _tanh(a, *, node):
     # 1 - 2 / (exp(2x) + 1) cancels near 0 (tanh(1e-8) came out 0): an odd Taylor polynomial below
-    # |x| = 0.25 (next term < 1e-8 relative), (1 - e) / (1 + e) with e = exp(-2|x|) above it
+    # a threshold, (1 - e) / (1 + e) with e = exp(-2|x|) above it. fp32: below 0.25 (next term
+    # < 1e-8 relative); fp64: below 0.02 (< 1e-21), where (1 - e) / (1 + e) loses under 2 digits
     x = _float(a, node)
+    threshold = 0.02 if _dt(node) == torch.float64 else 0.25
     x2 = f"({x} * {x})"
     small = f"{x} * (1.0 + {x2} * (-0.3333333333333333 + {x2} * (0.13333333333333333 + {x2} * " \
             f"(-0.05396825396825397 + {x2} * (0.021869488536155203 - {x2} * 0.008863235529902197)))))"
     e = f"tl.exp(-2.0 * tl.abs({x}))"
     large = f"tl.where({x} < 0, -1.0, 1.0) * ((1.0 - {e}) / (1.0 + {e}))"
-    return _cast(f"tl.where(tl.abs({x}) < 0.25, {small}, {large})", node)
+    return _cast(f"tl.where(tl.abs({x}) < {threshold}, {small}, {large})", node)
 
 
 def _sign(a, *, node):

@@ -16,7 +16,8 @@ sees every key. The explicit mask (HF's padding/causal mask over the static cach
 is read per (head row, key), so a split whose keys are all masked contributes nothing; first, each
 program narrows its key range to the keys some row can see (split_kv.visible_key_range), so the
 unused tail of a static cache (whatever its max_cache_len) costs a scan of its mask, not a read of
-its K/V.
+its K/V. That takes a bool or -inf mask (SDPA-path models): a finite finfo.min bias (HF's eager
+path) hides nothing exactly, so nothing is skipped there.
 """
 
 from typing import Optional

@@ -8,8 +8,8 @@ held in registers. Rows past seq_q or seq_k load as zeros and stores past seq_q 
 hardware, per (batch, head): a tile never reads the next head's rows.
 
 Measured on one H200, bf16, 16k tokens, each kernel autotuned, same run (benchmarks/attention.py,
-`fusecc_pointer_kernel_tflops` beside `fusecc_tflops`): d=128 +1-6% (4k causal 405 -> 431 TFLOP/s),
-d=64 -1 to +4%. Against the pointer kernel's hand-picked d=128 config, which compiled graphs launch,
+`fusecc_pointer_kernel_tflops` beside `fusecc_tflops`): d=128 -3% to +6% (4k causal 405 -> 431
+TFLOP/s; 1k causal 303 -> 293), d=64 -1 to +4%. Against the pointer kernel's hand-picked d=128 config, which compiled graphs launch,
 +8-12% (scratch experiment: 4k non-causal 449 -> 487). Anything outside the common case (a mask, fp32,
 odd head dims, unaligned strides, an older GPU) runs the pointer kernel.
 """
@@ -122,10 +122,13 @@ def device_has_tma(device: torch.device) -> bool:
 
 def _descriptor_ok(t: torch.Tensor) -> bool:
     # TMA needs a 16-byte-aligned base, a unit last stride and the other strides in 16-byte units
+    # (an empty dimension, e.g. seq_k == 0, cannot be encoded; an expanded one, stride 0, is left
+    # to the pointer kernel)
     item = t.element_size()
     return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
             and all((s * item) % 16 == 0 for s in t.stride()[:-1])
-            and all(n < 2**31 for n in t.shape))
+            and all(0 < n < 2**31 for n in t.shape)
+            and all(s > 0 for n, s in zip(t.shape, t.stride()) if n > 1))
 
 
 def tma_prefill_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

@@ -130,6 +130,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             text, ids = prompt, list(self.tokenizer.encode(prompt))
         else:
+            prompt = list(prompt)  # an iterator would be consumed by the checks below
             if any(isinstance(t, bool) for t in prompt):
                 raise ValueError("prompt token ids must be integers, got a bool")
             try:  # ints and integer scalars (numpy, 0-d tensors); int(1.7) would silently be 1

@@ -251,6 +251,22 @@ def test_tanh_keeps_its_relative_precision_near_zero(tmp_path):
     assert torch.equal(torch.signbit(got.outputs[8:9]), torch.tensor([True]))
 
 
+def test_tanh_in_float64_keeps_double_precision(tmp_path):
+    a = torch.tensor([1e-12, 0.01, 0.0199, 0.0201, 0.1, 0.2499, -0.7, 3.0], dtype=torch.float64)
+    got = compile_and_run(lambda x: torch.tanh(x) * 1, a, tmp_path=tmp_path)
+    torch.testing.assert_close(got.outputs, torch.tanh(a), rtol=1e-14, atol=0)
+
+
+def test_a_shape_operand_keeps_the_group_generated(tmp_path):
+    # x * x.shape[0] under dynamic shapes: the SymInt operand has no dtype to promote
+    fn = lambda x: (x * x.shape[0]).exp()  # noqa: E731
+    for n in (4, 6):
+        a = torch.randn(n, 3)
+        got = compile_and_run(fn, a, tmp_path=tmp_path / str(n), dynamic=True)
+        assert_close(got.outputs, fn(a))
+        assert not any("codegen error" in note for note in got.report["notes"]), got.report["notes"]
+
+
 def test_cat_pieces_of_one_element(tmp_path):
     # a piece whose every lane reads one element used to load through a scalar pointer with the
     # per-lane slot mask, which Triton rejects at run time

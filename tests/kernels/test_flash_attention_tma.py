@@ -92,6 +92,14 @@ def test_ineligible_calls_take_the_pointer_kernel(tma_launches):
     _run(h, h, h, causal=False, attn_mask=torch.ones(20, 20, dtype=torch.bool, device=device))
     odd = torch.randn(1, 2, 20, 65, dtype=torch.float16, device=device)[..., :64]  # row stride 65 * 2 bytes
     out = _run(odd, odd, odd, causal=False)
+    # no keys (a descriptor cannot have an empty dimension), and K/V expanded over heads (stride 0)
+    h = torch.randn(1, 2, 20, 64, dtype=torch.float16, device=device)
+    empty = h[:, :, :0]
+    assert torch.equal(_run(h, empty, empty, causal=False), torch.zeros_like(h))
+    kv = torch.randn(1, 1, 20, 64, dtype=torch.float16, device=device).expand(1, 2, 20, 64)
+    torch.testing.assert_close(_run(h, kv, kv, causal=True).double(),
+                               attention_reference(h.double(), kv.double(), kv.double(), causal=True),
+                               atol=2e-3, rtol=2e-3)
     assert tma_launches == []
     ref = attention_reference(odd.double(), odd.double(), odd.double())
     torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=2e-3)

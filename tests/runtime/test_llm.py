@@ -121,5 +121,7 @@ def test_min_tokens_holds_stop_strings_and_prompt_ids_must_be_integers():
     import numpy as np
 
     engine.add_request("np", [np.int64(65), np.int32(66)], SamplingParams(max_tokens=1))
-    outs = [o for _ in range(5) for o in engine.step()]
-    assert outs[-1].finished and outs[-1].prompt_token_ids == [65, 66]
+    engine.add_request("iter", iter([67, 68]), SamplingParams(max_tokens=1))  # read once, not twice
+    outs = {o.request_id: o for _ in range(5) for o in engine.step()}
+    assert outs["np"].finished and outs["np"].prompt_token_ids == [65, 66]
+    assert outs["iter"].finished and outs["iter"].prompt_token_ids == [67, 68]
