@@ -14,6 +14,8 @@ request in the generator's `finally`, which frees its KV blocks at the next step
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import threading
 from typing import AsyncIterator
 
@@ -22,14 +24,22 @@ from fusecc.runtime.outputs import EngineStats, RequestOutput
 from fusecc.runtime.sampling_params import SamplingParams
 
 
+class EngineShutDown(RuntimeError):
+    """Raised in a generate() consumer whose request was still running when shutdown() stopped the engine."""
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
-        # request id -> (its event loop, its queue); filled by generate(), read by the thread
+        # engine request id -> (its event loop, its queue); filled by generate(), read by the thread.
+        # The engine id is the caller's id plus a serial number: an id reused right after its last
+        # consumer left must not receive the old request's final (abort) output.
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._engine_ids: dict[str, str] = {}  # caller's request id -> engine request id
+        self._serial = itertools.count()
         self._wake = threading.Event()
         self._stop = False
         self._error: BaseException | None = None
@@ -46,35 +56,43 @@ class AsyncLLMEngine:
             raise RuntimeError("the engine thread failed") from self._error
         if self._stop:
             raise RuntimeError("the engine is shut down")
-        if request_id in self._streams:
+        if request_id in self._engine_ids:
             raise ValueError(f"request id {request_id!r} is already in use")
+        engine_id = f"{request_id}@{next(self._serial)}"
         queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        self._streams[engine_id] = (asyncio.get_running_loop(), queue)
+        self._engine_ids[request_id] = engine_id
         try:
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(engine_id, prompt, params)
         except BaseException:
-            self._streams.pop(request_id, None)
+            self._streams.pop(engine_id, None)
+            self._engine_ids.pop(request_id, None)
             raise
         self._wake.set()
         finished = False
         try:
             while True:
                 item = await queue.get()
+                if isinstance(item, EngineShutDown):
+                    raise EngineShutDown(f"the engine was shut down before request {request_id!r} finished")
                 if isinstance(item, BaseException):
                     raise RuntimeError("the engine thread failed") from item
                 finished = item.finished
-                yield item
+                yield dataclasses.replace(item, request_id=request_id)
                 if finished:
                     return
         finally:
-            self._streams.pop(request_id, None)
+            self._streams.pop(engine_id, None)
+            self._engine_ids.pop(request_id, None)
             if not finished:
-                self.engine.abort_request(request_id)
+                self.engine.abort_request(engine_id)
                 self._wake.set()
 
     async def abort(self, request_id: str) -> None:
-        self.engine.abort_request(request_id)
-        self._wake.set()
+        engine_id = self._engine_ids.get(request_id)
+        if engine_id is not None:
+            self.engine.abort_request(engine_id)
+            self._wake.set()
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -86,6 +104,15 @@ class AsyncLLMEngine:
 
     # --- the engine thread --------------------------------------------------------------------
     def _loop(self) -> None:
+        self._run()
+        if self._error is None:  # shut down: nobody will step again, so tell every open stream
+            for loop, queue in list(self._streams.values()):
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, EngineShutDown())
+                except RuntimeError:  # the consumer's loop is closed
+                    pass
+
+    def _run(self) -> None:
         while not self._stop:
             if not self.engine.has_unfinished_requests():
                 self._wake.wait(timeout=0.5)

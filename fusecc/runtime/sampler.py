@@ -25,9 +25,9 @@ common offline case) the sampler is a single argmax of the logits (`plain_greedy
 tokens as steps 1-3, without the [B, V] float32 copy or any per-row tensors.
 
 Logprobs (`logprobs_mode`):
-- "processed" (default): log_softmax of the logits sampled from, i.e. after steps 1-4; tokens cut
-  by top-k/top-p/min-p have -inf. For greedy rows: after steps 1-2, at temperature 1, uncut.
-- "raw": log_softmax of the model's logits as given (OpenAI-style model probabilities).
+- "raw" (default, as vLLM and OpenAI): log_softmax of the model's logits as given.
+- "processed": log_softmax of the logits sampled from, i.e. after steps 1-4; tokens cut by
+  top-k/top-p/min-p have -inf. For greedy rows: after steps 1-2, at temperature 1, uncut.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, seed: int | None = None, logprobs_mode: str = "processed") -> None:
+    def __init__(self, seed: int | None = None, logprobs_mode: str = "raw") -> None:
         if logprobs_mode not in ("processed", "raw"):
             raise ValueError(f"Sampler logprobs_mode must be 'processed' or 'raw', got {logprobs_mode!r}")
         self.seed = seed

@@ -189,6 +189,11 @@ class _AccessLog:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception:
+            # the error middleware outside answers 500; a client that left is a CancelledError
+            if status[0] == _CLIENT_CLOSED:
+                status[0] = 500
+            raise
         finally:
             ms = (time.perf_counter() - start) * 1e3
             tokens = "".join(f" {k}={v}" for k, v in usage.items())

@@ -197,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--prompt-kind", choices=("ids", "words"), default="ids")
-    p.add_argument("--min-token-id", type=int, default=100)
-    p.add_argument("--max-token-id", type=int, default=1000)
+    # printable ASCII byte ids: valid in the embedded byte tokenizer (258 ids) and in HF vocabularies
+    p.add_argument("--min-token-id", type=int, default=32)
+    p.add_argument("--max-token-id", type=int, default=127)
     load = p.add_mutually_exclusive_group()
     load.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
     load.add_argument("--concurrency", type=int, default=None, help="requests kept in flight")

@@ -73,7 +73,7 @@ class OpenAIServing:
             ids = list(self.tokenizer.encode(prompt)) if prompt else []
         else:
             ids = list(prompt)
-            vocab = getattr(self.tokenizer, "vocab_size", None)
+            vocab = _vocabulary_size(self.tokenizer)
             bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
             if bad:
                 raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=field_name)
@@ -353,8 +353,8 @@ class OpenAIServing:
         for e in entries:
             tok = self._token_text(e["token_id"])
             lp.tokens.append(tok)
-            lp.token_logprobs.append(e["logprob"])
-            lp.top_logprobs.append({self._token_text(t): v for t, v in e.get("top", [])})
+            lp.token_logprobs.append(_json_logprob(e["logprob"]))
+            lp.top_logprobs.append({self._token_text(t): _json_logprob(v) for t, v in e.get("top", [])})
             lp.text_offset.append(offset)
             offset += len(tok)
         return lp
@@ -363,11 +363,31 @@ class OpenAIServing:
         content = []
         for e in entries:
             tok = self._token_text(e["token_id"])
-            tops = [TopLogprob(token=(s := self._token_text(t)), logprob=v, bytes=list(s.encode()))
+            tops = [TopLogprob(token=(s := self._token_text(t)), logprob=_json_logprob(v), bytes=list(s.encode()))
                     for t, v in e.get("top", [])]
-            content.append(ChatTokenLogprob(token=tok, logprob=e["logprob"], bytes=list(tok.encode()),
+            content.append(ChatTokenLogprob(token=tok, logprob=_json_logprob(e["logprob"]), bytes=list(tok.encode()),
                                             top_logprobs=tops))
         return ChatLogprobs(content=content)
+
+
+# JSON has no -inf: a token the model (or a filter) rules out is reported with this floor, as vLLM does
+_LOGPROB_FLOOR = -9999.0
+
+
+def _json_logprob(value: float) -> float:
+    return value if value >= _LOGPROB_FLOOR else _LOGPROB_FLOOR  # NaN compares False: floored too
+
+
+def _vocabulary_size(tokenizer) -> int | None:
+    """Token ids a prompt may hold: HF's vocab_size leaves out added and special tokens
+    (Llama-3's <|eot_id|> is 128009 with vocab_size 128000); len(tokenizer) counts them."""
+    sizes = [getattr(tokenizer, "vocab_size", None)]
+    try:
+        sizes.append(len(tokenizer))
+    except TypeError:
+        pass
+    sizes = [n for n in sizes if isinstance(n, int)]
+    return max(sizes) if sizes else None
 
 
 def _sse(obj: dict) -> str:

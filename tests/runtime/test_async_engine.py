@@ -90,3 +90,25 @@ def test_bad_params_and_full_queue_raise_before_queueing():
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_shutdown_ends_open_streams_and_reused_ids_get_their_own_outputs():
+    from fusecc.runtime.async_engine import EngineShutDown
+
+    async def main():
+        engine = AsyncLLMEngine.from_engine_args(None, enforce_eager=True, num_kv_blocks=40, max_model_len=256)
+        # an id reused as soon as its first consumer left: the new consumer sees only its own request
+        first = engine.generate("abc", SamplingParams(max_tokens=50, ignore_eos=True), "same")
+        await anext(first)
+        await first.aclose()
+        outs = [o async for o in engine.generate("abc", SamplingParams(max_tokens=5, ignore_eos=True), "same")]
+        assert outs[-1].request_id == "same" and outs[-1].outputs[0].finish_reason == "length"
+        assert len(outs[-1].outputs[0].token_ids) == 5
+        # shutdown with a request in flight: its consumer is told, instead of waiting forever
+        gen = engine.generate("abc", SamplingParams(max_tokens=200, ignore_eos=True), "x")
+        await anext(gen)
+        await engine.shutdown()
+        with pytest.raises(EngineShutDown):
+            await asyncio.wait_for(anext(gen), 10)
+
+    asyncio.run(main())

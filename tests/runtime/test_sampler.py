@@ -187,7 +187,7 @@ def test_logprobs_processed_and_raw(third_top_k):
             Row(SamplingParams(temperature=0.5, top_k=4, logprobs=2)),
             Row(SamplingParams(temperature=1.0, top_k=third_top_k, logprobs=0))]
     md = build(rows)
-    out = Sampler(seed=0)(logits, md)
+    out = Sampler(seed=0, logprobs_mode="processed")(logits, md)
     assert out.top_logprobs.shape == (3, 3)
     for i, row in enumerate(rows):
         _, y = reference(logits[i].tolist(), row)
@@ -197,7 +197,7 @@ def test_logprobs_processed_and_raw(third_top_k):
         assert lp[tok].item() > NEG  # never a cut token
         top = lp.topk(3)
         assert out.top_logprobs[i].tolist() == pytest.approx(top.values.tolist(), abs=1e-5)
-    raw = Sampler(seed=0, logprobs_mode="raw")(logits, md)
+    raw = Sampler(seed=0)(logits, md)  # raw is the default, as in vLLM
     ref_raw = logits.double().log_softmax(-1)
     assert torch.allclose(raw.logprobs.double(), ref_raw.gather(1, raw.token_ids[:, None]).squeeze(1), atol=1e-5)
     assert Sampler()(logits, build([Row(SamplingParams())] * 3)).logprobs is None

@@ -12,7 +12,7 @@ from tests.serve.conftest import REPO
 def _bench(server, tmp_path, *load: str) -> dict:
     out, png = tmp_path / "result.json", tmp_path / "latency.png"
     cmd = [sys.executable, "-m", "fusecc.cli", "bench", "serve", "--base-url", server.url, "--num-requests", "12",
-           "--input-len", "16", "--output-len", "8", "--seed", "1", "--max-token-id", "250", "--out", str(out), "--plot", str(png), *load]
+           "--input-len", "16", "--output-len", "8", "--seed", "1", "--out", str(out), "--plot", str(png), *load]  # default token ids: valid in a 257-id vocabulary
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ttft_ms" in proc.stdout

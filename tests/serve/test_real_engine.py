@@ -101,3 +101,65 @@ def test_200_concurrent_requests(real_server):
     assert asyncio.run(asyncio.wait_for(run(), timeout=90)) == [8] * 200
     assert real_server.metric("fusecc_generation_tokens_total") - before == 1600
     assert real_server.metric("fusecc_time_to_first_token_seconds_count") >= 200
+
+
+def test_logprobs_with_sampling_filters_are_finite_json(real_server):
+    # top_k cuts tokens; logprobs are the model's (raw, as vLLM), and the body is strict JSON
+    import json
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+    body = {"prompt": "Hello", "max_tokens": 3, "temperature": 0.7, "top_k": 2, "logprobs": 5, "seed": 1}
+    r = httpx.post(real_server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    lp = strict(r.text)["choices"][0]["logprobs"]
+    assert all(v > -9999 for top in lp["top_logprobs"] for v in top.values())
+    r = httpx.post(real_server.url + "/v1/completions", json={**body, "stream": True}, timeout=60)
+    for line in r.text.splitlines():
+        if line.startswith("data: {"):
+            strict(line[6:])
+    r = httpx.post(real_server.url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0.5, "top_k": 2,
+        "logprobs": True, "top_logprobs": 3})
+    assert r.status_code == 200, r.text
+    strict(r.text)
+
+
+def test_a_server_error_is_counted_as_500_not_client_closed():
+    from fusecc.runtime.async_engine import AsyncLLMEngine
+    from fusecc.serve.app import create_app
+
+    async def main():
+        engine = AsyncLLMEngine.from_engine_args(None, enforce_eager=True, num_kv_blocks=64, max_model_len=256)
+        app = create_app(engine)
+
+        async def boom(*args, **kwargs):
+            raise RuntimeError("internal failure")
+
+        app.state.serving.completions = boom
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+            r = await c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3})
+            metrics = (await c.get("/metrics")).text
+        await engine.shutdown()
+        return r.status_code, [line for line in metrics.splitlines()
+                               if line.startswith("fusecc_http_requests_total") and "completions" in line]
+
+    status, lines = asyncio.run(main())
+    assert status == 500 and any('status="500"' in line for line in lines), lines
+    assert not any('status="499"' in line for line in lines), lines
+
+
+def test_prompt_ids_may_hold_added_tokens():
+    # HF's vocab_size leaves out added/special tokens (Llama-3's <|eot_id|> = 128009 > 128000)
+    from fusecc.serve.serving import _vocabulary_size
+
+    class Tokenizer:
+        vocab_size = 100
+
+        def __len__(self):
+            return 101
+
+    assert _vocabulary_size(Tokenizer()) == 101
+    assert _vocabulary_size(type("Plain", (), {"vocab_size": 258})()) == 258
