@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sympy
 from torch.utils._sympy.functions import CleanDiv, FloorDiv, Mod, ModularIndexing, PythonMod
+from torch.utils._sympy.functions import Max as TorchMax
+from torch.utils._sympy.functions import Min as TorchMin
 
 
 def print_expr(expr: sympy.Expr) -> str:
@@ -41,9 +43,11 @@ def print_expr(expr: sympy.Expr) -> str:
         return f"({_atom(expr.args[0])} % {_atom(expr.args[1])})"
     if isinstance(expr, sympy.Pow) and expr.exp.is_Integer and expr.exp > 0:
         return " * ".join([_atom(expr.base)] * int(expr.exp))
-    if isinstance(expr, sympy.Max):
+    # Dynamo's symbolic sizes use torch's own Max/Min (not sympy's), e.g. the stride Max(1, s0 - 2)
+    # of a size-1 dimension
+    if isinstance(expr, (sympy.Max, TorchMax)):
         return _fold("max", expr.args)
-    if isinstance(expr, sympy.Min):
+    if isinstance(expr, (sympy.Min, TorchMin)):
         return _fold("min", expr.args)
     if isinstance(expr, sympy.Rational):
         raise ValueError(f"non-integer index expression {expr}")

@@ -66,6 +66,9 @@ def _cast(expr: str, node: fx.Node) -> str:
 
 def _binary(op: str) -> Callable:
     def emit(a, b, *, node, alpha=1):
+        if op == "+" and _dt(node) == torch.bool:
+            # bool + bool is logical or in eager; Triton adds int1 values in int1 (1 + 1 wraps to 0)
+            return f"(({a} != 0) | ({b} != 0))" if alpha else f"({a} != 0)"
         if alpha != 1:
             b = f"({b} * {literal(alpha)})"
         return _cast(f"{a} {op} {b}", node)

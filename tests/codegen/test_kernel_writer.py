@@ -288,3 +288,23 @@ def test_variance_with_correction_beyond_the_row_is_inf(tmp_path):
     got = compile_and_run(fn, a, tmp_path=tmp_path)
     for g, e in zip(got.outputs, fn(a)):
         torch.testing.assert_close(g, e, equal_nan=True)
+
+
+def test_bool_add_is_logical_or(tmp_path):
+    # Triton adds two int1 values in int1 (True + True wraps to False on a GPU; the interpreter's
+    # numpy bools hide it): the kernel must or them
+    a, b = torch.tensor([True, False, True, False]), torch.tensor([True, True, False, False])
+    got = compile_and_run(lambda a, b: (a + b, (a + b).float() * 2), a, b, tmp_path=tmp_path)
+    assert torch.equal(got.outputs[0], a + b) and torch.equal(got.outputs[1], (a + b).float() * 2)
+    source = "\n".join(got.kernels.values())
+    assert " != 0) | (" in source, source
+
+
+def test_symbolic_strides_of_size_one_dimensions_print(tmp_path):
+    # Dynamo gives a size-1 dimension's stride as torch's Max(1, ...), not sympy's Max
+    fns = [lambda x: x[::2, 1::3] * 2, lambda x: x[:, 1:-1] * 2]
+    for i, fn in enumerate(fns):
+        for n in (10, 12):
+            x = torch.randn(2, n)
+            got = compile_and_run(fn, x, tmp_path=tmp_path / f"{i}-{n}", dynamic=True)
+            assert_close(got.outputs, fn(x))

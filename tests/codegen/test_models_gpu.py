@@ -24,3 +24,14 @@ def test_bf16_logits_match_eager(family, dynamic, tmp_path):
         assert rel < 1e-2, f"{family} dynamic={dynamic} {batch}x{seq}: relative error {rel}"
     reports = list(tmp_path.glob("*/kernels/*.py"))
     assert reports, "no generated kernels in the dump"
+
+
+@pytest.mark.gpu
+def test_gpu_bool_add_is_logical_or():
+    # the interpreter adds numpy bools as a logical or; Triton on a GPU adds int1 values in int1
+    a = torch.tensor([True, False, True, False], device="cuda")
+    b = torch.tensor([True, True, False, False], device="cuda")
+    torch._dynamo.reset()
+    fn = lambda a, b: ((a + b), (a + b).float() * 2)  # noqa: E731
+    got = torch.compile(fn, backend="fusecc", options={"codegen": "triton", "strict": True})(a, b)
+    assert torch.equal(got[0], a + b) and torch.equal(got[1], (a + b).float() * 2)
