@@ -9,6 +9,7 @@ works without importing fusecc first. See config.py for the options.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from typing import Any, Callable
@@ -34,6 +35,8 @@ def fusecc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> C
     if kwargs:
         raise TypeError(f"fusecc backend got unexpected arguments {sorted(kwargs)}; use options={{...}}")
     options = FuseccOptions.from_sources(mode=mode, options=options_arg)
+    build_pipeline(options)  # a bad disable_passes is the caller's error, not a compile failure to fall back from
+    _check_codegen_device(options, example_inputs)
 
     start = time.perf_counter()
     dump = GraphDump.create(options.dump_dir)
@@ -76,6 +79,28 @@ def fusecc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> C
             dump.write_text("error.txt", f"{type(exc).__name__}: {exc}\n")
             _write_unoptimized_report(dump, gm, example_inputs, options, start)
         return gm.forward
+
+
+def _check_codegen_device(options: FuseccOptions, example_inputs: list) -> None:
+    # Triton reaches CPU tensors only through its interpreter, which must be on before kernels are
+    # defined; otherwise the first call fails deep inside Triton ("0 active drivers")
+    cpu = any(isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dim() > 0 for x in example_inputs)
+    if options.codegen == "triton" and cpu and not _triton_has_a_driver():
+        raise ValueError("fusecc: option codegen='triton' on CPU tensors needs Triton's interpreter "
+                         "(TRITON_INTERPRET=1 set before fusecc is imported); on CPU use codegen='auto' or 'aten'")
+
+
+def _triton_has_a_driver() -> bool:
+    """The interpreter, a GPU, or a stand-in driver that only compiles (tests/kernels/hopper_compile_check.py)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    try:
+        from triton.runtime import driver
+
+        driver.active.get_current_target()
+        return True
+    except Exception:  # "0 active drivers": no GPU and no interpreter
+        return False
 
 
 def _write_unoptimized_report(dump, gm: fx.GraphModule, example_inputs: list, options: FuseccOptions,

@@ -205,3 +205,38 @@ def test_dump_folders_are_numbered_per_graph_across_compiles(tmp_path):
     torch._dynamo.reset()
     compile_and_check(simplifiable, (torch.randn(4, 8), torch.randn(8, 8)), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["graph_000", "graph_001"]
+
+
+def test_fusecc_dump_reports_an_unreadable_report_and_goes_on(tmp_path):
+    compile_and_check(two_graphs, (torch.randn(5),), tmp_path)
+    (tmp_path / "graph_000" / "report.json").write_text('{"graph": "graph_000", "ops')  # cut short
+    (tmp_path / "graph_002").mkdir()
+    (tmp_path / "graph_002" / "report.json").write_text('{"graph": "graph_002"}')  # partial
+    proc = run_cli("dump", str(tmp_path))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    rows = {ln.split()[0]: ln for ln in proc.stdout.splitlines() if ln.startswith("graph_")}
+    assert "unreadable" in rows["graph_000"] and "unreadable" in rows["graph_002"]
+    assert "compiled" in rows["graph_001"]
+
+
+def test_unoptimized_graph_counts_method_calls(tmp_path):
+    # a graph that runs as Dynamo captured it holds call_method nodes (relu(), sin()), not only functions
+    lin = torch.nn.Linear(8, 8)
+    fn = lambda x: lin(x).relu().sin()  # noqa: E731
+    compiled = torch.compile(fn, backend="fusecc", options={"dump_dir": str(tmp_path)})
+    with pytest.warns(UserWarning, match="needs autograd"):
+        compiled(torch.randn(2, 8))
+    report = json.loads((tmp_path / "graph_000" / "report.json").read_text())
+    assert report["status"] == "unoptimized" and report["ops_final"] == 3, report["op_histogram_final"]
+
+
+def test_bad_options_are_errors_not_fallbacks(tmp_path):
+    fn = lambda x: x * 2  # noqa: E731
+    with pytest.raises(Exception, match="disable_passes.*csee"):
+        torch.compile(fn, backend="fusecc", options={"disable_passes": ("csee",)})(torch.randn(3))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="fusion belongs to code generation"):
+        torch.compile(fn, backend="fusecc", options={"disable_passes": ("fusion",)})(torch.randn(3))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="TRITON_INTERPRET=1"):  # plain_cpu_user: no interpreter
+        torch.compile(fn, backend="fusecc", options={"codegen": "triton"})(torch.randn(3))

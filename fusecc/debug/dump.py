@@ -88,7 +88,9 @@ class GraphDump:
 
 
 def _op_count(gm: fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function")
+    from fusecc.passes.pipeline import count_ops  # (fusecc.passes imports the dump helpers' users)
+
+    return count_ops(gm)
 
 
 def render_report_markdown(report: dict) -> str:
@@ -120,20 +122,27 @@ def _phases_text(phases: Optional[dict]) -> str:
     return " (" + ", ".join(f"{name} {seconds * 1000:.1f}" for name, seconds in phases.items()) + ")"
 
 
+def _summary_row(report: dict) -> tuple:
+    changed = [r for r in report["passes"] if r.get("modified", bool(r["stats"]))]
+    rules: dict[str, int] = {}
+    for rec in report["passes"]:
+        for key, value in rec["stats"].items():
+            rules[key] = rules.get(key, 0) + value
+    top = ", ".join(f"{k}={v}" for k, v in sorted(rules.items(), key=lambda kv: -kv[1])[:4])
+    return (report["graph"], report.get("status", "compiled"), str(report["ops_aten"]), str(report["ops_final"]),
+            f"{len(changed)}/{len(report['passes'])}", f"{report['compile_seconds'] * 1000:.0f}",
+            str(len(report.get("notes", []))), top or "-")
+
+
 def summarize_dump_dir(root: str) -> str:
     """The table `fusecc dump DIR` prints: one row per compiled graph."""
     rows = []
     for report_path in sorted(Path(root).glob("*/report.json")):
-        report = json.loads(report_path.read_text())
-        changed = [r for r in report["passes"] if r.get("modified", bool(r["stats"]))]
-        rules: dict[str, int] = {}
-        for rec in report["passes"]:
-            for key, value in rec["stats"].items():
-                rules[key] = rules.get(key, 0) + value
-        top = ", ".join(f"{k}={v}" for k, v in sorted(rules.items(), key=lambda kv: -kv[1])[:4])
-        rows.append((report["graph"], report.get("status", "compiled"), str(report["ops_aten"]), str(report["ops_final"]),
-                     f"{len(changed)}/{len(report['passes'])}", f"{report['compile_seconds'] * 1000:.0f}",
-                     str(len(report.get("notes", []))), top or "-"))
+        try:
+            rows.append(_summary_row(json.loads(report_path.read_text())))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a report cut short or hand-edited
+            rows.append((report_path.parent.name, "unreadable", "-", "-", "-", "-", "-",
+                         f"report.json: {type(exc).__name__}: {exc}"[:80]))
     if not rows:
         return f"no fusecc dumps under {root} (expected <graph>/report.json folders)"
     header = ("graph", "status", "aten ops", "final ops", "passes changed", "compile ms", "notes", "top matches")

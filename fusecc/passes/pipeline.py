@@ -25,14 +25,18 @@ class PassRecord:
     stats: Counter = field(default_factory=Counter)
 
 
+# Dynamo graphs (the ones a graph that runs unoptimized keeps) also call tensor methods and modules
+_OPS = ("call_function", "call_method", "call_module")
+
+
 def count_ops(gm: fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function")
+    return sum(1 for n in gm.graph.nodes if n.op in _OPS)
 
 
 def op_histogram(gm: fx.GraphModule) -> Counter:
     hist: Counter = Counter()
     for n in gm.graph.nodes:
-        if n.op == "call_function":
+        if n.op in _OPS:
             hist[str(getattr(n.target, "_overloadpacket", getattr(n.target, "__name__", n.target)))] += 1
     return hist
 

@@ -26,6 +26,8 @@ def load_config(path: str | Path):
     from transformers import AutoConfig
 
     path = _checkpoint_dir(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
     return AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 
@@ -33,7 +35,10 @@ def safetensors_files(path: str | Path) -> list[Path]:
     path = _checkpoint_dir(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map' object (tensor name -> shard file)")
+        shards = sorted(set(weight_map.values()))
         files = [path / s for s in shards]
         missing = [str(f) for f in files if not f.exists()]
         if missing:
@@ -94,6 +99,10 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = _checkpoint_dir(path)
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                                                   "vocab.json")):
+        raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json, tokenizer.model, "
+                                f"tokenizer_config.json or vocab.json)")
     tok_config = path / "tokenizer_config.json"
     cls = json.loads(tok_config.read_text()).get("tokenizer_class") if tok_config.exists() else None
     if cls in _GENERIC_TOKENIZER_CLASSES and (path / "tokenizer.json").exists():

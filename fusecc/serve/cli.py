@@ -34,12 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fusecc-serve", description="OpenAI-compatible server for fusecc")
     p.add_argument("--model", default=None, help="model folder (HF layout); default: the embedded model")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
+    p.add_argument("--port", type=_bounded(int, 0, 65535), default=8000)
+    p.add_argument("--api-key", type=_non_empty, default=None, help="require `Authorization: Bearer KEY` on /v1/*")
     p.add_argument("--served-model-name", default=None, help="the name clients send as `model`")
-    p.add_argument("--max-queue", type=int, default=None,
+    p.add_argument("--max-queue", type=_bounded(int, 1), default=None,
                    help="requests in flight in the server before it answers 429 (default 4096)")
-    p.add_argument("--max-body-bytes", type=int, default=None, help="request body limit (default 4 MiB)")
+    p.add_argument("--max-body-bytes", type=_bounded(int, 1), default=None, help="request body limit (default 4 MiB)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM before they are aborted")
     p.add_argument("--log-level", default="info")
@@ -52,6 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
     # AsyncLLMEngine.from_engine_args (tests run the real server on a fake engine).
     p.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
     return p
+
+
+def _bounded(kind, low, high=None):
+    """An argparse type: a `kind` number in [low, high], else a usage error naming the value."""
+    def parse(text: str):
+        value = kind(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is outside [{low}, {'inf' if high is None else high}]")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _non_empty(text: str) -> str:
+    # an unset $KEY expands to "": that must not quietly serve without authentication
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty (leave --api-key out to serve without a key)")
+    return text
 
 
 def _engine_factory(spec: str | None):

@@ -72,3 +72,34 @@ def test_missing_tensor_and_missing_folder_are_errors(tmp_path):
         loader.load_model(tmp_path, torch.float32, "cpu")
     with pytest.raises(FileNotFoundError, match="not a local directory"):
         loader.load_config(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("model.layers.0.self_attn.q_proj.weight", "half"),   # would fill half of the stacked q rows
+    ("model.layers.0.mlp.down_proj.weight", "one_row"),    # would broadcast into every row
+    ("model.norm.weight", "one"),
+])
+def test_a_mis_shaped_tensor_is_refused_by_name(tmp_path, name, shape):
+    from safetensors.torch import load_file, save_file
+
+    save_tiny_checkpoint("llama", tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    real = tensors[name].shape
+    tensors[name] = torch.randn({"half": (real[0] // 2, *real[1:]), "one_row": (1, *real[1:]), "one": (1,)}[shape])
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"{name}.*expects \({real[0]},"):
+        loader.load_model(tmp_path, torch.float32, "cpu")
+
+
+def test_missing_config_tokenizer_or_weight_map_are_named(tmp_path):
+    save_tiny_checkpoint("llama", tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match="weight_map"):
+        loader.safetensors_files(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"):
+        (tmp_path / name).unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        loader.load_tokenizer(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        loader.load_config(tmp_path)

@@ -173,3 +173,18 @@ def test_server_admission_limit_is_429(make_server):
             break
         time.sleep(0.02)
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "70000"], "--port: 70000 is outside"),
+    (["--port", "-1"], "--port: -1 is outside"),
+    (["--api-key", ""], "--api-key: must not be empty"),
+    (["--max-queue", "0"], "--max-queue: 0 is outside"),
+    (["--max-body-bytes", "-5"], "--max-body-bytes: -5 is outside"),
+])
+def test_serve_cli_rejects_bad_arguments_before_building_the_engine(args, message, capsys):
+    from fusecc.serve.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -187,12 +187,15 @@ class LlamaForCausalLM(nn.Module):
                 if theirs in name:
                     target = name.replace(theirs, ours)
                     param = params[target]
-                    param.data.narrow(0, self._shard_offset(target, shard), tensor.shape[0]).copy_(tensor)
+                    offset, size = self._shard_range(target, shard)
+                    _check_shape(name, tensor, (size, *param.shape[1:]))
+                    param.data.narrow(0, offset, size).copy_(tensor)
                     loaded.add(f"{target}#{shard}")
                     break
             else:
                 if name not in params:
                     raise KeyError(f"checkpoint tensor {name!r} has no counterpart in {type(self).__name__}")
+                _check_shape(name, tensor, tuple(params[name].shape))
                 params[name].data.copy_(tensor)
                 loaded.add(name)
         missing = [n for n, p in params.items() if not self._is_loaded(n, loaded)]
@@ -200,11 +203,13 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")
         return loaded
 
-    def _shard_offset(self, param_name: str, shard: int) -> int:
+    def _shard_range(self, param_name: str, shard: int) -> tuple[int, int]:
+        """(first row, rows) of checkpoint shard `shard` (q/k/v or gate/up) in a stacked parameter."""
         layer = self.get_submodule(param_name.rsplit(".", 2)[0])  # the attention or MLP module
         if isinstance(layer, LlamaAttention):
-            return (0, layer.q_size, layer.q_size + layer.kv_size)[shard]
-        return shard * layer.intermediate
+            return ((0, layer.q_size), (layer.q_size, layer.kv_size),
+                    (layer.q_size + layer.kv_size, layer.kv_size))[shard]
+        return shard * layer.intermediate, layer.intermediate
 
     def _is_loaded(self, name: str, loaded: set[str]) -> bool:
         if ".qkv_proj." in name:
@@ -220,3 +225,10 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     qk_norm = True
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: tuple) -> None:
+    # copy_ would broadcast a (1, n) tensor, or fill half of q from a half-size one, without a word
+    if tuple(tensor.shape) != tuple(expected):
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}; the model's config "
+                         f"expects {tuple(expected)}")
