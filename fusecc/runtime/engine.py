@@ -90,9 +90,15 @@ class LLMEngine:
         unknown = set(engine_args) - {f.name for f in dataclasses.fields(EngineConfig)} - set(ENGINE_ONLY_ARGS)
         if unknown:
             raise TypeError(f"unknown engine arguments: {sorted(unknown)}")
-        device = torch.device(engine_args.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            device = torch.device(engine_args.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError as exc:
+            raise ValueError(f"engine argument device: {exc}") from None
         dtype = engine_args.pop("dtype", None)
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if isinstance(dtype, str):
+            if dtype not in _DTYPE_NAMES:
+                raise ValueError(f"engine argument dtype must be one of {sorted(_DTYPE_NAMES)}, got {dtype!r}")
+            dtype = _DTYPE_NAMES[dtype]
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         enforce_eager = bool(engine_args.pop("enforce_eager", False))
         tokenizer_dir = engine_args.pop("tokenizer", None)
@@ -283,6 +289,10 @@ class LLMEngine:
                 generation_tokens_total=self.generation_tokens_total,
                 finished_by_reason=dict(s.stats.num_finished), peak_kv_cache_usage=bm.peak_usage,
                 num_kv_blocks=bm.num_blocks, step_timings=timings)
+
+
+_DTYPE_NAMES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+                "float32": torch.float32, "float": torch.float32}
 
 
 def _fit_max_model_len(config: EngineConfig, model_limit: int) -> EngineConfig:

@@ -109,7 +109,12 @@ async def serve(args: argparse.Namespace) -> int:
     from fusecc.serve.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, create_app
 
     engine_args = {k: getattr(args, k) for k in (*_ENGINE_ARGS, "enforce_eager") if getattr(args, k) is not None}
-    engine = _engine_factory(args.engine_factory)(args.model, **engine_args)
+    try:
+        engine = _engine_factory(args.engine_factory)(args.model, **engine_args)
+    except (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError) as exc:
+        # a bad --model/--dtype/--device/size: one line, as argparse reports its own errors
+        print(f"fusecc-serve: error: cannot start the engine: {exc}", file=sys.stderr)
+        return 2
     try:
         app = create_app(engine, args.served_model_name, api_key=args.api_key,
                          max_queue=args.max_queue or DEFAULT_MAX_QUEUE,

@@ -188,3 +188,18 @@ def test_serve_cli_rejects_bad_arguments_before_building_the_engine(args, messag
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(args)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "bogus"], "dtype must be one of"),
+    (["--model", "/nonexistent"], "is not a local directory"),
+    (["--max-model-len", "0"], "max_model_len must be"),
+])
+def test_serve_cli_reports_engine_argument_errors_in_one_line(args, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fusecc.serve.cli", *args, "--enforce-eager"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "fusecc-serve: error: cannot start the engine:" in proc.stderr and message in proc.stderr
