@@ -33,7 +33,7 @@ from fusecc.codegen.expr_printer import print_expr
 from fusecc.codegen.index_math import (CodegenUnsupported, broadcast_index, contiguous_strides, product,
                                        reshape_index, shape_of, strided_offset, sym, view_input_index)
 from fusecc.codegen.lowerings import (COMPUTE_DTYPE, POINTWISE, REDUCTIONS, STORAGE_DTYPE, classify, convert_dtype,
-                                     literal, promoted_operands, to_dtype)
+                                     literal, operand_conversions, to_dtype)
 
 aten = torch.ops.aten
 
@@ -197,12 +197,8 @@ class KernelWriter:
             out_shape = shape_of(node)
             args = [self._arg(a, index, out_shape, mask) for a in node.args]
             kwargs = {k: self._arg(v, index, out_shape, mask) for k, v in node.kwargs.items()}
-            positions, common = promoted_operands(node)
-            for i in positions:
-                operand = node.args[i] if i < len(node.args) else None
-                if isinstance(operand, fx.Node) and isinstance(operand.meta.get("val"), torch.Tensor) \
-                        and operand.meta["val"].dtype != common:  # a SymInt operand is a literal-like scalar
-                    args[i] = self._tmp(to_dtype(args[i], common))
+            for i, dtype in operand_conversions(node).items():
+                args[i] = self._tmp(to_dtype(args[i], dtype))
             result = self._tmp(POINTWISE[node.target](*args, node=node, **kwargs))
             return result if POINTWISE[node.target] is convert_dtype else self._round(result, val)
         if node.target in REDUCTIONS:

@@ -248,17 +248,18 @@ _PROMOTED_ARGS = {
 }
 
 
-def promoted_operands(node: fx.Node) -> tuple[tuple[int, ...], Optional[torch.dtype]]:
-    """(positions of the node's promoted operands, their common dtype), or ((), None)."""
+def operand_conversions(node: fx.Node) -> dict[int, torch.dtype]:
+    """{argument position: the common dtype} for each tensor operand of `node` that eager converts
+    before computing (see _PROMOTED_ARGS). Scalars, SymInts included, stay literals."""
     from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes
 
-    positions = _PROMOTED_ARGS.get(node.target, ())
-    operands = [node.args[i] for i in positions if i < len(node.args) and node.args[i] is not None]
-    values = [a.meta["val"] if isinstance(a, fx.Node) else a for a in operands]
-    if not any(isinstance(v, torch.Tensor) for v in values):
-        return (), None
-    _, common = elementwise_dtypes(*values, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)
-    return positions, common
+    positions = [i for i in _PROMOTED_ARGS.get(node.target, ()) if i < len(node.args) and node.args[i] is not None]
+    values = {i: node.args[i].meta["val"] if isinstance(node.args[i], fx.Node) else node.args[i] for i in positions}
+    tensors = {i: v for i, v in values.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        return {}
+    _, common = elementwise_dtypes(*values.values(), type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)
+    return {i: common for i, v in tensors.items() if v.dtype != common}
 
 
 def to_dtype(expr: str, dtype: torch.dtype) -> str:

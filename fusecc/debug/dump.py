@@ -88,7 +88,8 @@ class GraphDump:
 
 
 def _op_count(gm: fx.GraphModule) -> int:
-    from fusecc.passes.pipeline import count_ops  # (fusecc.passes imports the dump helpers' users)
+    # imported here: `fusecc dump` reads reports through this module and need not load the passes
+    from fusecc.passes.pipeline import count_ops
 
     return count_ops(gm)
 

@@ -9,9 +9,10 @@ hardware, per (batch, head): a tile never reads the next head's rows.
 
 Measured on one H200, bf16, 16k tokens, each kernel autotuned, same run (benchmarks/attention.py,
 `fusecc_pointer_kernel_tflops` beside `fusecc_tflops`): d=128 -3% to +6% (4k causal 405 -> 431
-TFLOP/s; 1k causal 303 -> 293), d=64 -1 to +4%. Against the pointer kernel's hand-picked d=128 config, which compiled graphs launch,
-+8-12% (scratch experiment: 4k non-causal 449 -> 487). Anything outside the common case (a mask, fp32,
-odd head dims, unaligned strides, an older GPU) runs the pointer kernel.
+TFLOP/s; 1k causal 303 -> 293), d=64 -1 to +4%. Against the pointer kernel's hand-picked d=128
+config, which compiled graphs launch, +8-12% (scratch experiment: 4k non-causal 449 -> 487).
+Anything outside the common case (a mask, fp32, odd head dims, unaligned strides or empty or
+expanded dimensions, an older GPU) runs the pointer kernel.
 """
 
 from __future__ import annotations
