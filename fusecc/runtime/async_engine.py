@@ -34,6 +34,7 @@ class AsyncLLMEngine:
         self.tokenizer = engine.tokenizer
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
+        self.max_waiting = engine.config.max_waiting
         # engine request id -> (its event loop, its queue); filled by generate(), read by the thread.
         # The engine id is the caller's id plus a serial number: an id reused right after its last
         # consumer left must not receive the old request's final (abort) output.
@@ -50,12 +51,17 @@ class AsyncLLMEngine:
     def from_engine_args(cls, model: str | None = None, **engine_args) -> "AsyncLLMEngine":
         return cls(LLMEngine.from_engine_args(model, **engine_args))
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    def check_health(self) -> None:
+        """Raise RuntimeError when the engine cannot take requests: its thread failed or it was shut down."""
         if self._error is not None:
-            raise RuntimeError("the engine thread failed") from self._error
+            raise RuntimeError(f"the engine thread failed: {type(self._error).__name__}: {self._error}") \
+                from self._error
         if self._stop:
             raise RuntimeError("the engine is shut down")
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        self.check_health()
         if request_id in self._engine_ids:
             raise ValueError(f"request id {request_id!r} is already in use")
         engine_id = f"{request_id}@{next(self._serial)}"

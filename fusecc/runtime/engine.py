@@ -145,6 +145,15 @@ class LLMEngine:
                 raise ValueError(f"prompt token ids must be integers, got {prompt!r:.80}") from None
             if any(t < 0 or t >= self.runner.vocab_size for t in ids):
                 raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
+        outside = [t for t in (params.logit_bias or {}) if t >= self.runner.vocab_size]
+        if outside:
+            raise ValueError(f"SamplingParams.logit_bias token id {outside[0]} is outside the vocabulary "
+                             f"[0, {self.runner.vocab_size})")
+        # n sequences that could never all wait in the queue: refused before any is built (a
+        # huge n would otherwise hold the caller for seconds, then fail as "queue full")
+        if params.n > self.config.max_waiting:
+            raise ValueError(f"SamplingParams.n must be <= max_waiting ({self.config.max_waiting}), got {params.n}")
+        self._check_room(params.n)  # again under the lock below; this one spares building the children
         arrival = time.monotonic() if arrival_time is None else arrival_time
         children = []
         for i in range(params.n):
@@ -159,9 +168,7 @@ class LLMEngine:
         with self._lock:
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            if len(self.scheduler.waiting) + params.n > self.config.max_waiting:
-                raise SchedulerFullError(f"{len(self.scheduler.waiting)} requests waiting "
-                                         f"(max_waiting={self.config.max_waiting})")
+            self._check_room(params.n)
             req = _Request(request_id, text, ids, children, arrival, cumulative=params.output_kind == "cumulative")
             added = []
             try:
@@ -177,6 +184,11 @@ class LLMEngine:
                 raise
             self._requests[request_id] = req
             self.prompt_tokens_total += len(ids) * params.n
+
+    def _check_room(self, n: int) -> None:
+        if len(self.scheduler.waiting) + n > self.config.max_waiting:
+            raise SchedulerFullError(f"{len(self.scheduler.waiting)} requests waiting "
+                                     f"(max_waiting={self.config.max_waiting})")
 
     def abort_request(self, request_id: str) -> bool:
         """Abort all sequences of a request; its final output (finish_reason 'abort') comes from step()."""

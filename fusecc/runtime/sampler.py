@@ -5,6 +5,7 @@
     out.token_ids                                 # [num_seqs] int64, on logits.device
 
 Processing order (vLLM v1's), each step skipped when no row uses it:
+0. logit_bias: each row's biases are added to its logits.
 1. min_tokens: stop tokens (stop_token_ids, and EOS unless ignore_eos) get -inf while a row has
    fewer than min_tokens outputs.
 2. penalties: repetition (tokens in prompt or output: positive logits / p, negative * p), then
@@ -20,7 +21,7 @@ Processing order (vLLM v1's), each step skipped when no row uses it:
    row with a seed comes from a generator seeded with hash(seed, number of outputs so far), so its
    tokens do not depend on the batch it lands in, nor on preemption.
 
-When every row is greedy with no penalty, no pending min_tokens mask and no logprobs (the
+When every row is greedy with no penalty, no bias, no pending min_tokens mask and no logprobs (the
 common offline case) the sampler is a single argmax of the logits (`plain_greedy`): the same
 tokens as steps 1-3, without the [B, V] float32 copy or any per-row tensors.
 
@@ -61,6 +62,7 @@ class SamplingMetadata:
     prompt_tokens: tuple[torch.Tensor, torch.Tensor] | None
     output_tokens: tuple[torch.Tensor, torch.Tensor] | None
     stop_mask_index: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) to set to -inf
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, float32 biases)
     step_seeds: list[int | None]  # per row: this step's generator seed, None = the sampler's generator
     max_num_logprobs: int | None  # top-n to return (max over rows); None = no logprobs
     # Every row is greedy with nothing to apply before the argmax (no penalty, no min_tokens
@@ -77,8 +79,8 @@ class SamplingMetadata:
             return cls(temperature=torch.ones(B, device=device), greedy=torch.ones(B, dtype=torch.bool, device=device),
                        all_greedy=True, top_k=None, max_top_k=vocab_size, top_p=None, min_p=None,
                        repetition_penalty=None, presence_penalty=None, frequency_penalty=None, prompt_tokens=None,
-                       output_tokens=None, stop_mask_index=None, step_seeds=[None] * B, max_num_logprobs=None,
-                       plain_greedy=True)
+                       output_tokens=None, stop_mask_index=None, logit_bias=None, step_seeds=[None] * B,
+                       max_num_logprobs=None, plain_greedy=True)
         eos = [t for t in eos_token_ids if 0 <= t < vocab_size]
         greedy = [p.is_greedy for p in params]
 
@@ -107,6 +109,11 @@ class SamplingMetadata:
                 stop = set(t for t in p.stop_token_ids if t < vocab_size) | (set() if p.ignore_eos else set(eos))
                 rows += [i] * len(stop)
                 cols += sorted(stop)
+        bias_rows, bias_ids, bias_values = [], [], []
+        for i, p in enumerate(params):
+            for token, bias in (p.logit_bias or {}).items():
+                if token < vocab_size:  # the engine refuses others; a duck-typed row may not have been checked
+                    bias_rows.append(i), bias_ids.append(token), bias_values.append(float(bias))
         seeds = [None if p.seed is None else _step_seed(p.seed, len(out)) for p, out in zip(params, outputs)]
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
@@ -123,6 +130,8 @@ class SamplingMetadata:
             prompt_tokens=_flat_pairs([_prompt_array(seqs[i]) for i in rep_rows], rep_rows, device) if rep_rows else None,
             output_tokens=_flat_pairs([outputs[i] for i in pen_rows], pen_rows, device) if pen_rows else None,
             stop_mask_index=(col(rows, torch.int64), col(cols, torch.int64)) if rows else None,
+            logit_bias=(col(bias_rows, torch.int64), col(bias_ids, torch.int64), col(bias_values, torch.float32))
+            if bias_rows else None,
             step_seeds=seeds,
             max_num_logprobs=max(logprobs) if logprobs else None,
         )
@@ -173,9 +182,12 @@ class Sampler:
 
     @staticmethod
     def penalize(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-        """Steps 1-2 on a float32 copy: min_tokens stop masking, then the penalties."""
+        """Steps 0-2 on a float32 copy: logit_bias, min_tokens stop masking, then the penalties."""
         logits = logits.to(torch.float32, copy=True)  # [B, V]; never modify the runner's tensor
         B, V = logits.shape
+        if md.logit_bias is not None:
+            rows, ids, values = md.logit_bias
+            logits.index_put_((rows, ids), values, accumulate=True)
         if md.stop_mask_index is not None:
             logits[md.stop_mask_index] = float("-inf")
         if md.repetition_penalty is not None:
@@ -252,8 +264,8 @@ class Sampler:
 
 
 def _is_plain_greedy(seq, params) -> bool:
-    return (params.is_greedy and params.logprobs is None and params.repetition_penalty == 1.0
-            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+    return (params.is_greedy and params.logprobs is None and not params.logit_bias
+            and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
             and (params.min_tokens == 0 or len(seq.output_token_ids) >= params.min_tokens))
 
 

@@ -4,8 +4,8 @@
     SamplingParams(temperature=0.8, top_p=0.95, seed=1234, max_tokens=256, stop=["\\n\\n"])
 
 Where each option is applied:
-- Sampler (fusecc/runtime/sampler.py): temperature, top_k, top_p, min_p, the three penalties,
-  seed, logprobs, and min_tokens (EOS and stop_token_ids are masked until min_tokens are out).
+- Sampler (fusecc/runtime/sampler.py): logit_bias, temperature, top_k, top_p, min_p, the three
+  penalties, seed, logprobs, and min_tokens (EOS and stop_token_ids are masked until min_tokens are out).
 - Scheduler.postprocess: max_tokens, stop_token_ids, EOS (unless ignore_eos), min_tokens.
 - The detokenizing layer (engine): stop strings and skip_special_tokens; it ends a request
   through Scheduler.finish when a stop string appears once min_tokens are out (as vLLM).
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 GREEDY_EPS = 1e-5
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # the OpenAI API's range for a logit_bias value: [-100, 100]
 OUTPUT_KINDS = ("cumulative", "final_only")
 
 
@@ -53,6 +54,10 @@ class SamplingParams:
     max_tokens: int = 16
     min_tokens: int = 0
     ignore_eos: bool = False
+    # token id -> value added to its logit before anything else (OpenAI's logit_bias: -100
+    # all but bans a token, 100 all but forces it). Token ids are checked against the vocabulary
+    # by the engine, which knows it.
+    logit_bias: dict[int, float] | None = None
     # Return the log-probabilities of this many most likely tokens (plus the sampled one);
     # None = no logprobs, 0 = only the sampled token's.
     logprobs: int | None = None
@@ -69,6 +74,8 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.logit_bias, dict):  # anything else is _validate's to name
+            self.logit_bias = dict(self.logit_bias) or None
         self._validate()
 
     @property
@@ -106,6 +113,13 @@ class SamplingParams:
                  "must hold non-empty strings")
         _require(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                  self.stop_token_ids, "must hold non-negative integers")
+        _require(self.logit_bias is None or isinstance(self.logit_bias, dict), "logit_bias", self.logit_bias,
+                 "must be None or a dict of token id -> bias")
+        for token, bias in (self.logit_bias or {}).items():
+            _require(_is_int(token) and token >= 0, "logit_bias", token, "keys must be non-negative token ids")
+            _require(isinstance(bias, (int, float)) and not isinstance(bias, bool)
+                     and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS, "logit_bias", bias,
+                     f"values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
         _require(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                  "logprobs", self.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
         _require(self.output_kind in OUTPUT_KINDS, "output_kind", self.output_kind, f"must be one of {OUTPUT_KINDS}")

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from fusecc.serve.disconnect import ClientDisconnected, SSEResponse
 from fusecc.serve.errors import APIError
@@ -80,6 +81,11 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     async def _validation_error(request: Request, exc: RequestValidationError):
         return APIError(400, str(exc)).response()
 
+    @app.exception_handler(Exception)
+    async def _unexpected_error(request: Request, exc: Exception):
+        # Starlette's server-error middleware calls this, then re-raises (the traceback is logged)
+        return APIError(500, f"internal server error: {type(exc).__name__}: {exc}").response()
+
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
@@ -95,7 +101,10 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         return b"".join(chunks)
 
     async def generate(request: Request, model_cls, handler):
-        body = await read_body(request)
+        try:
+            body = await read_body(request)
+        except ClientDisconnect:  # the client left while sending its body
+            return Response(status_code=_CLIENT_CLOSED)
         try:
             req = model_cls.model_validate_json(body)
         except ValidationError as exc:
@@ -130,6 +139,14 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
 
     @app.get("/health")
     async def health():
+        # 503 once the engine cannot serve (its thread failed, or it was shut down), so that load
+        # balancers stop routing here
+        check = getattr(engine, "check_health", None)
+        if check is not None:
+            try:
+                check()
+            except Exception as exc:
+                return APIError(503, f"the engine is not serving: {exc}").response()
         return {"status": "ok"}
 
     @app.get("/metrics")

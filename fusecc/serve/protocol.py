@@ -4,7 +4,10 @@
     ChatCompletionResponse(id=..., model=..., choices=[...], usage=Usage(...)).model_dump(exclude_none=True)
 
 Requests are validated strictly (wrong JSON types are 400s naming the field, not coerced) and
-ignore unknown fields, like the OpenAI API's newer optional parameters. Range checks live in
+ignore unknown fields, like the OpenAI API's newer optional parameters. An explicit `null` means
+the field's default, as in the OpenAI API (its SDK sends `null` for a parameter passed as None).
+Parameters that would change the output but are not implemented (`suffix`, `best_of` > 1, tools,
+a JSON response format) are refused with a 400 rather than silently ignored. Range checks live in
 SamplingParams (fusecc/runtime/sampling_params.py), which the server maps to 400s as well.
 """
 
@@ -13,7 +16,8 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticUndefined
 
 # Token-id prompts: one list of ids, or a batch of them. Strings: one, or a batch.
 Prompt = str | list[str] | list[int] | list[list[int]]
@@ -21,6 +25,15 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _null_is_default(cls, value, info: ValidationInfo):
+        if value is None and info.field_name is not None:
+            default = cls.model_fields[info.field_name].default
+            if default is not PydanticUndefined:  # a required field stays required
+                return default
+        return value
 
 
 class StreamOptions(_Request):
@@ -48,6 +61,16 @@ class _SamplingFields(_Request):
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # token id (as a string: JSON object keys) -> bias in [-100, 100]
+    logit_bias: dict[str, float] | None = None
+    # Known to change the output but not implemented: refused unless absent or neutral
+    # (OpenAIServing.refuse_unsupported), never silently ignored.
+    best_of: int | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -55,6 +78,7 @@ class CompletionRequest(_SamplingFields):
     # Completions API: the number of top alternatives per token (0 = only the sampled token's).
     logprobs: int | None = None
     echo: bool = False
+    suffix: str | None = None  # insertion (fill-in-the-middle): not supported, refused when non-empty
 
 
 class TextPart(_Request):

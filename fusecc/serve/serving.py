@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from fusecc.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice
                                    ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatTokenLogprob,
                                    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                    DeltaMessage, TopLogprob, Usage)
+
+logger = logging.getLogger("fusecc.serve")
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 RETRY_AFTER_S = "1"
@@ -85,15 +88,51 @@ class OpenAIServing:
                            code="context_length_exceeded")
         return ids
 
-    def _max_tokens(self, requested: int | None, default: int | None, longest_prompt: int) -> int:
-        room = self.max_model_len - longest_prompt
+    def _max_tokens(self, requested: int | None, default: int | None, prompt_len: int) -> int:
+        room = self.max_model_len - prompt_len
         if requested is None:
             return room if default is None else min(default, room)
         if requested > room:
-            raise APIError(400, f"max_tokens={requested} plus the prompt's {longest_prompt} tokens exceeds the "
+            raise APIError(400, f"max_tokens={requested} plus the prompt's {prompt_len} tokens exceeds the "
                                 f"context of {self.max_model_len} tokens (at most {room} here)",
                            param="max_tokens", code="context_length_exceeded")
         return requested
+
+    @staticmethod
+    def refuse_unsupported(req) -> None:
+        """Parameters that would change the output but are not implemented are a 400, as in vLLM,
+        not silently ignored (a client asking for JSON or a tool call must not get free text)."""
+        refused = {
+            "suffix": bool(getattr(req, "suffix", None)),
+            "best_of": req.best_of not in (None, 1),
+            "response_format": req.response_format is not None and req.response_format.get("type") != "text",
+            "tools": bool(req.tools),
+            "tool_choice": req.tool_choice not in (None, "none"),
+            "functions": bool(req.functions),
+            "function_call": req.function_call not in (None, "none"),
+        }
+        for name, is_refused in refused.items():
+            if is_refused:
+                raise APIError(400, f"{name} is not supported by this server", param=name)
+
+    @staticmethod
+    def _logit_bias(req) -> dict[int, float] | None:
+        if not req.logit_bias:
+            return None
+        try:
+            return {int(token): bias for token, bias in req.logit_bias.items()}
+        except ValueError:
+            raise APIError(400, "logit_bias keys must be token ids (integers written as strings)",
+                           param="logit_bias") from None
+
+    def _check_sequence_count(self, num_prompts: int, n: int) -> None:
+        """More sequences than the engine's queue can hold is a request that can never run: a 400,
+        not a 429 that clients (the openai SDK among them) would retry."""
+        limit = getattr(self.engine, "max_waiting", None)
+        if limit is not None and num_prompts * n > limit:
+            batch = f"{num_prompts} prompts x n={n}" if num_prompts > 1 else f"n={n}"
+            raise APIError(400, f"{batch} is {num_prompts * n} sequences; this server queues at most {limit}",
+                           param="n")
 
     @staticmethod
     def _sampling_params(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -103,7 +142,7 @@ class OpenAIServing:
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                 repetition_penalty=req.repetition_penalty, seed=req.seed, stop=req.stop,
                 stop_token_ids=req.stop_token_ids or [], max_tokens=max_tokens, min_tokens=req.min_tokens,
-                ignore_eos=req.ignore_eos, logprobs=logprobs)
+                ignore_eos=req.ignore_eos, logprobs=logprobs, logit_bias=OpenAIServing._logit_bias(req))
         except ValueError as exc:
             raise APIError.from_value_error(exc) from None
 
@@ -155,10 +194,10 @@ class OpenAIServing:
                 if t.last is None or not t.last.finished:
                     await self.engine.abort(t.request_id)
 
-    async def _start(self, prompts: list[list[int]], params: SamplingParams, base_id: str):
-        """Start one engine request per prompt and wait for each one's first output."""
+    async def _start(self, prompts: list[list[int]], params: list[SamplingParams], base_id: str):
+        """Start one engine request per prompt (with its own params) and wait for each one's first output."""
         tracked = [_Tracked(f"{base_id}-{i}", ids) for i, ids in enumerate(prompts)]
-        gens = [self._track(t, params) for t in tracked]
+        gens = [self._track(t, p) for t, p in zip(tracked, params)]
         firsts = await asyncio.gather(*(anext(g) for g in gens), return_exceptions=True)
         errors = [e for e in firsts if isinstance(e, BaseException)]
         if errors:
@@ -191,14 +230,17 @@ class OpenAIServing:
     async def completions(self, req: CompletionRequest, request, usage_out: dict):
         self.check_model(req.model)
         self._check_stream_options(req)
+        self.refuse_unsupported(req)
         p = req.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             raw_prompts = p
         else:
             raw_prompts = [p]
         prompts = [self._prompt_ids(x, "prompt") for x in raw_prompts]
-        max_tokens = self._max_tokens(req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, max(map(len, prompts)))
-        params = self._sampling_params(req, max_tokens, req.logprobs)
+        self._check_sequence_count(len(prompts), req.n)
+        # the default max_tokens is capped by each prompt's own room (vLLM's), not the longest one's
+        params = [self._sampling_params(req, self._max_tokens(req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, len(ids)),
+                                        req.logprobs) for ids in prompts]
         base_id = f"cmpl-{uuid.uuid4().hex}"
         echo = [x if isinstance(x, str) else self.tokenizer.decode(ids) for x, ids in zip(raw_prompts, prompts)]
         usage_out["prompt_tokens"] = sum(map(len, prompts))
@@ -224,9 +266,11 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, request, usage_out: dict):
         self.check_model(req.model)
         self._check_stream_options(req)
+        self.refuse_unsupported(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         prompt = self._chat_prompt(req)
+        self._check_sequence_count(1, req.n)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         # errors name the field the client sent, not the SamplingParams field it became
         sent_as = {"max_tokens": "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
@@ -241,10 +285,10 @@ class OpenAIServing:
         usage_out["prompt_tokens"] = len(prompt)
 
         if req.stream:
-            started = await until_disconnected(request, self._start([prompt], params, base_id))
+            started = await until_disconnected(request, self._start([prompt], [params], base_id))
             return self._chat_events(req, started, base_id, usage_out)
 
-        (final,) = await self._run_to_end(request, [prompt], params, base_id)
+        (final,) = await self._run_to_end(request, [prompt], [params], base_id)
         choices = [ChatChoice(index=o.index, message=AssistantMessage(content=o.text),
                               logprobs=self._chat_logprobs(o.logprobs or [], 0) if req.logprobs else None,
                               finish_reason=o.finish_reason, stop_reason=o.stop_reason)
@@ -309,11 +353,13 @@ class OpenAIServing:
                 chunk = CompletionResponse(id=base_id, created=created, model=self.model_name, choices=[
                     CompletionChoice(index=idx, text=text, logprobs=lp, finish_reason=finish,
                                      stop_reason=o.stop_reason if finish else None)])
-                yield _sse(chunk.model_dump(exclude_none=True))
+                yield _chunk_sse(chunk)
             if req.stream_options and req.stream_options.include_usage:
                 yield _sse({"id": base_id, "object": "text_completion", "created": created, "model": self.model_name,
                             "choices": [], "usage": self._stream_usage(started).model_dump()})
             yield "data: [DONE]\n\n"
+        except Exception as exc:
+            yield _stream_error(exc)
         finally:
             await deltas.aclose()
 
@@ -322,8 +368,8 @@ class OpenAIServing:
         deltas = self._deltas(started, req.n, usage_out)
 
         def chunk(choices, usage=None):
-            return _sse(ChatCompletionChunk(id=base_id, created=created, model=self.model_name, choices=choices,
-                                            usage=usage).model_dump(exclude_none=True))
+            return _chunk_sse(ChatCompletionChunk(id=base_id, created=created, model=self.model_name, choices=choices,
+                                                  usage=usage))
         try:
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                          for i in range(req.n)])
@@ -334,6 +380,8 @@ class OpenAIServing:
             if req.stream_options and req.stream_options.include_usage:
                 yield chunk([], usage=self._stream_usage(started))
             yield "data: [DONE]\n\n"
+        except Exception as exc:
+            yield _stream_error(exc)
         finally:
             await deltas.aclose()
 
@@ -392,6 +440,25 @@ def _vocabulary_size(tokenizer) -> int | None:
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _chunk_sse(chunk) -> str:
+    """A stream chunk without its unset optional fields, except the ones OpenAI's chunk schema
+    requires even when null: every choice's finish_reason and logprobs."""
+    body = chunk.model_dump(exclude_none=True)
+    for choice in body["choices"]:
+        choice.setdefault("finish_reason", None)
+        choice.setdefault("logprobs", None)
+    return _sse(body)
+
+
+def _stream_error(exc: Exception) -> str:
+    """A failure after the 200 and the first chunks went out: the status cannot change any more, so
+    the stream ends with an error event and [DONE] (as vLLM's) instead of a cut connection."""
+    logger.error("stream failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    error = exc if isinstance(exc, APIError) else APIError(500, f"the request failed mid-stream: "
+                                                               f"{type(exc).__name__}: {exc}")
+    return _sse(error.body()) + "data: [DONE]\n\n"
 
 
 async def _merge(gens) -> AsyncIterator[tuple[int, object]]:

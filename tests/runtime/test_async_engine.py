@@ -6,7 +6,6 @@ import pytest
 
 from fusecc.runtime.async_engine import AsyncLLMEngine
 from fusecc.runtime.sampling_params import SamplingParams
-from fusecc.runtime.scheduler import SchedulerFullError
 from tests.runtime.hf_checkpoints import hf_greedy, save_tiny_checkpoint, single_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -82,7 +81,7 @@ def test_bad_params_and_full_queue_raise_before_queueing():
         bad.temperature = -1.0
         with pytest.raises(ValueError, match="temperature"):
             await engine.generate("hi", bad, "r").__anext__()
-        with pytest.raises(SchedulerFullError):
+        with pytest.raises(ValueError, match="n must be <= max_waiting"):  # can never fit the queue
             await engine.generate("hi", SamplingParams(n=2), "r").__anext__()
         assert engine.stats().num_waiting == 0 and engine.stats().num_running == 0
         out = [o async for o in engine.generate("hi", SamplingParams(max_tokens=3, ignore_eos=True), "r")]

@@ -127,9 +127,15 @@ def test_bad_requests_raise_before_anything_is_queued(checkpoints):
         engine.add_request("x", "w5", bad)
     with pytest.raises(ValueError, match="max_model_len"):
         engine.add_request("x", list(range(3, 70)), SamplingParams())
-    with pytest.raises(SchedulerFullError):
+    with pytest.raises(ValueError, match="n must be <= max_waiting"):  # could never fit: not "busy"
         engine.add_request("x", "w5", SamplingParams(n=3))
+    with pytest.raises(ValueError, match="logit_bias token id 100000 is outside the vocabulary"):
+        engine.add_request("x", "w5", SamplingParams(logit_bias={100000: 1.0}))
     assert not engine.has_unfinished_requests() and not engine.scheduler.waiting
+    engine.add_request("a", "w5", SamplingParams(n=2))
+    with pytest.raises(SchedulerFullError):
+        engine.add_request("b", "w5", SamplingParams())
+    assert [s.request_id for s in engine.scheduler.waiting] == ["a#0", "a#1"]
     with pytest.raises(TypeError, match="unknown engine arguments"):
         LLMEngine.from_engine_args(str(path), max_len=3)
 

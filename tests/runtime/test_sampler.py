@@ -1,6 +1,7 @@
 """Sampler against a straightforward per-row float64 reference, plus statistical checks."""
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -25,6 +26,8 @@ def reference(logits, row, eos=(EOS,)):
     """One row, float64, loops: returns (penalised logits, logits sampled from)."""
     p = row.sampling_params
     x = [float(v) for v in logits]
+    for t, bias in (p.logit_bias or {}).items():
+        x[t] += bias
     if len(row.output_token_ids) < p.min_tokens:
         for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos)):
             x[t] = NEG
@@ -80,6 +83,8 @@ ROWS = [
     Row(SamplingParams(temperature=0.5, repetition_penalty=0.8, frequency_penalty=-0.5, top_k=5), [0, 8], [8, 2, 2]),
     Row(SamplingParams(temperature=1.0, min_tokens=2, stop_token_ids=[10]), [1], [4]),
     Row(SamplingParams(temperature=1.0, min_tokens=2, ignore_eos=True), [1], [4]),
+    Row(SamplingParams(temperature=0, logit_bias={0: 100.0, 4: -2.5})),
+    Row(SamplingParams(temperature=0.8, logit_bias={7: 3.0, 2: -100}, repetition_penalty=1.3, top_k=5), [2], [7]),
 ]
 
 
@@ -263,6 +268,7 @@ def test_sequences_and_plain_rows_give_the_same_penalties():
     (SamplingParams(temperature=0, presence_penalty=0.5), [], False),
     (SamplingParams(temperature=0, frequency_penalty=0.5), [], False),
     (SamplingParams(temperature=0, logprobs=0), [], False),
+    (SamplingParams(temperature=0, logit_bias={1: 5.0}), [], False),
     (SamplingParams(temperature=0.5), [], False),
 ])
 def test_plain_greedy_fast_path_only_when_nothing_applies_before_argmax(params, outputs, plain):
@@ -284,3 +290,28 @@ def test_plain_greedy_fast_path_gives_the_general_paths_tokens():
         fast, slow = Sampler(seed=0)(logits, md), Sampler(seed=0)(logits, general)
         assert fast.token_ids.tolist() == slow.token_ids.tolist()
         assert fast.token_ids[3].item() == 5 and fast.logprobs is None
+
+
+def test_logit_bias_forces_and_bans_tokens():
+    torch.manual_seed(3)
+    logits = torch.randn(3, V)
+    rows = [Row(SamplingParams(temperature=0, logit_bias={9: 100})),
+            Row(SamplingParams(temperature=0, logit_bias={int(logits[1].argmax()): -100})),
+            Row(SamplingParams(temperature=0.7, seed=1, logit_bias={t: -100 for t in range(V) if t != 6}))]
+    out = Sampler(seed=0)(logits, build(rows))
+    assert out.token_ids[0].item() == 9
+    assert out.token_ids[1].item() == int(logits[1].topk(2).indices[1])  # the runner-up
+    assert out.token_ids[2].item() == 6
+
+
+@pytest.mark.parametrize("bias,message", [
+    ({-1: 1.0}, "keys must be non-negative token ids"),
+    ({"5": 1.0}, "keys must be non-negative token ids"),
+    ({5: 100.5}, "values must be numbers in [-100, 100]"),
+    ({5: float("nan")}, "values must be numbers in [-100, 100]"),
+    ({5: True}, "values must be numbers in [-100, 100]"),
+    ([(5, 1.0)], "must be None or a dict"),
+])
+def test_logit_bias_validation(bias, message):
+    with pytest.raises(ValueError, match=r"SamplingParams\.logit_bias .*" + re.escape(message)):
+        SamplingParams(logit_bias=bias)

@@ -8,6 +8,9 @@ finishes or is aborted), and the EngineStats counters.
 
     python -m fusecc.serve.cli --engine-factory tests.serve.fake_engine:make_engine ...
     FUSECC_FAKE_TOKEN_DELAY=0.01   # seconds per decode step (default 0.002)
+
+A prompt that starts with FAIL_PROMPT makes its request fail with a RuntimeError after two
+outputs (an engine failure in the middle of a response).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from fusecc.runtime.sampling_params import SamplingParams
 from fusecc.runtime.scheduler import SchedulerFullError
 
 EOS = 256
+FAIL_PROMPT = "FAIL"
 
 
 def fake_token(prompt_ids: list[int], k: int, choice: int = 0) -> int:
@@ -108,6 +112,10 @@ class FakeAsyncEngine:
     async def shutdown(self) -> None:
         self.is_shut_down = True
 
+    def check_health(self) -> None:
+        if self.is_shut_down:
+            raise RuntimeError("the engine is shut down")
+
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str):
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids or len(ids) + 1 > self.max_model_len:
@@ -121,6 +129,7 @@ class FakeAsyncEngine:
         metrics = RequestMetrics(arrival_time=time.time(), first_scheduled_time=None, first_token_time=None,
                                  finished_time=None)
         max_tokens = min(params.max_tokens, self.max_model_len - len(ids))
+        fails = bytes(i for i in ids if i < 256).startswith(FAIL_PROMPT.encode())
         outs = [CompletionOutput(index=j, text="", token_ids=[], finish_reason=None,
                                  logprobs=[] if params.logprobs is not None else None) for j in range(params.n)]
         finished = False
@@ -137,6 +146,8 @@ class FakeAsyncEngine:
                 await asyncio.sleep(self.token_delay)
                 if request_id in self._abort_requested:
                     return
+                if fails and k == 2:
+                    raise RuntimeError("fake engine failure")
                 self.pool.grow(request_id, len(ids) + k + 1)
                 for o in outs:
                     if o.finish_reason is not None:

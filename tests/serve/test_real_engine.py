@@ -163,3 +163,15 @@ def test_prompt_ids_may_hold_added_tokens():
 
     assert _vocabulary_size(Tokenizer()) == 101
     assert _vocabulary_size(type("Plain", (), {"vocab_size": 258})()) == 258
+
+
+def test_logit_bias_forces_and_bans_tokens(client):
+    model = _model(client)
+    kw = dict(model=model, prompt="The cache", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    forced = client.completions.create(**kw, logit_bias={str(ord("Q")): 100})
+    assert forced.choices[0].text == "Q" * 6  # byte tokenizer: token id = byte value
+    plain = client.completions.create(**kw).choices[0].text
+    banned = client.completions.create(**kw, logit_bias={str(b): -100 for b in set(plain.encode())})
+    assert not set(banned.choices[0].text.encode()) & set(plain.encode())
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        client.completions.create(**kw, logit_bias={"999999": 1})
