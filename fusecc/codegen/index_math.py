@@ -71,8 +71,20 @@ def broadcast_index(in_shape: Sequence[sympy.Expr], out_index: Sequence[sympy.Ex
     lead = len(out_shape) - len(in_shape)
     if lead < 0:
         raise CodegenUnsupported("input has more dims than the output")
-    return [sympy.Integer(0) if size == 1 and out_shape[lead + i] != 1 else out_index[lead + i]
+    return [sympy.Integer(0) if broadcasts(size, out_shape[lead + i]) else out_index[lead + i]
             for i, size in enumerate(in_shape)]
+
+
+def broadcasts(size: sympy.Expr, out_size: sympy.Expr) -> bool:
+    """Whether an input dim of `size` is broadcast (read at 0) to an output dim of `out_size`.
+    A symbolic size that differs from the output's can only be valid as 1 (tracing guarded on
+    it), but which case holds is not visible here: such a dim is left to ATen rather than guessed."""
+    size, out_size = sym(size), sym(out_size)
+    if size == out_size or sympy.expand(size - out_size) == 0:
+        return False
+    if size == 1:
+        return True
+    raise CodegenUnsupported(f"cannot tell whether a dim of size {size} broadcasts to {out_size}")
 
 
 def reshape_index(in_shape: Sequence[sympy.Expr], out_shape: Sequence[sympy.Expr],
@@ -150,7 +162,7 @@ def view_input_index(node: fx.Node, out_index: Sequence[sympy.Expr]) -> list[sym
         return broadcast_index(in_shape, out_index, out_shape)
     if target is prims.broadcast_in_dim.default:
         dims = node.args[2]
-        return [sympy.Integer(0) if size == 1 and out_shape[d] != 1 else out_index[d]
+        return [sympy.Integer(0) if broadcasts(size, out_shape[d]) else out_index[d]
                 for size, d in zip(in_shape, dims)]
     if target is aten.unsqueeze.default:
         dim = node.args[1] % (rank_in + 1)

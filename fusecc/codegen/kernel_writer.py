@@ -233,7 +233,10 @@ class KernelWriter:
         scalar = not ({XINDEX, RINDEX} & sympy.sympify(offset).free_symbols)
         mask_expr = None if scalar else self._mask_for(offset, mask)
         other = "" if mask_expr is None else f", {mask_expr}, other=0"
-        load = f"tl.load({ptr} + {self._print(offset)}{other})"
+        # a scalar is loaded as a block of one address (in bounds for every lane, so unmasked):
+        # mixing a 0-d value with block masks in `&`, `|` and comparisons breaks the interpreter
+        broadcast = " + 0 * xindex" if scalar else ""
+        load = f"tl.load({ptr} + {self._print(offset)}{broadcast}{other})"
         return self._tmp(f"{load}.to({COMPUTE_DTYPE[val.dtype]})")
 
     def _cat(self, node: fx.Node, index: list, mask: Optional[str]) -> str:
@@ -257,7 +260,14 @@ class KernelWriter:
             sub_index = list(index)
             sub_index[dim] = index[dim] - begin
             sub_mask = f"({cond})" if mask is None else f"({mask}) & ({cond})"
-            piece = self.value(t, broadcast_index(shape_of(t), sub_index, shape_of(node)), sub_mask)
+            # the other dims of a piece broadcast to the output's; along `dim` it is read at sub_index
+            piece_shape = shape_of(t)
+            piece_shape[dim] = shape_of(node)[dim]
+            piece_index = broadcast_index(piece_shape, sub_index, shape_of(node))
+            piece = self.value(t, piece_index, sub_mask)
+            if t.meta["val"].dtype != node.meta["val"].dtype:
+                # tl.where would promote by Triton's rules (uint8 with int8 -> uint8), not torch's
+                piece = self._tmp(to_dtype(piece, node.meta["val"].dtype))
             result = piece if result is None else self._tmp(f"tl.where({cond}, {piece}, {result})")
         if result is None:
             raise CodegenUnsupported("cat of empty tensors")
@@ -331,13 +341,21 @@ class KernelWriter:
                 f"{mask} & {in_range})")
 
     def write(self) -> KernelSource:
+        if self.kind == "reduction" and int(self.rnumel) == 0:
+            # nothing to load; a stride-0 operand's offset has no rindex, so rmask would not guard it
+            raise CodegenUnsupported("reduction over zero elements")
         stores = []
         for i, out in enumerate(self.outputs):
             out_val = out.meta["val"]
             index, mask = self._store_index(out)
             value = self.value(out, index)
-            offset = self._flat_equivalent(strided_offset(out_val, index))
-            stores.append(f"tl.store(out_ptr{i} + {self._print(offset)}, "
+            flat = self._flat_equivalent(strided_offset(out_val, index))
+            offset = self._print(flat)
+            if "rmask" in mask and RINDEX not in sympy.sympify(flat).free_symbols:
+                # an output that does not vary along the row (an expanded view): every lane of the
+                # row stores the same value; the pointer must still have the mask's [X, R] shape
+                offset = f"{offset} + 0 * rindex"
+            stores.append(f"tl.store(out_ptr{i} + {offset}, "
                           f"{value}.to({STORAGE_DTYPE[out_val.dtype]}), {mask})")
         stores += [self._scatter_store(x) for x in self.scatters]
         numel = product(self.rows_shape if self.kind == "reduction" else self.full_shape)

@@ -65,12 +65,13 @@ def _cast(expr: str, node: fx.Node) -> str:
 
 
 def _binary(op: str) -> Callable:
-    def emit(a, b, *, node, alpha=1):
+    def emit(a, b, *, node, alpha="1"):
+        alpha = str(alpha)  # the writer passes literals as source ("2", "0.5", 'float("inf")')
         if op == "+" and _dt(node) == torch.bool:
             # bool + bool is logical or in eager; Triton adds int1 values in int1 (1 + 1 wraps to 0)
-            return f"(({a} != 0) | ({b} != 0))" if alpha else f"({a} != 0)"
-        if alpha != 1:
-            b = f"({b} * {literal(alpha)})"
+            return f"(({a} != 0) | ({b} != 0))" if alpha not in ("0", "False") else f"({a} != 0)"
+        if alpha not in ("1", "True"):
+            b = f"({b} * {alpha})"
         return _cast(f"{a} {op} {b}", node)
     return emit
 
@@ -183,6 +184,8 @@ def _abs(a, *, node):
 
 
 def _neg(a, *, node):
+    if _dt(node).is_floating_point:
+        return _cast(f"{a} * -1.0", node)  # Triton's unary minus is 0 - a: -(+0.0) would be +0.0
     return _cast(f"-{a}", node)
 
 
@@ -198,7 +201,11 @@ def _logical_not(a, *, node):
 
 def _bitwise_not(a, *, node):
     # on bool it is logical not; on integers it flips every bit (~x == -x - 1)
-    return _logical_not(a, node=node) if _dt(node) == torch.bool else _cast(f"~({a})", node)
+    if _dt(node) == torch.bool:
+        return _logical_not(a, node=node)
+    if not _dt(node).is_signed:  # the interpreter builds ~'s all-ones operand as -1, out of range for uint8
+        return _cast(f"({a}) ^ {(1 << _dt(node).itemsize * 8) - 1}", node)
+    return _cast(f"~({a})", node)
 
 
 def _rounding(fn: str) -> Callable:

@@ -56,6 +56,23 @@ def compile_wrapper(gm: fx.GraphModule, cache_dir: Optional[str] = None, check_k
     return _WrapperWriter(gm, cache_dir or str(default_cache_dir()), check_kernels, emulate_precision_casts).build()
 
 
+def fit_strides(t: torch.Tensor, size: tuple, stride: tuple) -> torch.Tensor:
+    """`t` (an ATen result) laid out as the graph's fake value says, which is how the kernels
+    reading it index it. Fake strides are a prediction: for some ops and operand layouts (e.g.
+    floor_divide of a contiguous and a transposed tensor) the real kernel returns another layout,
+    and reading it with the predicted strides would permute the elements."""
+    if all(real == expected for n, real, expected in zip(size, t.stride(), stride) if n > 1):
+        return t
+    out = torch.empty_strided(size, stride, dtype=t.dtype, device=t.device)
+    return out.copy_(t)
+
+
+# Ops whose real output layout is the fake one by construction: matmuls return fresh contiguous
+# results and fusecc's own ops allocate their outputs like their fake implementations.
+_TRUSTED_LAYOUT = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                   torch.ops.aten.baddbmm.default}
+
+
 def check_kernel(name: str, group: fx.GraphModule, inputs: list, outputs: list) -> None:
     expected = group(*inputs)
     for i, (want, got) in enumerate(zip(expected, outputs)):
@@ -74,7 +91,8 @@ class _WrapperWriter:
         self.cache = kernel_cache(cache_dir)
         self.lines: list[str] = []
         self.globals: dict[str, Any] = {"torch": torch, "device": torch.device,
-                                        "empty_strided": torch.empty_strided, "check_kernel": check_kernel}
+                                        "empty_strided": torch.empty_strided, "check_kernel": check_kernel,
+                                        "fit_strides": fit_strides}
         self.symbol_source: dict[sympy.Symbol, str] = {}
         self.symbol_hint: dict[sympy.Symbol, int] = {}  # example values, for precompiling
         self.launch_examples: list[KernelLaunch] = []
@@ -216,6 +234,25 @@ class _WrapperWriter:
         self.externs += 1
         for user in node.users:
             self.var_of[user] = user.name
+        for name, val, user in zip(outputs, node.meta["val"], self._getitem_users(node, len(outputs))):
+            self._fit_layout(name, val, user)
+
+    @staticmethod
+    def _getitem_users(node: fx.Node, count: int) -> list:
+        users = [None] * count
+        for user in node.users:
+            if user.target is operator.getitem:
+                users[user.args[1]] = user
+        return users
+
+    def _fit_layout(self, name: str, val, node: Optional[fx.Node]) -> None:
+        """Make an ATen result match its fake layout where a generated kernel reads it."""
+        if node is None or not isinstance(val, torch.Tensor) or not _read_by_kernel(node):
+            return
+        size = ", ".join(self._expr(sym(s)) for s in val.shape)
+        stride = ", ".join(self._expr(sym(s)) for s in val.stride())
+        comma = "," if val.dim() == 1 else ""
+        self.lines.append(f"{name} = fit_strides({name}, ({size}{comma}), ({stride}{comma}))")
 
     def _emit_call(self, node: fx.Node) -> None:
         target = node.target
@@ -227,12 +264,18 @@ class _WrapperWriter:
                          [f"{k}={self._render(v)}" for k, v in node.kwargs.items()])
         if target is operator.getitem:
             self.lines.append(f"{name} = {self._render(node.args[0])}[{self._render(node.args[1])}]")
+            source = node.args[0]
+            if isinstance(source.target, torch._ops.OpOverload) and source.target.namespace != "fusecc":
+                self._fit_layout(name, node.meta.get("val"), node)  # one result of a multi-output ATen op
             return
         label = str(target).replace(".", "_").replace("::", "_") if isinstance(target, torch._ops.OpOverload) \
             else getattr(target, "__name__", "fn")
         fn = self._global(f"{_identifier(label)}_", target)
         self.lines.append(f"{name} = {fn}({args})")
         val = node.meta.get("val")
+        if isinstance(target, torch._ops.OpOverload) and not is_view(node) and target not in _TRUSTED_LAYOUT \
+                and target.namespace != "fusecc":
+            self._fit_layout(name, val, node)
         if isinstance(val, torch.SymInt) and isinstance(val.node.expr, sympy.Symbol) \
                 and val.node.expr not in self.symbol_source:
             self.symbol_source[val.node.expr] = name
@@ -284,6 +327,20 @@ class _WrapperWriter:
                                fallbacks=self.fallbacks, launches_per_call=self.launches,
                                extern_calls_per_call=self.externs, precompiled=precompiled,
                                precompile_seconds=time.perf_counter() - precompile_start)
+
+
+def _read_by_kernel(node: fx.Node) -> bool:
+    """Whether a generated kernel (call_module) reads `node`'s value, directly or through views."""
+    pending, seen = [node], set()
+    while pending:
+        current = pending.pop()
+        for user in current.users:
+            if user.op == "call_module":
+                return True
+            if user.op == "call_function" and is_view(user) and user not in seen:
+                seen.add(user)
+                pending.append(user)
+    return False
 
 
 def _is_cuda_graph(placeholders: list[fx.Node]) -> bool:
