@@ -22,6 +22,8 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
+from fusecc.codegen.index_math import CodegenUnsupported
+
 aten = torch.ops.aten
 prims = torch.ops.prims
 
@@ -52,6 +54,9 @@ def literal(value, dtype: torch.dtype | None = None) -> str:
             return 'float("nan")'
         if math.isinf(value):
             return 'float("inf")' if value > 0 else 'float("-inf")'
+        if value == 0.0 and math.copysign(1.0, value) < 0:
+            # Triton turns the literal -0.0 into +0.0 (on the GPU too: x / -0.0 gave +inf)
+            raise CodegenUnsupported("a -0.0 constant (Triton drops its sign)")
         return repr(value)
     raise TypeError(f"unsupported literal {value!r}")
 

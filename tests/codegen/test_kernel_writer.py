@@ -377,3 +377,11 @@ def test_zero_dim_and_one_element_operands_mix_with_block_masks(tmp_path):
     for i, (fn, args) in enumerate(cases):
         got = compile_and_run(fn, *args, tmp_path=tmp_path / str(i))
         assert_close(got.outputs, fn(*args))
+
+
+def test_negative_zero_constant_keeps_its_sign(tmp_path):
+    # Triton drops the sign of a -0.0 literal (checked on an H200): the group runs as ATen
+    x = torch.tensor([1.0, -2.0])
+    got = compile_and_run(lambda x: x / -0.0, x, tmp_path=tmp_path)
+    assert got.outputs.tolist() == [float("-inf"), float("inf")]
+    assert "-0.0 constant" in " ".join(got.report["notes"])
