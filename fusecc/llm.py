@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Sequence
 
 from fusecc.runtime.engine import LLMEngine
@@ -28,7 +29,7 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Run every prompt to completion; outputs in prompt order. A prompt is a string or a list of token ids."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or _is_token_ids(prompts):
             prompts = [prompts]
         prompts = list(prompts)
         params = sampling_params if sampling_params is not None else SamplingParams()
@@ -69,3 +70,16 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [results[rid] for rid in ids]
+
+
+def _is_token_ids(prompts) -> bool:
+    """One prompt of token ids (a list or tuple of integers, or a 1-D array or tensor), not a batch."""
+    if getattr(prompts, "ndim", None) == 1:
+        return True
+    if isinstance(prompts, (list, tuple)) and prompts and not isinstance(prompts[0], (str, bytes)):
+        try:
+            operator.index(prompts[0])
+            return True
+        except TypeError:
+            return False
+    return False

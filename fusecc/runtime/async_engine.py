@@ -129,7 +129,10 @@ class AsyncLLMEngine:
             except BaseException as exc:  # deliver to every waiting consumer, then stop
                 self._error = exc
                 for loop, queue in list(self._streams.values()):
-                    loop.call_soon_threadsafe(queue.put_nowait, exc)
+                    try:
+                        loop.call_soon_threadsafe(queue.put_nowait, exc)
+                    except RuntimeError:  # that consumer's loop is closed; tell the others
+                        pass
                 return
             for out in outputs:
                 stream = self._streams.get(out.request_id)

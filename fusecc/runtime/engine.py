@@ -143,8 +143,9 @@ class LLMEngine:
                 text, ids = None, [operator.index(t) for t in prompt]
             except TypeError:
                 raise ValueError(f"prompt token ids must be integers, got {prompt!r:.80}") from None
-            if any(t < 0 or t >= self.runner.vocab_size for t in ids):
-                raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
+        # text too: a tokenizer's added tokens may lie past the model's embedding rows
+        if any(t < 0 or t >= self.runner.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
         outside = [t for t in (params.logit_bias or {}) if t >= self.runner.vocab_size]
         if outside:
             raise ValueError(f"SamplingParams.logit_bias token id {outside[0]} is outside the vocabulary "

@@ -111,3 +111,23 @@ def test_shutdown_ends_open_streams_and_reused_ids_get_their_own_outputs():
             await asyncio.wait_for(anext(gen), 10)
 
     asyncio.run(main())
+
+
+def test_a_failed_step_reaches_every_consumer_even_past_a_closed_loop():
+    engine = AsyncLLMEngine.from_engine_args(None, enforce_eager=True, max_model_len=128)
+    # a consumer whose event loop was closed while its stream was open
+    other = asyncio.new_event_loop()
+    stale = engine.generate("abc", SamplingParams(max_tokens=100, ignore_eos=True), "stale")
+    other.run_until_complete(stale.__anext__())
+    other.close()
+
+    def failing_step():
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    async def main():
+        engine.engine.step = failing_step
+        victim = engine.generate("xyz", SamplingParams(max_tokens=100, ignore_eos=True), "victim")
+        with pytest.raises(RuntimeError, match="engine thread failed"):
+            await asyncio.wait_for(anext(victim), 10)
+
+    asyncio.run(main())

@@ -211,3 +211,16 @@ def test_stats_peak_kv_usage_and_step_timings(checkpoints):
     assert t.graph_replays == 0  # CPU
     engine.block_manager.reset_peak()
     assert engine.stats().peak_kv_cache_usage == 0
+
+
+def test_text_prompt_with_an_added_token_past_the_model_vocabulary_is_refused(tmp_path):
+    from tests.runtime.hf_checkpoints import tiny_tokenizer
+
+    save_tiny_checkpoint("llama", tmp_path)
+    tok = tiny_tokenizer()
+    tok.add_tokens(["<extra>"])  # id 128: the tiny model has 128 embedding rows
+    tok.save_pretrained(tmp_path)
+    engine = LLMEngine.from_engine_args(str(tmp_path), enforce_eager=True, max_model_len=64)
+    with pytest.raises(ValueError, match="prompt token ids must be in"):
+        engine.add_request("x", "w5 <extra>", SamplingParams(max_tokens=2))
+    assert not engine.has_unfinished_requests()

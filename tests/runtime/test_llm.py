@@ -125,3 +125,17 @@ def test_min_tokens_holds_stop_strings_and_prompt_ids_must_be_integers():
     outs = {o.request_id: o for _ in range(5) for o in engine.step()}
     assert outs["np"].finished and outs["np"].prompt_token_ids == [65, 66]
     assert outs["iter"].finished and outs["iter"].prompt_token_ids == [67, 68]
+
+
+def test_one_token_id_prompt_in_any_integer_container():
+    import numpy as np
+    import torch
+
+    from fusecc import LLM, SamplingParams
+
+    llm = LLM(enforce_eager=True, max_model_len=64)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    (expected,) = llm.generate([72, 105], params, use_tqdm=False)
+    for prompt in ((72, 105), np.array([72, 105]), torch.tensor([72, 105]), [np.int64(72), np.int64(105)]):
+        outs = llm.generate(prompt, params, use_tqdm=False)
+        assert len(outs) == 1 and outs[0].outputs[0].token_ids == expected.outputs[0].token_ids, type(prompt)

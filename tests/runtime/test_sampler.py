@@ -315,3 +315,15 @@ def test_logit_bias_forces_and_bans_tokens():
 def test_logit_bias_validation(bias, message):
     with pytest.raises(ValueError, match=r"SamplingParams\.logit_bias .*" + re.escape(message)):
         SamplingParams(logit_bias=bias)
+
+
+def test_seeded_top_k_with_ties_does_not_depend_on_the_batch():
+    # tokens 1, 2, 3 tie at the 2nd-largest value: all ties are kept whatever the batch's largest k
+    row = torch.full((V,), -10.0)
+    row[:4] = torch.tensor([2.0, 1.0, 1.0, 1.0])
+    for seed in range(60):
+        a = Row(SamplingParams(temperature=1.0, top_k=2, seed=seed))
+        b = Row(SamplingParams(temperature=1.0, top_k=8, seed=seed + 1000))
+        alone = Sampler(seed=0)(row[None], build([a])).token_ids[0].item()
+        batched = Sampler(seed=0)(torch.stack([row, torch.zeros(V)]), build([a, b])).token_ids[0].item()
+        assert alone == batched, seed
