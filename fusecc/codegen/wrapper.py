@@ -165,11 +165,15 @@ class _WrapperWriter:
 
     # ----------------------------------------------------------------- node emission
 
-    def _alloc(self, name: str, val: torch.Tensor) -> None:
+    def _shape_and_stride(self, val: torch.Tensor) -> str:
+        """`(sizes), (strides)` of a value as wrapper source (symbolic sizes by their variables)."""
         shape = ", ".join(self._expr(sym(s)) for s in val.shape)
         stride = ", ".join(self._expr(sym(s)) for s in val.stride())
         comma = "," if val.dim() == 1 else ""
-        self.lines.append(f"{name} = empty_strided(({shape}{comma}), ({stride}{comma}), "
+        return f"({shape}{comma}), ({stride}{comma})"
+
+    def _alloc(self, name: str, val: torch.Tensor) -> None:
+        self.lines.append(f"{name} = empty_strided({self._shape_and_stride(val)}, "
                           f"dtype={val.dtype!r}, device={self._render(val.device)})")
 
     def _emit_kernel(self, node: fx.Node) -> None:
@@ -249,10 +253,7 @@ class _WrapperWriter:
         """Make an ATen result match its fake layout where a generated kernel reads it."""
         if node is None or not isinstance(val, torch.Tensor) or not _read_by_kernel(node):
             return
-        size = ", ".join(self._expr(sym(s)) for s in val.shape)
-        stride = ", ".join(self._expr(sym(s)) for s in val.stride())
-        comma = "," if val.dim() == 1 else ""
-        self.lines.append(f"{name} = fit_strides({name}, ({size}{comma}), ({stride}{comma}))")
+        self.lines.append(f"{name} = fit_strides({name}, {self._shape_and_stride(val)})")
 
     def _emit_call(self, node: fx.Node) -> None:
         target = node.target

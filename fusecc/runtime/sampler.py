@@ -114,7 +114,9 @@ class SamplingMetadata:
         for i, p in enumerate(params):
             for token, bias in (p.logit_bias or {}).items():
                 if token < vocab_size:  # the engine refuses others; a duck-typed row may not have been checked
-                    bias_rows.append(i), bias_ids.append(token), bias_values.append(float(bias))
+                    bias_rows.append(i)
+                    bias_ids.append(token)
+                    bias_values.append(float(bias))
         seeds = [None if p.seed is None else _step_seed(p.seed, len(out)) for p, out in zip(params, outputs)]
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return cls(

@@ -15,15 +15,12 @@ from fastapi.testclient import TestClient
 
 from fusecc.serve.app import create_app
 from tests.serve.fake_engine import FAIL_PROMPT, FakeAsyncEngine, expected_text
+from tests.serve.test_validation import _post
 
 MODEL = "fake-model"
 CMPL = "/v1/completions"
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
-
-
-def _post(server, path, body, **kw) -> httpx.Response:
-    return httpx.post(server.url + path, json=body, timeout=kw.pop("timeout", 20), **kw)
 
 
 def _sse_events(response: httpx.Response) -> list:
