@@ -3,7 +3,9 @@
     PYTHONPATH=. python benchmarks/attention.py --out benchmarks/results/attention.json
 
 Prefill: bf16, MHA, batch·seq = 16k tokens, d=64 (32 heads) and d=128 (16 heads), seq 1k/4k/16k,
-causal and not; TFLOP/s = 4·B·H·Sq·Sk·D (halved when causal) / median time.
+causal and not; TFLOP/s = 4·B·H·Sq·Sk·D (halved when causal) / median time. Where the Gluon kernel
+runs (d=128 on sm_90) the TMA descriptor kernel is timed beside it (`fusecc_tma_kernel_tflops`), and
+the pointer kernel beside both (`fusecc_pointer_kernel_tflops`).
 Decode: paged, bf16, GQA 32/8, d=128, block_size 16, batch 1/8/64 × context 1k/8k/32k;
 bandwidth = bytes of K and V read / time per call, against a measured device-to-device copy (bytes
 read + written / time) of 512 MiB, and against a one-kernel read of the same bytes timed the same way
@@ -28,8 +30,9 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fusecc.kernels import flash_attention, paged_attention
-from fusecc.kernels import flash_attention_tma
+from fusecc.kernels import flash_attention_gluon, flash_attention_tma
 from fusecc.kernels.flash_attention import _flash_attention_kernel
+from fusecc.kernels.flash_attention_gluon import gluon_prefill_eligible
 from fusecc.kernels.flash_attention_tma import _flash_attention_tma_kernel, tma_prefill_eligible
 from fusecc.kernels.paged_attention import _paged_decode_kernel
 from fusecc.kernels.split_kv import choose_num_splits, num_sms
@@ -79,14 +82,23 @@ def copy_bandwidth():
 
 
 @contextlib.contextmanager
-def pointer_kernel_only():
-    """flash_attention without the TMA descriptor kernel (device_has_tma says no)."""
-    saved = flash_attention_tma.device_has_tma
-    flash_attention_tma.device_has_tma = lambda device: False
+def _device_says_no(module, seam: str):
+    saved = getattr(module, seam)
+    setattr(module, seam, lambda device: False)
     try:
         yield
     finally:
-        flash_attention_tma.device_has_tma = saved
+        setattr(module, seam, saved)
+
+
+def pointer_kernel_only():
+    """flash_attention without the TMA descriptor and Gluon kernels (device_has_tma says no)."""
+    return _device_says_no(flash_attention_tma, "device_has_tma")
+
+
+def without_gluon():
+    """flash_attention without the Gluon kernel: the descriptor kernel takes its calls."""
+    return _device_says_no(flash_attention_gluon, "device_is_hopper")
 
 
 def read_bandwidth(nbytes: int, copies: int) -> float:
@@ -125,10 +137,18 @@ def prefill_rows():
                 row = {"head_dim": D, "heads": H, "batch": B, "seq": S, "causal": causal}
                 out = flash_attention(q, k, v, causal=causal)
                 row["fusecc_ms"] = bench(lambda: flash_attention(q, k, v, causal=causal))
+                gluon = gluon_prefill_eligible(q, k, v, out, 0)
                 tma = tma_prefill_eligible(q, k, v, out, 0)
-                row["fusecc_kernel"] = "tma" if tma else "pointer"
-                kernel = _flash_attention_tma_kernel if tma else _flash_attention_kernel
-                row["fusecc_config"] = str(getattr(kernel, "best_config", "hand-picked"))
+                row["fusecc_kernel"] = "gluon" if gluon else "tma" if tma else "pointer"
+                if gluon:  # one schedule, no autotuning
+                    row["fusecc_config"] = (f"2 consumer warpgroups x {flash_attention_gluon.ROWS_PER_CONSUMER} rows, "
+                                            f"BLOCK_N {flash_attention_gluon.BLOCK_N}, {flash_attention_gluon.STAGES} K/V stages")
+                    with without_gluon():  # the descriptor kernel on the same inputs: what Gluon gains
+                        flash_attention(q, k, v, causal=causal)
+                        row["fusecc_tma_kernel_ms"] = bench(lambda: flash_attention(q, k, v, causal=causal))
+                else:
+                    kernel = _flash_attention_tma_kernel if tma else _flash_attention_kernel
+                    row["fusecc_config"] = str(getattr(kernel, "best_config", "hand-picked"))
                 if tma:  # the pointer kernel on the same inputs: what the descriptors gain
                     with pointer_kernel_only():
                         flash_attention(q, k, v, causal=causal)
@@ -142,7 +162,7 @@ def prefill_rows():
                     except RuntimeError as e:  # backend not available for this shape/build
                         row[f"{name}_ms"] = None
                         row[f"{name}_error"] = str(e).splitlines()[0][:200]
-                for name in ["fusecc", "fusecc_pointer_kernel", "sdpa_flash", "sdpa_cudnn"]:
+                for name in ["fusecc", "fusecc_tma_kernel", "fusecc_pointer_kernel", "sdpa_flash", "sdpa_cudnn"]:
                     ms = row.get(f"{name}_ms")
                     row[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12 if ms else None
                 for name in ["sdpa_flash", "sdpa_cudnn"]:

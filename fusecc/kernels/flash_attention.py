@@ -16,7 +16,8 @@ what makes the loads wide.
 
 One program owns BLOCK_M query rows of one (batch, head); the key loop lives in attention_tile.py.
 On Hopper, unmasked fp16/bf16 calls with head_dim 64/128 and aligned strides run the same loop with
-TMA descriptor loads (flash_attention_tma.py). A single query row (seq_q == 1, a static-cache
+TMA descriptor loads (flash_attention_tma.py), or, at head_dim 128 on sm_90, a warp-specialized
+Gluon kernel with FA3's ping-pong schedule (flash_attention_gluon.py). A single query row (seq_q == 1, a static-cache
 decode step) goes to dense_decode_attention.py instead.
 """
 
@@ -29,6 +30,7 @@ import triton.language as tl
 from fusecc.kernels.attention_tile import (LOG2E, attn_rows, check_head_dim, first_prefill_config, head_dim_pad,
                                            launch_tuned, prefill_configs, prune_prefill_configs, softmax_scale)
 from fusecc.kernels.dense_decode_attention import dense_decode_attention
+from fusecc.kernels.flash_attention_gluon import gluon_prefill_eligible, launch_gluon_prefill
 from fusecc.kernels.flash_attention_tma import launch_tma_prefill, tma_prefill_eligible
 
 
@@ -110,6 +112,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         # query tile per head; causal is moot (the one query sees every key)
         return dense_decode_attention(q, k, v, out, scale * LOG2E, mask, mask_kind)
 
+    if gluon_prefill_eligible(q, k, v, out, mask_kind):
+        launch_gluon_prefill(q, k, v, out, causal, scale * LOG2E)
+        return out
     if tma_prefill_eligible(q, k, v, out, mask_kind):
         launch_tma_prefill(q, k, v, out, causal, scale * LOG2E)
         return out

@@ -12,6 +12,7 @@ Llama through the backend. Triton's full pipeline runs (MLIR passes, LLVM, ptxas
 wheel), so a kernel that the interpreter accepts but the GPU compiler rejects fails here, in CI.
 Whether a config fits in shared memory and what the kernels compute are the GPU tests' business.
 
+The Gluon prefill kernel (flash_attention_gluon.py) compiles through the same patched JIT.
 Also checks that the hand-picked bf16 configs (what compiled graphs launch without autotuning) fit
 in Hopper's shared memory, from the compiled binaries' metadata.
 
@@ -78,10 +79,12 @@ def _every_config(self, *args, grid, warmup, **kwargs):
 
 
 def install() -> None:
-    from fusecc.kernels import flash_attention_tma
+    from fusecc.kernels import flash_attention_gluon, flash_attention_tma
 
     driver.set_active(HopperWithoutGPU())
-    flash_attention_tma.device_has_tma = lambda device: True  # CPU tensors stand in for sm_90 ones
+    # CPU tensors stand in for sm_90 ones
+    flash_attention_tma.device_has_tma = lambda device: True
+    flash_attention_gluon.device_is_hopper = lambda device: True
     JITFunction.run = _compile_only(JITFunction.run)
     Autotuner.run = _every_config
 
@@ -89,8 +92,8 @@ def install() -> None:
 def attention_kernels(autotune: bool) -> None:
     """bf16 calls of every attention wrapper: with autotune, every pruned config compiles; without,
     the hand-picked one (what compiled graphs launch)."""
-    from fusecc.kernels import flash_attention, paged_attention, paged_prefill_attention, varlen_attention
-    from fusecc.kernels import write_kv_cache
+    from fusecc.kernels import flash_attention, flash_attention_gluon, paged_attention, paged_prefill_attention
+    from fusecc.kernels import varlen_attention, write_kv_cache
     from fusecc.kernels.attention_tile import kernel_autotuning
 
     bf16 = torch.bfloat16
@@ -98,11 +101,16 @@ def attention_kernels(autotune: bool) -> None:
         for d in (64, 128):
             q = torch.randn(1, 8, 300, d, dtype=bf16)
             k = torch.randn(1, 2, 300, d, dtype=bf16)
-            flash_attention(q, k, k, causal=True)  # the TMA descriptor kernel
+            flash_attention(q, k, k, causal=True)  # the TMA descriptor kernel (d=64), the Gluon one (d=128)
             flash_attention(q[..., :d - 16], k[..., :d - 16], k[..., :d - 16])  # odd head dim: pointer kernel
             flash_attention(q, k, k, attn_mask=torch.ones(1, 1, 300, 300, dtype=torch.bool))
             # one query row: the split-KV decode kernel, split (2 KV heads < 4 "SMs") and merged
             flash_attention(q[:, :, :1], k, k, attn_mask=torch.zeros(1, 1, 1, 300, dtype=bf16))
+        # d=128 on a TMA device other than sm_90: the descriptor kernel
+        is_hopper = flash_attention_gluon.device_is_hopper
+        flash_attention_gluon.device_is_hopper = lambda device: False
+        flash_attention(q, k, k, causal=False)
+        flash_attention_gluon.device_is_hopper = is_hopper
         d = 128
         tokens = torch.randn(40, 8, d, dtype=bf16)
         cu = torch.tensor([0, 15, 40], dtype=torch.int32)

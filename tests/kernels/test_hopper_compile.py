@@ -16,7 +16,8 @@ def test_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     compiled = dict(line.rsplit(" ", 1) for line in proc.stdout.splitlines() if line.strip())
-    for kernel in ("_flash_attention_kernel", "_flash_attention_tma_kernel", "_dense_decode_kernel", "_merge_splits_kernel", "_paged_decode_kernel",
+    for kernel in ("_flash_attention_kernel", "_flash_attention_tma_kernel", "_flash_attention_gluon_kernel",
+                   "_dense_decode_kernel", "_merge_splits_kernel", "_paged_decode_kernel",
                    "_varlen_attention_kernel", "_write_kv_cache_kernel"):
         assert int(compiled.get(kernel, 0)) >= 1, f"{kernel} was not compiled: {proc.stdout}"
     assert any(name.startswith("fused_reduction_") for name in compiled), proc.stdout
