@@ -23,6 +23,8 @@ flash_attention falls back to the descriptor or pointer kernels everywhere else)
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -247,11 +249,16 @@ def _gl_dtype(dtype: torch.dtype):
     return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
 
 
+@functools.lru_cache(maxsize=None)
+def _box_layout(rows: int, head_dim: int, dtype: torch.dtype):
+    # computed once per box: it is most of a descriptor's host cost (~10 us uncached)
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], _gl_dtype(dtype))
+
+
 def descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     """A rank-4 [batch, heads, seq, head_dim] descriptor whose box is `rows` rows of one (batch, head)."""
-    block = [1, 1, rows, t.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, _gl_dtype(t.dtype))
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+    d = t.shape[-1]
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d], _box_layout(rows, d, t.dtype))
 
 
 def launch_gluon_prefill(q, k, v, out, causal: bool, qk_scale: float, stages: int = STAGES) -> None:
