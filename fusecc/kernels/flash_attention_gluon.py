@@ -5,8 +5,9 @@ strides), a different schedule. In plain Triton every warpgroup runs QK^T -> wai
 PV -> wait in one stream, so the tensor cores idle during each softmax unless the other
 warpgroup happens to be in a GEMM. Gluon lets us say what Triton cannot:
 
-- one producer warp issues every TMA load (Q once, then K/V tiles through a ring of STAGES
-  shared-memory slots with ready/empty mbarriers), so the consumers never wait on addresses;
+- a producer warpgroup (the default partition, shrunk to 24 registers a thread) issues every TMA
+  load (Q once, then K/V tiles through a ring of STAGES shared-memory slots with ready/empty
+  mbarriers), so the consumers never wait on addresses;
 - two consumer warpgroups own 64 query rows each and take turns on the tensor cores: a consumer
   waits for its turn, issues its QK^T of tile j and its PV of tile j-1, hands the turn over, and
   runs its softmax while the other consumer's GEMMs execute (ping-pong);
@@ -111,7 +112,8 @@ def _consumer_sweep(q, k_smem, v_smem, k_ready, v_ready, kv_empty, my_turn, thei
         if MASKED:
             qk = _masked_scores(qk, j * BLOCK_N, row0, seq_k, shift, qk_scale, CAUSAL, ROWS, BLOCK_N, qk_layout)
         p, alpha, l_i, m_i = _softmax_tile(qk, m_i, l_i, qk_scale, MASKED)
-        acc = warpgroup_mma_wait(0, deps=[acc])
+        # p_prev is the PV's A operand, read from registers: kept alive until the GEMM retires
+        acc, p_prev = warpgroup_mma_wait(0, deps=[acc, p_prev])
         mbarrier.arrive(kv_empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         p_prev = gl.convert_layout(p.to(q.dtype), p_layout)
@@ -166,7 +168,7 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empt
         last = (n_blocks - 1) % STAGES
         mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
         acc = warpgroup_mma(p_prev, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=[acc])
+        acc, p_prev = warpgroup_mma_wait(0, deps=[acc, p_prev])
     # rows that saw no key: l = 0, acc = 0 -> 0
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
     out = acc / gl.expand_dims(gl.where(l_o == 0.0, 1.0, l_o), 1)
@@ -181,6 +183,8 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empt
 def _flash_attention_gluon_kernel(q_desc, k_desc, v_desc, o_desc, group, seq_q, seq_k, qk_scale,
                                   HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, ROWS: gl.constexpr,
                                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    # tile j's QK^T and tile j-1's PV need both their slots at once
+    gl.static_assert(STAGES >= 2, "the K/V ring needs at least two slots")
     pid_m = gl.program_id(0)
     if CAUSAL:
         # the last query tiles see the most keys: start them first so the tail of the grid is short
