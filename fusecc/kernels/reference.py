@@ -22,7 +22,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     attn_mask broadcasts to [..., Hq, Sq, Sk]: bool keeps where True, float is added to the logits."""
     Hq, Sq, D = q.shape[-3:]
     Hkv, Sk = k.shape[-3], k.shape[-2]
-    scale = D ** -0.5 if scale is None else scale
+    scale = (D ** -0.5 if D > 0 else 1.0) if scale is None else scale  # D = 0: an empty result, any scale
     ct = _compute_dtype(q.dtype)
     group = Hq // Hkv
     # GQA: view q as [..., Hkv, group, Sq, D] so k/v broadcast instead of being repeated

@@ -29,8 +29,12 @@ sizes proven equal (symbolic sizes through the shape environment, without adding
 masks bool or additive float of q's dtype, broadcastable to [B, H, Sq, Sk]. SDPA's `is_causal`
 is aligned top-left, the kernel's bottom-right: the same only when seq_q == seq_k is proven.
 Empty rows: SDPA gives 0 for a fully masked row, as the kernel does; eager softmax gives NaN for
-an all -inf row, so the eager pattern is rewritten only under a mask proven finite (HF's
-`finfo.min` masks are; their fully masked rows average v uniformly in eager and in the kernel).
+an all -inf row, so the eager pattern is rewritten only under a mask proven finite in its dtype.
+A fully masked row is where eager's rounding shows: in fp16/bf16, logits + mask is rounded to
+the mask's spacing, so a mask of -65504 (fp16's finfo.min) makes every logit of the row equal
+(eager averages v uniformly) while the kernel, in fp32, keeps them apart. So under fp16/bf16 the
+mask's values must be small (|m| <= 16, rounding-sized) or huge (|m| >= 1e30, where fp32 rounds
+every logit away too: bf16/fp32 `finfo.min`, HF's masks); fp16 cannot hold a huge value.
 Anything else stays as it was; `stats["skipped:<reason>"]` and `reasons[node name]` say why.
 """
 
@@ -38,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -167,7 +171,8 @@ def _match_eager(gm: fx.GraphModule, bmm2: fx.Node) -> _Match:
     _require_shape(bmm2, (BH, Sq, Dv))
     # probabilities: softmax over the last dim of the logits, optionally cast back to their dtype
     p_chain = _strip(bmm2.args[0])
-    casts, softmax_nodes, x = _softmax_input(p_chain[-1])
+    prob_casts, logit_casts, softmax_nodes, x = _softmax_input(p_chain[-1])
+    casts = prob_casts + logit_casts
     Sk = _tensor(x).shape[-1]
     _require_shape(bmm2.args[0], (BH, Sq, Sk))
     _require_shape(x, (B, H, Sq, Sk))
@@ -200,12 +205,19 @@ def _match_eager(gm: fx.GraphModule, bmm2: fx.Node) -> _Match:
     if k_rep * kv.shape[1] != H or not _eq(kv.shape[2], Sk):
         raise NoMatch("kv_shape")
     _check_dtypes(qv, kv, vv)
+    # the kernel rounds the probabilities once, to v's dtype (from fp32): a cast on the way to a
+    # narrower dtype (a bf16 round trip in an fp32 model) is rounding it would not do
+    if any(_cast_dtype(c) not in (vv.dtype, torch.float32) for c in prob_casts):
+        raise NoMatch("eager_probabilities_rounded")
     if mask is not None:
         if isinstance(mask, fx.Node) and _tensor(mask).dtype == torch.bool:
             raise NoMatch("eager_bool_mask_added")  # logits + bool adds 1.0 where True: not keep/drop
         _check_mask(mask, qv, (B, H, Sq, Sk))
-        if not _provably_finite(gm, mask):
+        values = _mask_values(gm, mask)
+        if values is None:
             raise NoMatch("eager_mask_may_hold_-inf")  # eager gives NaN on an all -inf row, the kernel 0
+        if qv.dtype != torch.float32 and values.medium:
+            raise NoMatch("eager_half_mask_rounds_rows")  # see the module docstring
     # the attention weights must feed only this attention (returned weights: keep eager)
     inner = set(core)
     if any(u not in inner for n in core if n is not anchor for u in n.users):
@@ -225,12 +237,13 @@ def _require_shape(node, shape: tuple) -> None:
 
 
 def _softmax_input(p: fx.Node):
-    """p = [cast](div(exp(x - amax(x, -1)), sum(exp, -1))) -> (casts, softmax nodes, x in the
-    logits' dtype)."""
-    casts = []
+    """p = [casts](div(exp(x - amax(x, -1)), sum(exp, -1))) -> (casts of the probabilities,
+    casts of the logits, softmax nodes, x in the logits' dtype)."""
+    prob_casts = []
     while _cast_dtype(p) in _DTYPES:  # the probabilities cast to the dtype of v (the kernel does)
-        casts.append(p)
+        prob_casts.append(p)
         p = p.args[0]
+    casts = []
     if not _is(p, aten.div.Tensor):
         raise NoMatch("eager_no_softmax")
     e, s = p.args
@@ -250,7 +263,7 @@ def _softmax_input(p: fx.Node):
         # cast (to an integer, or narrowing to bf16) rounds the logits first: not the same math
         casts.append(x)
         x = x.args[0]
-    return casts, nodes, x
+    return prob_casts, casts, nodes, x
 
 
 def _split_add(x: fx.Node):
@@ -411,7 +424,7 @@ def _check_dtypes(qv, kv, vv) -> None:
     D, Dk, Dv = qv.shape[3], kv.shape[3], vv.shape[3]
     if not (_eq(D, Dk) and _eq(D, Dv)):
         raise NoMatch("head_dim_mismatch")
-    if not _known(D <= _MAX_HEAD_DIM):
+    if not (_known(D <= _MAX_HEAD_DIM) and _known(D > 0)):
         raise NoMatch(f"head_dim_{D}_unsupported")
     Hq, Hkv = qv.shape[1], kv.shape[1]
     if not (_eq(Hq, Hkv) or isinstance(Hq, int) and isinstance(Hkv, int) and Hkv > 0 and Hq % Hkv == 0):
@@ -443,30 +456,63 @@ def _check_scale(scale):
     return float(scale)
 
 
-def _provably_finite(gm: fx.GraphModule, node) -> bool:
-    """The mask holds no -inf/NaN: built from finite constants (HF's where(keep, 0, finfo.min))."""
+class _MaskValues(NamedTuple):
+    max_abs: float  # bound on |value|, finite in the node's dtype
+    medium: bool    # some value may lie in 16 < |v| < 1e30 (see the module docstring)
+
+
+_SMALL, _HUGE = 16.0, 1e30
+
+
+def _classify(abs_values: torch.Tensor) -> Optional[_MaskValues]:
+    if abs_values.numel() == 0:
+        return _MaskValues(0.0, False)
+    if not bool(abs_values.isfinite().all()):
+        return None
+    a = abs_values.double()
+    return _MaskValues(float(a.max()), bool(((a > _SMALL) & (a < _HUGE)).any()))
+
+
+def _in_dtype(values: Optional[_MaskValues], dtype: torch.dtype) -> Optional[_MaskValues]:
+    """The values once stored in `dtype`: None if the largest overflows to inf (fp32's min in bf16,
+    bf16's min or any int below -65504 in fp16)."""
+    if values is None or not dtype.is_floating_point:
+        return values
+    stored = torch.tensor(values.max_abs, dtype=torch.float64).to(dtype)
+    return values if bool(stored.isfinite()) else None
+
+
+def _mask_values(gm: fx.GraphModule, node) -> Optional[_MaskValues]:
+    """What a mask can hold, when provable from the graph (HF's where(keep, 0, finfo.min) built in
+    the graph or folded to a constant): a bound on its magnitude and whether a value may be of
+    medium size. None when unknown (a graph input) or when some value may be -inf/NaN."""
+    if isinstance(node, bool):
+        return _MaskValues(float(node), False)
     if isinstance(node, (int, float)):
-        return math.isfinite(node)
+        return _classify(torch.tensor([abs(float(node))], dtype=torch.float64))
     if not isinstance(node, fx.Node):
-        return False
+        return None
     if node.op == "get_attr":
         value = constant_value(gm, node)
-        return isinstance(value, torch.Tensor) and (not value.dtype.is_floating_point or bool(value.isfinite().all()))
+        if not isinstance(value, torch.Tensor):
+            return None
+        return _classify(value.detach().abs().double() if value.dtype != torch.bool else value.double())
     if node.op != "call_function":
-        return False
+        return None
+    out_dtype = _tensor(node).dtype
     if node.target in _VIEWS_OF_MASK:
-        return _provably_finite(gm, node.args[0])
+        return _mask_values(gm, node.args[0])
     if node.target in (aten.scalar_tensor.default, aten.full.default):
-        return _provably_finite(gm, node.args[-1] if node.target is aten.full.default else node.args[0])
+        fill = node.args[-1] if node.target is aten.full.default else node.args[0]
+        return _in_dtype(_mask_values(gm, fill), out_dtype)
     if node.target is aten.where.self:
-        return _provably_finite(gm, node.args[1]) and _provably_finite(gm, node.args[2])
-    dtype = _cast_dtype(node)
-    if dtype is not None:  # only widening float casts (fp32 min -> bf16 is -inf)
-        src = _tensor(node.args[0]).dtype
-        wider = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-        return (not src.is_floating_point or wider.get(dtype, 0) >= wider.get(src, 9)) and \
-            _provably_finite(gm, node.args[0])
-    return False
+        a, b = _mask_values(gm, node.args[1]), _mask_values(gm, node.args[2])
+        if a is None or b is None:
+            return None
+        return _in_dtype(_MaskValues(max(a.max_abs, b.max_abs), a.medium or b.medium), out_dtype)
+    if _cast_dtype(node) is not None:
+        return _in_dtype(_mask_values(gm, node.args[0]), out_dtype)
+    return None
 
 
 def _cast_dtype(node) -> Optional[torch.dtype]:

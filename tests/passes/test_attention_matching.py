@@ -157,6 +157,9 @@ def forward(self, q_1, k_1, v_1, m_1):
             return sdpa(q, k, v, None, False, None)
 
         self.assert_kept(fn, *qkv(Hkv=4, Sq=2, Sk=2, D=320), reason="head_dim_320_unsupported")
+        # head_dim 0: an empty result in eager; the default scale 1/sqrt(0) is no scale at all
+        gm = self.assert_kept(fn, *qkv(Hkv=4, Sq=2, Sk=2, D=0), reason="head_dim_0_unsupported")
+        self.assertEqual(gm(*qkv(Hkv=4, Sq=2, Sk=2, D=0)).shape, (2, 4, 2, 0))
 
     def test_sdpa_mask_not_broadcastable_kept(self):
         def fn(q, k, v, m):
@@ -201,15 +204,59 @@ def forward(self, q_1, k_1, v_1, mask_1):
     flash_attention_default = torch.ops.fusecc.flash_attention.default(q_1, k_1, v_1, False, 0.25, _frozen_param0);  q_1 = k_1 = v_1 = _frozen_param0 = None
     return flash_attention_default""")
 
-    def test_eager_pattern_mask_built_in_graph_fp16(self):
-        # where(keep, 0, finfo.min) computed in the graph is provably finite; fp16 softmax runs in fp32.
+    def test_eager_pattern_mask_built_in_graph_bf16(self):
+        # where(keep, 0, finfo.min) computed in the graph is provably finite, and bf16's min is huge:
+        # a fully masked row rounds to one value in eager's bf16 and in the kernel's fp32 alike
+        def fn(q, k, v, keep):
+            mask = torch.where(keep, torch.tensor(0.0, dtype=q.dtype), torch.finfo(q.dtype).min)
+            return eager_attention(q, k, v, mask)
+
+        q, k, v = qkv(dtype=torch.bfloat16)
+        keep = causal_bool(2, 7, 7).clone()
+        keep[0, 0, 3] = False  # a row that sees nothing: eager averages v uniformly, so must the kernel
+        result, text, gm, _ = self.match(fn, q, k, v, keep, atol=2e-2)
+        self.assertEqual(result.stats["rewritten:eager"], 1)
+
+    def test_eager_fp16_finfo_min_mask_kept(self):
+        # fp16's min (-65504) is no longer huge: eager's fp16 logits + mask round to steps of 32, so a
+        # fully masked row becomes uniform in eager, while the kernel's fp32 keeps its logits apart
         def fn(q, k, v, keep):
             mask = torch.where(keep, torch.tensor(0.0, dtype=q.dtype), torch.finfo(q.dtype).min)
             return eager_attention(q, k, v, mask)
 
         q, k, v = qkv(dtype=torch.float16)
-        result, text, gm, _ = self.match(fn, q, k, v, causal_bool(2, 7, 7), atol=2e-3)
-        self.assertEqual(result.stats["rewritten:eager"], 1)
+        keep = causal_bool(2, 7, 7).clone()
+        keep[0, 0, 3] = False
+        out = fn(q, k, v, keep)
+        uniform = repeat_kv(v, 2)[0, 0].float().mean(0)
+        torch.testing.assert_close(out[0, 0, 3].float(), uniform, atol=2e-3, rtol=2e-3)  # eager's artefact
+        self.assert_kept(fn, q, k, v, keep, reason="eager_half_mask_rounds_rows")
+
+    def test_eager_mask_overflowing_its_dtype_kept(self):
+        # bf16's min cast to fp16, and an int -100000 cast to fp16, are -inf: eager's fully masked
+        # row is NaN, the kernel's 0
+        keep = causal_bool(1, 4, 4).clone()
+        keep[0, 0, 2] = False
+
+        def from_bf16(q, k, v, keep):
+            mask = torch.where(keep, torch.tensor(0.0, dtype=torch.bfloat16), torch.finfo(torch.bfloat16).min)
+            return eager_attention(q, k, v, mask.to(torch.float16))
+
+        def from_int(q, k, v, keep):
+            return eager_attention(q, k, v, torch.where(keep, 0, -100000).to(torch.float16))
+
+        q, k, v = qkv(B=1, Sq=4, Sk=4, dtype=torch.float16)
+        for fn in (from_bf16, from_int):
+            self.assertTrue(fn(q, k, v, keep)[0, :, 2].isnan().all())
+            self.assert_kept(fn, q, k, v, keep, reason="eager_mask_may_hold_-inf")
+
+    def test_eager_probabilities_rounded_to_a_narrower_dtype_kept(self):
+        # fp32 attention whose probabilities go through bf16: rounding the fp32 kernel would not do
+        def fn(q, k, v):
+            p = torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1)
+            return p.to(torch.bfloat16).float() @ v
+
+        self.assert_kept(fn, *qkv(Hkv=4), reason="eager_probabilities_rounded")
 
     def test_eager_pattern_no_mask_div_scale(self):
         def fn(q, k, v):
