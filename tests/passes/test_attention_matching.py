@@ -65,6 +65,19 @@ def finfo_mask(B, Sq, Sk, dtype=torch.float32):
     return torch.where(causal_bool(B, Sq, Sk), 0.0, torch.finfo(dtype).min).to(dtype)
 
 
+def finfo_masked_attention(q, k, v, keep):
+    """eager_attention under HF's mask built in the graph: 0 where kept, finfo(dtype).min elsewhere."""
+    mask = torch.where(keep, torch.tensor(0.0, dtype=q.dtype), torch.finfo(q.dtype).min)
+    return eager_attention(q, k, v, mask)
+
+
+def keep_with_empty_row():
+    """A causal keep-mask [2, 1, 7, 7] whose row 3 of batch 0 sees no key."""
+    keep = causal_bool(2, 7, 7).clone()
+    keep[0, 0, 3] = False
+    return keep
+
+
 class TestAttentionMatching(TestCase):
     def match(self, fn, *inputs, frozen=None, rewritten=1, atol=1e-5):
         """Trace, optionally freeze input `frozen` as a constant, run the pass, check values."""
@@ -207,26 +220,15 @@ def forward(self, q_1, k_1, v_1, mask_1):
     def test_eager_pattern_mask_built_in_graph_bf16(self):
         # where(keep, 0, finfo.min) computed in the graph is provably finite, and bf16's min is huge:
         # a fully masked row rounds to one value in eager's bf16 and in the kernel's fp32 alike
-        def fn(q, k, v, keep):
-            mask = torch.where(keep, torch.tensor(0.0, dtype=q.dtype), torch.finfo(q.dtype).min)
-            return eager_attention(q, k, v, mask)
-
         q, k, v = qkv(dtype=torch.bfloat16)
-        keep = causal_bool(2, 7, 7).clone()
-        keep[0, 0, 3] = False  # a row that sees nothing: eager averages v uniformly, so must the kernel
-        result, text, gm, _ = self.match(fn, q, k, v, keep, atol=2e-2)
+        result, text, gm, _ = self.match(finfo_masked_attention, q, k, v, keep_with_empty_row(), atol=2e-2)
         self.assertEqual(result.stats["rewritten:eager"], 1)
 
     def test_eager_fp16_finfo_min_mask_kept(self):
         # fp16's min (-65504) is no longer huge: eager's fp16 logits + mask round to steps of 32, so a
         # fully masked row becomes uniform in eager, while the kernel's fp32 keeps its logits apart
-        def fn(q, k, v, keep):
-            mask = torch.where(keep, torch.tensor(0.0, dtype=q.dtype), torch.finfo(q.dtype).min)
-            return eager_attention(q, k, v, mask)
-
         q, k, v = qkv(dtype=torch.float16)
-        keep = causal_bool(2, 7, 7).clone()
-        keep[0, 0, 3] = False
+        keep, fn = keep_with_empty_row(), finfo_masked_attention
         out = fn(q, k, v, keep)
         uniform = repeat_kv(v, 2)[0, 0].float().mean(0)
         torch.testing.assert_close(out[0, 0, 3].float(), uniform, atol=2e-3, rtol=2e-3)  # eager's artefact
