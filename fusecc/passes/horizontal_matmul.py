@@ -59,9 +59,12 @@ class HorizontalMatmulFusion(GraphPass):
             key = (node.target, x, weight.dtype, weight.device, weight.shape[0],
                    None if bias is None else bias.dtype)
             groups[key].append((node, weight, bias))
-        for (target, x, *_), members in groups.items():
+        for (target, _, *_), members in groups.items():
             if len(members) < 2:
                 continue
+            # the shared input as the graph has it now: an earlier group may have fused (and
+            # replaced) the matmul that computed it
+            x = members[0][0].args[1 if target is aten.addmm.default else 0]
             nbytes = sum(w.numel() * w.element_size() for _, w, _ in members)
             if nbytes > self.max_bytes:
                 stats["skipped:too_large"] += 1

@@ -8,6 +8,8 @@ One place for these questions so that every pass answers them the same way:
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -65,9 +67,14 @@ def is_pure(node: fx.Node) -> bool:
 
 
 def is_view(node: fx.Node) -> bool:
+    """A view op, or one result of a multi-output view op (split, unbind, chunk, tensor_split:
+    the op returns a list of views that the graph reads through operator.getitem)."""
     target = node.target
     if node.op != "call_function":
         return False
+    if target is operator.getitem:
+        source = node.args[0] if node.args else None
+        return isinstance(source, fx.Node) and is_view(source)
     return is_op_overload(target) and bool(target.is_view)
 
 

@@ -122,9 +122,13 @@ def _reinplace_auto_functionalized(gm: fx.GraphModule, node: fx.Node, order: dic
         new_values[user] = bases[i]
         for reader in user.users:
             if reader.target is aten.copy_.default and reader.args[0] is bases[i] and reader.args[1] is user:
+                if reader.users:  # copy_'s result (the input itself) is returned
+                    return "skipped:result_is_output"
                 copies.append(reader)
-            elif reader.op == "output":
-                return "skipped:result_is_output"
+        if feeds_output(user):
+            # the new value is returned, directly or through a view: in place, the output would
+            # be the input itself, a new alias
+            return "skipped:result_is_output"
     if len(copies) != len(set(bases)):
         return "skipped:auto_functionalized_no_copy_back"
     for base in bases:

@@ -107,6 +107,19 @@ def forward(self, x_1, wq_1, wk_1, wv_1):
         self.assertEqual((result.stats["fused_groups"], result.stats["fused_matmuls"]), (1, 2))
         self.assertEqual(count(gm, aten.mm.default), 2)
 
+    def test_a_group_reading_a_fused_member_of_another(self):
+        # h = a(x), g = b(x) fuse; c(h), d(h) fuse too, on h as the first fusion left it (the
+        # second group used to be built on the erased h: the graph failed lint)
+        def chained(x, wa, wb, wc, wd):
+            h = F.linear(x, wa)
+            return F.linear(h, wc), F.linear(h, wd), F.linear(x, wb)
+
+        x = torch.randn(3, 8)
+        result, _, gm = self.fuse(chained, x, torch.randn(8, 8), torch.randn(8, 8), torch.randn(4, 8),
+                                  torch.randn(4, 8), frozen=[1, 2, 3, 4])
+        self.assertEqual((result.stats["fused_groups"], result.stats["fused_matmuls"]), (2, 4))
+        self.assertEqual(count(gm, aten.mm.default), 2)
+
     def test_weights_that_are_inputs_are_left_alone(self):
         # Without freezing, concatenating would copy the weights on every call.
         x = torch.randn(3, 8)

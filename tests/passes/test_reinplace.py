@@ -95,3 +95,22 @@ def test_a_view_taken_before_the_scatter_and_read_after_keeps_the_old_rows():
     ck_c, cv_c, ck_e, cv_e = ck.clone(), cv.clone(), ck.clone(), cv.clone()
     torch.testing.assert_close(compiled(q, ck_c, cv_c, pos, kn, vn), fn(q, ck_e, cv_e, pos, kn, vn))
     assert torch.equal(ck_c, ck_e) and torch.equal(cv_c, cv_e)
+
+
+def _kv_write_returning_cache(x, k_cache, v_cache, slots):
+    torch.ops.fusecc.write_kv_cache(x * 2, x * 3, k_cache, v_cache, slots)
+    return k_cache
+
+
+def _kv_write_returning_a_view(x, k_cache, v_cache, slots):
+    torch.ops.fusecc.write_kv_cache(x * 2, x * 3, k_cache, v_cache, slots)
+    return k_cache[0]
+
+
+def test_kv_write_whose_cache_is_returned_stays_functional_and_compiles():
+    # the copy back into the cache is the graph output (or a view of the new value is): the pass
+    # used to erase that copy_ while the output still used it (strict compile error), or to
+    # leave an output aliasing the input, which the verifier refused
+    args = (torch.randn(3, 2, 8), torch.randn(4, 4, 2, 8), torch.randn(4, 4, 2, 8), torch.tensor([2, 8, 13]))
+    for fn in (_kv_write_returning_cache, _kv_write_returning_a_view):
+        _compile_aten(fn, *args)
