@@ -58,6 +58,16 @@ def _has_negative_zero(arg) -> bool:
     return False
 
 
+def _all_negative_zero(arg) -> bool:
+    """-0.0, or a constant tensor of -0.0 only (a zero already known to be one)."""
+    if isinstance(arg, float):
+        return math.copysign(1.0, arg) < 0
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        tensor = constant_value(arg.graph.owning_module, arg)
+        return isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and bool(torch.signbit(tensor).all())
+    return False
+
+
 def _val(node):
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
@@ -122,15 +132,23 @@ def mul_by_one(node):
 
 
 def add_zero(node):
-    # Exact except for the sign of zero: -0.0 + 0 is +0.0 in IEEE, x is -0.0 (inductor's
-    # remove_no_ops makes the same trade; no comparison or arithmetic but 1/x sees it).
+    # x + 0.0 is not x for floats: -0.0 + 0.0 is +0.0 (inductor's remove_no_ops drops it anyway;
+    # 1/x, atan2 and copysign see the difference). x + (-0.0) is x for every float, -0.0 and NaN
+    # included, so for floats only a negative zero (scaled by a positive alpha) goes; for
+    # integers any zero
     x, y = node.args[:2]
     alpha = node.kwargs.get("alpha", 1)
     if not _finite_number(alpha):
         return None  # x + inf * 0 is NaN
-    if _is_number(y, 0) and isinstance(x, fx.Node):
+    out = _val(node)
+    floating = not isinstance(out, torch.Tensor) or out.is_floating_point() or out.is_complex()
+
+    def removable(zero, scale) -> bool:
+        return _is_number(zero, 0) and (not floating or (_all_negative_zero(zero) and scale > 0))
+
+    if isinstance(x, fx.Node) and removable(y, alpha):
         return x
-    if _is_number(x, 0) and isinstance(y, fx.Node) and alpha == 1:
+    if isinstance(y, fx.Node) and alpha == 1 and removable(x, 1):
         return y
     return None
 

@@ -94,17 +94,32 @@ def forward(self, x_1):
     return mul""")
 
     def test_add_zero(self):
-        result, text, gm = self.simplify(lambda x: (x + 0).exp(), torch.randn(2, 3))
+        # integers: any zero; floats: a negative zero only (x + -0.0 is x, -0.0 included)
+        result, text, gm = self.simplify(lambda x: (x + 0) * 3, torch.arange(6))
         self.assertEqual(fired(result), {"rule:add_zero": 1})
         self.assertEqual(count(gm, aten.add.Tensor), 0)
         self.assertExpectedInline(text, """\
 def forward(self, x_1):
-    exp = torch.ops.aten.exp.default(x_1);  x_1 = None
-    return exp""")
+    mul = torch.ops.aten.mul.Tensor(x_1, 3);  x_1 = None
+    return mul""")
+        result, text, gm = self.simplify(lambda x: (x + (-0.0)).exp(), torch.tensor([-0.0, 1.0, float("nan")]))
+        self.assertEqual(fired(result), {"rule:add_zero": 1})
+        self.assertEqual(count(gm, aten.add.Tensor), 0)
+
+    def test_float_add_positive_zero_stays(self):
+        # -0.0 + 0.0 is +0.0: removing the add would keep the sign, which 1/x turns into -inf
+        x = torch.tensor([-0.0, 1.0])
+        self.assertFalse(torch.signbit((x + 0)[0]))
+        self.assert_not_fired(lambda x: (x + 0) * 2, x)
+        self.assert_not_fired(lambda x: (0.0 + x) * 2, x)
+        # alpha = -1 turns the -0.0 into +0.0; alpha = 1 keeps it (the add goes)
+        self.assert_not_fired(lambda x: torch.add(x, -0.0, alpha=-1) * 2, x)
+        result, _, _ = self.simplify(lambda x: torch.add(x, -0.0, alpha=1) * 2, x)
+        self.assertEqual(fired(result), {"rule:add_zero": 1})
 
     def test_add_zero_not_when_dtype_changes(self):
-        # int + 0.0 is float.
-        result, _ = self.assert_not_fired(lambda x: (x + 0.0) * 2, torch.arange(4))
+        # int + -0.0 is float: the rule offers x, the engine refuses the dtype change
+        result, _ = self.assert_not_fired(lambda x: (x + (-0.0)) * 2, torch.arange(4))
         self.assertEqual(result.stats["refused:add_zero"], 1)
 
     def test_sub_zero(self):
