@@ -24,7 +24,7 @@ from fusecc.codegen import lower, wants_triton, with_kernel_autotuning
 from fusecc.capture import capture_aten, keep_sdpa_whole
 from fusecc.config import FuseccOptions
 from fusecc.debug.dump import GraphDump
-from fusecc.freeze import freeze_weights, is_weight_input
+from fusecc.freeze import FrozenWeightsCheck, freeze_weights, is_weight_input, unfrozen_copy
 from fusecc.passes import build_pipeline, run_passes
 from fusecc.passes.pipeline import count_ops, op_histogram
 
@@ -155,14 +155,15 @@ class InferenceCompiler:
         if dump is not None:
             dump.write_graph("aten", aten_gm)
         ops_aten, hist_aten = count_ops(aten_gm), op_histogram(aten_gm)
-        num_frozen = 0
+        frozen = {}
         params_flat = _aot_params_flat()
         weight_inputs = [True] * len(params_flat) + self.weight_flags
         if len(weight_inputs) != len(fake_inputs):
             weight_inputs = [False] * len(fake_inputs)  # cannot map inputs: treat none as weights
         marks = [time.perf_counter()]
         if options.freeze:
-            num_frozen = freeze_weights(aten_gm, list(params_flat) + self.dynamo_inputs, weight_inputs, dump)
+            unfrozen = unfrozen_copy(aten_gm)
+            frozen = freeze_weights(aten_gm, list(params_flat) + self.dynamo_inputs, weight_inputs, dump)
         marks.append(time.perf_counter())
         records = run_passes(aten_gm, build_pipeline(options), max_rounds=options.max_pass_rounds,
                              verify=options.verify, dump=dump)
@@ -172,6 +173,8 @@ class InferenceCompiler:
             records += codegen_records
         else:
             runner = with_kernel_autotuning(make_boxed_func(aten_gm.forward), options.autotune)
+        if frozen:
+            runner = FrozenWeightsCheck(runner, frozen, unfrozen, options.strict)
         marks.append(time.perf_counter())
         seconds = marks[-1] - start
         if dump is not None:
@@ -187,7 +190,7 @@ class InferenceCompiler:
                                   "codegen": marks[3] - marks[2] - precompile, "kernel precompile": precompile,
                                   "of which dump writing": dump_writing},
                 "num_inputs": len(fake_inputs),
-                "num_frozen": num_frozen,
+                "num_frozen": len(frozen),
                 "num_sdpa_kept_whole": self.num_sdpa,
                 "ops_aten": ops_aten,
                 "ops_final": count_ops(aten_gm),

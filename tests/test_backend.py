@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -357,6 +358,33 @@ def test_freeze_results_match_and_weights_become_constants(tmp_path):
     assert report["num_frozen"] == 4
     final = next((tmp_path / "graph_000").glob("*.final.py")).read_text()
     assert "_frozen_param" in final or "_folded" in final
+
+
+def test_frozen_graph_reused_by_another_instance_computes_with_that_instance(tmp_path):
+    # Dynamo guards an inlined module's weights on their shapes, not their identity: a second MLP
+    # reuses the graph compiled (and frozen) for the first. It used to return the first MLP's
+    # result; now it runs unoptimized with a warning, or raises under strict
+    torch.manual_seed(0)
+    first, second = MLP().eval(), MLP().eval()
+    x = torch.randn(4, 8)
+    options = {"freeze": True, "dump_dir": str(tmp_path)}
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.testing.assert_close(torch.compile(first, backend="fusecc", options=options)(x), first(x))
+        assert fusecc_warnings(caught) == []
+        torch.testing.assert_close(torch.compile(second, backend="fusecc", options=options)(x), second(x))
+        assert len(reports(tmp_path)) == 1  # one graph: the second call reused it
+        (message,) = fusecc_warnings(caught)
+        assert "compiled with freeze=True for other weights" in message
+        # the first instance still runs the frozen graph, without a warning
+        torch.testing.assert_close(torch.compile(first, backend="fusecc", options=options)(x), first(x))
+        assert len(fusecc_warnings(caught)) == 1
+    torch._dynamo.reset()
+    strict = {"freeze": True, "strict": True}
+    with torch.no_grad():
+        torch.compile(first, backend="fusecc", options=strict)(x)
+        with pytest.raises(RuntimeError, match="compiled with freeze=True for other weights"):
+            torch.compile(second, backend="fusecc", options=strict)(x)
 
 
 def test_without_freeze_weight_changes_are_seen():
