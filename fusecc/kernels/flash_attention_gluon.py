@@ -34,6 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from fusecc.kernels.attention_tile import attn_bounds
 from fusecc.kernels.flash_attention_tma import tma_prefill_eligible
 
 GLUON_HEAD_DIMS = (128,)
@@ -173,7 +174,7 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empt
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
     out = acc / gl.expand_dims(gl.where(l_o == 0.0, 1.0, l_o), 1)
     # Q's slot is free once its last QK^T retired: the output tile goes out through it
-    q_tile.reshape([ROWS, HEAD_DIM]).store(out.to(o_desc.dtype))
+    q.store(out.to(o_desc.dtype))
     fence_async_shared()
     tma.async_copy_shared_to_global(o_desc, [b, h, row0, 0], q_tile)
     tma.store_wait(0)
@@ -193,19 +194,11 @@ def _flash_attention_gluon_kernel(q_desc, k_desc, v_desc, o_desc, group, seq_q, 
     b = gl.program_id(2)
     kvh = h // group
     start_m = pid_m * (2 * ROWS)
-    # the CTA's key tiles (attention_tile.attn_bounds with BLOCK_M = 2 * ROWS), in tiles
-    full_k = seq_k // BLOCK_N
-    if CAUSAL:
-        shift = seq_k - seq_q
-        first_row_sees = gl.maximum(start_m + shift + 1, 0)
-        full_blocks = gl.minimum(first_row_sees // BLOCK_N, full_k)
-        end = gl.maximum(gl.minimum(start_m + 2 * ROWS + shift, seq_k), 0)
-    else:
-        shift = 0
-        full_blocks = full_k
-        end = seq_k
+    # the CTA's key range, as every fusecc kernel splits it (unmasked, then masked), in tiles
+    full_end, end = attn_bounds(start_m, seq_q, seq_k, 2 * ROWS, BLOCK_N, CAUSAL)
+    shift = seq_k - seq_q
+    full_blocks = full_end // BLOCK_N
     n_blocks = (end + BLOCK_N - 1) // BLOCK_N
-    full_blocks = gl.minimum(full_blocks, n_blocks)
 
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, ROWS, HEAD_DIM], q_desc.layout)
