@@ -16,9 +16,9 @@ import tempfile
 import pytest
 import torch
 
-from fusecc.kernels import flash_attention
 from fusecc.kernels import flash_attention_gluon, flash_attention_tma
 from fusecc.kernels.reference import attention_reference
+from tests.kernels.prefill_launches import poisoned_run, record_launches
 
 HOPPER_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100 / H200
 
@@ -26,29 +26,11 @@ HOPPER_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H
 @pytest.fixture
 def gluon_launches(monkeypatch):
     """Count launches of the Gluon kernel. On CPU the device is taken for sm_90 and the launch is
-    recorded, not run (the output is zero-filled so callers can still read it)."""
-    calls = []
-    flash_module = sys.modules["fusecc.kernels.flash_attention"]  # the package exports the function
-    real = flash_module.launch_gluon_prefill
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
+    recorded, not run (Gluon has no interpreter; the output is zero-filled)."""
+    if not torch.cuda.is_available():
         monkeypatch.setattr(flash_attention_gluon, "device_is_hopper", lambda device: True)
         monkeypatch.setattr(flash_attention_tma, "device_has_tma", lambda device: True)
-
-    def counted(q, k, v, out, causal, qk_scale):
-        calls.append((tuple(q.shape), causal))
-        if on_gpu:
-            return real(q, k, v, out, causal, qk_scale)
-        out.zero_()
-
-    monkeypatch.setattr(flash_module, "launch_gluon_prefill", counted)
-    return calls
-
-
-def _poisoned_run(q, k, v, causal, **kwargs):
-    out = torch.full_like(q, float("nan"))
-    flash_attention(q, k, v, causal=causal, out=out, **kwargs)
-    return out
+    return record_launches(monkeypatch, "launch_gluon_prefill", run_on_cpu=False)
 
 
 def test_only_unmasked_half_precision_head_dim_128_reaches_the_kernel(gluon_launches):
@@ -56,18 +38,18 @@ def test_only_unmasked_half_precision_head_dim_128_reaches_the_kernel(gluon_laun
     if device == "cuda" and not flash_attention_gluon.device_is_hopper(torch.device("cuda")):
         pytest.skip("the Gluon kernel is for sm_90")
     h = torch.randn(1, 2, 20, 128, dtype=torch.float16, device=device)
-    _poisoned_run(h, h, h, causal=True)
+    poisoned_run(h, h, h, causal=True)
     assert gluon_launches == [((1, 2, 20, 128), True)]
     gluon_launches.clear()
     # head_dim 64, fp32, a mask, a misaligned row stride, no keys: the other kernels' business
-    _poisoned_run(h[..., :64].contiguous(), h[..., :64].contiguous(), h[..., :64].contiguous(), causal=False)
+    poisoned_run(h[..., :64].contiguous(), h[..., :64].contiguous(), h[..., :64].contiguous(), causal=False)
     f = h.float()
-    _poisoned_run(f, f, f, causal=False)
-    _poisoned_run(h, h, h, causal=False, attn_mask=torch.ones(20, 20, dtype=torch.bool, device=device))
+    poisoned_run(f, f, f, causal=False)
+    poisoned_run(h, h, h, causal=False, attn_mask=torch.ones(20, 20, dtype=torch.bool, device=device))
     odd = torch.randn(1, 2, 20, 129, dtype=torch.float16, device=device)[..., :128]
-    _poisoned_run(odd, odd, odd, causal=False)
+    poisoned_run(odd, odd, odd, causal=False)
     empty = h[:, :, :0]
-    assert torch.equal(_poisoned_run(h, empty, empty, causal=False), torch.zeros_like(h))
+    assert torch.equal(poisoned_run(h, empty, empty, causal=False), torch.zeros_like(h))
     assert gluon_launches == []
 
 
@@ -136,7 +118,7 @@ def test_gpu_matches_reference(gluon_launches, B, Hq, Hkv, Sq, Sk, causal, dtype
     else:
         q = torch.randn(B, Hq, Sq, 128, dtype=dtype, device="cuda")
         k, v = (torch.randn(B, Hkv, Sk, 128, dtype=dtype, device="cuda") for _ in range(2))
-    out = _poisoned_run(q, k, v, causal)
+    out = poisoned_run(q, k, v, causal)
     assert len(gluon_launches) == 1
     ref = attention_reference(q.float(), k.float(), v.float(), causal=causal)
     assert not out.isnan().any()

@@ -5,14 +5,12 @@ yes; each test checks the descriptor kernel really ran (or, for ineligible calls
 Outputs are NaN-poisoned, so rows the descriptor store drops wrongly fail the check.
 """
 
-import sys
-
 import pytest
 import torch
 
-from fusecc.kernels import flash_attention
 from fusecc.kernels import flash_attention_gluon, flash_attention_tma
 from fusecc.kernels.reference import attention_reference
+from tests.kernels.prefill_launches import poisoned_run, record_launches
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -20,24 +18,9 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 @pytest.fixture
 def tma_launches(monkeypatch):
     """Pretend the device has TMA (CPU only) and count descriptor-kernel launches."""
-    calls = []
-    flash_module = sys.modules["fusecc.kernels.flash_attention"]  # the package exports the function
-    real = flash_module.launch_tma_prefill
     if not torch.cuda.is_available():
         monkeypatch.setattr(flash_attention_tma, "device_has_tma", lambda device: True)
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(flash_module, "launch_tma_prefill", counted)
-    return calls
-
-
-def _run(q, k, v, causal, **kwargs):
-    out = torch.full_like(q, float("nan"))
-    flash_attention(q, k, v, causal=causal, out=out, **kwargs)
-    return out
+    return record_launches(monkeypatch, "launch_tma_prefill", run_on_cpu=True)
 
 
 # (B, Hq, Hkv, Sq, Sk, causal, dtype); head_dim 64 (the descriptor kernel's dims are 64 and 128)
@@ -57,7 +40,7 @@ def test_descriptor_kernel_matches_reference(tma_launches, B, Hq, Hkv, Sq, Sk, c
     q = torch.randn(B, Hq, Sq, 64, dtype=dtype, device=device)
     k = torch.randn(B, Hkv, Sk, 64, dtype=dtype, device=device)
     v = torch.randn(B, Hkv, Sk, 64, dtype=dtype, device=device)
-    out = _run(q, k, v, causal)
+    out = poisoned_run(q, k, v, causal)
     assert len(tma_launches) == 1
     ref = attention_reference(q.double(), k.double(), v.double(), causal=causal)
     assert not out.isnan().any()
@@ -74,7 +57,7 @@ def test_hf_transposed_views_use_descriptors(tma_launches):
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
     if torch.cuda.is_available():
         q, k, v = q.cuda(), k.cuda(), v.cuda()
-    out = _run(q, k, v, causal=True, scale=0.2)
+    out = poisoned_run(q, k, v, causal=True, scale=0.2)
     assert len(tma_launches) == 1
     ref = attention_reference(q.double(), k.double(), v.double(), causal=True, scale=0.2)
     torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=2e-3)
@@ -85,19 +68,19 @@ def test_ineligible_calls_take_the_pointer_kernel(tma_launches):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q = torch.randn(1, 2, 20, 64, device=device)
     # fp32, an odd head dim, a mask, a misaligned row stride: none may reach the descriptor kernel
-    _run(q, q, q, causal=True)
+    poisoned_run(q, q, q, causal=True)
     h = torch.randn(1, 2, 20, 80, dtype=torch.float16, device=device)
-    _run(h, h, h, causal=True)
+    poisoned_run(h, h, h, causal=True)
     h = q.half()
-    _run(h, h, h, causal=False, attn_mask=torch.ones(20, 20, dtype=torch.bool, device=device))
+    poisoned_run(h, h, h, causal=False, attn_mask=torch.ones(20, 20, dtype=torch.bool, device=device))
     odd = torch.randn(1, 2, 20, 65, dtype=torch.float16, device=device)[..., :64]  # row stride 65 * 2 bytes
-    out = _run(odd, odd, odd, causal=False)
+    out = poisoned_run(odd, odd, odd, causal=False)
     # no keys (a descriptor cannot have an empty dimension), and K/V expanded over heads (stride 0)
     h = torch.randn(1, 2, 20, 64, dtype=torch.float16, device=device)
     empty = h[:, :, :0]
-    assert torch.equal(_run(h, empty, empty, causal=False), torch.zeros_like(h))
+    assert torch.equal(poisoned_run(h, empty, empty, causal=False), torch.zeros_like(h))
     kv = torch.randn(1, 1, 20, 64, dtype=torch.float16, device=device).expand(1, 2, 20, 64)
-    torch.testing.assert_close(_run(h, kv, kv, causal=True).double(),
+    torch.testing.assert_close(poisoned_run(h, kv, kv, causal=True).double(),
                                attention_reference(h.double(), kv.double(), kv.double(), causal=True),
                                atol=2e-3, rtol=2e-3)
     assert tma_launches == []
@@ -117,7 +100,7 @@ def test_gpu_bf16_hf_layout(tma_launches, monkeypatch, D, causal, Sq, Sk):
     q = torch.randn(2, Sq, 32, D, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
     k = torch.randn(2, Sk, 8, D, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
     v = torch.randn(2, Sk, 8, D, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
-    out = _run(q, k, v, causal)
+    out = poisoned_run(q, k, v, causal)
     assert len(tma_launches) == (1 if torch.cuda.get_device_capability()[0] >= 9 else 0)
     ref = attention_reference(q.float(), k.float(), v.float(), causal=causal)
     assert not out.isnan().any()
