@@ -157,7 +157,7 @@ def bench_config(shape: str, batch: int, bandwidth: float, cache_len: int = PROM
             result[f"{name}_rel_err_vs_eager"] = ((first - eager_first).norm() / eager_first.norm()).item()
             if name == "fusecc":
                 reports = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(dump_dir, "*", "report.json")))]
-                decode_reports = [r for r in reports if "kernel_launches" in r]
+                decode_reports = [r["codegen"] for r in reports if "kernel_launches" in r.get("codegen", {})]
                 if decode_reports:
                     last = decode_reports[-1]
                     result["fusecc_kernel_launches_per_step"] = last["kernel_launches"]

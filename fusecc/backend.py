@@ -1,47 +1,62 @@
-"""The torch.compile entry point: capture -> passes -> (codegen) -> callable.
+"""The torch.compile entry point: capture -> passes -> codegen -> callable.
 
 Registered under the `torch_dynamo_backends` entry-point group, so
 
     torch.compile(model, backend="fusecc", mode=..., options={...})
 
 works without importing fusecc first. See config.py for the options.
+
+AOTAutograd hands `InferenceCompiler` the ATen inference graph, which runs three stages in one
+direction, each timing itself: freeze (weights -> constants, with `freeze`), optimize (the pass
+pipeline, fusecc/passes/), lower (fusion + Triton kernels + wrapper, or the ATen graph as it
+is; fusecc/codegen/). Every stage writes to the graph's dump, which does nothing when dumping is off.
 """
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-from torch._functorch.aot_autograd import make_boxed_func
+from torch._dynamo.exc import ShortenTraceback
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
-from fusecc.codegen import lower, wants_triton, with_kernel_autotuning
 from fusecc.capture import capture_aten, keep_sdpa_whole
+from fusecc.codegen.lower import lower
 from fusecc.config import FuseccOptions
-from fusecc.debug.dump import GraphDump
+from fusecc.debug.dump import GraphDump, NoDump
+from fusecc.debug.report import CompileReport
 from fusecc.freeze import FrozenWeightsCheck, freeze_weights, is_weight_input, unfrozen_copy
+from fusecc.graph.op_counts import count_ops, op_histogram
 from fusecc.passes import build_pipeline, run_passes
-from fusecc.passes.pipeline import count_ops, op_histogram
+from fusecc.passes.pipeline import PassRecord
+from fusecc.triton_support import has_triton_driver
+
+
+class FuseccOptionError(ShortenTraceback, TypeError, ValueError):
+    """A mistake in how the backend was asked for (an unknown or badly typed option). Dynamo
+    wraps a backend's exceptions in BackendCompilerFailed under a line of its own, but passes a
+    ShortenTraceback through as it is: so the user's error is this one line, first. It is also a
+    TypeError and a ValueError, as the checks that found it raise."""
+
+    def __init__(self, message: str):
+        super().__init__(message, first_useful_frame=None)
 
 
 def fusecc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
-    mode = kwargs.pop("mode", None)
-    options_arg = kwargs.pop("options", None)
-    if kwargs:
-        raise TypeError(f"fusecc backend got unexpected arguments {sorted(kwargs)}; use options={{...}}")
-    options = FuseccOptions.from_sources(mode=mode, options=options_arg)
-    build_pipeline(options)  # a bad disable_passes is the caller's error, not a compile failure to fall back from
-    _check_codegen_device(options, example_inputs)
+    try:
+        options = _options(kwargs, example_inputs)
+    except (TypeError, ValueError) as exc:
+        # a bad option is the caller's error, not a compile failure to fall back from
+        raise FuseccOptionError(str(exc)) from None
 
     start = time.perf_counter()
     dump = GraphDump.create(options.dump_dir)
-    if dump is not None:
-        dump.write_graph("dynamo", gm)
+    dump.write_graph("dynamo", gm)
 
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
         warnings.warn(
@@ -49,9 +64,8 @@ def fusecc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> C
             "requires grad), so it runs unoptimized. Wrap the call in torch.no_grad() or torch.inference_mode().",
             stacklevel=2,
         )
-        if dump is not None:
-            dump.note("needs autograd (grad mode on, an input requires grad): runs unoptimized")
-            _write_unoptimized_report(dump, gm, example_inputs, options, start)
+        dump.note("needs autograd (grad mode on, an input requires grad): runs unoptimized", kind="fallback")
+        _write_unoptimized_report(dump, gm, example_inputs, options, start)
         return gm.forward
 
     weight_flags = [
@@ -67,60 +81,47 @@ def fusecc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> C
             # Not a failure: Dynamo asks to re-trace the frame (e.g. to specialize a float
             # scalar) and will call us again with a new graph. Swallowing it would run the
             # graph eagerly for good.
-            if dump is not None:
-                dump.discard()
+            dump.discard()
             raise
         if options.strict:
             raise
         warnings.warn(f"fusecc failed to compile a graph and runs it unoptimized instead: "
                       f"{type(exc).__name__}: {exc}", stacklevel=2)
-        if dump is not None:
-            dump.note(f"compilation failed, graph runs eagerly: {type(exc).__name__}: {exc}")
-            dump.write_text("error.txt", f"{type(exc).__name__}: {exc}\n")
-            _write_unoptimized_report(dump, gm, example_inputs, options, start)
+        dump.note(f"compilation failed, graph runs eagerly: {type(exc).__name__}: {exc}", kind="fallback")
+        dump.write_text("error.txt", f"{type(exc).__name__}: {exc}\n")
+        _write_unoptimized_report(dump, gm, example_inputs, options, start)
         return gm.forward
+
+
+def _options(kwargs: dict, example_inputs: list) -> FuseccOptions:
+    mode = kwargs.pop("mode", None)
+    options_arg = kwargs.pop("options", None)
+    if kwargs:
+        raise TypeError(f"fusecc backend got unexpected arguments {sorted(kwargs)}; use options={{...}}")
+    options = FuseccOptions.from_sources(mode=mode, options=options_arg)
+    build_pipeline(options)  # checks disable_passes
+    _check_codegen_device(options, example_inputs)
+    return options
 
 
 def _check_codegen_device(options: FuseccOptions, example_inputs: list) -> None:
     # Triton reaches CPU tensors only through its interpreter, which must be on before kernels are
     # defined; otherwise the first call fails deep inside Triton ("0 active drivers")
     cpu = any(isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dim() > 0 for x in example_inputs)
-    if options.codegen == "triton" and cpu and not _triton_has_a_driver():
+    if options.codegen == "triton" and cpu and not has_triton_driver():
         raise ValueError("fusecc: option codegen='triton' on CPU tensors needs Triton's interpreter "
                          "(TRITON_INTERPRET=1 set before fusecc is imported); on CPU use codegen='auto' or 'aten'")
 
 
-def _triton_has_a_driver() -> bool:
-    """The interpreter, a GPU, or a stand-in driver that only compiles (tests/kernels/hopper_compile_check.py)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True
-    try:
-        from triton.runtime import driver
-
-        driver.active.get_current_target()
-        return True
-    except Exception:  # "0 active drivers": no GPU and no interpreter
-        return False
-
-
-def _write_unoptimized_report(dump, gm: fx.GraphModule, example_inputs: list, options: FuseccOptions,
+def _write_unoptimized_report(dump: NoDump, gm: fx.GraphModule, example_inputs: list, options: FuseccOptions,
                               start: float) -> None:
     """The report of a graph that runs as Dynamo captured it, so that `fusecc dump` lists it too."""
-    hist = op_histogram(gm)
-    dump.write_report({
-        "graph": dump.folder.name,
-        "status": "unoptimized",
-        "compile_seconds": time.perf_counter() - start,
-        "num_inputs": len(example_inputs),
-        "num_frozen": 0,
-        "num_sdpa_kept_whole": 0,
-        "ops_aten": "-",
-        "ops_final": count_ops(gm),
-        "options": _options_summary(options),
-        "passes": [],
-        "op_histogram_aten": {},
-        "op_histogram_final": dict(hist),
-    })
+    if not dump.enabled:
+        return
+    dump.write_report(CompileReport(
+        graph=dump.folder.name, status="unoptimized", compile_seconds=time.perf_counter() - start,
+        num_inputs=len(example_inputs), options=_options_summary(options), ops_aten="-", ops_final=count_ops(gm),
+        op_histogram_final=dict(op_histogram(gm))))
 
 
 def _is_dynamo_control_flow(exc: BaseException) -> bool:
@@ -129,10 +130,25 @@ def _is_dynamo_control_flow(exc: BaseException) -> bool:
     return isinstance(exc, (dynamo_exc.RestartAnalysis, dynamo_exc.ShortenTraceback))
 
 
+@dataclass
+class _Compilation:
+    """What the stages of one graph's compilation hand each other."""
+    gm: fx.GraphModule
+    fake_inputs: list
+    weight_inputs: list[bool]                 # per ATen input: a parameter/buffer (freezable)
+    params_flat: list                         # parameters AOTAutograd prepended to the inputs
+    frozen: dict = field(default_factory=dict)  # input position -> the tensor frozen there
+    unfrozen: fx.GraphModule | None = None    # the graph before freezing (FrozenWeightsCheck's fallback)
+    records: list[PassRecord] = field(default_factory=list)
+    runner: Callable | None = None
+    codegen_summary: dict = field(default_factory=dict)
+
+
 class InferenceCompiler:
     """Called by AOTAutograd with the ATen inference graph; returns what runs it."""
 
-    def __init__(self, options: FuseccOptions, dump, dynamo_inputs: list, weight_flags: list, num_sdpa: int):
+    def __init__(self, options: FuseccOptions, dump: NoDump, dynamo_inputs: list, weight_flags: list,
+                 num_sdpa: int):
         self.options = options
         self.dump = dump
         self.dynamo_inputs = dynamo_inputs
@@ -145,65 +161,55 @@ class InferenceCompiler:
             return self._compile(aten_gm, fake_inputs)
 
     def _compile(self, aten_gm: fx.GraphModule, fake_inputs: list) -> Callable:
-        start = time.perf_counter()
-        options, dump = self.options, self.dump
+        start, dump_seconds_before = time.perf_counter(), self.dump.seconds
         # Passes call gm.recompile() after each change; regenerating the Python code of a graph of
         # thousands of nodes is ~0.1 s each time. A lazy graph module regenerates it only when
         # something reads the code or runs forward (the dump, the ATen runner), once.
         aten_gm = _LazyGraphModule.from_graphmodule(aten_gm)
-        dump_seconds_before = dump.seconds if dump is not None else 0.0
-        if dump is not None:
-            dump.write_graph("aten", aten_gm)
+        self.dump.write_graph("aten", aten_gm)
         ops_aten, hist_aten = count_ops(aten_gm), op_histogram(aten_gm)
-        frozen = {}
         params_flat = _aot_params_flat()
         weight_inputs = [True] * len(params_flat) + self.weight_flags
         if len(weight_inputs) != len(fake_inputs):
             weight_inputs = [False] * len(fake_inputs)  # cannot map inputs: treat none as weights
-        marks = [time.perf_counter()]
-        if options.freeze:
-            unfrozen = unfrozen_copy(aten_gm)
-            frozen = freeze_weights(aten_gm, list(params_flat) + self.dynamo_inputs, weight_inputs, dump)
-        marks.append(time.perf_counter())
-        records = run_passes(aten_gm, build_pipeline(options), max_rounds=options.max_pass_rounds,
-                             verify=options.verify, dump=dump)
-        marks.append(time.perf_counter())
-        if wants_triton(options, fake_inputs):
-            runner, codegen_records = lower(aten_gm, options, dump, fake_inputs, weight_inputs)
-            records += codegen_records
-        else:
-            runner = with_kernel_autotuning(make_boxed_func(aten_gm.forward), options.autotune)
-        if frozen:
-            runner = FrozenWeightsCheck(runner, frozen, unfrozen, options.strict)
-        marks.append(time.perf_counter())
-        seconds = marks[-1] - start
-        if dump is not None:
-            precompile = dump.facts.get("precompile_seconds", 0.0)
-            dump_writing = dump.seconds - dump_seconds_before
-            dump.write_graph("final", aten_gm)
-            dump.write_report({
-                "graph": dump.folder.name,
-                "status": "compiled",
-                "compile_seconds": seconds,
-                # where it went, in ms in report.md; every phase includes writing its part of the dump
-                "phase_seconds": {"freeze": marks[1] - marks[0], "passes": marks[2] - marks[1],
-                                  "codegen": marks[3] - marks[2] - precompile, "kernel precompile": precompile,
-                                  "of which dump writing": dump_writing},
-                "num_inputs": len(fake_inputs),
-                "num_frozen": len(frozen),
-                "num_sdpa_kept_whole": self.num_sdpa,
-                "ops_aten": ops_aten,
-                "ops_final": count_ops(aten_gm),
-                "options": _options_summary(options),
-                "passes": [
-                    {"name": r.name, "round": r.round, "seconds": r.seconds, "ops_before": r.ops_before,
-                     "ops_after": r.ops_after, "modified": r.modified, "stats": dict(r.stats)}
-                    for r in records
-                ],
-                "op_histogram_aten": dict(hist_aten),
-                "op_histogram_final": dict(op_histogram(aten_gm)),
-            })
+        c = _Compilation(aten_gm, fake_inputs, weight_inputs, params_flat)
+        phase_seconds: dict[str, float] = {}
+        for stage in (self._freeze, self._optimize, self._lower):
+            phase_seconds.update(stage(c))
+        runner = FrozenWeightsCheck(c.runner, c.frozen, c.unfrozen, self.options.strict) if c.frozen else c.runner
+        seconds = time.perf_counter() - start
+        if self.dump.enabled:
+            phase_seconds["of which dump writing"] = self.dump.seconds - dump_seconds_before
+            self.dump.write_graph("final", aten_gm)
+            self.dump.write_report(CompileReport(
+                graph=self.dump.folder.name, status="compiled", compile_seconds=seconds,
+                phase_seconds=phase_seconds, num_inputs=len(fake_inputs), num_frozen=len(c.frozen),
+                num_sdpa_kept_whole=self.num_sdpa, ops_aten=ops_aten, ops_final=count_ops(aten_gm),
+                options=_options_summary(self.options), passes=[r.to_json() for r in c.records],
+                op_histogram_aten=dict(hist_aten), op_histogram_final=dict(op_histogram(aten_gm)),
+                codegen=c.codegen_summary))
         return runner
+
+    # --- the stages: each updates the compilation and returns its own timings ---
+
+    def _freeze(self, c: _Compilation) -> dict[str, float]:
+        start = time.perf_counter()
+        if self.options.freeze:
+            c.unfrozen = unfrozen_copy(c.gm)
+            c.frozen = freeze_weights(c.gm, list(c.params_flat) + self.dynamo_inputs, c.weight_inputs, self.dump)
+        return {"freeze": time.perf_counter() - start}
+
+    def _optimize(self, c: _Compilation) -> dict[str, float]:
+        start = time.perf_counter()
+        c.records += run_passes(c.gm, build_pipeline(self.options), max_rounds=self.options.max_pass_rounds,
+                                verify=self.options.verify, dump=self.dump)
+        return {"passes": time.perf_counter() - start}
+
+    def _lower(self, c: _Compilation) -> dict[str, float]:
+        lowered = lower(c.gm, self.options, self.dump, c.fake_inputs, c.weight_inputs)
+        c.runner, c.codegen_summary = lowered.runner, lowered.summary
+        c.records += lowered.records
+        return lowered.seconds
 
 
 def _aot_params_flat() -> list:

@@ -11,7 +11,9 @@ Every field below is also an environment variable: `FUSECC_<FIELD NAME IN CAPITA
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -22,6 +24,10 @@ _MODE_FLAGS: dict[str, dict[str, bool]] = {
     "max-autotune": {"cudagraphs": True, "autotune": True},
     "max-autotune-no-cudagraphs": {"autotune": True},
 }
+# FUSECC_* variables that are not backend options: the runtime's kernel cache, the server's API
+# key, and test hooks. Any other FUSECC_* name is a typo of an option and gets a warning.
+OTHER_ENVIRONMENT_VARIABLES = ("FUSECC_CACHE_DIR", "FUSECC_API_KEY", "FUSECC_FAKE_TOKEN_DELAY",
+                               "FUSECC_UPDATE_GOLDEN")
 
 
 @dataclass
@@ -81,6 +87,7 @@ class FuseccOptions:
     ) -> "FuseccOptions":
         environ = os.environ if environ is None else environ
         known = {f.name: f for f in _user_fields()}
+        _warn_unknown_variables(environ, known)
         values: dict[str, Any] = {}
         for f in known.values():
             env_name = "FUSECC_" + f.name.upper()
@@ -91,9 +98,8 @@ class FuseccOptions:
         explicit: dict[str, Any] = {}
         for name, value in (options or {}).items():
             if name not in known:
-                raise ValueError(
-                    f"fusecc: unknown option {name!r}; known options: {', '.join(sorted(known))}"
-                )
+                raise ValueError(f"fusecc: unknown option {name!r}{_did_you_mean(str(name), known)}; "
+                                 f"known options: {', '.join(sorted(known))}")
             explicit[name] = _coerce(known[name], value, source=f"options[{name!r}]")
         # torch.compile(mode=...) or options={"mode": ...} or FUSECC_MODE, in that order. A mode
         # implies flags (reduce-overhead -> cudagraphs), overriding the environment; a flag given
@@ -105,6 +111,22 @@ class FuseccOptions:
         values.update(_MODE_FLAGS[mode])
         values.update({k: v for k, v in explicit.items() if k != "mode"})
         return cls(**values)
+
+
+def _did_you_mean(name: str, candidates) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _warn_unknown_variables(environ: Mapping[str, str], known: dict) -> None:
+    option_variables = {"FUSECC_" + name.upper() for name in known}
+    for variable in environ:
+        if variable.startswith("FUSECC_") and variable not in option_variables \
+                and variable not in OTHER_ENVIRONMENT_VARIABLES:
+            # the warnings module shows each distinct message once per call site
+            warnings.warn(f"fusecc: environment variable {variable} is not a fusecc option and is ignored"
+                          f"{_did_you_mean(variable, option_variables | set(OTHER_ENVIRONMENT_VARIABLES))}",
+                          stacklevel=3)
 
 
 def _user_fields() -> list[dataclasses.Field]:
@@ -132,13 +154,16 @@ def _parse(f: dataclasses.Field, text: str, source: str) -> Any:
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    """options= values are Python values and must have the option's type: only environment
+    variables are parsed from text. So {"freeze": 1}, {"freeze": "1"} and {"freeze": "banana"} are
+    all refused alike, with the same error, rather than some read as booleans."""
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if isinstance(value, str) and kind != "str":
-        return _parse(f, value, source)
     if kind == "bool" and not isinstance(value, bool):
-        raise TypeError(f"fusecc: {source} must be a bool, got {type(value).__name__}")
+        raise TypeError(f"fusecc: {source} must be True or False, got {value!r} ({type(value).__name__})")
     if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-        raise TypeError(f"fusecc: {source} must be an int, got {type(value).__name__}")
+        raise TypeError(f"fusecc: {source} must be an int, got {value!r} ({type(value).__name__})")
+    if kind.startswith("tuple") and isinstance(value, str):
+        return _parse(f, value, source)  # "cse,dce", as in the environment variable
     if kind == "str":
         if isinstance(value, os.PathLike):
             return os.fspath(value)

@@ -15,8 +15,9 @@ import torch
 import torch.fx as fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
-from fusecc.passes.constants import insert_constant_node
-from fusecc.passes.node_kinds import is_mutated
+from fusecc.debug.dump import NoDump
+from fusecc.graph.constants import insert_constant_node
+from fusecc.graph.node_kinds import is_mutated
 
 
 def is_weight_input(dynamo_node: fx.Node, example) -> bool:
@@ -29,14 +30,13 @@ def is_weight_input(dynamo_node: fx.Node, example) -> bool:
 
 
 def freeze_weights(aten_gm: fx.GraphModule, flat_inputs: list, is_weight: list[bool],
-                   dump=None) -> dict[int, torch.Tensor]:
+                   dump: NoDump = NoDump()) -> dict[int, torch.Tensor]:
     """Turn unmutated weight placeholders of `aten_gm` into constants; returns {input position:
     the tensor frozen there} (FrozenWeightsCheck's argument)."""
     placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(flat_inputs):
-        if dump is not None:
-            dump.note(f"freeze skipped: ATen graph has {len(placeholders)} inputs but "
-                      f"{len(flat_inputs)} were passed (deduplicated or synthetic inputs)")
+        dump.note(f"freeze skipped: ATen graph has {len(placeholders)} inputs but "
+                  f"{len(flat_inputs)} were passed (deduplicated or synthetic inputs)", kind="freeze")
         return {}
     frozen: dict[int, torch.Tensor] = {}
     first_op = next((n for n in aten_gm.graph.nodes if n.op != "placeholder"), None)
@@ -44,8 +44,7 @@ def freeze_weights(aten_gm: fx.GraphModule, flat_inputs: list, is_weight: list[b
         if not weight or not isinstance(value, torch.Tensor) or type(value) not in (torch.Tensor, torch.nn.Parameter):
             continue
         if is_mutated(node):
-            if dump is not None:
-                dump.note(f"not frozen: {node.name} is mutated by the graph")
+            dump.note(f"not frozen: {node.name} is mutated by the graph", kind="freeze")
             continue
         constant = insert_constant_node(aten_gm, "_frozen_param", value.detach(), node.meta["val"], before=first_op)
         node.replace_all_uses_with(constant)

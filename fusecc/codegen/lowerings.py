@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 
 from fusecc.codegen.index_math import CodegenUnsupported
+from fusecc.graph.op_counts import op_name
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -328,7 +329,7 @@ def classify(node: fx.Node) -> Classification:
         return Classification("none")
     target = node.target
     val = node.meta.get("val")
-    name = _op_name(target)
+    name = op_name(target)
     if not isinstance(val, torch.Tensor):
         return Classification("none", "produces no tensor")
     if val.dtype not in COMPUTE_DTYPE or val.device.type not in ("cuda", "cpu"):
@@ -417,6 +418,3 @@ def _classify_reduction(node: fx.Node, name: str) -> Classification:
         return Classification("fallback", f"{name}: integer reduction")
     return Classification("reduction")
 
-
-def _op_name(target) -> str:
-    return str(getattr(target, "_overloadpacket", getattr(target, "__name__", target)))

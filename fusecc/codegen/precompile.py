@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fusecc.triton_support import interpreting
+
 
 class StandInTensor:
     """What Triton's argument binder reads from a tensor: its dtype and its address (for the
@@ -55,7 +57,7 @@ class KernelLaunch:
 
 def precompile(launches: list[KernelLaunch], max_workers: int | None = None) -> int:
     """Compile the distinct kernels of `launches` in parallel; returns how many were submitted."""
-    if not launches or os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+    if not launches or interpreting() or not torch.cuda.is_available():
         return 0
     try:
         from triton.runtime import _async_compile  # private: absent in some Triton version, no harm

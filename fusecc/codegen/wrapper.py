@@ -6,12 +6,15 @@ allocator hands its memory to the next allocation of that size.
         arg0_1, arg1_1, s0 = args
         args.clear()
         buf0 = empty_strided((s0, 64), (64, 1), dtype=torch.float32, device=device(type='cuda', index=0))
-        fused_reduction_3f2a[((s0 + 3) // 4,)](arg0_1, _frozen_param0, buf0, s0, s0, XBLOCK=4, RBLOCK=64, num_warps=2)
+        kernel_0[((s0 + 3) // 4,)](arg0_1, _frozen_param0, buf0, s0, s0, XBLOCK=4, RBLOCK=64, num_warps=2)
         view = aten_view_default(buf0, [s0, 64])
         mm = aten_mm_default(view, _frozen_param1); del view
         ...
         return (mm,)
 
+A kernel is called by its fusion group's name (`kernel_0`), the name the fusion notes and the
+dump's `kernels/kernel_0.py` use; the Triton function behind it is named after its structure
+(`fused_reduction_3f2a...`), so groups of the same structure share one compiled kernel.
 Groups the kernel writer cannot handle run as their FX submodule (ATen ops), never wrongly;
 the reason goes to the dump.
 """
@@ -33,14 +36,14 @@ from fusecc.codegen.index_math import CodegenUnsupported, sym
 from fusecc.codegen.kernel_cache import default_cache_dir, kernel_cache
 from fusecc.codegen.kernel_writer import KernelSource, KernelWriter
 from fusecc.codegen.precompile import KernelLaunch, precompile, stand_in
-from fusecc.passes.node_kinds import is_view
+from fusecc.graph.node_kinds import is_view
 
 
 @dataclass
 class CompiledWrapper:
     call: Callable
     source: str
-    kernels: dict[str, KernelSource] = field(default_factory=dict)
+    kernels: dict[str, KernelSource] = field(default_factory=dict)  # group name (kernel_N) -> source
     fallbacks: dict[str, str] = field(default_factory=dict)   # submodule -> why it runs as ATen
     launches_per_call: int = 0
     extern_calls_per_call: int = 0
@@ -197,7 +200,7 @@ class _WrapperWriter:
         self.kernels[node.target] = ks
         for name, val in zip(outputs, node.meta["val"]):
             self._alloc(name, val)
-        kernel_name = ks.name  # unique: derived from the kernel's structural hash
+        kernel_name = node.target  # the group's name: the same in the fusion notes and kernels/
         self.globals[kernel_name] = fn
         tensor_inputs = [a for a in node.args if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
         call_args = [self.var_of[a] for a in tensor_inputs] + outputs + size_args + [numel]
@@ -210,7 +213,7 @@ class _WrapperWriter:
         if self.check_kernels:
             module = self._global(f"{node.target}_aten", sub)
             inputs = ", ".join(self._render(a) for a in node.args)
-            self.lines.append(f"check_kernel({ks.name!r}, {module}, [{inputs}], [{', '.join(outputs)}])")
+            self.lines.append(f"check_kernel({kernel_name!r}, {module}, [{inputs}], [{', '.join(outputs)}])")
         for user in node.users:
             self.var_of[user] = user.name
 
@@ -324,7 +327,7 @@ class _WrapperWriter:
         precompiled, precompile_start = 0, time.perf_counter()
         if _is_cuda_graph(placeholders):
             precompiled = precompile(self.launch_examples)
-        return CompiledWrapper(call=call, source=_documented(source, self.globals), kernels=self.kernels,
+        return CompiledWrapper(call=call, source=_documented(source, self.kernels), kernels=self.kernels,
                                fallbacks=self.fallbacks, launches_per_call=self.launches,
                                extern_calls_per_call=self.externs, precompiled=precompiled,
                                precompile_seconds=time.perf_counter() - precompile_start)
@@ -374,7 +377,6 @@ def _identifier(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text)
 
 
-def _documented(source: str, globals_: dict) -> str:
-    kernels = sorted(name for name in globals_ if name.startswith("fused_"))
-    listing = "".join(f"#   {name}: kernels/{name}.py\n" for name in kernels)
+def _documented(source: str, kernels: dict[str, KernelSource]) -> str:
+    listing = "".join(f"#   {name}: kernels/{name}.py (Triton {ks.name})\n" for name, ks in kernels.items())
     return "# fusecc generated wrapper\n" + (f"# kernels:\n{listing}" if kernels else "") + source

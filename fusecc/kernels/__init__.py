@@ -4,8 +4,8 @@
 importing this package.
 """
 
+from fusecc.kernels.attention_routing import flash_attention
 from fusecc.kernels.cache_write import write_kv_cache
-from fusecc.kernels.flash_attention import flash_attention
 from fusecc.kernels.paged_attention import paged_attention
 from fusecc.kernels.paged_prefill_attention import paged_prefill_attention
 from fusecc.kernels.varlen_attention import varlen_attention

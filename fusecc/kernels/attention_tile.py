@@ -35,6 +35,8 @@ from typing import Optional
 import triton
 import triton.language as tl
 
+from fusecc.triton_support import interpreting
+
 
 @triton.jit
 def _load_rows(ptrs, rows_ok, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -217,11 +219,6 @@ def attn_normalize(acc, l_i):
 # ---- host-side helpers shared by the attention wrappers ----
 
 LOG2E = 1.4426950408889634
-
-def interpreting() -> bool:
-    """Triton's interpreter (CPU tensors) cannot autotune over several configs: callers use one."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
 
 # Set by compiled graphs around each call (their `autotune` option, on with mode="max-autotune");
 # None outside them, where FUSECC_AUTOTUNE decides.

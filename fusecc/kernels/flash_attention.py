@@ -1,4 +1,4 @@
-"""Dense (prefill) attention: tiled online softmax in SDPA layout.
+"""Dense (prefill) attention, the pointer kernel: tiled online softmax in SDPA layout.
 
     q:   [batch, q_heads,  seq_q, head_dim]
     k,v: [batch, kv_heads, seq_k, head_dim]     q_heads % kv_heads == 0 (GQA/MQA, no repeat)
@@ -15,23 +15,16 @@ Any strides are accepted (HF's transposed views run without a copy); a last-dim 
 what makes the loads wide.
 
 One program owns BLOCK_M query rows of one (batch, head); the key loop lives in attention_tile.py.
-On Hopper, unmasked fp16/bf16 calls with head_dim 64/128 and aligned strides run the same loop with
-TMA descriptor loads (flash_attention_tma.py), or, at head_dim 128 on sm_90, a warp-specialized
-Gluon kernel with FA3's ping-pong schedule (flash_attention_gluon.py). A single query row (seq_q == 1, a static-cache
-decode step) goes to dense_decode_attention.py instead.
+Which kernel runs a call (this one, the TMA or Gluon variants on Hopper, or split-KV decode for
+one query row) is decided in attention_routing.py, which also checks the arguments.
 """
-
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.attention_tile import (LOG2E, attn_rows, check_head_dim, first_prefill_config, head_dim_pad,
-                                           launch_tuned, prefill_configs, prune_prefill_configs, softmax_scale)
-from fusecc.kernels.dense_decode_attention import dense_decode_attention
-from fusecc.kernels.flash_attention_gluon import gluon_prefill_eligible, launch_gluon_prefill
-from fusecc.kernels.flash_attention_tma import launch_tma_prefill, tma_prefill_eligible
+from fusecc.kernels.attention_tile import (LOG2E, attn_rows, first_prefill_config, head_dim_pad, launch_tuned,
+                                           prefill_configs, prune_prefill_configs)
 
 
 @triton.autotune(configs=prefill_configs(), key=["HEAD_DIM_PAD", "CAUSAL", "MASK_KIND", "SEQ_BUCKET"],
@@ -76,48 +69,11 @@ def _flash_attention_kernel(
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=io_mask)
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                    scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
-                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """softmax(q kᵀ · scale [+ causal mask] [+ attn_mask]) v for q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D]
-    -> [B, Hq, Sq, D].
-
-    `scale` defaults to 1/sqrt(D). `attn_mask` broadcasts to [B, Hq, Sq, Sk]: bool keeps where True,
-    a float mask is added to the scaled logits. `out` (optional, [B, Hq, Sq, D]) is written in place
-    and returned.
-    """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"flash_attention expects 4-d [batch, heads, seq, head_dim] tensors, got "
-                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+def launch_pointer_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                           mask: torch.Tensor, mask_kind: int, causal: bool, qk_scale: float) -> None:
+    """Checked arguments (attention_routing.flash_attention); `qk_scale` includes log2(e)."""
     B, Hq, Sq, D = q.shape
-    Bk, Hkv, Sk, Dk = k.shape
-    if k.shape != v.shape or Bk != B or Dk != D:
-        raise ValueError(f"flash_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
-                         f"[{B}, kv_heads, seq_k, {D}] to match q {tuple(q.shape)}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"flash_attention: q heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"flash_attention: q/k/v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
-    check_head_dim(D)
-    if out is None:
-        out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
-    elif out.shape != (B, Hq, Sq, D) or out.dtype != q.dtype:
-        raise ValueError(f"flash_attention: out must be {(B, Hq, Sq, D)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
-    mask, mask_kind = _mask_view(attn_mask, (B, Hq, Sq, Sk), q)
-    if out.numel() == 0:
-        return out
-    scale = softmax_scale(scale, D)
-    if Sq == 1:
-        # a decode step (static KV cache): split-KV over the keys instead of one mostly empty
-        # query tile per head; causal is moot (the one query sees every key)
-        return dense_decode_attention(q, k, v, out, scale * LOG2E, mask, mask_kind)
-
-    if gluon_prefill_eligible(q, k, v, out, mask_kind):
-        launch_gluon_prefill(q, k, v, out, causal, scale * LOG2E)
-        return out
-    if tma_prefill_eligible(q, k, v, out, mask_kind):
-        launch_tma_prefill(q, k, v, out, causal, scale * LOG2E)
-        return out
+    Hkv, Sk = k.shape[1], k.shape[2]
 
     def grid(meta):
         return (triton.cdiv(Sq, meta["BLOCK_M"]), Hq, B)
@@ -125,29 +81,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     d_pad = head_dim_pad(D)
     launch_tuned(_flash_attention_kernel, grid, (
         q, k, v, out, mask, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask.stride(),
-        Hq // Hkv, Sq, Sk, scale * LOG2E,
+        Hq // Hkv, Sq, Sk, qk_scale,
         triton.next_power_of_2(max(Sq, Sk, 1)),
     ), dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, CAUSAL=bool(causal), MASK_KIND=mask_kind),
         first_prefill_config(d_pad))
-    return out
-
-
-def _mask_view(attn_mask: Optional[torch.Tensor], shape: tuple, q: torch.Tensor):
-    """(tensor the kernel reads, MASK_KIND). The mask becomes a [B, Hq, Sq, Sk] *view* (expand:
-    stride 0 on broadcast dims, nothing copied); bool is reinterpreted as uint8 (same bytes)."""
-    if attn_mask is None:
-        return q.new_empty((1, 1, 1, 1)), 0
-    if attn_mask.device != q.device:
-        raise ValueError(f"flash_attention: attn_mask is on {attn_mask.device}, q on {q.device}")
-    if attn_mask.dtype == torch.bool:
-        kind = 1
-    elif attn_mask.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        kind = 2
-    else:
-        raise ValueError(f"flash_attention: attn_mask must be bool or fp16/bf16/fp32, got {attn_mask.dtype}")
-    try:
-        mask = attn_mask.expand(shape)
-    except RuntimeError:
-        raise ValueError(f"flash_attention: attn_mask {tuple(attn_mask.shape)} does not broadcast to "
-                         f"[batch, q_heads, seq_q, seq_k] = {list(shape)}") from None
-    return (mask.view(torch.uint8) if kind == 1 else mask), kind

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.attention_tile import attn_normalize, attn_span, interpreting
+from fusecc.kernels.attention_tile import attn_normalize, attn_span
+from fusecc.triton_support import interpreting
 
 # keep a split at least this many keys long: shorter ones cost more in the merge than they save.
 # Short splits matter at small batch·context, where a program's serial chain of dependent loads

@@ -23,9 +23,10 @@ import sympy
 import torch
 import torch.fx as fx
 
+from fusecc.graph.constants import constant_value
+from fusecc.graph.node_kinds import cast_dtype
 from fusecc.passes.base import GraphPass, PassResult
-from fusecc.passes.constants import constant_value
-from fusecc.passes.rewrite_engine import NewNode, Rule, apply_rules
+from fusecc.passes.rewrite_engine import NewNode, Rule, apply_rules, simplified_expr
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -73,26 +74,7 @@ def _val(node):
 
 
 def _is_cast(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and _cast_dtype(node) is not None
-
-
-def _cast_dtype(node: fx.Node):
-    """The target dtype if `node` is a pure dtype conversion (same device, layout, format)."""
-    if node.target is prims.convert_element_type.default:
-        return node.args[1]
-    if node.target is aten._to_copy.default:
-        extra = {k: v for k, v in node.kwargs.items() if k != "dtype"}
-        src = _val(node.args[0])
-        if src is None or "dtype" not in node.kwargs:
-            return None
-        if extra.get("device") not in (None, src.device) or extra.get("layout") not in (None, torch.strided):
-            return None
-        if extra.get("memory_format") not in (None, torch.preserve_format):
-            return None
-        if extra.get("non_blocking") or extra.get("pin_memory"):
-            return None
-        return node.kwargs["dtype"]
-    return None
+    return isinstance(node, fx.Node) and node.op == "call_function" and cast_dtype(node) is not None
 
 
 def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
@@ -192,20 +174,20 @@ def double_negation(node):
 
 
 def cast_to_same_dtype(node):
-    dtype = _cast_dtype(node)
+    dtype = cast_dtype(node)
     src = _val(node.args[0])
     return node.args[0] if dtype is not None and src is not None and src.dtype == dtype else None
 
 
 def lossless_cast_chain(node):
     """cast(cast(x, B), C) -> cast(x, C) when x's dtype -> B loses nothing."""
-    dtype = _cast_dtype(node)
+    dtype = cast_dtype(node)
     inner = node.args[0]
     if dtype is None or not _is_cast(inner):
         return None
     x = inner.args[0]
     src = _val(x)
-    if src is None or not _widens(src.dtype, _cast_dtype(inner)):
+    if src is None or not _widens(src.dtype, cast_dtype(inner)):
         return None
     if src.dtype == dtype:
         return x
@@ -327,10 +309,7 @@ def symbolic_expression(node):
     val = node.meta.get("val")
     if not isinstance(val, torch.SymInt):
         return None
-    expr = val.node.expr
-    shape_env = val.node.shape_env
-    if shape_env is not None:
-        expr = shape_env.simplify(expr)
+    expr = simplified_expr(val)
     if isinstance(expr, sympy.Integer):
         return int(expr)
     # An earlier node already holding the same symbol: an input (s0) first, else e.g. a sym_size.
@@ -339,16 +318,11 @@ def symbolic_expression(node):
         if other is node:
             break
         other_val = other.meta.get("val")
-        if isinstance(other_val, torch.SymInt) and _simplified(other_val) == expr:
+        if isinstance(other_val, torch.SymInt) and simplified_expr(other_val) == expr:
             if other.op == "placeholder":
                 return other
             earlier = earlier or other
     return earlier
-
-
-def _simplified(val: torch.SymInt):
-    shape_env = val.node.shape_env
-    return shape_env.simplify(val.node.expr) if shape_env is not None else val.node.expr
 
 
 _SYMBOLIC_TARGETS = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod,
@@ -385,10 +359,12 @@ class AlgebraicSimplification(GraphPass):
 
     def __init__(self, rules: list[Rule] | None = None):
         self.rules = RULES if rules is None else rules
+        # (rule, node name) -> why refused, over the fixed-point rounds of one compilation
+        self.refused: dict[tuple[str, str], str] = {}
 
     def run(self, gm: fx.GraphModule) -> PassResult:
-        stats = apply_rules(gm, self.rules)
+        stats, refusals = apply_rules(gm, self.rules, self.refused)
         modified = any(key.startswith("rule:") for key in stats)
         if modified:
             gm.recompile()  # nodes left dead by a rewrite are removed by the next DCE
-        return PassResult(gm, modified, stats)
+        return PassResult(gm, modified, stats, refusals)

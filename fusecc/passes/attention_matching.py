@@ -50,8 +50,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import fusecc.ops  # noqa: F401  (registers torch.ops.fusecc.sdpa / flash_attention)
 from fusecc.passes.base import GraphPass, PassResult
-from fusecc.passes.constants import constant_value
-from fusecc.passes.node_kinds import alias_root, is_pure, may_write
+from fusecc.graph.constants import constant_value
+from fusecc.graph.node_kinds import alias_root, cast_dtype, is_pure, may_write
 from fusecc.passes.rewrite_engine import same_tensor_meta
 
 aten = torch.ops.aten
@@ -155,7 +155,7 @@ def _match_sdpa(node: fx.Node) -> _Match:
 def _softmax_feeds(bmm: fx.Node) -> bool:
     """Cheap pre-filter: the first bmm operand is (a reshape/cast of) a softmax-shaped div."""
     node = _strip(bmm.args[0])[-1]
-    while _cast_dtype(node) is not None:
+    while cast_dtype(node) is not None:
         node = node.args[0]
     return _is(node, aten.div.Tensor)
 
@@ -207,7 +207,7 @@ def _match_eager(gm: fx.GraphModule, bmm2: fx.Node) -> _Match:
     _check_dtypes(qv, kv, vv)
     # the kernel rounds the probabilities once, to v's dtype (from fp32): a cast on the way to a
     # narrower dtype (a bf16 round trip in an fp32 model) is rounding it would not do
-    if any(_cast_dtype(c) not in (vv.dtype, torch.float32) for c in prob_casts):
+    if any(cast_dtype(c) not in (vv.dtype, torch.float32) for c in prob_casts):
         raise NoMatch("eager_probabilities_rounded")
     if mask is not None:
         if isinstance(mask, fx.Node) and _tensor(mask).dtype == torch.bool:
@@ -240,7 +240,7 @@ def _softmax_input(p: fx.Node):
     """p = [casts](div(exp(x - amax(x, -1)), sum(exp, -1))) -> (casts of the probabilities,
     casts of the logits, softmax nodes, x in the logits' dtype)."""
     prob_casts = []
-    while _cast_dtype(p) in _DTYPES:  # the probabilities cast to the dtype of v (the kernel does)
+    while cast_dtype(p) in _DTYPES:  # the probabilities cast to the dtype of v (the kernel does)
         prob_casts.append(p)
         p = p.args[0]
     casts = []
@@ -258,7 +258,7 @@ def _softmax_input(p: fx.Node):
     if amax.args[0] is not x or not _last_dim_keepdim(amax):
         raise NoMatch("eager_no_softmax")
     nodes = [p, e, s, sub, amax]
-    while _cast_dtype(x) == torch.float32 and _tensor(x.args[0]).dtype in _DTYPES:
+    while cast_dtype(x) == torch.float32 and _tensor(x.args[0]).dtype in _DTYPES:
         # softmax computed in fp32 on fp16/bf16/fp32 logits: the kernel does so too. Any other
         # cast (to an integer, or narrowing to bf16) rounds the logits first: not the same math
         casts.append(x)
@@ -510,24 +510,8 @@ def _mask_values(gm: fx.GraphModule, node) -> Optional[_MaskValues]:
         if a is None or b is None:
             return None
         return _in_dtype(_MaskValues(max(a.max_abs, b.max_abs), a.medium or b.medium), out_dtype)
-    if _cast_dtype(node) is not None:
+    if cast_dtype(node) is not None:
         return _in_dtype(_mask_values(gm, node.args[0]), out_dtype)
-    return None
-
-
-def _cast_dtype(node) -> Optional[torch.dtype]:
-    if not isinstance(node, fx.Node) or node.op != "call_function":
-        return None
-    if node.target is prims.convert_element_type.default:
-        return node.args[1]
-    if node.target is aten._to_copy.default and "dtype" in node.kwargs and len(node.args) == 1:
-        kw = node.kwargs
-        src = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
-        if src is None or kw.get("device", src.device) != src.device or kw.get("layout", torch.strided) != torch.strided:
-            return None
-        if kw.get("memory_format") not in (None, torch.preserve_format) or kw.get("non_blocking") or kw.get("pin_memory"):
-            return None
-        return kw["dtype"]
     return None
 
 

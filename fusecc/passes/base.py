@@ -18,6 +18,8 @@ class PassResult:
     graph_module: fx.GraphModule
     modified: bool
     stats: Counter = field(default_factory=Counter)
+    # rewrites a pass found but refused as unsafe (rewrite_engine.Refusal), listed in the report
+    refusals: list = field(default_factory=list)
 
 
 class GraphPass:

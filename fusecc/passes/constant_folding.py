@@ -30,8 +30,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from fusecc.passes.base import GraphPass, PassResult
 from fusecc.passes.dce import DeadCodeElimination
-from fusecc.passes.constants import constant_value, insert_constant_node
-from fusecc.passes.node_kinds import feeds_output, is_pure, is_view
+from fusecc.graph.constants import constant_value, insert_constant_node
+from fusecc.graph.node_kinds import feeds_output, is_pure, is_view
 from fusecc.passes.rewrite_engine import same_tensor_meta
 
 

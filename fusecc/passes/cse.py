@@ -21,7 +21,8 @@ import torch
 import torch.fx as fx
 
 from fusecc.passes.base import GraphPass, PassResult
-from fusecc.passes.node_kinds import feeds_output, is_pure, may_write
+from fusecc.graph.node_kinds import feeds_output, is_pure, may_write
+from fusecc.graph.op_counts import op_name
 
 
 class CommonSubexpressionElimination(GraphPass):
@@ -55,7 +56,7 @@ class CommonSubexpressionElimination(GraphPass):
             node.replace_all_uses_with(twin)
             gm.graph.erase_node(node)
             stats["merged"] += 1
-            stats[f"merged:{_short_name(node.target)}"] += 1
+            stats[f"merged:{op_name(node.target)}"] += 1
         if stats:
             gm.recompile()
         return PassResult(gm, bool(stats), stats)
@@ -79,6 +80,3 @@ def _freeze(value):
     return (type(value).__name__, value)
 
 
-def _short_name(target) -> str:
-    name = getattr(target, "__name__", str(target))
-    return str(getattr(target, "_overloadpacket", name)).replace("aten.", "")

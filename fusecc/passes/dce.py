@@ -18,7 +18,7 @@ from collections import Counter
 import torch.fx as fx
 
 from fusecc.passes.base import GraphPass, PassResult
-from fusecc.passes.node_kinds import is_impure, is_random
+from fusecc.graph.node_kinds import is_impure, is_random
 
 
 class DeadCodeElimination(GraphPass):

@@ -34,9 +34,9 @@ import torch
 import torch.fx as fx
 
 from fusecc.passes.base import GraphPass, PassResult
-from fusecc.passes.constants import constant_value, insert_constant_node
+from fusecc.graph.constants import constant_value, insert_constant_node
 from fusecc.passes.dce import DeadCodeElimination
-from fusecc.passes.node_kinds import is_view
+from fusecc.graph.node_kinds import is_view
 
 aten = torch.ops.aten
 

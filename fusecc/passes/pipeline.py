@@ -6,10 +6,12 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch.fx as fx
 
+from fusecc.debug.dump import NoDump
+from fusecc.graph.op_counts import count_ops
 from fusecc.passes.base import GraphPass
 from fusecc.passes.verifier import OutputSignature, verify_graph
 
@@ -23,22 +25,12 @@ class PassRecord:
     ops_after: int
     modified: bool
     stats: Counter = field(default_factory=Counter)
+    refusals: list = field(default_factory=list)
 
-
-# Dynamo graphs (the ones a graph that runs unoptimized keeps) also call tensor methods and modules
-_OPS = ("call_function", "call_method", "call_module")
-
-
-def count_ops(gm: fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op in _OPS)
-
-
-def op_histogram(gm: fx.GraphModule) -> Counter:
-    hist: Counter = Counter()
-    for n in gm.graph.nodes:
-        if n.op in _OPS:
-            hist[str(getattr(n.target, "_overloadpacket", getattr(n.target, "__name__", n.target)))] += 1
-    return hist
+    def to_json(self) -> dict:
+        return {"name": self.name, "round": self.round, "seconds": self.seconds, "ops_before": self.ops_before,
+                "ops_after": self.ops_after, "modified": self.modified, "stats": dict(self.stats),
+                "refusals": [vars(r) for r in self.refusals]}
 
 
 def run_passes(
@@ -47,7 +39,7 @@ def run_passes(
     *,
     max_rounds: int = 4,
     verify: bool = True,
-    dump=None,
+    dump: NoDump = NoDump(),
 ) -> list[PassRecord]:
     """Run `passes` in order. Passes with `repeat_to_fixed_point` form rounds that repeat until
     a whole round changes nothing (at most `max_rounds`); the others run once, in place."""
@@ -79,8 +71,8 @@ def _run_one(gm, graph_pass: GraphPass, round_number: int, verify: bool, dump, r
     if verify:
         verify_graph(gm, before_sig, graph_pass.name)
     record = PassRecord(graph_pass.name, round_number, seconds, ops_before, count_ops(gm), result.modified,
-                        Counter(result.stats))
+                        Counter(result.stats), list(result.refusals))
     records.append(record)
-    if dump is not None and result.modified:
+    if result.modified:
         dump.write_graph(f"{graph_pass.name}" + (f".round{round_number}" if round_number else ""), gm)
     return result.modified

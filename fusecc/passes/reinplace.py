@@ -32,7 +32,8 @@ import torch
 import torch.fx as fx
 
 from fusecc.passes.base import GraphPass, PassResult
-from fusecc.passes.node_kinds import feeds_output, is_view, storage_users
+from fusecc.graph.node_kinds import feeds_output, is_view, storage_users
+from fusecc.graph.op_counts import op_name
 
 aten = torch.ops.aten
 
@@ -75,7 +76,7 @@ class Reinplace(GraphPass):
             src.replace_all_uses_with(dest, delete_user_cb=lambda user: user is not copy)
             gm.graph.erase_node(copy)
             gm.graph.erase_node(src)
-            stats[f"reinplaced:{_INPLACE[src.target]._overloadpacket.__name__}"] += 1
+            stats[f"reinplaced:{op_name(_INPLACE[src.target])}"] += 1
         for node in list(gm.graph.nodes):
             if node.target is _AUTO_FUNCTIONALIZED_V2:
                 stats[_reinplace_auto_functionalized(gm, node, order)] += 1
@@ -146,4 +147,4 @@ def _reinplace_auto_functionalized(gm: fx.GraphModule, node: fx.Node, order: dic
             getitem.replace_all_uses_with(new_values[getitem])
         gm.graph.erase_node(getitem)
     gm.graph.erase_node(node)
-    return f"reinplaced:{op._overloadpacket.__name__}"
+    return f"reinplaced:{op_name(op)}"

@@ -11,7 +11,9 @@ The engine, not each rule, enforces the safety conditions, so a sloppy rule cann
 - an existing-node replacement is refused if the node is a graph output (directly or through
   views) and the replacement aliases an input or constant, if any user mutates it, or if the
   replacement's storage is written anywhere in the graph (`clone(x)` -> `x` before `copy_(x, y)`).
-Refusals are counted as `refused:<rule>` so the report shows rules that matched but were unsafe.
+Refusals are counted as `refused:<rule>`, once per (rule, node) however many fixed-point rounds
+see the match again, and listed with the node and the reason, so the report shows rules that
+matched but were unsafe, and where.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.fx as fx
 
-from fusecc.passes.node_kinds import alias_root, feeds_output, is_impure, is_mutated, storage_users
+from fusecc.graph.node_kinds import alias_root, feeds_output, is_impure, is_mutated, storage_users
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,18 @@ class Rule:
     rewrite: Callable[[fx.Node], Replacement]
 
 
-def apply_rules(gm: fx.GraphModule, rules: Sequence[Rule]) -> Counter:
+def apply_rules(gm: fx.GraphModule, rules: Sequence[Rule],
+                refused: dict[tuple[str, str], str] | None = None) -> tuple[Counter, list[Refusal]]:
+    """Apply `rules` to every node once; returns (stats, refusals new in this call). `refused`
+    remembers (rule, node name) pairs across calls (fixed-point rounds), so that a refusal seen
+    again is neither counted nor listed again."""
+    refused = {} if refused is None else refused
     by_target: dict[Any, list[Rule]] = {}
     for rule in rules:
         for target in rule.targets:
             by_target.setdefault(target, []).append(rule)
     stats: Counter = Counter()
+    refusals: list[Refusal] = []
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in by_target or not node.users and not is_impure(node):
             continue
@@ -56,14 +64,28 @@ def apply_rules(gm: fx.GraphModule, rules: Sequence[Rule]) -> Counter:
             replacement = rule.rewrite(node)
             if replacement is None:
                 continue
-            if _replace(gm, node, replacement):
+            name = node.name
+            why = _replace(gm, node, replacement)
+            if why is None:
                 stats[f"rule:{rule.name}"] += 1
                 break
-            stats[f"refused:{rule.name}"] += 1
-    return stats
+            if (rule.name, name) not in refused:
+                refused[(rule.name, name)] = why
+                refusals.append(Refusal(rule.name, name, why))
+                stats[f"refused:{rule.name}"] += 1
+    return stats, refusals
 
 
-def _replace(gm: fx.GraphModule, node: fx.Node, replacement: Replacement) -> bool:
+@dataclass(frozen=True)
+class Refusal:
+    """A rule matched `node` but the engine refused its replacement as unsafe."""
+    rule: str
+    node: str
+    why: str
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, replacement: Replacement) -> str | None:
+    """Replace `node`; None when done, else why the replacement is unsafe."""
     val = node.meta.get("val")
     if isinstance(replacement, NewNode):
         with gm.graph.inserting_before(node):
@@ -71,37 +93,44 @@ def _replace(gm: fx.GraphModule, node: fx.Node, replacement: Replacement) -> boo
         new.meta.update(node.meta)
         try:
             new_val = replacement.target(*_fake_args(new.args), **_fake_args(new.kwargs))
-        except Exception:
+        except Exception as exc:
             gm.graph.erase_node(new)
-            return False
+            return f"the replacement fails on fake tensors ({type(exc).__name__})"
         if not same_tensor_meta(val, new_val):
             gm.graph.erase_node(new)
-            return False
+            return f"the replacement's {_meta_text(new_val)} differs from the node's {_meta_text(val)}"
         new.meta["val"] = new_val
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        return True
+        return None
     if isinstance(replacement, fx.Node):
         if not same_tensor_meta(val, replacement.meta.get("val")) and not _same_symbol(val, replacement):
-            return False
+            return (f"{replacement.name}'s {_meta_text(replacement.meta.get('val'))} differs from "
+                    f"the node's {_meta_text(val)}")
         if feeds_output(node) and alias_root(replacement).op in ("placeholder", "get_attr"):
-            return False
+            return f"the node is an output and {replacement.name} aliases an input or constant"
         if any(user.op == "call_function" and is_impure(user) for user in node.users):
-            return False
+            return "a user of the node mutates it"
         # `clone(x)` -> `x` is wrong if x is written anywhere (`copy_(x, y)`): the clone's users
         # would read the new value. (A view of x shares x's storage, so the write shows in both.)
         if alias_root(node) is not alias_root(replacement) and is_mutated(replacement):
-            return False
+            return f"{replacement.name}'s storage is written in the graph"
         if feeds_output(node) and any(user.op == "output" for user in storage_users(replacement)):
-            return False  # two outputs would share one storage (the other through any view of it)
+            return f"two outputs would share {replacement.name}'s storage"
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
-        return True
+        return None
     if isinstance(replacement, (int, float)) and isinstance(val, (torch.SymInt, torch.SymFloat)):
         node.replace_all_uses_with(replacement)  # type: ignore[arg-type]
         gm.graph.erase_node(node)
-        return True
-    return False
+        return None
+    return f"a {type(replacement).__name__} cannot replace a {type(val).__name__}"
+
+
+def _meta_text(val) -> str:
+    if isinstance(val, torch.Tensor):
+        return f"{str(val.dtype).replace('torch.', '')}{list(val.shape)} stride {list(val.stride())}"
+    return type(val).__name__
 
 
 def same_tensor_meta(a, b) -> bool:
@@ -121,11 +150,12 @@ def same_tensor_meta(a, b) -> bool:
 def _same_symbol(val, replacement: fx.Node) -> bool:
     other = replacement.meta.get("val")
     if isinstance(val, torch.SymInt) and isinstance(other, torch.SymInt):
-        return _simplify(val) == _simplify(other)
+        return simplified_expr(val) == simplified_expr(other)
     return False
 
 
-def _simplify(val: torch.SymInt):
+def simplified_expr(val: torch.SymInt):
+    """A SymInt's expression as its shape environment simplifies it (its guards applied)."""
     shape_env = val.node.shape_env
     return shape_env.simplify(val.node.expr) if shape_env is not None else val.node.expr
 

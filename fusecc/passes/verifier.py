@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from fusecc.passes.node_kinds import alias_root
+from fusecc.graph.node_kinds import alias_root
 
 
 class VerificationError(RuntimeError):

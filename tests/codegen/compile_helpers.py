@@ -12,7 +12,7 @@ import torch
 @dataclass
 class Compiled:
     outputs: object
-    kernels: dict[str, str]      # kernel name -> source
+    kernels: dict[str, str]      # Triton kernel name (structural) -> source; groups of one structure share one
     wrapper: str
     report: dict
     dump_dir: Path
@@ -30,8 +30,12 @@ def compile_and_run(fn, *args, tmp_path: Path, dynamic=False, options=None, **kw
 def read_dump(dump: Path, graph_index: int = -1):
     graphs = sorted(p for p in dump.iterdir() if (p / "report.json").exists())
     graph = graphs[graph_index]
-    kernels = {p.stem: p.read_text() for p in sorted((graph / "kernels").glob("*.py"))} \
-        if (graph / "kernels").exists() else {}
+    kernels = {}
+    for path in sorted((graph / "kernels").glob("*.py")) if (graph / "kernels").exists() else []:
+        # kernels/<group>.py starts "# <group>: Triton kernel <name>", then the source
+        header, source = path.read_text().split("\n", 1)
+        assert header.startswith(f"# {path.stem}: Triton kernel "), header
+        kernels[header.rsplit(" ", 1)[1]] = source
     wrapper = next(graph.glob("*.wrapper.py")).read_text()
     report = json.loads((graph / "report.json").read_text())
     return kernels, wrapper, report

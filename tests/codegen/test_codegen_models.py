@@ -35,9 +35,9 @@ def test_model_matches_eager_and_kernel_count_per_layer(family, tmp_path):
             with torch.no_grad():
                 torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
         kernels, wrapper, report = read_dump(dump, 0)
-        assert report["codegen_fallbacks"] == 0, report["notes"]
+        assert report["codegen"]["codegen_fallbacks"] == 0, report["notes"]
         assert kernels, "no generated kernels"
-        launches[layers] = report["kernel_launches"]
+        launches[layers] = report["codegen"]["kernel_launches"]
     assert launches[3] - launches[2] == KERNELS_PER_LAYER[family]
 
 
@@ -48,7 +48,7 @@ def test_identical_layers_share_kernels(tmp_path):
         compiled(torch.randint(0, 128, (1, 6)))
     kernels, wrapper, report = read_dump(dump)
     # 3 layers launch 7 kernels each, but identical layers produce identical source.
-    assert report["kernel_launches"] > 2 * len(kernels)
+    assert report["codegen"]["kernel_launches"] > 2 * len(kernels)
 
 
 def test_dynamic_sequence_length_reuses_the_compiled_graph(tmp_path):

@@ -60,7 +60,7 @@ def test_cache_writes_are_stores_of_the_kernels_computing_them(tmp_path):
     torch.manual_seed(0)
     model, reference = RopeCacheWrite(), RopeCacheWrite()
     kernels, wrapper, report = _run_steps(model, reference, tmp_path)
-    assert report["codegen_fallbacks"] == 0, report["notes"]
+    assert report["codegen"]["codegen_fallbacks"] == 0, report["notes"]
     assert "index_copy" not in wrapper, wrapper
     # Both kernels store into their cache argument (an input pointer), with the row loaded from pos
     # and bounds-checked, and neither materialises k or v in an output buffer.

@@ -18,7 +18,7 @@ def test_rmsnorm_is_one_reduction_kernel(tmp_path):
     x, w = torch.randn(3, 5, 48), torch.randn(48)
     got = compile_and_run(rms_norm, x, w, tmp_path=tmp_path)
     assert_close(got.outputs, rms_norm(x, w))
-    assert got.report["kernel_launches"] == 1 and got.report["extern_calls"] == 0
+    assert got.report["codegen"]["kernel_launches"] == 1 and got.report["codegen"]["extern_calls"] == 0
     (source,) = got.kernels.values()
     # x and the weight each loaded once (x's row is reused after the sum), one store.
     FileCheck().check("def fused_reduction_").check_count("tl.load(", 2, exactly=True).run(source)
@@ -33,7 +33,7 @@ def test_residual_add_and_rmsnorm_share_a_kernel_with_two_outputs(tmp_path):
     h, d, w = torch.randn(4, 32), torch.randn(4, 32), torch.randn(32)
     got = compile_and_run(block, h, d, w, tmp_path=tmp_path)
     assert_close(got.outputs, block(h, d, w))
-    assert got.report["kernel_launches"] == 1
+    assert got.report["codegen"]["kernel_launches"] == 1
     (source,) = got.kernels.values()
     FileCheck().check("tl.sum(").check_count("tl.store(", 2, exactly=True).run(source)
 
@@ -42,7 +42,7 @@ def test_softmax_is_one_kernel(tmp_path):
     x = torch.randn(6, 40)
     got = compile_and_run(lambda t: torch.softmax(t * 0.5, dim=-1), x, tmp_path=tmp_path)
     assert_close(got.outputs, torch.softmax(x * 0.5, dim=-1))
-    assert got.report["kernel_launches"] == 1
+    assert got.report["codegen"]["kernel_launches"] == 1
     FileCheck().check("tl.max(").check("tl.exp(").check("tl.sum(").run(next(iter(got.kernels.values())))
 
 
@@ -51,7 +51,7 @@ def test_layer_norm_is_one_kernel(tmp_path):
     fn = lambda t: F.layer_norm(t, (24,), w, b, 1e-5)  # noqa: E731
     got = compile_and_run(fn, x, tmp_path=tmp_path)
     assert_close(got.outputs, fn(x))
-    assert got.report["kernel_launches"] == 1
+    assert got.report["codegen"]["kernel_launches"] == 1
 
 
 def test_swiglu_is_one_pointwise_kernel(tmp_path):
@@ -59,7 +59,7 @@ def test_swiglu_is_one_pointwise_kernel(tmp_path):
     fn = lambda g, u: F.silu(g) * u  # noqa: E731
     got = compile_and_run(fn, gate, up, tmp_path=tmp_path)
     assert_close(got.outputs, fn(gate, up))
-    assert got.report["kernel_launches"] == 1
+    assert got.report["codegen"]["kernel_launches"] == 1
     FileCheck().check("def fused_pointwise_").check("tl.sigmoid(").check_count("tl.store(", 1, exactly=True) \
         .run(next(iter(got.kernels.values())))
 
@@ -79,7 +79,7 @@ def test_rope_with_cos_sin_reads_is_one_kernel(tmp_path):
 
     got = compile_and_run(rope, q, cos, sin, tmp_path=tmp_path)
     assert_close(got.outputs, rope(q, cos, sin))
-    assert got.report["kernel_launches"] == 1
+    assert got.report["codegen"]["kernel_launches"] == 1
     source = next(iter(got.kernels.values()))
     # cat is an index condition, not a copy: both halves are loaded under complementary masks.
     FileCheck().check("tl.where(").check_count("tl.store(", 1, exactly=True).run(source)
@@ -90,7 +90,7 @@ def test_views_are_index_math_not_copies(tmp_path):
     fn = lambda t: (t.permute(2, 0, 1) * 2.0).reshape(8, 24) + 1.0  # noqa: E731
     got = compile_and_run(fn, x, tmp_path=tmp_path)
     assert_close(got.outputs, fn(x))
-    assert got.report["kernel_launches"] == 1 and got.report["extern_calls"] == 0
+    assert got.report["codegen"]["kernel_launches"] == 1 and got.report["codegen"]["extern_calls"] == 0
 
 
 def test_nan_propagates_like_eager(tmp_path):
@@ -116,7 +116,7 @@ def test_op_without_lowering_runs_as_aten_and_the_dump_says_why(tmp_path):
     got = compile_and_run(fn, x, tmp_path=tmp_path)
     assert_close(got.outputs, fn(x))
     assert any("cumsum" in note and "no Triton lowering" in note for note in got.report["notes"])
-    assert got.report["kernel_launches"] == 2  # the mul before, the add after
+    assert got.report["codegen"]["kernel_launches"] == 2  # the mul before, the add after
 
 
 def test_group_the_writer_rejects_falls_back_to_aten(tmp_path, monkeypatch):
@@ -131,7 +131,7 @@ def test_group_the_writer_rejects_falls_back_to_aten(tmp_path, monkeypatch):
     fn = lambda t: torch.sigmoid(t) * t  # noqa: E731
     got = compile_and_run(fn, x, tmp_path=tmp_path)
     assert_close(got.outputs, fn(x))
-    assert got.report["kernel_launches"] == 0 and got.report["codegen_fallbacks"] == 1
+    assert got.report["codegen"]["kernel_launches"] == 0 and got.report["codegen"]["codegen_fallbacks"] == 1
     assert any("refused for this test" in note for note in got.report["notes"])
 
 
@@ -325,7 +325,7 @@ def test_cat_converts_pieces_to_the_promoted_dtype(tmp_path):
     a, b = torch.tensor([255, 1], dtype=torch.uint8), torch.tensor([-1, -128], dtype=torch.int8)
     got = compile_and_run(lambda a, b: torch.cat([a, b]) + 0, a, b, tmp_path=tmp_path)
     assert got.outputs.dtype == torch.int16 and got.outputs.tolist() == [255, 1, -1, -128]
-    assert got.report["kernel_launches"] == 1
+    assert got.report["codegen"]["kernel_launches"] == 1
 
 
 def test_neg_of_zero_is_negative_zero(tmp_path):
@@ -357,7 +357,7 @@ def test_expanded_output_of_a_reduction_kernel(tmp_path):
 def test_unsigned_bitwise_not(tmp_path):
     x = torch.tensor([0, 1, 200], dtype=torch.uint8)
     got = compile_and_run(lambda x: ~x + 0, x, tmp_path=tmp_path)
-    assert got.outputs.tolist() == [255, 254, 55] and got.report["kernel_launches"] == 1
+    assert got.outputs.tolist() == [255, 254, 55] and got.report["codegen"]["kernel_launches"] == 1
 
 
 @pytest.mark.parametrize("op", [torch.add, torch.sub])
@@ -365,7 +365,7 @@ def test_alpha_is_generated(tmp_path, op):
     x, y = torch.randn(6), torch.randn(6)
     got = compile_and_run(lambda x, y: op(x, y, alpha=2.5) * 2, x, y, tmp_path=tmp_path)
     assert_close(got.outputs, op(x, y, alpha=2.5) * 2)
-    assert got.report["kernel_launches"] == 1 and got.report["codegen_fallbacks"] == 0
+    assert got.report["codegen"]["kernel_launches"] == 1 and got.report["codegen"]["codegen_fallbacks"] == 0
 
 
 def test_zero_dim_and_one_element_operands_mix_with_block_masks(tmp_path):

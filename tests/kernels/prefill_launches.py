@@ -8,11 +8,11 @@ from fusecc.kernels import flash_attention
 
 
 def record_launches(monkeypatch, launcher: str, run_on_cpu: bool) -> list:
-    """Wrap fusecc.kernels.flash_attention.<launcher> (launch_tma_prefill, launch_gluon_prefill) so
+    """Wrap fusecc.kernels.attention_routing.<launcher> (launch_tma_prefill, launch_gluon_prefill) so
     each launch is recorded as (q shape, causal). On a GPU, and on CPU when `run_on_cpu` (the
     interpreter can run it), the kernel runs; otherwise the output is zero-filled instead."""
     calls = []
-    flash_module = sys.modules["fusecc.kernels.flash_attention"]  # the package exports the function
+    flash_module = sys.modules["fusecc.kernels.attention_routing"]  # the package exports the function
     real = getattr(flash_module, launcher)
     runs = torch.cuda.is_available() or run_on_cpu
 

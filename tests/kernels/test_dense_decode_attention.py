@@ -11,7 +11,7 @@ import torch
 from fusecc.kernels import flash_attention
 from fusecc.kernels.attention_tile import LOG2E
 from fusecc.kernels.dense_decode_attention import dense_decode_attention
-from fusecc.kernels.flash_attention import _mask_view
+from fusecc.kernels.attention_routing import _mask_view
 from fusecc.kernels.reference import attention_reference
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3}

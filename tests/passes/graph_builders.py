@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fusecc.decompositions import decomposition_table
-from fusecc.passes.constants import insert_constant_node
+from fusecc.graph.constants import insert_constant_node
 
 aten = torch.ops.aten
 

@@ -33,7 +33,7 @@ class TestCommonSubexpressionElimination(expecttest.TestCase):
     def test_merges_identical_pure_ops(self):
         x, y = torch.randn(4, 8), torch.randn(4, 8)
         result, text, gm = self.cse(lambda x, y: x * y + x * y, x, y)
-        self.assertEqual(dict(result.stats), {"merged": 1, "merged:mul": 1})
+        self.assertEqual(dict(result.stats), {"merged": 1, "merged:aten.mul": 1})
         self.assertEqual(op_counts(gm), {"aten.mul": 1, "aten.add": 1})
         self.assertExpectedInline(text, """\
 def forward(self, x_1, y_1):
@@ -60,7 +60,7 @@ def forward(self, x_1, y_1):
         fn = lambda x: (x.sum(1) + x.new_ones(x.shape[0])) * x.new_ones(x.shape[0])  # noqa: E731
         self.assertEqual(count(trace(fn, torch.randn(3, 2), symbolic=True), aten.new_ones.default), 2)
         result, text, gm = self.cse(fn, torch.randn(3, 2), symbolic=True)
-        self.assertEqual(dict(result.stats), {"merged": 1, "merged:new_ones": 1})
+        self.assertEqual(dict(result.stats), {"merged": 1, "merged:aten.new_ones": 1})
         self.assertEqual(count(gm, aten.new_ones.default), 1)
         x = torch.randn(5, 2)
         assert_identical(gm(x), fn(x))  # still dynamic
@@ -169,7 +169,7 @@ def forward(self, x_1):
         # Only one of the two is returned: sharing is invisible to the caller.
         x = torch.randn(3)
         result, text, gm = self.cse(lambda x: (x * 2, (x * 2).exp()), x)
-        self.assertEqual(dict(result.stats), {"merged": 1, "merged:mul": 1})
+        self.assertEqual(dict(result.stats), {"merged": 1, "merged:aten.mul": 1})
         self.assertExpectedInline(text, """\
 def forward(self, x_1):
     mul = torch.ops.aten.mul.Tensor(x_1, 2);  x_1 = None

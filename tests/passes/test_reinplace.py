@@ -31,7 +31,7 @@ def test_auto_functionalized_kv_write_becomes_the_inplace_op():
     expected = _write_then_attend(x, *ref_caches, slots, tables, lens)
     with torch.inference_mode():
         actual = torch.compile(_write_then_attend, backend=backend)(x, *caches, slots, tables, lens)
-    assert stats[0]["reinplaced:write_kv_cache"] == 1
+    assert stats[0]["reinplaced:fusecc.write_kv_cache"] == 1
     assert "auto_functionalized" not in codes[0] and "copy_" not in codes[0]
     assert "fusecc.write_kv_cache.default" in codes[0]
     torch.testing.assert_close(actual, expected)

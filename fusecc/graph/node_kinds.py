@@ -117,3 +117,21 @@ def is_mutated(node: fx.Node) -> bool:
     """True if the storage `node` lives in (its alias root, or any view of that root) is
     written by some op in the graph (conservatively: used by any call that may write)."""
     return any(may_write(user) for user in storage_users(node))
+
+
+def cast_dtype(node) -> "torch.dtype | None":
+    """The target dtype if `node` is a pure dtype conversion (`convert_element_type`, or a
+    `_to_copy` that keeps device, layout and memory format and neither pins nor is non-blocking)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if node.target is torch.ops.prims.convert_element_type.default:
+        return node.args[1]
+    if node.target is not aten._to_copy.default or "dtype" not in node.kwargs or len(node.args) != 1:
+        return None
+    kw = node.kwargs
+    src = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if src is None or kw.get("device", src.device) != src.device or kw.get("layout", torch.strided) != torch.strided:
+        return None
+    if kw.get("memory_format") not in (None, torch.preserve_format) or kw.get("non_blocking") or kw.get("pin_memory"):
+        return None
+    return kw["dtype"]

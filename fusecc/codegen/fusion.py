@@ -17,7 +17,8 @@ reduced size for reductions over the last dim, with pointwise prologues and epil
 merge creates no cycle in the dependency DAG. Views join the group of their input and are
 folded into index expressions; a view whose users are all outside the group runs as an ATen
 view. Matmuls, custom ops and ops without a lowering are boundaries. Every node left out of a
-group is reported with the reason (`reasons`) so the dump answers "why is this op not fused?".
+group is reported with the reason (`reasons`: node name -> (kind, why), kind "cycle" or "not fused")
+so the dump answers "why is this op not fused?".
 
 A KV-cache write `index_copy_(cache, dim, pos, k)` into a graph input joins the kernel computing
 `k` as its last op (the kernel stores straight into the cache rows), only where that cannot
@@ -48,11 +49,12 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from fusecc.codegen.index_math import product, shape_of
 from fusecc.codegen.lowerings import classify
+from fusecc.graph.node_kinds import alias_root, is_view, may_write, storage_users
 from fusecc.passes.base import GraphPass, PassResult
-from fusecc.passes.node_kinds import alias_root, is_view, may_write, storage_users
 
 _FUSIBLE = ("pointwise", "view", "cat", "reduction")
 _INDEX_COPY = torch.ops.aten.index_copy_.default
+_MATERIALISED_VIEW = "view of a materialised tensor: runs as an ATen view (no copy)"
 
 
 class _Group:
@@ -103,7 +105,7 @@ class Fusion(GraphPass):
 
     def __init__(self, min_nodes: int = 1):
         self.min_nodes = min_nodes
-        self.reasons: dict[str, str] = {}
+        self.reasons: dict[str, tuple[str, str]] = {}  # node name -> (kind, why it is not fused)
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
@@ -119,32 +121,35 @@ class Fusion(GraphPass):
                 if why is None:
                     stats["index_copy_fused"] += 1
                 else:
-                    self.reasons[node.name] = f"runs as ATen index_copy_: {why}"
+                    kind = "cycle" if "cycle" in why else "not fused"
+                    self.reasons[node.name] = (kind, f"runs as ATen index_copy_: {why}")
                     stats["not_fused:index_copy"] += 1
                 continue
             if c.kind not in _FUSIBLE:
                 if c.reason:
-                    self.reasons[node.name] = c.reason
+                    self.reasons[node.name] = ("not fused", c.reason)
                     stats[f"not_fused:{c.kind}"] += 1
                 continue
             producers = []
+            producer_input = {}  # id(group) -> the input of `node` it computes (named in the notes)
             for inp in node.all_input_nodes:
                 g = group_of.get(inp)
                 if g is not None and g not in producers:
                     if g.nodes[-1].target is _INDEX_COPY:
                         # the kernel ends with its cache write: an op joining it would run before
                         # the write is stored, though it came after it
-                        self.reasons.setdefault(node.name, f"its producer kernel ends with the cache write "
-                                                           f"{g.nodes[-1].name}: starts a new kernel")
+                        self.reasons.setdefault(node.name, ("not fused", f"its producer kernel ends with the cache "
+                                                                         f"write {g.nodes[-1].name}: starts a new kernel"))
                         stats["blocked:after_cache_write"] += 1
                         continue
                     producers.append(g)
+                    producer_input[id(g)] = inp
             if c.kind == "view":
                 if len(producers) == 1:
                     producers[0].nodes.append(node)
                     group_of[node] = producers[0]
                 else:
-                    self.reasons[node.name] = "view of a materialised tensor: runs as an ATen view (no copy)"
+                    self.reasons[node.name] = ("not fused", _MATERIALISED_VIEW)
                 continue
             group = _Group(node, _space(node, c.kind),
                            set() if c.kind == "reduction" else {_key(shape_of(node))})
@@ -157,13 +162,14 @@ class Fusion(GraphPass):
                     merged_space, inlined = group.space, True
                 if merged_space is None:
                     stats["blocked:iteration_space"] += 1
-                    self.reasons.setdefault(node.name, f"iteration space {group.space} differs from producer group "
-                                                       f"{producer.space}: starts a new kernel")
+                    self.reasons.setdefault(node.name, ("not fused", f"iteration space {group.space} differs from "
+                                                                     f"that of {producer_input[id(producer)].name}'s "
+                                                                     f"group {producer.space}: starts a new kernel"))
                     continue
                 candidate = producer.nodes + group.nodes
                 if _creates_cycle(candidate, order, after):
                     stats["blocked:cycle"] += 1
-                    self.reasons.setdefault(node.name, "fusing with its producer would create a cycle")
+                    self.reasons.setdefault(node.name, ("cycle", _cycle_reason(producer_input[id(producer)], producer)))
                     continue
                 producer.nodes = sorted(candidate, key=order.__getitem__)
                 producer.space = merged_space
@@ -178,7 +184,7 @@ class Fusion(GraphPass):
                 groups.append(g)
             else:
                 for n in g.nodes:
-                    self.reasons.setdefault(n.name, "view of a materialised tensor: runs as an ATen view (no copy)")
+                    self.reasons.setdefault(n.name, ("not fused", _MATERIALISED_VIEW))
         if not groups:
             return PassResult(gm, False, stats)
         groups.sort(key=lambda g: order[g.nodes[0]])
@@ -215,10 +221,18 @@ def _join_index_copy(node: fx.Node, group_of: dict, order: dict, after: dict) ->
         if first < order[accessor] < order[node]:
             return f"{accessor.name} touches the destination between the kernel's first op and the write"
     if _creates_cycle(group.nodes + [node], order, after):
-        return "fusing with its producer would create a cycle"
+        return _cycle_reason(src, group)
     group.nodes.append(node)
     group_of[node] = group
     return None
+
+
+def _cycle_reason(producer: fx.Node, group: _Group) -> str:
+    """Name the producer, and the path back, so the dump says which fusion was refused."""
+    first, last = group.nodes[0].name, group.nodes[-1].name
+    span = first if first == last else f"{first} .. {last}"
+    return (f"fusing with the group of its producer {producer.name} ({span}) would create a cycle: another path "
+            f"from that group to this node leaves the group (through another op, or an in-place write's order)")
 
 
 def _only_feeds(producer: _Group, group: _Group, node: fx.Node) -> bool:
@@ -238,7 +252,7 @@ def _drop_trailing_views(group: _Group, reasons: dict) -> None:
         for n in list(group.nodes):
             if classify(n).kind == "view" and not any(u in members for u in n.users):
                 group.nodes.remove(n)
-                reasons[n.name] = "view read only outside its group: runs as an ATen view (no copy)"
+                reasons[n.name] = ("not fused", "view read only outside its group: runs as an ATen view (no copy)")
                 changed = True
 
 
