@@ -75,6 +75,21 @@ def forward(self, x_1, w_1):
                                           torch.randn(3).half(), torch.ones(3), frozen=[1])
         self.assertEqual(result.stats["refused:mul_by_one"], 1)
 
+    def test_a_refusal_is_counted_once_per_node_and_says_where_and_why(self):
+        # The pass object lives through the pipeline's fixed-point rounds: a refusal seen again in
+        # round 2 must not count twice, and the refusal names the node and the reason.
+        gm = trace(lambda x, w: (x * w).relu(), torch.randn(3), torch.ones(2, 3))
+        freeze_input(gm, 1, torch.ones(2, 3))
+        simplification = AlgebraicSimplification()
+        first = simplification.run(gm)
+        second = simplification.run(gm)
+        self.assertEqual(first.stats["refused:mul_by_one"], 1)
+        self.assertEqual(second.stats["refused:mul_by_one"], 0)
+        (refusal,) = first.refusals
+        self.assertEqual((refusal.rule, refusal.node), ("mul_by_one", "mul"))
+        self.assertIn("differs from the node's float32[2, 3]", refusal.why)
+        self.assertEqual(second.refusals, [])
+
     def test_mul_by_one_not_for_bool(self):
         self.assert_not_fired(lambda x: (x * 1) + 1, torch.tensor([True, False]))  # bool * 1 is int64
 
