@@ -1,4 +1,5 @@
-"""The `fusecc` command: `fusecc demo`, `fusecc dump DIR`, `fusecc serve ...`, `fusecc bench serve ...`."""
+"""The `fusecc` command: `fusecc demo`, `fusecc dump DIR`, `fusecc generate [MODEL] --prompt TEXT`,
+`fusecc serve ...`, `fusecc bench serve ...`. A user's mistake is one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
