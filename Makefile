@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q "triton==3.6.0" "numpy<2.4" "transformers==5.17.0" -e ".[serve,test]"
 	touch $(STAMP)
 
+# `make demo DUMP_DIR=dumps` keeps the pass dumps there (else they go to a temp folder, removed at exit)
 demo: $(STAMP)
-	$(VENV)/bin/fusecc demo
+	$(VENV)/bin/fusecc demo $(if $(DUMP_DIR),--dump-dir $(DUMP_DIR))
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests

@@ -1,9 +1,16 @@
-"""The `fusecc` command: `fusecc demo`, `fusecc dump DIR`, `fusecc serve ...`, `fusecc bench serve ...`."""
+"""The `fusecc` command: `fusecc demo`, `fusecc dump DIR`, `fusecc generate [MODEL] --prompt TEXT`,
+`fusecc serve ...`, `fusecc bench serve ...`. A user's mistake is one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# What the engine raises for a checkpoint folder it cannot use (missing, no config.json, pickle
+# weights, an unsupported architecture, unreadable files): the user's mistake, reported in one line.
+# Anything else is a fusecc bug and keeps its traceback.
+_MODEL_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,38 +37,79 @@ def main(argv: list[str] | None = None) -> int:
     dump = sub.add_parser("dump", help="summarise a FUSECC_DUMP_DIR folder")
     dump.add_argument("dir", help="the dump folder (FUSECC_DUMP_DIR)")
 
-    gen = sub.add_parser("generate", help="generate text with the engine (default: the embedded tiny model)")
-    gen.add_argument("--model", default=None, help="a local Hugging Face checkpoint folder")
-    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
+    gen = sub.add_parser("generate", help="generate text with the engine (default: the embedded tiny model)",
+                         usage="%(prog)s [MODEL] --prompt TEXT [--max-tokens N] [--temperature T] [--enforce-eager]")
+    gen.add_argument("model_dir", nargs="?", default=None, metavar="MODEL",
+                     help="a local Hugging Face checkpoint folder (same as --model)")
+    gen.add_argument("--model", default=None, metavar="DIR", help="a local Hugging Face checkpoint folder")
+    gen.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                     help="a prompt (repeat for a batch)")
+    gen.add_argument("--max-tokens", type=int, default=64, metavar="N")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default) is greedy")
     gen.add_argument("--enforce-eager", action="store_true", help="skip torch.compile and CUDA graphs")
 
     args = parser.parse_args(argv)
     if args.command == "generate":
-        from fusecc import LLM, SamplingParams
-
-        llm = LLM(args.model, enforce_eager=args.enforce_eager)
-        params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
-        for out in llm.generate(args.prompt, params, use_tqdm=False):
-            c = out.outputs[0]
-            print(f"{out.prompt!r} -> {c.text!r}  ({len(c.token_ids)} tokens, {c.finish_reason})")
-        return 0
+        return _generate(gen, args)
     if args.command == "demo":
         from fusecc.demo import run_demo
 
+        if args.dump_dir is not None:
+            try:  # here, not deep inside torch.compile, where the error would come wrapped in Dynamo's
+                os.makedirs(args.dump_dir, exist_ok=True)
+            except OSError as exc:
+                why = "a file is in the way" if isinstance(exc, FileExistsError) else exc.strerror
+                return _user_error("demo", f"cannot use --dump-dir {args.dump_dir}: {why}")
         return run_demo(args.dump_dir)
     if args.command == "dump":
-        import os
-
         from fusecc.debug.dump import summarize_dump_dir
 
         if not os.path.isdir(args.dir):
-            print(f"fusecc dump: {args.dir} is not a folder", file=sys.stderr)
-            return 1
+            return _user_error("dump", f"{args.dir} is not a folder (give the FUSECC_DUMP_DIR of a run)")
         print(summarize_dump_dir(args.dir))
         return 0
     parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from fusecc import LLM, SamplingParams
+    from fusecc.demo import queue_requests, run_requests
+
+    if args.model_dir is not None and args.model is not None and args.model_dir != args.model:
+        parser.error(f"two models given: {args.model_dir} and --model {args.model}")
+    model = args.model_dir if args.model_dir is not None else args.model
+    # Checked before the model loads (seconds for a real checkpoint), with SamplingParams' own rules.
+    try:
+        params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    except ValueError as exc:
+        parser.error(str(exc).replace("SamplingParams.max_tokens", "argument --max-tokens:")
+                     .replace("SamplingParams.temperature", "argument --temperature:"))
+    try:
+        llm = LLM(model, enforce_eager=args.enforce_eager)
+    except _MODEL_ERRORS as exc:
+        if model is None:  # the embedded model failing to build is a fusecc bug, not a user mistake
+            raise
+        message = _one_line(exc)
+        return _user_error("generate", message if model in message else f"{model}: {message}")
+    try:
+        ids = queue_requests(llm.engine, args.prompt, params)
+    except ValueError as exc:  # a prompt the model cannot take (too long for max_model_len, ...)
+        return _user_error("generate", _one_line(exc))
+    for out in run_requests(llm.engine, ids, progress=sys.stderr.isatty()):
+        c = out.outputs[0]
+        print(f"{out.prompt!r} -> {c.text!r}  ({len(c.token_ids)} tokens, {c.finish_reason})")
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).splitlines())
+
+
+def _user_error(command: str, message: str) -> int:
+    """A mistake in the command line or its inputs: one line on stderr and exit code 2, as argparse
+    does for its own errors (a traceback would point at fusecc's code instead of the input)."""
+    print(f"fusecc {command}: error: {message}", file=sys.stderr)
     return 2
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
 import sys
@@ -28,9 +29,15 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
+from fusecc.serve.cli import _bounded
+
 _WORDS = ("the of and to in is was for on that with as by at from his her an which are this be had not it "
           "but were have one all they their when there been who more will about would after into than out "
           "model token cache block server stream batch kernel graph value").split()
+
+
+class BenchError(Exception):
+    """The benchmark cannot start (no server at the URL, a refused key, ...): one line for the user."""
 
 
 @dataclass
@@ -61,7 +68,8 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict, p
     try:
         async with client.stream("POST", url, json=body, headers=headers) as resp:
             if resp.status_code != 200:
-                r.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:200]}"
+                body = " ".join((await resp.aread()).decode(errors="replace").split())  # one line, even for HTML
+                r.error = f"HTTP {resp.status_code}: {body[:200]}"
                 return r
             async for line in resp.aiter_lines():
                 if not line.startswith("data: "):
@@ -93,6 +101,54 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict, p
     return r
 
 
+async def _check_server(client: httpx.AsyncClient, base: str, headers: dict, model: str | None,
+                        timeout: float) -> str:
+    """GET /v1/models once before the load: a server that is not there or refuses the key is one
+    BenchError naming the URL, instead of every request failing. Returns the model to ask for."""
+    url = f"{base}/v1/models"
+    try:
+        resp = await client.get(url, headers=headers, timeout=timeout)
+    except httpx.ConnectError as exc:
+        if _refused(exc):
+            raise BenchError(f"{base} refused the connection: is fusecc-serve running?") from None
+        raise BenchError(f"cannot connect to {base}: {exc}") from None
+    except httpx.TimeoutException:
+        raise BenchError(f"{url} did not answer within {timeout:g} s") from None
+    except httpx.HTTPError as exc:
+        raise BenchError(f"{url}: {type(exc).__name__}: {exc}") from None
+    answered = f"{base} answered {resp.status_code} {resp.reason_phrase}"
+    if resp.status_code in (401, 403):
+        hint = ("the API key was not accepted" if headers else "pass --api-key (or set FUSECC_API_KEY)")
+        raise BenchError(f"{answered}: {hint}")
+    if resp.status_code != 200:
+        if model is not None:  # a server without /v1/models: the completions themselves will tell
+            return model
+        raise BenchError(f"{answered} for GET /v1/models: is it an OpenAI-compatible server? "
+                         "(--model NAME skips this lookup)")
+    if model is not None:
+        return model
+    try:
+        return resp.json()["data"][0]["id"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise BenchError(f"{url} did not answer with a model list ({resp.text[:80]!r}); "
+                         "pass --model NAME") from None
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether ConnectionRefusedError is behind an httpx error (its causes, contexts and, for the
+    async client, the exception group of every address tried)."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ConnectionRefusedError):
+            return True
+        stack += [x for x in (e.__cause__, e.__context__, *getattr(e, "exceptions", ())) if x is not None]
+    return False
+
+
 def _summary(values: list[float], scale: float = 1e3) -> dict:
     if not values:
         return {"mean": None, "p50": None, "p95": None, "p99": None}
@@ -109,11 +165,7 @@ async def run_benchmark(args: argparse.Namespace) -> tuple[dict, list[RequestRes
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits) as client:
-        model = args.model
-        if model is None:
-            resp = await client.get(f"{base}/v1/models", headers=headers)
-            resp.raise_for_status()
-            model = resp.json()["data"][0]["id"]
+        model = await _check_server(client, base, headers, args.model, min(args.timeout, 60.0))
         url = f"{base}/v1/completions"
 
         def body(prompt) -> dict:
@@ -189,35 +241,56 @@ def plot_latencies(results: list[RequestResult], path: str, title: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fusecc bench serve", description=__doc__.split("\n")[0])
-    p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
+    # a one-line usage: argparse's own would list every option over ten lines above each error
+    p = argparse.ArgumentParser(prog="fusecc bench serve", description=__doc__.split("\n")[0],
+                                usage="%(prog)s --base-url URL [options]  (--help lists them)")
+    p.add_argument("--base-url", required=True, type=_http_url, help="e.g. http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="model name (default: the first of GET /v1/models)")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--num-requests", type=int, default=100)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--api-key", default=None,
+                   help="sent as `Authorization: Bearer KEY` (default: $FUSECC_API_KEY, else $OPENAI_API_KEY)")
+    p.add_argument("--num-requests", type=_bounded(int, 1), default=100)
+    p.add_argument("--input-len", type=_bounded(int, 1), default=128)
+    p.add_argument("--output-len", type=_bounded(int, 1), default=128)
     p.add_argument("--prompt-kind", choices=("ids", "words"), default="ids")
     # printable ASCII byte ids: valid in the embedded byte tokenizer (258 ids) and in HF vocabularies
-    p.add_argument("--min-token-id", type=int, default=32)
-    p.add_argument("--max-token-id", type=int, default=127)
+    p.add_argument("--min-token-id", type=_bounded(int, 0), default=32)
+    p.add_argument("--max-token-id", type=_bounded(int, 1), default=127)
     load = p.add_mutually_exclusive_group()
-    load.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
-    load.add_argument("--concurrency", type=int, default=None, help="requests kept in flight")
+    load.add_argument("--request-rate", type=_bounded(float, 1e-9), default=None, help="Poisson arrivals per second")
+    load.add_argument("--concurrency", type=_bounded(int, 1), default=None, help="requests kept in flight")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    p.add_argument("--timeout", type=_bounded(float, 1e-3), default=600.0, help="per-request timeout in seconds")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument("--plot", default=None, help="write a PNG of the latency distributions here")
     return p
 
 
+def _http_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.command_line = "fusecc bench serve " + " ".join(sys.argv[1:] if argv is None else argv)
-    for name in ("num_requests", "input_len", "output_len"):
-        if getattr(args, name) < 1:
-            print(f"fusecc bench serve: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
-    report, results = asyncio.run(run_benchmark(args))
+    # `or`: an unset $KEY expanded into --api-key "" means no key, as does an empty variable
+    args.api_key = args.api_key or os.environ.get("FUSECC_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
+    if args.min_token_id >= args.max_token_id:
+        parser.error(f"--min-token-id {args.min_token_id} must be below --max-token-id {args.max_token_id}")
+    # before the run, not after minutes of load: a report or plot that cannot be written
+    for option, path in (("--out", args.out), ("--plot", args.plot)):
+        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            parser.error(f"{option} {path}: no such folder {os.path.dirname(os.path.abspath(path))}")
+    try:
+        report, results = asyncio.run(run_benchmark(args))
+    except BenchError as exc:
+        print(f"fusecc bench serve: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fusecc bench serve: interrupted", file=sys.stderr)
+        return 130
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
