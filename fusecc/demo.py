@@ -92,7 +92,7 @@ def _report_rows(reports: list[dict], dump_root: str) -> list[tuple[str, str]]:
         rows.append(("matmuls fused horizontally", f"{fused['fused matmuls']} into {fused['fused groups']}"))
     # Generated Triton kernels exist only for CUDA graphs (codegen="auto"); a CPU graph runs as ATen ops.
     kernels = sum(1 for _ in Path(dump_root).glob("*/kernels/*.py"))
-    launches = [r["kernel_launches"] for r in reports if "kernel_launches" in r]
+    launches = [r["codegen"]["kernel_launches"] for r in reports if "kernel_launches" in r.get("codegen", {})]
     rows.append(("generated kernels", f"{kernels} ({sum(launches)} launches per call)" if launches
                  else "none: a CPU graph runs as ATen ops (Triton kernels are generated for CUDA)"))
     rows.append(("passes", "what each changed, summed over graphs"))
