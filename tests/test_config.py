@@ -190,3 +190,42 @@ def test_mode_through_torch_compile_reaches_backend(tmp_path, monkeypatch):
     (report,) = [json.loads(p.read_text()) for p in Path(tmp_path).glob("graph_*/report.json")]
     assert "cudagraphs=True" in report["options"]
     assert "mode='reduce-overhead'" in report["options"]
+
+
+# ---- mistakes: alike, named, and one line first -------------------------------------------
+
+
+@pytest.mark.parametrize("value", [1, 0, "1", "true", "banana", None, 1.0])
+def test_a_bool_option_takes_only_a_bool_and_refuses_everything_else_alike(value):
+    # only environment variables are text to parse; options= values have the option's type
+    with pytest.raises(TypeError, match=r"options\['freeze'\] must be True or False, got .* \("):
+        opts(options={"freeze": value})
+
+
+def test_an_unknown_option_suggests_the_closest():
+    with pytest.raises(ValueError, match=r"unknown option 'freze' \(did you mean 'freeze'\?\)"):
+        opts(options={"freze": True})
+
+
+def test_a_misspelled_environment_variable_warns_with_the_closest():
+    with pytest.warns(UserWarning, match=r"FUSECC_FREZE is not a fusecc option.*did you mean 'FUSECC_FREEZE'"):
+        o = opts(FUSECC_FREZE="1")
+    assert o.freeze is False
+
+
+def test_known_non_option_variables_do_not_warn(recwarn):
+    opts(FUSECC_CACHE_DIR="/tmp/k", FUSECC_API_KEY="k", FUSECC_FREEZE="1")
+    assert not [w for w in recwarn if "FUSECC_" in str(w.message)]
+
+
+def test_an_option_mistake_is_the_error_torch_compile_raises_not_a_wrapped_one():
+    # Dynamo wraps a backend's exceptions in BackendCompilerFailed, whose first line is its own;
+    # an option mistake must reach the user as itself, its one line first.
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    with pytest.raises(ValueError) as info:
+        _compile_and_call(options={"freze": True})
+    assert not isinstance(info.value, BackendCompilerFailed)
+    assert str(info.value).splitlines()[0].startswith("fusecc: unknown option 'freze' (did you mean 'freeze'?)")
+    with pytest.raises(TypeError, match="must be True or False"):
+        _compile_and_call(options={"freeze": 1})
