@@ -4,7 +4,7 @@ Four kinds of fusible ops:
 - pointwise: `POINTWISE[op](*arg_exprs, node=node) -> str`, a Triton expression over the
   already-loaded argument values (all of the node's iteration shape);
 - views: pure index transforms (view/reshape/permute/expand/slice/...), handled in
-  index_transforms.py — they never move data inside a kernel;
+  index_math.py (`view_input_index`) — they never move data inside a kernel;
 - reductions: `REDUCTIONS[op]` over the last dimension, persistent (whole row in registers);
 - `index_copy_` into a graph input (a KV-cache write): a scatter store of the kernel that
   computes its source, so the source is never materialised.
