@@ -6,7 +6,8 @@ records a new graph. Every call executes the compiled function exactly once, as 
 be mutated (a KV cache). Per-call inputs (token ids, positions) are copied into graph-owned
 buffers; weights and mutated inputs (KV caches) are read in place, and a call that passes them as
 other tensors than at capture runs without the graph. Outputs are cloned, because the next
-replay overwrites the static outputs.
+replay overwrites the static outputs. The capture itself is fusecc/cuda_graph.py's, shared with
+the runtime's decode graphs (which pad batches instead of keying on signatures: see there).
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from typing import Callable
 
 import torch
 
+from fusecc.cuda_graph import CapturedCall
+
 
 class _Captured:
-    def __init__(self, graph, static_inputs, static_outputs):
-        self.graph = graph
+    def __init__(self, call: CapturedCall, static_inputs: list):
+        self.call = call
         self.static_inputs = static_inputs
-        self.static_outputs = static_outputs
 
 
 class CUDAGraphRunner:
@@ -71,18 +73,15 @@ class CUDAGraphRunner:
                 return self.call(args)
         for i in self._volatile:
             static[i].copy_(args[i])
-        captured.graph.replay()
+        static_outputs = captured.call.replay()
         args.clear()
-        return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in captured.static_outputs)
+        return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in static_outputs)
 
     def _capture(self, args: list) -> _Captured:
         """Record one call into a CUDA graph without executing it; the caller replays it."""
         static_inputs = [a if i in self.persistent_inputs or not isinstance(a, torch.Tensor) else a.clone()
                          for i, a in enumerate(args)]
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            static_outputs = self.call(list(static_inputs))
-        return _Captured(graph, static_inputs, static_outputs)
+        # boxed call: the callee clears its argument list, so it gets a copy of the static one
+        return _Captured(CapturedCall(lambda: self.call(list(static_inputs)), (), self.pool), static_inputs)
