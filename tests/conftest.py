@@ -13,6 +13,11 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Define every kernel now, under the interpreter, whatever test runs first: a test that removes
+    # the variable (plain_cpu_user) and then imports fusecc for the first time in its process
+    # would otherwise define Gluon kernels over triton.language functions already interpreted, which
+    # Gluon refuses (an order-dependent failure under pytest -n).
+    import fusecc.kernels  # noqa: E402,F401
 
 
 def pytest_collection_modifyitems(config, items):
