@@ -23,10 +23,15 @@ from typing import AsyncIterator
 
 import anyio
 
+from pydantic import ValidationError
+
+from fusecc.runtime.async_engine import EngineShutDown
 from fusecc.runtime.sampling_params import SamplingParams
 from fusecc.runtime.scheduler import SchedulerFullError
 from fusecc.serve.disconnect import until_disconnected
 from fusecc.serve.errors import APIError
+from fusecc.serve.token_text import TokenNames
+from fusecc.serve.unsupported import check_fields
 from fusecc.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                    ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatTokenLogprob,
                                    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
@@ -38,10 +43,24 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 RETRY_AFTER_S = "1"
 
 
-def render_default_chat_template(messages: list[dict]) -> str:
-    """The template used when the tokenizer has none: `<|role|>\\ncontent\\n` per message, then
-    `<|assistant|>\\n` for the reply (the embedded model's documented default)."""
-    return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+
+
+def shutting_down_error() -> APIError:
+    return APIError(503, "the server is shutting down and ended this request before it finished; retry "
+                         "on another instance", code="server_shutting_down", headers={"Retry-After": RETRY_AFTER_S})
+
+
+def _engine_error(err: BaseException) -> BaseException:
+    """The API error for an exception from the engine, or the exception itself when unexpected."""
+    if isinstance(err, SchedulerFullError):
+        return APIError(429, f"the server is busy: {err}", code="queue_full", headers={"Retry-After": RETRY_AFTER_S})
+    if isinstance(err, EngineShutDown):  # the engine stopped under the request (a forced shutdown)
+        return shutting_down_error()
+    if isinstance(err, ValueError):
+        return APIError.from_value_error(err, default_param="prompt")
+    if isinstance(err, StopAsyncIteration):
+        return APIError(500, "the engine ended the request without output")
+    return err
 
 
 @dataclass
@@ -57,12 +76,35 @@ class _Tracked:
 
 
 class OpenAIServing:
-    def __init__(self, engine, served_model_name: str, metrics) -> None:
+    def __init__(self, engine, served_model_name: str, metrics, ending: asyncio.Event | None = None,
+                 chat_template: str | None = None, default_sampling: dict | None = None) -> None:
+        """ending: set when in-flight requests must end (shutdown); chat_template: a Jinja template
+        that replaces the tokenizer's; default_sampling: request field -> value for fields a request
+        leaves unset (the model's generation_config.json)."""
         self.engine = engine
         self.model_name = served_model_name
         self.metrics = metrics
+        self.ending = ending
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.chat_template = chat_template
+        self.default_sampling = dict(default_sampling or {})
+        self.token_names = TokenNames(self.tokenizer)
+        self._ignored_fields: set[str] = set()
+        self.has_chat_template = chat_template is not None or _tokenizer_has_chat_template(self.tokenizer)
+        if self.has_chat_template:
+            # compiles the template now, not on the first chat request; a template that cannot
+            # render a plain exchange fails the start, not every request
+            self._render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+
+    def parse(self, model_cls, body: bytes):
+        """The request model of a JSON body, or a 400 naming the field; unknown fields are checked."""
+        try:
+            req = model_cls.model_validate_json(body)
+        except ValidationError as exc:
+            raise APIError.from_validation_error(exc, body) from None
+        check_fields(req, self._ignored_fields)
+        return req
 
     # ---- request -> engine inputs -------------------------------------------------------------
 
@@ -88,32 +130,17 @@ class OpenAIServing:
                            code="context_length_exceeded")
         return ids
 
-    def _max_tokens(self, requested: int | None, default: int | None, prompt_len: int) -> int:
+    def _max_tokens(self, requested: int | None, default: int | None, prompt_len: int,
+                    sent_as: str = "max_tokens") -> int:
         room = self.max_model_len - prompt_len
+        default = self.default_sampling.get("max_tokens", default)
         if requested is None:
             return room if default is None else min(default, room)
         if requested > room:
-            raise APIError(400, f"max_tokens={requested} plus the prompt's {prompt_len} tokens exceeds the "
+            raise APIError(400, f"{sent_as}={requested} plus the prompt's {prompt_len} tokens exceeds the "
                                 f"context of {self.max_model_len} tokens (at most {room} here)",
-                           param="max_tokens", code="context_length_exceeded")
+                           param=sent_as, code="context_length_exceeded")
         return requested
-
-    @staticmethod
-    def refuse_unsupported(req) -> None:
-        """Parameters that would change the output but are not implemented are a 400, as in vLLM,
-        not silently ignored (a client asking for JSON or a tool call must not get free text)."""
-        refused = {
-            "suffix": bool(getattr(req, "suffix", None)),
-            "best_of": req.best_of not in (None, 1),
-            "response_format": req.response_format is not None and req.response_format.get("type") != "text",
-            "tools": bool(req.tools),
-            "tool_choice": req.tool_choice not in (None, "none"),
-            "functions": bool(req.functions),
-            "function_call": req.function_call not in (None, "none"),
-        }
-        for name, is_refused in refused.items():
-            if is_refused:
-                raise APIError(400, f"{name} is not supported by this server", param=name)
 
     @staticmethod
     def _logit_bias(req) -> dict[int, float] | None:
@@ -130,19 +157,24 @@ class OpenAIServing:
         not a 429 that clients (the openai SDK among them) would retry."""
         limit = getattr(self.engine, "max_waiting", None)
         if limit is not None and num_prompts * n > limit:
+            # name the field that alone is over the limit; a batch within it is over through n
+            culprit = "prompt" if num_prompts > limit else "n"
             batch = f"{num_prompts} prompts x n={n}" if num_prompts > 1 else f"n={n}"
             raise APIError(400, f"{batch} is {num_prompts * n} sequences; this server queues at most {limit}",
-                           param="n")
+                           param=culprit)
 
-    @staticmethod
-    def _sampling_params(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        # generation_config defaults for the sampling fields the request left unset (vLLM's rule)
+        sampling = {name: getattr(req, name) for name in _DEFAULTABLE}
+        sampling.update({k: v for k, v in self.default_sampling.items() if k in _DEFAULTABLE
+                         and k not in req.model_fields_set})
         try:
             return SamplingParams(
-                n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                repetition_penalty=req.repetition_penalty, seed=req.seed, stop=req.stop,
+                n=req.n, **sampling, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop,
                 stop_token_ids=req.stop_token_ids or [], max_tokens=max_tokens, min_tokens=req.min_tokens,
-                ignore_eos=req.ignore_eos, logprobs=logprobs, logit_bias=OpenAIServing._logit_bias(req))
+                ignore_eos=req.ignore_eos, logprobs=logprobs, logit_bias=OpenAIServing._logit_bias(req),
+                skip_special_tokens=req.skip_special_tokens)
         except ValueError as exc:
             raise APIError.from_value_error(exc) from None
 
@@ -151,18 +183,31 @@ class OpenAIServing:
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
 
+    def _render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        kwargs = {} if self.chat_template is None else {"chat_template": self.chat_template}
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False, **kwargs)
+
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         if not req.messages:
             raise APIError(400, "messages is empty", param="messages")
+        if not self.has_chat_template:
+            # no made-up template: the model would be prompted in a format it was never trained on
+            raise APIError(400, "this model has no chat template, so it cannot serve chat completions; start "
+                                "the server with --chat-template FILE_OR_STRING", param="messages",
+                           code="no_chat_template")
+        for i, m in enumerate(req.messages):
+            part = m.non_text_part()
+            if part is not None:
+                raise APIError(400, f"messages.{i}.content.{part}: content of type {m.content[part].type!r} is not "
+                                    f"supported: this model takes text only", param="messages",
+                               code="unsupported_content")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = self._render_chat(messages, req.add_generation_prompt)
+        except Exception as exc:  # a template's raise_exception (roles must alternate, ...)
+            raise APIError(400, f"chat template failed on these messages: {exc}", param="messages") from None
         tok = self.tokenizer
-        if not hasattr(tok, "apply_chat_template") or getattr(tok, "chat_template", "") is None:
-            text = render_default_chat_template(messages)
-        else:
-            try:
-                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            except Exception as exc:  # a template's raise_exception (roles must alternate, ...)
-                raise APIError(400, f"chat template failed on these messages: {exc}", param="messages") from None
         ids = self._prompt_ids(text, "messages")
         # A template that writes the BOS token itself plus an encode() that adds one gives two.
         bos = getattr(tok, "bos_token_id", None)
@@ -203,15 +248,7 @@ class OpenAIServing:
         if errors:
             for g in gens:
                 await g.aclose()
-            err = errors[0]
-            if isinstance(err, SchedulerFullError):
-                raise APIError(429, f"the server is busy: {err}", code="queue_full",
-                               headers={"Retry-After": RETRY_AFTER_S})
-            if isinstance(err, ValueError):
-                raise APIError.from_value_error(err, default_param="prompt")
-            if isinstance(err, StopAsyncIteration):
-                raise APIError(500, "the engine ended the request without output")
-            raise err
+            raise _engine_error(errors[0])
         return tracked, gens, firsts
 
     async def _run_to_end(self, request, prompts, params, base_id) -> list[object]:
@@ -221,16 +258,18 @@ class OpenAIServing:
             async def drain(g):
                 async for _ in g:
                     pass
-            await asyncio.gather(*map(drain, gens))
+            try:
+                await asyncio.gather(*map(drain, gens))
+            except EngineShutDown as exc:
+                raise _engine_error(exc) from None
             return [t.last for t in tracked]
-        return await until_disconnected(request, go())
+        return await until_disconnected(request, go(), self.ending)
 
     # ---- endpoints ----------------------------------------------------------------------------
 
     async def completions(self, req: CompletionRequest, request, usage_out: dict):
         self.check_model(req.model)
         self._check_stream_options(req)
-        self.refuse_unsupported(req)
         p = req.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             raw_prompts = p
@@ -246,7 +285,7 @@ class OpenAIServing:
         usage_out["prompt_tokens"] = sum(map(len, prompts))
 
         if req.stream:
-            started = await until_disconnected(request, self._start(prompts, params, base_id))
+            started = await until_disconnected(request, self._start(prompts, params, base_id), self.ending)
             return self._completion_events(req, started, base_id, echo, usage_out)
 
         finals = await self._run_to_end(request, prompts, params, base_id)
@@ -266,7 +305,6 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, request, usage_out: dict):
         self.check_model(req.model)
         self._check_stream_options(req)
-        self.refuse_unsupported(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         prompt = self._chat_prompt(req)
@@ -276,7 +314,7 @@ class OpenAIServing:
         sent_as = {"max_tokens": "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
                    "logprobs": "top_logprobs" if req.top_logprobs is not None else "logprobs"}
         try:
-            max_tokens = self._max_tokens(requested, None, len(prompt))
+            max_tokens = self._max_tokens(requested, None, len(prompt), sent_as["max_tokens"])
             params = self._sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         except APIError as exc:
             exc.param = sent_as.get(exc.param, exc.param)
@@ -285,7 +323,7 @@ class OpenAIServing:
         usage_out["prompt_tokens"] = len(prompt)
 
         if req.stream:
-            started = await until_disconnected(request, self._start([prompt], [params], base_id))
+            started = await until_disconnected(request, self._start([prompt], [params], base_id), self.ending)
             return self._chat_events(req, started, base_id, usage_out)
 
         (final,) = await self._run_to_end(request, [prompt], [params], base_id)
@@ -393,29 +431,37 @@ class OpenAIServing:
         completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
-
     def _completion_logprobs(self, entries: list[dict], offset: int) -> CompletionLogprobs:
         lp = CompletionLogprobs()
         for e in entries:
-            tok = self._token_text(e["token_id"])
+            tok = self.token_names.text(e["token_id"])
             lp.tokens.append(tok)
             lp.token_logprobs.append(_json_logprob(e["logprob"]))
-            lp.top_logprobs.append({self._token_text(t): _json_logprob(v) for t, v in e.get("top", [])})
+            lp.top_logprobs.append({self.token_names.text(t): _json_logprob(v) for t, v in e.get("top", [])})
             lp.text_offset.append(offset)
             offset += len(tok)
         return lp
 
     def _chat_logprobs(self, entries: list[dict], _offset: int) -> ChatLogprobs:
+        names = self.token_names
         content = []
         for e in entries:
-            tok = self._token_text(e["token_id"])
-            tops = [TopLogprob(token=(s := self._token_text(t)), logprob=_json_logprob(v), bytes=list(s.encode()))
+            tops = [TopLogprob(token=names.text(t), logprob=_json_logprob(v), bytes=names.bytes(t))
                     for t, v in e.get("top", [])]
-            content.append(ChatTokenLogprob(token=tok, logprob=_json_logprob(e["logprob"]), bytes=list(tok.encode()),
-                                            top_logprobs=tops))
+            content.append(ChatTokenLogprob(token=names.text(e["token_id"]), logprob=_json_logprob(e["logprob"]),
+                                            bytes=names.bytes(e["token_id"]), top_logprobs=tops))
         return ChatLogprobs(content=content)
+
+
+# Sampling fields a model's generation_config.json may give defaults for (vLLM's list; max_tokens
+# is handled by _max_tokens).
+_DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _tokenizer_has_chat_template(tok) -> bool:
+    # HF tokenizers have a chat_template attribute (None without one); the embedded byte tokenizer
+    # has its own documented template in code and no attribute
+    return hasattr(tok, "apply_chat_template") and getattr(tok, "chat_template", "") is not None
 
 
 # JSON has no -inf: a token the model (or a filter) rules out is reported with this floor, as vLLM does
@@ -455,10 +501,11 @@ def _chunk_sse(chunk) -> str:
 def _stream_error(exc: Exception) -> str:
     """A failure after the 200 and the first chunks went out: the status cannot change any more, so
     the stream ends with an error event and [DONE] (as vLLM's) instead of a cut connection."""
-    logger.error("stream failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
-    error = exc if isinstance(exc, APIError) else APIError(500, f"the request failed mid-stream: "
-                                                               f"{type(exc).__name__}: {exc}")
-    return _sse(error.body()) + "data: [DONE]\n\n"
+    error = _engine_error(exc)
+    if not isinstance(error, APIError):
+        logger.error("stream failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        error = APIError(500, f"the request failed mid-stream: {type(exc).__name__}: {exc}")
+    return error.sse()
 
 
 async def _merge(gens) -> AsyncIterator[tuple[int, object]]:

@@ -77,7 +77,7 @@ def test_bad_request_is_400(fake_server, case):
 
 
 def test_server_keeps_serving_after_bad_requests(fake_server):
-    with httpx.Client(base_url=fake_server.url, timeout=10) as c:
+    with httpx.Client(base_url=fake_server.url, timeout=10, headers={"Content-Type": "application/json"}) as c:
         for path, body, _ in BAD.values():
             content = body if isinstance(body, bytes) else json.dumps(body).encode()
             assert c.post(path, content=content).status_code == 400
@@ -104,7 +104,7 @@ def test_oversized_chunked_body_is_400(fake_server):
             yield b"x" * (1 << 20)
         yield b'"}'
 
-    r = httpx.post(fake_server.url + CMPL, content=chunks(), timeout=10)
+    r = httpx.post(fake_server.url + CMPL, content=chunks(), headers={"Content-Type": "application/json"}, timeout=10)
     _assert_error(r, 400, "body")
 
 
