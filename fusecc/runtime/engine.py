@@ -37,8 +37,6 @@ from fusecc.runtime.sampling_params import SamplingParams
 from fusecc.runtime.scheduler import Scheduler, SchedulerFullError
 from fusecc.runtime.sequence import Sequence
 
-ENGINE_ONLY_ARGS = ("dtype", "device", "enforce_eager", "tokenizer")
-
 
 @dataclass
 class _Child:
@@ -63,11 +61,19 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, model, tokenizer, config: EngineConfig, *, device, eos_token_ids=(), model_name: str = "",
-                 enforce_eager: bool = False) -> None:
+    def __init__(self, model, tokenizer, config: EngineConfig, *, eos_token_ids=(), model_name: str = "",
+                 device=None, enforce_eager: bool | None = None) -> None:
+        """model: a fusecc model (fusecc/runtime/models) already on its device; config.device and
+        config.enforce_eager say how to run it. `device` / `enforce_eager`, when given, override
+        those two fields (the signature before they were EngineConfig fields)."""
+        if device is not None:
+            config = dataclasses.replace(config, device=str(device))
+        if enforce_eager is not None:
+            config = dataclasses.replace(config, enforce_eager=enforce_eager)
+        config.check_supported()
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.runner = ModelRunner(model, config, device, enforce_eager=enforce_eager)
+        self.runner = ModelRunner(model, config)
         self.config = self.runner.config
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_manager = BlockManager(self.config.num_kv_blocks, self.config.block_size,
@@ -83,43 +89,36 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, model: str | None = None, **engine_args) -> "LLMEngine":
         """model: a local Hugging Face checkpoint directory, or None for the embedded default.
-        engine_args: EngineConfig fields, plus dtype, device, enforce_eager, tokenizer (a directory)."""
+        engine_args: EngineConfig fields (fusecc/runtime/engine_args.py lists them; dtype may also be a torch.dtype)."""
         from fusecc.runtime import loader
+        from fusecc.runtime.engine_args import check_engine_kwargs
         from fusecc.runtime.models.registry import max_context_len
 
-        unknown = set(engine_args) - {f.name for f in dataclasses.fields(EngineConfig)} - set(ENGINE_ONLY_ARGS)
-        if unknown:
-            raise TypeError(f"unknown engine arguments: {sorted(unknown)}")
-        try:
-            device = torch.device(engine_args.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
-        except RuntimeError as exc:
-            raise ValueError(f"engine argument device: {exc}") from None
-        dtype = engine_args.pop("dtype", None)
-        if isinstance(dtype, str):
-            if dtype not in _DTYPE_NAMES:
-                raise ValueError(f"engine argument dtype must be one of {sorted(_DTYPE_NAMES)}, got {dtype!r}")
-            dtype = _DTYPE_NAMES[dtype]
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        enforce_eager = bool(engine_args.pop("enforce_eager", False))
-        tokenizer_dir = engine_args.pop("tokenizer", None)
+        if isinstance(engine_args.get("dtype"), torch.dtype):
+            engine_args["dtype"] = loader.dtype_name(engine_args["dtype"])
+        check_engine_kwargs(engine_args)
         config = EngineConfig(**engine_args)
+        config.check_supported()
+        device = loader.resolve_device(config.device)
         if model is None:
             from fusecc.runtime.byte_tokenizer import ByteTokenizer
             from fusecc.runtime.default_model import DEFAULT_MODEL_NAME, build_default_model, default_config
 
-            config = _fit_max_model_len(config, max_context_len(default_config()))
+            hf_config = default_config()
+            config = _fit_max_model_len(config, max_context_len(hf_config))
+            dtype = loader.resolve_dtype(config.dtype, hf_config, device)
             net, hf_config = build_default_model(dtype, device, config.max_model_len)
             tokenizer, name = ByteTokenizer(), DEFAULT_MODEL_NAME
             eos = loader.eos_token_ids(None, hf_config, tokenizer)
         else:
             hf_config = loader.load_config(model)
             config = _fit_max_model_len(config, max_context_len(hf_config))
+            dtype = loader.resolve_dtype(config.dtype, hf_config, device)
             net = loader.load_model(model, dtype, device, config.max_model_len, config=hf_config)
-            tokenizer = loader.load_tokenizer(tokenizer_dir or model)
+            tokenizer = loader.load_tokenizer(config.tokenizer or model)
             name = str(model)
             eos = loader.eos_token_ids(model, hf_config, tokenizer)
-        return cls(net, tokenizer, config, device=device, eos_token_ids=eos, model_name=name,
-                   enforce_eager=enforce_eager)
+        return cls(net, tokenizer, config, eos_token_ids=eos, model_name=name)
 
     @property
     def max_model_len(self) -> int:
@@ -302,10 +301,6 @@ class LLMEngine:
                 generation_tokens_total=self.generation_tokens_total,
                 finished_by_reason=dict(s.stats.num_finished), peak_kv_cache_usage=bm.peak_usage,
                 num_kv_blocks=bm.num_blocks, step_timings=timings)
-
-
-_DTYPE_NAMES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-                "float32": torch.float32, "float": torch.float32}
 
 
 def _fit_max_model_len(config: EngineConfig, model_limit: int) -> EngineConfig:

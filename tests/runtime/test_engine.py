@@ -136,7 +136,7 @@ def test_bad_requests_raise_before_anything_is_queued(checkpoints):
     with pytest.raises(SchedulerFullError):
         engine.add_request("b", "w5", SamplingParams())
     assert [s.request_id for s in engine.scheduler.waiting] == ["a#0", "a#1"]
-    with pytest.raises(TypeError, match="unknown engine arguments"):
+    with pytest.raises(TypeError, match="unknown engine argument .max_len.; valid engine arguments: dtype, device"):
         LLMEngine.from_engine_args(str(path), max_len=3)
 
 
