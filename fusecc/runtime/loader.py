@@ -125,6 +125,38 @@ def eos_token_ids(path: str | Path | None, config, tokenizer) -> set[int]:
     return ids
 
 
+_DTYPES = {"half": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16, "float": torch.float32,
+           "float32": torch.float32}
+
+
+def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
+    """EngineConfig.dtype -> torch dtype. "auto": the checkpoint's torch_dtype (config.json), else
+    bf16 on CUDA and fp32 on CPU."""
+    if name != "auto":
+        return _DTYPES[name]
+    declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    if isinstance(declared, torch.dtype) and declared in _DTYPES.values():
+        return declared
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype as the EngineConfig.dtype name; ValueError for a dtype the engine cannot run."""
+    for name, d in _DTYPES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"engine argument dtype must be one of float16, bfloat16, float32, got {dtype}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """EngineConfig.device -> torch device; "auto" = cuda when available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def _checkpoint_dir(path: str | Path) -> Path:
     p = Path(path)
     if not p.is_dir():

@@ -1,6 +1,6 @@
 """Runs one scheduled step on the device: flat inputs -> forward -> logits -> sampled tokens.
 
-    runner = ModelRunner(model, config, device)          # sizes and allocates the KV pool
+    runner = ModelRunner(model, config)                  # sizes and allocates the KV pool
     config = runner.config                                 # num_kv_blocks resolved
     sampled = runner.execute(scheduler_output, eos_ids)    # SamplerOutput (None if nothing samples)
 
@@ -55,8 +55,10 @@ def _no_duck_sizing(fn):
 
 
 class ModelRunner:
-    def __init__(self, model, config: EngineConfig, device: torch.device, enforce_eager: bool = False) -> None:
-        self.model, self.device = model, torch.device(device)
+    def __init__(self, model, config: EngineConfig) -> None:
+        # the model's own device: config.device may be "auto"
+        self.model, self.device = model, next(model.parameters()).device
+        enforce_eager = config.enforce_eager
         self.dtype = next(model.parameters()).dtype
         self.num_layers = len(model.model.layers)
         self.kv_heads, self.head_dim = model.kv_shape

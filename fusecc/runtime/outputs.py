@@ -1,9 +1,19 @@
-"""What the engine returns per step and per request. Outputs are CUMULATIVE: every RequestOutput
-holds the text and token ids generated so far (like vLLM); the last one has finished=True."""
+"""What the engine returns per step and per request. By default outputs are CUMULATIVE: every
+RequestOutput holds the text and token ids generated so far (like vLLM); the last one has
+finished=True. SamplingParams.output_kind="delta" makes each carry only what is new."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+
+@dataclass
+class Logprob:
+    """One token's log-probability, as vLLM reports it."""
+
+    logprob: float
+    rank: int | None = None  # 1 = the most likely token of the distribution
+    decoded_token: str | None = None  # the token's text (tokenizer.decode([token_id]))
 
 
 @dataclass
@@ -13,8 +23,14 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None  # 'stop' | 'length' | 'abort' | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    # per generated token: {"token_id": int, "logprob": float, "top": [(token_id, logprob), ...]}
-    logprobs: list[dict] | None = None
+    # Per generated token (SamplingParams.logprobs set): {token id: Logprob} holding the sampled
+    # token and the top-`logprobs` tokens (k or k + 1 entries: the sampled one may be among them).
+    logprobs: list[dict[int, Logprob]] | None = None
+    # Sum of the sampled tokens' logprobs (all of them so far, also for "delta" outputs); None without logprobs.
+    cumulative_logprob: float | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass
