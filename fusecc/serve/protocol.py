@@ -55,6 +55,12 @@ class _SamplingFields(_Request):
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # sample only these token ids / never generate these strings' tokenizations
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    # keep only the last k prompt tokens (vLLM's; the engine truncates)
+    truncate_prompt_tokens: int | None = None
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

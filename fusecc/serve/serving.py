@@ -113,7 +113,7 @@ class OpenAIServing:
             raise APIError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
                            param="model", code="model_not_found")
 
-    def _prompt_ids(self, prompt, field_name: str) -> list[int]:
+    def _prompt_ids(self, prompt, field_name: str, truncate: int | None = None) -> list[int]:
         if isinstance(prompt, str):
             ids = list(self.tokenizer.encode(prompt)) if prompt else []
         else:
@@ -122,6 +122,9 @@ class OpenAIServing:
             bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
             if bad:
                 raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=field_name)
+        if truncate is not None and (truncate >= 1 or truncate == -1):
+            # as the engine will (its room is counted on what is left); other values are SamplingParams' to refuse
+            ids = ids[-(self.max_model_len - 1 if truncate == -1 else truncate):]
         if not ids:
             raise APIError(400, f"{field_name} is empty", param=field_name)
         if len(ids) >= self.max_model_len:
@@ -174,7 +177,9 @@ class OpenAIServing:
                 frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop,
                 stop_token_ids=req.stop_token_ids or [], max_tokens=max_tokens, min_tokens=req.min_tokens,
                 ignore_eos=req.ignore_eos, logprobs=logprobs, logit_bias=OpenAIServing._logit_bias(req),
-                skip_special_tokens=req.skip_special_tokens)
+                skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+                allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words or None,
+                truncate_prompt_tokens=req.truncate_prompt_tokens)
         except ValueError as exc:
             raise APIError.from_value_error(exc) from None
 
@@ -208,7 +213,7 @@ class OpenAIServing:
         except Exception as exc:  # a template's raise_exception (roles must alternate, ...)
             raise APIError(400, f"chat template failed on these messages: {exc}", param="messages") from None
         tok = self.tokenizer
-        ids = self._prompt_ids(text, "messages")
+        ids = self._prompt_ids(text, "messages", req.truncate_prompt_tokens)
         # A template that writes the BOS token itself plus an encode() that adds one gives two.
         bos = getattr(tok, "bos_token_id", None)
         if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
@@ -275,7 +280,7 @@ class OpenAIServing:
             raw_prompts = p
         else:
             raw_prompts = [p]
-        prompts = [self._prompt_ids(x, "prompt") for x in raw_prompts]
+        prompts = [self._prompt_ids(x, "prompt", req.truncate_prompt_tokens) for x in raw_prompts]
         self._check_sequence_count(len(prompts), req.n)
         # the default max_tokens is capped by each prompt's own room (vLLM's), not the longest one's
         params = [self._sampling_params(req, self._max_tokens(req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, len(ids)),
@@ -295,7 +300,7 @@ class OpenAIServing:
                 prefix = echo[i] if req.echo else ""
                 text = prefix + o.text
                 # text_offset: character offsets into the returned text, the echoed prompt included
-                lp = self._completion_logprobs(o.logprobs or [], len(prefix)) if req.logprobs is not None else None
+                lp = self._completion_logprobs(o, 0, len(prefix)) if req.logprobs is not None else None
                 choices.append(CompletionChoice(index=i * req.n + o.index, text=text, logprobs=lp,
                                                 finish_reason=o.finish_reason, stop_reason=o.stop_reason))
         usage = self._usage(finals)
@@ -328,7 +333,7 @@ class OpenAIServing:
 
         (final,) = await self._run_to_end(request, [prompt], [params], base_id)
         choices = [ChatChoice(index=o.index, message=AssistantMessage(content=o.text),
-                              logprobs=self._chat_logprobs(o.logprobs or [], 0) if req.logprobs else None,
+                              logprobs=self._chat_logprobs(o, 0, req.top_logprobs or 0) if req.logprobs else None,
                               finish_reason=o.finish_reason, stop_reason=o.stop_reason)
                    for o in final.outputs]
         usage = self._usage([final])
@@ -385,7 +390,7 @@ class OpenAIServing:
                     offsets[idx] = len(echo[idx // req.n])
                 lp = None
                 if req.logprobs is not None:
-                    lp = self._completion_logprobs((o.logprobs or [])[start:len(o.token_ids)], offsets.get(idx, 0))
+                    lp = self._completion_logprobs(o, start, offsets.get(idx, 0))
                     if lp.tokens:
                         offsets[idx] = lp.text_offset[-1] + len(lp.tokens[-1])
                 chunk = CompletionResponse(id=base_id, created=created, model=self.model_name, choices=[
@@ -412,7 +417,7 @@ class OpenAIServing:
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                          for i in range(req.n)])
             async for idx, text, o, start, finish in deltas:
-                lp = self._chat_logprobs((o.logprobs or [])[start:len(o.token_ids)], 0) if req.logprobs else None
+                lp = self._chat_logprobs(o, start, req.top_logprobs or 0) if req.logprobs else None
                 delta = DeltaMessage(content=text) if text else DeltaMessage()
                 yield chunk([ChatChunkChoice(index=idx, delta=delta, logprobs=lp, finish_reason=finish)])
             if req.stream_options and req.stream_options.include_usage:
@@ -431,25 +436,34 @@ class OpenAIServing:
         completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
-    def _completion_logprobs(self, entries: list[dict], offset: int) -> CompletionLogprobs:
+    @staticmethod
+    def _positions(o, start: int):
+        """(sampled token id, {token id: Logprob}) per generated token from `start` on (vLLM's shape:
+        the dict holds the sampled token and the top ones)."""
+        return zip(o.token_ids[start:], (o.logprobs or [])[start:len(o.token_ids)])
+
+    def _completion_logprobs(self, o, start: int, offset: int) -> CompletionLogprobs:
+        names = self.token_names
         lp = CompletionLogprobs()
-        for e in entries:
-            tok = self.token_names.text(e["token_id"])
+        for token_id, entry in self._positions(o, start):
+            tok = names.text(token_id)
             lp.tokens.append(tok)
-            lp.token_logprobs.append(_json_logprob(e["logprob"]))
-            lp.top_logprobs.append({self.token_names.text(t): _json_logprob(v) for t, v in e.get("top", [])})
+            lp.token_logprobs.append(_json_logprob(entry[token_id].logprob))
+            # vLLM's completions list every entry: the top ones and the sampled one
+            lp.top_logprobs.append({names.text(t): _json_logprob(e.logprob) for t, e in _by_rank(entry)})
             lp.text_offset.append(offset)
             offset += len(tok)
         return lp
 
-    def _chat_logprobs(self, entries: list[dict], _offset: int) -> ChatLogprobs:
+    def _chat_logprobs(self, o, start: int, top: int) -> ChatLogprobs:
         names = self.token_names
         content = []
-        for e in entries:
-            tops = [TopLogprob(token=names.text(t), logprob=_json_logprob(v), bytes=names.bytes(t))
-                    for t, v in e.get("top", [])]
-            content.append(ChatTokenLogprob(token=names.text(e["token_id"]), logprob=_json_logprob(e["logprob"]),
-                                            bytes=names.bytes(e["token_id"]), top_logprobs=tops))
+        for token_id, entry in self._positions(o, start):
+            # chat lists exactly the `top_logprobs` most likely, whether or not the sampled one is among them
+            tops = [TopLogprob(token=names.text(t), logprob=_json_logprob(e.logprob), bytes=names.bytes(t))
+                    for t, e in _by_rank(entry)[:top]]
+            content.append(ChatTokenLogprob(token=names.text(token_id), logprob=_json_logprob(entry[token_id].logprob),
+                                            bytes=names.bytes(token_id), top_logprobs=tops))
         return ChatLogprobs(content=content)
 
 
@@ -462,6 +476,11 @@ def _tokenizer_has_chat_template(tok) -> bool:
     # HF tokenizers have a chat_template attribute (None without one); the embedded byte tokenizer
     # has its own documented template in code and no attribute
     return hasattr(tok, "apply_chat_template") and getattr(tok, "chat_template", "") is not None
+
+
+def _by_rank(entry: dict) -> list:
+    """(token id, Logprob) pairs, most likely first (a sampled token outside the top has the largest rank)."""
+    return sorted(entry.items(), key=lambda item: (item[1].rank is None, item[1].rank or 0, -item[1].logprob))
 
 
 # JSON has no -inf: a token the model (or a filter) rules out is reported with this floor, as vLLM does

@@ -40,12 +40,8 @@ _REFUSED = {
     # vLLM's extra sampling fields
     "use_beam_search": _absent,
     "length_penalty": lambda v: v in (None, 1, 1.0),
-    "include_stop_str_in_output": _absent,
     "spaces_between_special_tokens": lambda v: v in (None, True),
-    "truncate_prompt_tokens": _absent,
     "prompt_logprobs": lambda v: v is None,
-    "allowed_token_ids": lambda v: v is None,
-    "bad_words": _absent,
     "logits_processors": _absent,
     # structured output (old and new names)
     "structured_outputs": _absent,
