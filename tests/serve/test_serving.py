@@ -42,6 +42,9 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(make_server):
     assert server.metric("fusecc_generation_tokens_total") < 200
     r = httpx.post(server.url + CMPL, json={"prompt": "next", "max_tokens": 3}, timeout=10)
     assert r.json()["choices"][0]["text"] == expected_text("next", 3)
+    # logged and counted as the client's abort, not as "200 ... completion_tokens=N"
+    assert re.search(r"POST /v1/completions 499 \S+ aborted \(client disconnected\) prompt_tokens=8 ", server.log())
+    assert server.metric("fusecc_http_requests_total", 'method="POST",route="/v1/completions",status="499"') == 1
 
 
 def test_disconnect_while_waiting_non_streaming(make_server):
