@@ -37,17 +37,22 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults (temperature, top_p,
+        top_k, min_p, repetition_penalty, max_new_tokens), unless generation_config="vllm"."""
+        return self.engine.get_default_sampling_params()
+
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Run every prompt to completion; outputs in prompt order.
 
         prompts: one prompt or a list; a prompt is a string, a list of token ids, or vLLM's
         {"prompt": text} / {"prompt_token_ids": ids}. sampling_params: a SamplingParams, a dict
-        of its fields, or a list of either (one per prompt); None = SamplingParams().
+        of its fields, or a list of either (one per prompt); None = get_default_sampling_params().
         """
         if isinstance(prompts, (str, dict)) or _is_token_ids(prompts):
             prompts = [prompts]
         prompts = list(prompts)
-        params = sampling_params if sampling_params is not None else SamplingParams()
+        params = sampling_params if sampling_params is not None else self.get_default_sampling_params()
         if isinstance(params, (SamplingParams, dict)):
             params = [params] * len(prompts)
         params = [_as_params(p) for p in params]

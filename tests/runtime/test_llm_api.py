@@ -136,3 +136,19 @@ def test_sampling_params_types_and_docstrings():
         SamplingParams(prompt_logprobs=1)
     for cls in (LLM, SamplingParams):
         assert "temperature" in SamplingParams.__doc__ and "engine_args" in LLM.__doc__, cls
+
+
+def test_generation_config_gives_the_default_sampling_params(tmp_path):
+    import json
+
+    from tests.runtime.hf_checkpoints import save_tiny_checkpoint
+
+    save_tiny_checkpoint("llama", tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.9,
+                                                                 "max_new_tokens": 5, "do_sample": True}))
+    llm = LLM(str(tmp_path), enforce_eager=True, max_model_len=64)
+    p = llm.get_default_sampling_params()
+    assert (p.temperature, p.top_p, p.max_tokens) == (0.6, 0.9, 5)
+    assert len(llm.generate("w1 w2", use_tqdm=False)[0].outputs[0].token_ids) <= 5
+    plain = LLM(str(tmp_path), enforce_eager=True, max_model_len=64, generation_config="vllm")
+    assert plain.get_default_sampling_params() == SamplingParams()
