@@ -63,6 +63,8 @@ class LLMEngine:
         self._lock = threading.RLock()
         self.prompt_tokens_total = 0
         self.step_timings = StepTimings()
+        # SamplingParams defaults of the model's generation_config.json (set by from_engine_args)
+        self.generation_defaults: dict = {}
 
     @classmethod
     def from_engine_args(cls, model: str | None = None, **engine_args) -> "LLMEngine":
@@ -96,11 +98,17 @@ class LLMEngine:
             tokenizer = loader.load_tokenizer(config.tokenizer or model)
             name = str(model)
             eos = loader.eos_token_ids(model, hf_config, tokenizer)
-        return cls(net, tokenizer, config, eos_token_ids=eos, model_name=name)
+        engine = cls(net, tokenizer, config, eos_token_ids=eos, model_name=name)
+        engine.generation_defaults = loader.generation_defaults(config.generation_config, model)
+        return engine
 
     @property
     def max_model_len(self) -> int:
         return self.config.max_model_len
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config.json defaults (EngineConfig.generation_config)."""
+        return SamplingParams(**self.generation_defaults)
 
     @property
     def generation_tokens_total(self) -> int:

@@ -157,6 +157,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# generation_config.json keys that are SamplingParams fields (vLLM's list), and their names there
+_GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(setting: str, model: str | Path | None) -> dict:
+    """SamplingParams defaults from generation_config.json (EngineConfig.generation_config):
+    "auto" reads the model folder's, "vllm" none, anything else is a folder holding one."""
+    folder = None if setting == "vllm" else model if setting == "auto" else setting
+    if folder is None:
+        return {}
+    path = _checkpoint_dir(folder) / "generation_config.json"
+    if not path.exists():
+        if setting != "auto":
+            raise FileNotFoundError(f"generation_config {str(folder)!r} holds no generation_config.json")
+        return {}
+    data = json.loads(path.read_text())
+    return {ours: data[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if data.get(theirs) is not None}
+
+
 def _checkpoint_dir(path: str | Path) -> Path:
     p = Path(path)
     if not p.is_dir():
