@@ -97,16 +97,13 @@ def _non_empty(text: str) -> str:
 
 
 def _chat_template(text: str) -> str:
-    """The template text: a file's contents, or the argument itself when it is a template (vLLM's rule)."""
-    if os.path.isfile(text):
-        try:
-            with open(text, encoding="utf-8") as f:
-                return f.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise argparse.ArgumentTypeError(f"cannot read {text}: {exc}") from None
-    if "{" not in text:  # every Jinja template holds {{ or {%: this was meant as a path
-        raise argparse.ArgumentTypeError(f"{text} is neither a file nor a Jinja template")
-    return text
+    """The template text, read once: a file's contents, or the argument itself when it is a template."""
+    from fusecc.runtime.chat import _load_template
+
+    try:
+        return _load_template(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, str | None, dict]:
@@ -140,6 +137,13 @@ def _engine_factory(spec: str | None):
     return getattr(importlib.import_module(module), attr)
 
 
+def _generation_defaults(engine) -> dict:
+    """The sampling defaults the engine read from generation_config.json (--generation-config);
+    the async engine keeps them on the engine it steps."""
+    inner = getattr(engine, "engine", engine)
+    return dict(getattr(inner, "generation_defaults", None) or {})
+
+
 def _fail(message: str) -> int:
     print(f"fusecc-serve: error: {message}", file=sys.stderr)
     return 2
@@ -166,7 +170,7 @@ async def serve(args: argparse.Namespace, model: str | None, engine_kwargs: dict
         try:
             app = create_app(engine, args.served_model_name, api_key=args.api_key, max_queue=args.max_queue,
                              max_body_bytes=args.max_body_bytes, read_timeout=args.request_read_timeout,
-                             chat_template=args.chat_template)
+                             chat_template=args.chat_template, default_sampling=_generation_defaults(engine))
         except Exception as exc:  # a --chat-template that cannot render a plain exchange
             sock.close()
             return _fail(f"cannot start the server: {type(exc).__name__}: {exc}")
@@ -175,8 +179,11 @@ async def serve(args: argparse.Namespace, model: str | None, engine_kwargs: dict
             logger.warning("the model has no chat template: chat completions will be refused (400) unless the "
                            "server is started with --chat-template")
         if serving.default_sampling:
-            logger.info("default sampling parameters from the model's generation_config.json: %s",
+            logger.info("requests that leave them unset get these defaults from generation_config.json "
+                        "(--generation-config vllm ignores it): %s",
                         ", ".join(f"{k}={v}" for k, v in sorted(serving.default_sampling.items())))
+        else:
+            logger.info("default sampling parameters: the OpenAI API's (no generation_config.json defaults)")
         config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="off",
                                 http=protocol_class(args.request_read_timeout),
                                 timeout_graceful_shutdown=args.shutdown_timeout + BACKSTOP_S)

@@ -26,6 +26,7 @@ import anyio
 from pydantic import ValidationError
 
 from fusecc.runtime.async_engine import EngineShutDown
+from fusecc.runtime.chat import chat_token_ids, render_chat
 from fusecc.runtime.sampling_params import SamplingParams
 from fusecc.runtime.scheduler import SchedulerFullError
 from fusecc.serve.disconnect import until_disconnected
@@ -93,9 +94,20 @@ class OpenAIServing:
         self._ignored_fields: set[str] = set()
         self.has_chat_template = chat_template is not None or _tokenizer_has_chat_template(self.tokenizer)
         if self.has_chat_template:
-            # compiles the template now, not on the first chat request; a template that cannot
-            # render a plain exchange fails the start, not every request
-            self._render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+            self._warm_up_chat_template()
+
+    def _warm_up_chat_template(self) -> None:
+        """Compile the template now (transformers caches it), not on the first chat request. A
+        template that does not parse fails the start; one that refuses this probe conversation
+        (some insist on a system turn) may still serve others."""
+        from jinja2 import TemplateSyntaxError
+
+        try:
+            render_chat(self.tokenizer, [{"role": "user", "content": "hi"}], self.chat_template)
+        except TemplateSyntaxError:
+            raise
+        except Exception as exc:
+            logger.warning("the chat template refused a one-message probe conversation: %s", exc)
 
     def parse(self, model_cls, body: bytes):
         """The request model of a JSON body, or a 400 naming the field; unknown fields are checked."""
@@ -188,11 +200,6 @@ class OpenAIServing:
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
 
-    def _render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        kwargs = {} if self.chat_template is None else {"chat_template": self.chat_template}
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False, **kwargs)
-
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         if not req.messages:
             raise APIError(400, "messages is empty", param="messages")
@@ -209,16 +216,10 @@ class OpenAIServing:
                                code="unsupported_content")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            text = self._render_chat(messages, req.add_generation_prompt)
+            text = render_chat(self.tokenizer, messages, self.chat_template, req.add_generation_prompt)
         except Exception as exc:  # a template's raise_exception (roles must alternate, ...)
             raise APIError(400, f"chat template failed on these messages: {exc}", param="messages") from None
-        tok = self.tokenizer
-        ids = self._prompt_ids(text, "messages", req.truncate_prompt_tokens)
-        # A template that writes the BOS token itself plus an encode() that adds one gives two.
-        bos = getattr(tok, "bos_token_id", None)
-        if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
-            ids = ids[1:]
-        return ids
+        return self._prompt_ids(chat_token_ids(self.tokenizer, text), "messages", req.truncate_prompt_tokens)
 
     # ---- engine -------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -61,6 +62,9 @@ def llama_dir(tmp_path_factory) -> Path:
     tok = tiny_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(path)
+    generation = path / "generation_config.json"  # sampling defaults, as instruct checkpoints ship them
+    config = json.loads(generation.read_text()) if generation.exists() else {}
+    generation.write_text(json.dumps({**config, "max_new_tokens": 5, "temperature": 0.0, "top_k": 7}))
     return path
 
 
@@ -98,6 +102,19 @@ def test_vllm_style_command_line_serves_the_openai_client(vllm_style_server):
     assert [m.id for m in openai.OpenAI(base_url=server.url + "/v1", api_key="k").models.list().data] == ["m"]
     # max_model_len 2k = 2000, lowered to the checkpoint's 256 positions
     assert "max_model_len=256" in server.log()
+
+
+def test_generation_config_defaults_apply_to_fields_left_unset(vllm_style_server):
+    server = vllm_style_server
+    assert "from generation_config.json (--generation-config vllm ignores it): max_tokens=5, temperature=0.0, " \
+           "top_k=7" in server.log()
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="k", timeout=60, max_retries=0) as client:
+        kw = dict(model="m", prompt="w5 w6", extra_body={"ignore_eos": True})
+        assert client.completions.create(**kw).usage.completion_tokens == 5  # not OpenAI's 16
+        assert client.completions.create(**kw, max_tokens=9).usage.completion_tokens == 9
+        # temperature 0 by default: greedy, so two samples agree
+        texts = {client.completions.create(**kw, seed=s).choices[0].text for s in (1, 2)}
+        assert len(texts) == 1
 
 
 def test_help_describes_every_option_with_its_default():
