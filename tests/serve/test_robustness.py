@@ -14,6 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from fusecc.runtime.async_engine import EngineShutDown
+from tests.serve.fake_engine import FakeAsyncEngine
+
 CMPL = "/v1/completions"
 _STANDARD_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 
@@ -140,3 +143,26 @@ def test_requests_outliving_the_shutdown_get_503(make_server, second_sigint):
     assert "Traceback" not in log and "CancelledError" not in log, log
     # both are logged (and counted) as ended by the server, not as 200 with their partial tokens
     assert len(re.findall(r"POST /v1/completions 503 \S+ aborted \(server shutting down\)", log)) == 2, log
+
+
+class _ShutDownEngine(FakeAsyncEngine):
+    """An engine stopped under its requests (what a forced shutdown does): generate raises
+    EngineShutDown after one output."""
+
+    async def generate(self, prompt, params, request_id):
+        async for out in super().generate(prompt, params, request_id):
+            yield out
+            raise EngineShutDown(f"the engine was shut down before request {request_id!r} finished")
+
+
+def test_engine_shut_down_under_a_request_is_503_not_500():
+    from fastapi.testclient import TestClient
+
+    from fusecc.serve.app import create_app
+
+    with TestClient(create_app(_ShutDownEngine(), "m")) as tc:
+        r = tc.post(CMPL, json={"prompt": "x", "max_tokens": 5})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down", r.text
+        with tc.stream("POST", CMPL, json={"prompt": "x", "max_tokens": 5, "stream": True}) as s:
+            events = [ln[6:] for ln in s.iter_lines() if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "server_shutting_down"
