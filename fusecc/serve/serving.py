@@ -31,19 +31,16 @@ from fusecc.runtime.sampling_params import SamplingParams
 from fusecc.runtime.scheduler import SchedulerFullError
 from fusecc.serve.disconnect import until_disconnected
 from fusecc.serve.errors import APIError
-from fusecc.serve.token_text import TokenNames
+from fusecc.serve.logprobs import LogprobFormatter
 from fusecc.serve.unsupported import check_fields
 from fusecc.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                                   ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatTokenLogprob,
-                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                   DeltaMessage, TopLogprob, Usage)
+                                   ChatCompletionRequest, ChatCompletionResponse, CompletionChoice, CompletionRequest,
+                                   CompletionResponse, DeltaMessage, Usage)
 
 logger = logging.getLogger("fusecc.serve")
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 RETRY_AFTER_S = "1"
-
-
 
 
 def shutting_down_error() -> APIError:
@@ -90,7 +87,7 @@ class OpenAIServing:
         self.max_model_len = engine.max_model_len
         self.chat_template = chat_template
         self.default_sampling = dict(default_sampling or {})
-        self.token_names = TokenNames(self.tokenizer)
+        self.logprobs = LogprobFormatter(self.tokenizer)
         self._ignored_fields: set[str] = set()
         self.has_chat_template = chat_template is not None or _tokenizer_has_chat_template(self.tokenizer)
         if self.has_chat_template:
@@ -301,7 +298,7 @@ class OpenAIServing:
                 prefix = echo[i] if req.echo else ""
                 text = prefix + o.text
                 # text_offset: character offsets into the returned text, the echoed prompt included
-                lp = self._completion_logprobs(o, 0, len(prefix)) if req.logprobs is not None else None
+                lp = self.logprobs.completion(o, 0, len(prefix)) if req.logprobs is not None else None
                 choices.append(CompletionChoice(index=i * req.n + o.index, text=text, logprobs=lp,
                                                 finish_reason=o.finish_reason, stop_reason=o.stop_reason))
         usage = self._usage(finals)
@@ -334,7 +331,7 @@ class OpenAIServing:
 
         (final,) = await self._run_to_end(request, [prompt], [params], base_id)
         choices = [ChatChoice(index=o.index, message=AssistantMessage(content=o.text),
-                              logprobs=self._chat_logprobs(o, 0, req.top_logprobs or 0) if req.logprobs else None,
+                              logprobs=self.logprobs.chat(o, 0, req.top_logprobs or 0) if req.logprobs else None,
                               finish_reason=o.finish_reason, stop_reason=o.stop_reason)
                    for o in final.outputs]
         usage = self._usage([final])
@@ -391,7 +388,7 @@ class OpenAIServing:
                     offsets[idx] = len(echo[idx // req.n])
                 lp = None
                 if req.logprobs is not None:
-                    lp = self._completion_logprobs(o, start, offsets.get(idx, 0))
+                    lp = self.logprobs.completion(o, start, offsets.get(idx, 0))
                     if lp.tokens:
                         offsets[idx] = lp.text_offset[-1] + len(lp.tokens[-1])
                 chunk = CompletionResponse(id=base_id, created=created, model=self.model_name, choices=[
@@ -418,7 +415,7 @@ class OpenAIServing:
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                          for i in range(req.n)])
             async for idx, text, o, start, finish in deltas:
-                lp = self._chat_logprobs(o, start, req.top_logprobs or 0) if req.logprobs else None
+                lp = self.logprobs.chat(o, start, req.top_logprobs or 0) if req.logprobs else None
                 delta = DeltaMessage(content=text) if text else DeltaMessage()
                 yield chunk([ChatChunkChoice(index=idx, delta=delta, logprobs=lp, finish_reason=finish)])
             if req.stream_options and req.stream_options.include_usage:
@@ -437,36 +434,6 @@ class OpenAIServing:
         completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
-    @staticmethod
-    def _positions(o, start: int):
-        """(sampled token id, {token id: Logprob}) per generated token from `start` on (vLLM's shape:
-        the dict holds the sampled token and the top ones)."""
-        return zip(o.token_ids[start:], (o.logprobs or [])[start:len(o.token_ids)])
-
-    def _completion_logprobs(self, o, start: int, offset: int) -> CompletionLogprobs:
-        names = self.token_names
-        lp = CompletionLogprobs()
-        for token_id, entry in self._positions(o, start):
-            tok = names.text(token_id)
-            lp.tokens.append(tok)
-            lp.token_logprobs.append(_json_logprob(entry[token_id].logprob))
-            # vLLM's completions list every entry: the top ones and the sampled one
-            lp.top_logprobs.append({names.text(t): _json_logprob(e.logprob) for t, e in _by_rank(entry)})
-            lp.text_offset.append(offset)
-            offset += len(tok)
-        return lp
-
-    def _chat_logprobs(self, o, start: int, top: int) -> ChatLogprobs:
-        names = self.token_names
-        content = []
-        for token_id, entry in self._positions(o, start):
-            # chat lists exactly the `top_logprobs` most likely, whether or not the sampled one is among them
-            tops = [TopLogprob(token=names.text(t), logprob=_json_logprob(e.logprob), bytes=names.bytes(t))
-                    for t, e in _by_rank(entry)[:top]]
-            content.append(ChatTokenLogprob(token=names.text(token_id), logprob=_json_logprob(entry[token_id].logprob),
-                                            bytes=names.bytes(token_id), top_logprobs=tops))
-        return ChatLogprobs(content=content)
-
 
 # Sampling fields a model's generation_config.json may give defaults for (vLLM's list; max_tokens
 # is handled by _max_tokens).
@@ -477,19 +444,6 @@ def _tokenizer_has_chat_template(tok) -> bool:
     # HF tokenizers have a chat_template attribute (None without one); the embedded byte tokenizer
     # has its own documented template in code and no attribute
     return hasattr(tok, "apply_chat_template") and getattr(tok, "chat_template", "") is not None
-
-
-def _by_rank(entry: dict) -> list:
-    """(token id, Logprob) pairs, most likely first (a sampled token outside the top has the largest rank)."""
-    return sorted(entry.items(), key=lambda item: (item[1].rank is None, item[1].rank or 0, -item[1].logprob))
-
-
-# JSON has no -inf: a token the model (or a filter) rules out is reported with this floor, as vLLM does
-_LOGPROB_FLOOR = -9999.0
-
-
-def _json_logprob(value: float) -> float:
-    return value if value >= _LOGPROB_FLOOR else _LOGPROB_FLOOR  # NaN compares False: floored too
 
 
 def _vocabulary_size(tokenizer) -> int | None:

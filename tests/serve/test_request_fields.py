@@ -136,7 +136,7 @@ def test_logprob_bytes_are_the_tokens_own_bytes():
     from transformers import PreTrainedTokenizerFast
 
     from fusecc.runtime.byte_tokenizer import ByteTokenizer
-    from fusecc.serve.token_text import TokenNames
+    from fusecc.serve.logprobs import TokenNames
 
     names = TokenNames(ByteTokenizer())
     assert names.text(0xC3) == "\ufffd" and names.bytes(0xC3) == [0xC3]  # half of "é"
