@@ -80,6 +80,7 @@ class LLMEngine:
         config = EngineConfig(**engine_args)
         config.check_supported()
         device = loader.resolve_device(config.device)
+        defaults = loader.generation_defaults(config.generation_config, model)  # a bad folder fails before loading
         if model is None:
             from fusecc.runtime.byte_tokenizer import ByteTokenizer
             from fusecc.runtime.default_model import DEFAULT_MODEL_NAME, build_default_model, default_config
@@ -99,7 +100,7 @@ class LLMEngine:
             name = str(model)
             eos = loader.eos_token_ids(model, hf_config, tokenizer)
         engine = cls(net, tokenizer, config, eos_token_ids=eos, model_name=name)
-        engine.generation_defaults = loader.generation_defaults(config.generation_config, model)
+        engine.generation_defaults = defaults
         return engine
 
     @property
