@@ -15,6 +15,9 @@ _LAZY = {
     "EngineConfig": "fusecc.runtime.config",
     "RequestOutput": "fusecc.runtime.outputs",
     "CompletionOutput": "fusecc.runtime.outputs",
+    "Logprob": "fusecc.runtime.outputs",
+    "RequestMetrics": "fusecc.runtime.outputs",
+    "render_chat": "fusecc.runtime.chat",
 }
 
 __all__ = ["__version__", *_LAZY]

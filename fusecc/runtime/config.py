@@ -1,53 +1,90 @@
-"""Engine options: one dataclass, validated on construction.
+"""Engine options: one dataclass, the one definition of every engine argument.
 
     config = EngineConfig(max_model_len=2048, num_kv_blocks=512)
     config = dataclasses.replace(config, max_model_len=1024)   # re-validated
 
-The model runner resolves what depends on the model and the device (the KV pool size from
-`gpu_memory_utilization` when `num_kv_blocks` is None, and may lower `max_model_len` to the
-model's context length with `dataclasses.replace`); the scheduler and block manager only read it.
-The pool's peak usage is `LLMEngine.stats().peak_kv_cache_usage`.
+Each field's `metadata["help"]` is the text users read (`fusecc-serve --help`, built by
+fusecc/runtime/engine_args.py); `LLM(**kwargs)` and `LLMEngine.from_engine_args(**kwargs)` take
+exactly these names. The model runner resolves what depends on the model and the device (the KV
+pool size from `gpu_memory_utilization` when `num_kv_blocks` is None, and may lower
+`max_model_len` to the model's context length with `dataclasses.replace`); the scheduler and
+block manager only read it. The pool's peak usage is `LLMEngine.stats().peak_kv_cache_usage`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import functools
+import typing
+from dataclasses import dataclass, field
+
+# vLLM's --dtype names; "auto" = the checkpoint's torch_dtype (bf16 on CUDA / fp32 on CPU without one)
+DTYPE_NAMES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+DEVICE_NAMES = ("auto", "cuda", "cpu")
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    # Tokens per KV-cache block. Prefix caching shares whole blocks only, so smaller blocks share
-    # more of a common prefix but cost longer block tables.
-    block_size: int = 16
-    # Sequences in the running batch (prefills and decodes together) at most.
-    max_num_seqs: int = 256
-    # The per-step token budget: the total number of new tokens (prompt chunks + one per decode)
-    # computed by one forward pass. Bounds activation memory and the latency of a step.
-    max_num_batched_tokens: int = 8192
-    # Prompt + generated tokens of one sequence at most. A sequence reaching it finishes with
-    # reason "length"; a prompt that leaves no room for one generated token is rejected.
-    max_model_len: int = 4096
-    # Reuse the KV of full blocks whose token prefix was seen before (shared system prompts,
-    # recompute after preemption).
-    enable_prefix_caching: bool = True
-    # Split prompts longer than the remaining token budget over several steps, so a long prompt
-    # neither stalls running decodes nor needs max_num_batched_tokens >= max_model_len.
-    enable_chunked_prefill: bool = True
-    # Fraction of total GPU memory the runner may use (weights + activations + KV pool); the
-    # pool gets what is left after a profiling forward pass.
-    gpu_memory_utilization: float = 0.9
-    # Explicit KV pool size in blocks (vLLM's num_gpu_blocks_override); None = sized from memory
-    # by the model runner (gpu_memory_utilization on CUDA, CPU_DEFAULT_KV_BLOCKS on CPU). Set it
-    # to make the pool, not free memory, the limit on concurrency: each block holds block_size
-    # tokens of K and V for every layer. Must hold one max_model_len sequence.
-    num_kv_blocks: int | None = None
-    # Admission control: new requests beyond this many waiting ones are refused
-    # (Scheduler.add raises SchedulerFullError, which a server maps to HTTP 503).
-    max_waiting: int = 4096
-    # Seed of the sampler's generator for requests without their own seed; None = nondeterministic.
-    seed: int | None = 0
+    # --- model and device ---------------------------------------------------------------------
+    dtype: str = _f("auto", "Weights and activations dtype: auto (the checkpoint's torch_dtype from config.json; "
+                            "bfloat16 on CUDA, float32 on CPU when it names none), half/float16, bfloat16, "
+                            "float/float32.")
+    device: str = _f("auto", "Where the model runs: auto (cuda when available, else cpu), cuda, cuda:N or cpu.")
+    tokenizer: str | None = _f(None, "Tokenizer folder (Hugging Face layout); default: the model folder.")
+    enforce_eager: bool = _f(False, "Run the model eagerly: no torch.compile and no CUDA graphs (fastest start, "
+                                    "slowest decode).")
+    seed: int | None = _f(0, "Seed of the sampler's generator for requests without their own seed; "
+                             "None = nondeterministic.")
+    generation_config: str = _f("auto", "Default sampling parameters: auto (the model's generation_config.json), "
+                                        "vllm (ignore it: SamplingParams defaults), or a folder holding a "
+                                        "generation_config.json.")
+    model_impl: str = _f("auto", "Model implementation: auto or fusecc (fusecc's own model classes; the only one).")
+    # --- scheduling and the KV cache ----------------------------------------------------------
+    block_size: int = _f(16, "Tokens per KV-cache block. Prefix caching shares whole blocks only, so smaller "
+                             "blocks share more of a common prefix but cost longer block tables.")
+    max_num_seqs: int = _f(256, "Sequences in the running batch (prefills and decodes together) at most.")
+    max_num_batched_tokens: int = _f(8192, "The per-step token budget: new tokens (prompt chunks + one per decode) "
+                                           "computed by one forward pass. Bounds activation memory and the latency "
+                                           "of a step. Accepts 8k (8000) or 8K (8192).", token_count=True)
+    max_model_len: int = _f(4096, "Prompt + generated tokens of one sequence at most (lowered to the model's "
+                                  "context length). A sequence reaching it finishes with reason 'length'; a prompt "
+                                  "that leaves no room for one generated token is rejected. Accepts 4k (4000) or "
+                                  "4K (4096).", token_count=True)
+    enable_prefix_caching: bool = _f(True, "Reuse the KV of full blocks whose token prefix was seen before (shared "
+                                           "system prompts, recompute after preemption).")
+    enable_chunked_prefill: bool = _f(True, "Split prompts longer than the remaining token budget over several "
+                                            "steps, so a long prompt neither stalls running decodes nor needs "
+                                            "max_num_batched_tokens >= max_model_len.")
+    gpu_memory_utilization: float = _f(0.9, "Fraction of total GPU memory the engine may use (weights + activations "
+                                            "+ KV pool); the KV pool gets what is left after a profiling forward "
+                                            "pass.")
+    num_kv_blocks: int | None = _f(None, "KV pool size in blocks (vLLM's num_gpu_blocks_override); default: sized "
+                                         "from free memory (gpu_memory_utilization) on CUDA, 512 blocks on CPU. Each "
+                                         "block holds block_size tokens of K and V for every layer; the pool must "
+                                         "hold one max_model_len sequence.")
+    max_waiting: int = _f(4096, "Admission control: a request that would make more than this many sequences wait "
+                                "is refused with SchedulerFullError (the server answers HTTP 429).")
+    # --- placeholders for later issues (vLLM's names): other values are refused -----------------
+    tensor_parallel_size: int = _f(1, "GPUs to shard the model over (not supported yet: 1).")
+    quantization: str | None = _f(None, "Weight quantization method (not supported yet: None).")
+    kv_cache_dtype: str = _f("auto", "KV cache dtype (not supported yet: auto = the model's dtype).")
+    speculative_config: str | dict | None = _f(None, "Speculative decoding configuration, a dict or JSON "
+                                                     "(not supported yet: None).")
 
     def __post_init__(self) -> None:
+        hints = _field_types()
+        for f in dataclasses.fields(self):
+            check_field_type(f.name, getattr(self, f.name), hints[f.name])
+        _require(self.dtype in DTYPE_NAMES, "dtype", self.dtype, f"must be one of {DTYPE_NAMES}")
+        _require(self.device in DEVICE_NAMES or self.device.startswith("cuda:"), "device", self.device,
+                 "must be auto, cuda, cuda:N or cpu")
+        _require(self.model_impl in ("auto", "fusecc"), "model_impl", self.model_impl, "must be auto or fusecc")
+        _require(bool(self.generation_config), "generation_config", self.generation_config,
+                 "must be auto, vllm or a folder")
         _require(self.block_size >= 1, "block_size", self.block_size, "must be >= 1")
         _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be >= 1")
         _require(self.max_model_len >= 2, "max_model_len", self.max_model_len,
@@ -68,6 +105,47 @@ class EngineConfig:
         if self.num_kv_blocks is not None:
             _require(self.num_kv_blocks >= 1, "num_kv_blocks", self.num_kv_blocks, "must be >= 1 or None")
         _require(self.max_waiting >= 1, "max_waiting", self.max_waiting, "must be >= 1")
+
+    def check_supported(self) -> None:
+        """The placeholders' non-default values: refused when an engine is built (not on
+        construction, so that a config can be described and printed whatever it holds)."""
+        for name in ("tensor_parallel_size", "quantization", "kv_cache_dtype", "speculative_config"):
+            default = _defaults()[name]
+            if getattr(self, name) != default:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported yet (only {default!r})")
+
+
+@functools.cache
+def _field_types() -> dict[str, object]:
+    return typing.get_type_hints(EngineConfig)
+
+
+@functools.cache
+def _defaults() -> dict[str, object]:
+    return {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+
+
+def check_field_type(name: str, value: object, annotation) -> None:
+    """TypeError naming the field when `value` is not of its annotated type (bool is not an int;
+    an int is a float)."""
+    allowed = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, _UnionType) \
+        else (annotation,)
+    for kind in allowed:
+        if kind is type(None) and value is None:
+            return
+        if kind is bool and isinstance(value, bool):
+            return
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if kind in (str, dict) and isinstance(value, kind):
+            return
+    names = " | ".join("None" if k is type(None) else k.__name__ for k in allowed)
+    raise TypeError(f"EngineConfig.{name} must be {names}, got {type(value).__name__} {value!r}")
+
+
+_UnionType = type(int | None)
 
 
 def _require(ok: bool, name: str, value: object, what: str) -> None:

@@ -6,7 +6,8 @@ extends it gives the new text. A window ending in U+FFFD (half a UTF-8 character
 token) is held back until the next token completes it.
 
 Stop strings: the emitted text is cut before the first occurrence (the stop string itself is
-not part of the output, as in vLLM and OpenAI), and `check_stop` reports which one matched.
+not part of the output, as in vLLM and OpenAI), or after it with include_stop_str_in_output,
+and `check_stop` reports which one matched.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ _CONTEXT_TOKENS = 5
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str], skip_special_tokens: bool) -> None:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str], skip_special_tokens: bool,
+                 include_stop_str: bool = False) -> None:
         self.tokenizer, self.stop, self.skip = tokenizer, stop, skip_special_tokens
+        self.include_stop_str = include_stop_str
         self.tokens = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
@@ -54,15 +57,18 @@ class IncrementalDetokenizer:
     def stable_text(self) -> str:
         """The text an unfinished request may show: without its longest suffix that begins a stop
         string (the next tokens could complete it, and the stop string is cut from the output), so
-        every text shown is a prefix of the final one. vLLM holds such a tail back too."""
-        for n in range(min(len(self.text), self.max_stop_len - 1) if self.stop else 0, 0, -1):
+        every text shown is a prefix of the final one. vLLM holds such a tail back too. With
+        include_stop_str the stop string stays in the output: nothing needs holding back."""
+        hold = 0 if self.include_stop_str or not self.stop else min(len(self.text), self.max_stop_len - 1)
+        for n in range(hold, 0, -1):
             tail = self.text[-n:]
             if any(stop.startswith(tail) for stop in self.stop):
                 return self.text[:-n]
         return self.text
 
     def check_stop(self, new_text_len: int) -> str | None:
-        """The stop string ending in the last `new_text_len` characters, if any; truncates text before it."""
+        """The stop string ending in the last `new_text_len` characters, if any; truncates the text
+        before it (after it with include_stop_str)."""
         if not self.stop or not new_text_len:
             return None
         start = max(0, len(self.text) - new_text_len - self.max_stop_len + 1)
@@ -73,5 +79,5 @@ class IncrementalDetokenizer:
                 best = (i, s)
         if best is None:
             return None
-        self.text = self.text[:best[0]]
+        self.text = self.text[:best[0] + (len(best[1]) if self.include_stop_str else 0)]
         return best[1]

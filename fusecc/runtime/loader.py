@@ -125,6 +125,58 @@ def eos_token_ids(path: str | Path | None, config, tokenizer) -> set[int]:
     return ids
 
 
+_DTYPES = {"half": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16, "float": torch.float32,
+           "float32": torch.float32}
+
+
+def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
+    """EngineConfig.dtype -> torch dtype. "auto": the checkpoint's torch_dtype (config.json), else
+    bf16 on CUDA and fp32 on CPU."""
+    if name != "auto":
+        return _DTYPES[name]
+    declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    if isinstance(declared, torch.dtype) and declared in _DTYPES.values():
+        return declared
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype as the EngineConfig.dtype name; ValueError for a dtype the engine cannot run."""
+    for name, d in _DTYPES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"engine argument dtype must be one of float16, bfloat16, float32, got {dtype}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """EngineConfig.device -> torch device; "auto" = cuda when available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# generation_config.json keys that are SamplingParams fields (vLLM's list), and their names there
+_GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(setting: str, model: str | Path | None) -> dict:
+    """SamplingParams defaults from generation_config.json (EngineConfig.generation_config):
+    "auto" reads the model folder's, "vllm" none, anything else is a folder holding one."""
+    folder = None if setting == "vllm" else model if setting == "auto" else setting
+    if folder is None:
+        return {}
+    path = _checkpoint_dir(folder) / "generation_config.json"
+    if not path.exists():
+        if setting != "auto":
+            raise FileNotFoundError(f"generation_config {str(folder)!r} holds no generation_config.json")
+        return {}
+    data = json.loads(path.read_text())
+    return {ours: data[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if data.get(theirs) is not None}
+
+
 def _checkpoint_dir(path: str | Path) -> Path:
     p = Path(path)
     if not p.is_dir():

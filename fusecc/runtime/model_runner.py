@@ -1,13 +1,14 @@
 """Runs one scheduled step on the device: flat inputs -> forward -> logits -> sampled tokens.
 
-    runner = ModelRunner(model, config, device)          # sizes and allocates the KV pool
+    runner = ModelRunner(model, config)                  # sizes and allocates the KV pool
     config = runner.config                                 # num_kv_blocks resolved
     sampled = runner.execute(scheduler_output, eos_ids)    # SamplerOutput (None if nothing samples)
 
 The forward is `torch.compile(model, backend="fusecc", options={"freeze": True, "autotune": ...},
 dynamic=True)` unless `enforce_eager`: one graph for decode-only steps and one for mixed steps,
-dynamic over the token count; a server tunes its attention kernels once at start-up unless
-FUSECC_AUTOTUNE=0. On CUDA, decode-only steps of up to max_num_seqs sequences replay CUDA graphs
+dynamic over the token count; the constructor compiles every graph a step can hit
+(warmup(), fusecc/runtime/warmup.py) and a server tunes its attention kernels once at start-up
+unless FUSECC_AUTOTUNE=0. On CUDA, decode-only steps of up to max_num_seqs sequences replay CUDA graphs
 captured for batch-size buckets (1, 2, 4, 8, 16, 32, ...); a batch is padded to its bucket with
 slot -1 (no cache write) and context length 0 (attention output 0) rows.
 
@@ -19,6 +20,8 @@ sampled tokens.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 
 import torch
 
@@ -28,6 +31,9 @@ from fusecc.runtime.input_batch import BlockTableMirror, StepInputs, cdiv, cpu_t
 from fusecc.runtime.models.attention import AttentionMetadata
 from fusecc.runtime.sampler import Sampler, SamplerOutput, SamplingMetadata
 from fusecc.runtime.scheduler import SchedulerOutput
+from fusecc.runtime.warmup import warmup_shapes
+
+logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BLOCKS = 512
 # GPU memory kept out of the KV pool for what the profiling pass does not see: CUDA graphs,
@@ -55,8 +61,10 @@ def _no_duck_sizing(fn):
 
 
 class ModelRunner:
-    def __init__(self, model, config: EngineConfig, device: torch.device, enforce_eager: bool = False) -> None:
-        self.model, self.device = model, torch.device(device)
+    def __init__(self, model, config: EngineConfig) -> None:
+        # the model's own device: config.device may be "auto"
+        self.model, self.device = model, next(model.parameters()).device
+        enforce_eager = config.enforce_eager
         self.dtype = next(model.parameters()).dtype
         self.num_layers = len(model.model.layers)
         self.kv_heads, self.head_dim = model.kv_shape
@@ -78,6 +86,8 @@ class ModelRunner:
         self.num_graph_replays = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._bucket_of: dict[int, int] = {}  # decode batch size -> captured bucket
+        if not enforce_eager:
+            self.warmup()
         if self.device.type == "cuda" and not enforce_eager:
             self._capture_graphs()
 
@@ -124,6 +134,31 @@ class ModelRunner:
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    # --- start-up ---------------------------------------------------------------------------
+    @torch.inference_mode()  # as execute(): a compiled graph guards on its inputs' dispatch keys
+    def warmup(self) -> None:
+        """Compile (and on CUDA autotune) every graph a step can hit (fusecc/runtime/warmup.py),
+        so that no request pays for it."""
+        start = time.perf_counter()
+        shapes = warmup_shapes(self.config, self.max_blocks_per_seq)
+        for q, ctx in shapes:
+            width = cdiv(max(ctx), self.config.block_size)
+            tokens = sum(q)
+            positions = [p for n, c in zip(q, ctx) for p in range(c - n, c)]
+            cu = [0]
+            for n in q:
+                cu.append(cu[-1] + n)
+            md = AttentionMetadata(
+                slot_mapping=self._device([-1] * tokens, torch.int64),  # -1: no KV written
+                block_tables=self._device(torch.zeros((len(q), width), dtype=torch.int32), torch.int32),
+                context_lens=self._device(ctx, torch.int32), cu_seqlens_q=self._device(cu, torch.int32),
+                max_seqlen_q=max(q), decode_only=tokens == len(q), num_decodes=sum(n == 1 for n in q))
+            self.forward(self._device([0] * tokens, torch.int64), self._device(positions, torch.int64),
+                         self.kv_caches, md)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        logger.info("warm-up: %d step shapes compiled in %.1f s", len(shapes), time.perf_counter() - start)
 
     # --- KV pool sizing (CUDA) ----------------------------------------------------------------
     def _profile_num_blocks(self, config: EngineConfig) -> int:

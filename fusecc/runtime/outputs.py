@@ -1,9 +1,41 @@
-"""What the engine returns per step and per request. Outputs are CUMULATIVE: every RequestOutput
-holds the text and token ids generated so far (like vLLM); the last one has finished=True."""
+"""What the engine returns per step and per request. By default outputs are CUMULATIVE: every
+RequestOutput holds the text and token ids generated so far (like vLLM); the last one has
+finished=True. SamplingParams.output_kind="delta" makes each carry only what is new."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+
+@dataclass
+class Logprob:
+    """One token's log-probability, as vLLM reports it."""
+
+    logprob: float
+    rank: int | None = None  # 1 = the most likely token of the distribution
+    decoded_token: str | None = None  # the token's text (tokenizer.decode([token_id]))
+
+
+class LegacyLogprobs(dict):
+    """{token id: Logprob}, that also answers the keys of the shape before vLLM's ("token_id",
+    "logprob", "top": [(token id, logprob), ...] of the top k) which fusecc/serve/serving.py reads.
+    Transitional: delete it once the server reads the Logprob dicts."""
+
+    def __init__(self, entries: dict, top: list[tuple[int, float]]) -> None:
+        super().__init__(entries)
+        self._top = top
+
+    def __missing__(self, key):
+        if key == "token_id":
+            return next(iter(self))
+        if key == "logprob":
+            return next(iter(self.values())).logprob
+        if key == "top":
+            return self._top
+        raise KeyError(key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self or key in ("token_id", "logprob", "top") else default
 
 
 @dataclass
@@ -13,8 +45,14 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None  # 'stop' | 'length' | 'abort' | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    # per generated token: {"token_id": int, "logprob": float, "top": [(token_id, logprob), ...]}
-    logprobs: list[dict] | None = None
+    # Per generated token (SamplingParams.logprobs set): {token id: Logprob} holding the sampled
+    # token and the top-`logprobs` tokens (k or k + 1 entries: the sampled one may be among them).
+    logprobs: list[dict[int, Logprob]] | None = None
+    # Sum of the sampled tokens' logprobs (all of them so far, also for "delta" outputs); None without logprobs.
+    cumulative_logprob: float | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass

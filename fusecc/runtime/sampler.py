@@ -6,8 +6,9 @@
 
 Processing order (vLLM v1's), each step skipped when no row uses it:
 0. logit_bias: each row's biases are added to its logits.
-1. min_tokens: stop tokens (stop_token_ids, and EOS unless ignore_eos) get -inf while a row has
-   fewer than min_tokens outputs.
+1. masks (-inf): tokens outside a row's allowed_token_ids; the last token of a bad word whose
+   other tokens end the row's output (a one-token bad word always); and stop tokens
+   (stop_token_ids, and EOS unless ignore_eos) while a row has fewer than min_tokens outputs.
 2. penalties: repetition (tokens in prompt or output: positive logits / p, negative * p), then
    frequency (- f * count in output) and presence (- p if in output), as OpenAI defines them.
 3. greedy rows (temperature < 1e-5): exact argmax of the logits so far.
@@ -22,7 +23,7 @@ Processing order (vLLM v1's), each step skipped when no row uses it:
    row with a seed comes from a generator seeded with hash(seed, number of outputs so far), so its
    tokens do not depend on the batch it lands in, nor on preemption.
 
-When every row is greedy with no penalty, no bias, no pending min_tokens mask and no logprobs (the
+When every row is greedy with no penalty, no bias, no mask and no logprobs (the
 common offline case) the sampler is a single argmax of the logits (`plain_greedy`): the same
 tokens as steps 1-3, without the [B, V] float32 copy or any per-row tensors.
 
@@ -63,6 +64,8 @@ class SamplingMetadata:
     prompt_tokens: tuple[torch.Tensor, torch.Tensor] | None
     output_tokens: tuple[torch.Tensor, torch.Tensor] | None
     stop_mask_index: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) to set to -inf
+    # (rows, token ids) that rows with allowed_token_ids may sample; their other tokens get -inf
+    allowed_index: tuple[torch.Tensor, torch.Tensor] | None
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, float32 biases)
     step_seeds: list[int | None]  # per row: this step's generator seed, None = the sampler's generator
     max_num_logprobs: int | None  # top-n to return (max over rows); None = no logprobs
@@ -80,7 +83,8 @@ class SamplingMetadata:
             return cls(temperature=torch.ones(B, device=device), greedy=torch.ones(B, dtype=torch.bool, device=device),
                        all_greedy=True, top_k=None, max_top_k=vocab_size, top_p=None, min_p=None,
                        repetition_penalty=None, presence_penalty=None, frequency_penalty=None, prompt_tokens=None,
-                       output_tokens=None, stop_mask_index=None, logit_bias=None, step_seeds=[None] * B,
+                       output_tokens=None, stop_mask_index=None, allowed_index=None, logit_bias=None,
+                       step_seeds=[None] * B,
                        max_num_logprobs=None, plain_greedy=True)
         eos = [t for t in eos_token_ids if 0 <= t < vocab_size]
         greedy = [p.is_greedy for p in params]
@@ -110,6 +114,15 @@ class SamplingMetadata:
                 stop = set(t for t in p.stop_token_ids if t < vocab_size) | (set() if p.ignore_eos else set(eos))
                 rows += [i] * len(stop)
                 cols += sorted(stop)
+        for i, (s, out) in enumerate(zip(seqs, outputs)):
+            banned = _banned_words(getattr(s, "bad_words_token_ids", None), out, vocab_size)
+            rows += [i] * len(banned)
+            cols += banned
+        allowed_rows, allowed_ids = [], []
+        for i, p in enumerate(params):
+            ids = [t for t in p.allowed_token_ids or () if t < vocab_size]
+            allowed_rows += [i] * len(ids)
+            allowed_ids += ids
         bias_rows, bias_ids, bias_values = [], [], []
         for i, p in enumerate(params):
             for token, bias in (p.logit_bias or {}).items():
@@ -133,6 +146,7 @@ class SamplingMetadata:
             prompt_tokens=_flat_pairs([_prompt_array(seqs[i]) for i in rep_rows], rep_rows, device) if rep_rows else None,
             output_tokens=_flat_pairs([outputs[i] for i in pen_rows], pen_rows, device) if pen_rows else None,
             stop_mask_index=(col(rows, torch.int64), col(cols, torch.int64)) if rows else None,
+            allowed_index=(col(allowed_rows, torch.int64), col(allowed_ids, torch.int64)) if allowed_rows else None,
             logit_bias=(col(bias_rows, torch.int64), col(bias_ids, torch.int64), col(bias_values, torch.float32))
             if bias_rows else None,
             step_seeds=seeds,
@@ -146,6 +160,7 @@ class SamplerOutput:
     logprobs: torch.Tensor | None = None  # [B] float32, of the sampled token
     top_logprobs: torch.Tensor | None = None  # [B, max_num_logprobs] float32, descending
     top_token_ids: torch.Tensor | None = None  # [B, max_num_logprobs] int64
+    ranks: torch.Tensor | None = None  # [B] int64: 1 + tokens more likely than the sampled one
 
 
 class Sampler:
@@ -179,6 +194,7 @@ class Sampler:
                 source = torch.where(md.greedy[:, None], logits, processed)
             lp = source.log_softmax(dim=-1)
             out.logprobs = lp.gather(1, token_ids[:, None]).squeeze(1)
+            out.ranks = (lp > out.logprobs[:, None]).sum(dim=-1) + 1
             if md.max_num_logprobs > 0:
                 out.top_logprobs, out.top_token_ids = lp.topk(md.max_num_logprobs, dim=-1)
         return out
@@ -191,6 +207,11 @@ class Sampler:
         if md.logit_bias is not None:
             rows, ids, values = md.logit_bias
             logits.index_put_((rows, ids), values, accumulate=True)
+        if md.allowed_index is not None:
+            keep = torch.zeros(B, V, dtype=torch.bool, device=logits.device)
+            keep[md.allowed_index] = True
+            restricted = keep.any(dim=-1, keepdim=True)  # rows without allowed_token_ids keep everything
+            logits = logits.masked_fill(restricted & ~keep, float("-inf"))
         if md.stop_mask_index is not None:
             logits[md.stop_mask_index] = float("-inf")
         if md.repetition_penalty is not None:
@@ -276,8 +297,19 @@ class Sampler:
 
 def _is_plain_greedy(seq, params) -> bool:
     return (params.is_greedy and params.logprobs is None and not params.logit_bias
+            and params.allowed_token_ids is None and not getattr(seq, "bad_words_token_ids", None)
             and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
             and (params.min_tokens == 0 or len(seq.output_token_ids) >= params.min_tokens))
+
+
+def _banned_words(words: list[list[int]] | None, output: list[int], vocab_size: int) -> list[int]:
+    """Last tokens of the bad words whose other tokens end `output` (vLLM's bad-words rule)."""
+    banned = set()
+    for word in words or ():
+        prefix = word[:-1]
+        if word[-1] < vocab_size and (not prefix or output[len(output) - len(prefix):] == prefix):
+            banned.add(word[-1])
+    return sorted(banned)
 
 
 def _step_seed(seed: int, step: int) -> int:

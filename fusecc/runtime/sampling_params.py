@@ -4,17 +4,22 @@
     SamplingParams(temperature=0.8, top_p=0.95, seed=1234, max_tokens=256, stop=["\\n\\n"])
 
 Where each option is applied:
-- Sampler (fusecc/runtime/sampler.py): logit_bias, temperature, top_k, top_p, min_p, the three
-  penalties, seed, logprobs, and min_tokens (EOS and stop_token_ids are masked until min_tokens are out).
-- Scheduler.postprocess: max_tokens, stop_token_ids, EOS (unless ignore_eos), min_tokens.
-- The detokenizing layer (engine): stop strings and skip_special_tokens; it ends a request
-  through Scheduler.finish when a stop string appears once min_tokens are out (as vLLM).
-`n > 1` is the engine's business: it adds n sequences, each with its own request id.
+- Sampler (fusecc/runtime/sampler.py): logit_bias, allowed_token_ids, bad_words, temperature,
+  top_k, top_p, min_p, the three penalties, seed, logprobs, and min_tokens (EOS and
+  stop_token_ids are masked until min_tokens are out).
+- Stop checker (fusecc/runtime/stop_checker.py), after every new token: EOS (unless ignore_eos),
+  stop_token_ids, stop strings (not before min_tokens are out), max_tokens, max_model_len.
+- Output processor (fusecc/runtime/output_processor.py): skip_special_tokens,
+  include_stop_str_in_output, logprobs as vLLM's Logprob dicts, output_kind.
+- Engine (add_request): n (n sequences "<id>#<i>", seeds seed + i), truncate_prompt_tokens,
+  the token-id checks against the vocabulary (logit_bias, allowed_token_ids), bad_words' tokenization.
 
 `output_kind` (engine): "cumulative" (default) reports the request after every step that gave
-it a token (text and token ids so far), as a streaming server needs; "final_only" reports it
-once, finished, which saves the per-step output building and, without stop strings, the
-incremental detokenization (the text is decoded once at the end), as offline batch runs want.
+it a token (text and token ids so far), as a streaming server needs; "delta" reports the same
+steps with only what is new since the request's previous output (vLLM's RequestOutputKind.DELTA);
+"final_only" reports it once, finished, which saves the per-step output building and, without
+stop strings, the incremental detokenization (the text is decoded once at the end), as offline
+batch runs want.
 """
 
 from __future__ import annotations
@@ -28,11 +33,28 @@ GREEDY_EPS = 1e-5
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # the OpenAI API's range for a logit_bias value: [-100, 100]
-OUTPUT_KINDS = ("cumulative", "final_only")
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 
 
 @dataclass
 class SamplingParams:
+    """How to sample one request (vLLM's names and meanings).
+
+    n: completions per prompt (1). temperature: 0 = greedy (1.0). top_k: keep the k most likely
+    tokens, -1 or 0 = off. top_p: nucleus mass in (0, 1] (1 = off). min_p: drop tokens below
+    min_p x the top token's probability (0 = off). repetition_penalty (> 1 discourages tokens of
+    the prompt or output), presence_penalty and frequency_penalty (in [-2, 2], OpenAI's).
+    seed: per-request seed (same seed + prompt = same tokens whatever the batch). stop: strings
+    that end the output (cut from it unless include_stop_str_in_output). stop_token_ids: token
+    ids that end it. max_tokens (16) / min_tokens (0): output length bounds. ignore_eos: keep
+    going past EOS. logit_bias: {token id: bias in [-100, 100]}. allowed_token_ids: sample only
+    these. bad_words: strings whose tokenization is never generated. logprobs: return this many
+    top log-probabilities per token plus the sampled one's (None = none, 0 = only the sampled).
+    prompt_logprobs: not supported yet. skip_special_tokens: leave special tokens out of the
+    text. truncate_prompt_tokens: keep only the last k prompt tokens. output_kind: "cumulative",
+    "delta" or "final_only" (see the module docstring).
+    """
+
     n: int = 1
     temperature: float = 1.0
     # -1 or 0 = off (all tokens).
@@ -51,6 +73,8 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    # Keep the stop string that ended the output in its text (vLLM's include_stop_str_in_output).
+    include_stop_str_in_output: bool = False
     max_tokens: int = 16
     min_tokens: int = 0
     ignore_eos: bool = False
@@ -58,11 +82,20 @@ class SamplingParams:
     # all but bans a token, 100 all but forces it). Token ids are checked against the vocabulary
     # by the engine, which knows it.
     logit_bias: dict[int, float] | None = None
+    # Only these token ids may be sampled (None = all); checked against the vocabulary by the engine.
+    allowed_token_ids: list[int] | None = None
+    # Words never to generate: the engine tokenizes each (as is and with a leading space, as
+    # vLLM); the sampler masks a word's last token whenever the output ends with its other tokens.
+    bad_words: list[str] | None = None
     # Return the log-probabilities of this many most likely tokens (plus the sampled one);
     # None = no logprobs, 0 = only the sampled token's.
     logprobs: int | None = None
+    # Log-probabilities of the prompt tokens: not supported yet (None only).
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
-    # When LLMEngine.step reports the request: "cumulative" (every step) or "final_only".
+    # Keep only the last k prompt tokens (-1 = the last max_model_len - 1); None = the whole prompt.
+    truncate_prompt_tokens: int | None = None
+    # When and what LLMEngine.step reports: "cumulative", "delta" or "final_only".
     output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
@@ -71,11 +104,18 @@ class SamplingParams:
             self.stop = []
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.stop_token_ids, (list, tuple)) or self.stop_token_ids is None:
+            self.stop_token_ids = list(self.stop_token_ids or [])
         if isinstance(self.logit_bias, dict):  # anything else is _validate's to name
             self.logit_bias = dict(self.logit_bias) or None
+        if isinstance(self.allowed_token_ids, tuple):
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        elif isinstance(self.bad_words, tuple):
+            self.bad_words = list(self.bad_words)
         self._validate()
 
     @property
@@ -87,6 +127,15 @@ class SamplingParams:
         return self.top_k > 0
 
     def _validate(self) -> None:
+        # types first: a string where a number belongs would fail the range checks below with
+        # an error that does not name the field
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            _require(_is_real(getattr(self, name)), name, getattr(self, name), "must be a number")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be True or False")
+        _require(isinstance(self.stop, list), "stop", self.stop, "must be a string, a list of strings or None")
+        _require(isinstance(self.stop_token_ids, list), "stop_token_ids", self.stop_token_ids,
+                 "must be a list of token ids or None")
         _require(_is_int(self.n) and self.n >= 1, "n", self.n, "must be an integer >= 1")
         _require(math.isfinite(self.temperature) and self.temperature >= 0.0, "temperature", self.temperature,
                  "must be a finite number >= 0 (0 = greedy)")  # inf turned the masked logits into NaN
@@ -122,12 +171,27 @@ class SamplingParams:
                      f"values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
         _require(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                  "logprobs", self.logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        _require(self.allowed_token_ids is None or (isinstance(self.allowed_token_ids, list) and self.allowed_token_ids
+                                                    and all(_is_int(t) and t >= 0 for t in self.allowed_token_ids)),
+                 "allowed_token_ids", self.allowed_token_ids, "must be None or a non-empty list of token ids")
+        _require(self.bad_words is None or (isinstance(self.bad_words, list)
+                                            and all(isinstance(w, str) and w.strip() for w in self.bad_words)),
+                 "bad_words", self.bad_words, "must be None or a list of non-blank strings")
+        _require(self.prompt_logprobs is None, "prompt_logprobs", self.prompt_logprobs, "is not supported yet")
+        _require(self.truncate_prompt_tokens is None or (_is_int(self.truncate_prompt_tokens)
+                                                         and (self.truncate_prompt_tokens >= 1
+                                                              or self.truncate_prompt_tokens == -1)),
+                 "truncate_prompt_tokens", self.truncate_prompt_tokens, "must be None, -1 or an integer >= 1")
         _require(self.output_kind in OUTPUT_KINDS, "output_kind", self.output_kind, f"must be one of {OUTPUT_KINDS}")
 
 
 def _is_int(value) -> bool:
     # bool is an int subclass: top_k=True or logprobs=True would pass, then crash the engine step
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _require(ok: bool, name: str, value: object, what: str) -> None:

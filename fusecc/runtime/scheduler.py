@@ -1,16 +1,17 @@
 """Iteration-level continuous batching over the paged KV cache.
 
-One engine step:
+One engine step (LLMEngine.step):
 
     out = scheduler.schedule()                       # who computes how many tokens this step
-    logits = model_runner.run(out)                   # one row per entry of out.sampled, in order
-    tokens = sampler(logits, SamplingMetadata.build([e.seq for e in out.sampled], ...))
-    scheduler.postprocess(out, tokens.token_ids.tolist())
-    ...detokenize, check stop strings (scheduler.finish(seq, "stop", stop_string) on a hit)...
+    sampled = model_runner.execute(out)              # forward + sampler: one token per entry of out.sampled
+    scheduler.postprocess(out, sampled.token_ids.tolist())   # commit KV progress and the tokens
+    for seq, stop in output_processor.process_tokens(out, sampled, token_ids):   # stop_checker decides
+        scheduler.finish(seq, stop.reason, stop.stop_reason)
     for seq in scheduler.take_finished(): ...        # every finished request, exactly once
 
-`abort`, `finish` and `add` are for between steps. (An abort between schedule and postprocess is
-tolerated: postprocess skips the aborted entry.)
+The scheduler decides who runs, never who stops: it finishes what it is told (`finish`, `abort`)
+and frees the blocks. `abort`, `finish` and `add` are for between steps. (An abort between
+schedule and postprocess is tolerated: postprocess skips the aborted entry.)
 
 Policy, per `schedule()`:
 1. Running sequences, decodes first, then continuing chunked prefills, each in priority order.
@@ -22,9 +23,10 @@ Policy, per `schedule()`:
    the remaining budget gets a chunk (chunked prefill) and continues next step. Admission stops
    at the first sequence that does not fit (no overtaking: a large request is not starved).
 
-Liveness: the constructor requires the pool to hold one max_model_len sequence and `add` rejects
-prompts that cannot run, so the oldest running sequence always progresses and every request
-ends in finitely many steps.
+Liveness: the constructor requires the pool to hold one max_model_len sequence and `add` takes
+only prompts that leave room for a token within max_model_len (the engine checks prompts, the
+scheduler asserts it), so the oldest running sequence always progresses and every request ends
+in finitely many steps (the stop checker ends a sequence at max_model_len).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from fusecc.runtime.block_manager import BlockManager
 from fusecc.runtime.config import EngineConfig
@@ -42,7 +43,7 @@ from fusecc.runtime.sequence import FINISH_STATUS, Sequence, SequenceStatus
 
 
 class SchedulerFullError(RuntimeError):
-    """The waiting queue holds max_waiting requests; retry later (HTTP 503)."""
+    """The waiting queue holds max_waiting sequences; retry later (the server answers HTTP 429)."""
 
 
 @dataclass
@@ -108,8 +109,7 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager,
-                 eos_token_ids: Iterable[int] = ()) -> None:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
         if block_manager.block_size != config.block_size:
             raise ValueError(f"block manager block_size {block_manager.block_size} != "
                              f"EngineConfig.block_size {config.block_size}")
@@ -122,7 +122,6 @@ class Scheduler:
                 f"(gpu_memory_utilization / num_kv_blocks).")
         self.config = config
         self.block_manager = block_manager
-        self.eos_token_ids = frozenset(eos_token_ids)
         # Sorted by _order_key; a preempted sequence sorts back ahead of later arrivals.
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -132,23 +131,24 @@ class Scheduler:
         self.stats = SchedulerStats()
 
     # --- requests in and out ------------------------------------------------------------------
+    def check_room(self, n: int = 1) -> None:
+        """SchedulerFullError unless `n` more sequences may wait (EngineConfig.max_waiting)."""
+        if len(self.waiting) + n > self.config.max_waiting:
+            raise SchedulerFullError(f"{len(self.waiting)} sequences waiting, {n} more refused "
+                                     f"(max_waiting={self.config.max_waiting})")
+
     def add(self, seq: Sequence) -> None:
-        """Queue a new request. Raises ValueError if it can never run, SchedulerFullError if the queue is full."""
+        """Queue a new sequence; SchedulerFullError if the queue is full. The caller (the engine)
+        has checked the request: a fresh sequence, a unique id, a prompt with room to generate."""
         cfg = self.config
-        if seq.request_id in self._by_id:
-            raise ValueError(f"request id {seq.request_id!r} is already in use")
-        if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_computed_tokens:
-            raise ValueError(f"request {seq.request_id!r}: only a fresh sequence can be added")
-        if seq.block_size != cfg.block_size:
-            raise ValueError(f"request {seq.request_id!r}: block_size {seq.block_size} != {cfg.block_size}")
-        if seq.num_tokens + 1 > cfg.max_model_len:
-            raise ValueError(f"request {seq.request_id!r}: prompt of {seq.num_tokens} tokens leaves no room to "
-                             f"generate within max_model_len={cfg.max_model_len}")
-        if seq.num_blocks_needed(seq.num_tokens + 1) > self.block_manager.num_blocks:
-            raise ValueError(f"request {seq.request_id!r}: prompt of {seq.num_tokens} tokens needs more blocks "
-                             f"than the whole KV pool ({self.block_manager.num_blocks})")
-        if len(self.waiting) >= cfg.max_waiting:
-            raise SchedulerFullError(f"{len(self.waiting)} requests waiting (max_waiting={cfg.max_waiting})")
+        assert seq.request_id not in self._by_id, f"request id {seq.request_id!r} is already in use"
+        assert seq.status is SequenceStatus.WAITING and not seq.block_table and not seq.num_computed_tokens, \
+            f"request {seq.request_id!r}: only a fresh sequence can be added"
+        assert seq.block_size == cfg.block_size, (seq.block_size, cfg.block_size)
+        # the constructor's pool check makes a prompt within max_model_len fit the pool too
+        assert seq.num_tokens + 1 <= cfg.max_model_len, \
+            f"request {seq.request_id!r}: prompt of {seq.num_tokens} tokens, max_model_len={cfg.max_model_len}"
+        self.check_room(1)
         seq.seq_id = next(self._next_seq_id)
         self._by_id[seq.request_id] = seq
         bisect.insort(self.waiting, seq, key=_order_key)
@@ -162,17 +162,10 @@ class Scheduler:
         return True
 
     def finish(self, seq: Sequence, reason: str = "stop", stop_reason: int | str | None = None) -> bool:
-        """End `seq` from outside (the detokenizer found a stop string). False if already finished."""
+        """End `seq` as the stop checker decided: reason "stop" or "length" (or "abort"). False if
+        it is already finished or not this scheduler's."""
         if reason not in FINISH_STATUS:
             raise ValueError(f"finish reason must be one of {sorted(FINISH_STATUS)}, got {reason!r}")
-        if reason == "stop" and seq.finish_reason == "length" and any(f is seq for f in self._finished):
-            # the token that reached max_tokens also completed a stop string (this step, not yet
-            # reported): it is a stop, as vLLM and OpenAI report it
-            self.stats.num_finished["length"] -= 1
-            seq.status = FINISH_STATUS["stop"]
-            seq.stop_reason = stop_reason
-            self.stats.num_finished["stop"] += 1
-            return True
         if seq.is_finished or self._by_id.get(seq.request_id) is not seq:
             return False
         seq.stop_reason = stop_reason
@@ -183,11 +176,6 @@ class Scheduler:
         """Sequences finished (any reason, aborts included) since the last call; each is returned once."""
         out, self._finished = self._finished, []
         return out
-
-    def forget_finished(self, seqs: list[Sequence]) -> None:
-        """Drop `seqs` from what take_finished() will return: requests rejected while being added,
-        which the caller never saw queued. Other requests' finishes stay to be reported."""
-        self._finished = [f for f in self._finished if not any(f is s for s in seqs)]
 
     def get(self, request_id: str) -> Sequence | None:
         return self._by_id.get(request_id)
@@ -270,7 +258,8 @@ class Scheduler:
         bisect.insort(self.waiting, seq, key=_order_key)
 
     def postprocess(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> None:
-        """Commit a step: advance KV progress, append sampled tokens, finish stopped sequences.
+        """Commit a step: advance KV progress and append the sampled tokens (who stops is the stop
+        checker's decision, applied with `finish`).
 
         `sampled_token_ids[i]` is the token sampled for `output.sampled[i]`.
         """
@@ -293,7 +282,6 @@ class Scheduler:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             seq.last_token_time = now
-            self._check_stop(seq, token)
 
     # --- internals ----------------------------------------------------------------------------
     def _entry(self, seq: Sequence, n: int) -> ScheduledSequence:
@@ -304,16 +292,6 @@ class Scheduler:
         return ScheduledSequence(seq=seq, start=start, num_new_tokens=n, is_prefill=not is_decode,
                                  do_sample=do_sample,
                                  slot_mapping=self.block_manager.slot_mapping(seq, start, start + n))
-
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        params = seq.sampling_params
-        if seq.num_output_tokens >= params.min_tokens:
-            if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
-                seq.stop_reason = token if token in params.stop_token_ids else None
-                self._finish(seq, SequenceStatus.FINISHED_STOPPED)
-                return
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
-            self._finish(seq, SequenceStatus.FINISHED_LENGTH)
 
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
         assert status.is_finished and not seq.is_finished

@@ -58,6 +58,8 @@ class Sequence:
     # Lower runs first; ties in arrival order (see Scheduler).
     priority: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    # sampling_params.bad_words as token sequences (the engine tokenizes them; the sampler bans them)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
 
     # Prompt then outputs; append-only, so the hashes of full blocks never change.
     token_ids: list[int] = field(init=False)

@@ -1,45 +1,47 @@
-"""The HTTP application: routes, authentication, body limits, admission, one log line per request.
+"""The HTTP application: routes, request checks, body limits, admission, one log line per request.
 
     app = create_app(engine, "fusecc-tiny", api_key=None, max_queue=4096, max_body_bytes=4 << 20)
-    uvicorn.run(app, host="127.0.0.1", port=8000)
+    app.state.ending.set()     # shutdown deadline: every in-flight request ends with a 503 now
 
 Everything the app needs is in its arguments or on `app.state` (no module-level state), so two
 apps on two fake engines can live in one process.
 
-Order of checks for POST /v1/*: API key (401) -> body size (400) -> JSON and types (400) ->
-model name (404) -> prompt/context/sampling checks (400) -> admission (429) -> engine.
+Order of checks for POST /v1/*: framing (400) -> API key (401) -> Content-Type (415) -> body size
+and read time (400/408) -> JSON and types (400) -> model name (404) -> prompt/context/sampling
+checks (400) -> admission (429) -> engine (its full waiting queue: 429).
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import logging
-import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from fusecc.serve.disconnect import ClientDisconnected, SSEResponse
+from fusecc.serve.access_log import CLIENT_CLOSED, SERVER_ENDED, AccessLog, mark_aborted
+from fusecc.serve.disconnect import ClientDisconnected, ServerEnding, SSEResponse
 from fusecc.serve.errors import APIError
 from fusecc.serve.metrics import CONTENT_TYPE, ServerMetrics
 from fusecc.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from fusecc.serve.serving import RETRY_AFTER_S, OpenAIServing
+from fusecc.serve.request_checks import RequestChecks
+from fusecc.serve.serving import RETRY_AFTER_S, OpenAIServing, shutting_down_error
 
 logger = logging.getLogger("fusecc.serve")
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 DEFAULT_MAX_QUEUE = 4096
+DEFAULT_READ_TIMEOUT_S = 30.0
 _ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
-# nginx's code for "client closed request": what the log and the counter show for a disconnect.
-_CLIENT_CLOSED = 499
 
 
 class _Admission:
-    """In-flight request count against max_queue (the server's own queue bound, before the engine's)."""
+    """HTTP requests in flight in this server against max_queue. The server owns this bound (it
+    caps the requests, bodies and response buffers it holds); the engine owns the bound on its
+    waiting sequences (max_waiting, SchedulerFullError -> 429 in serving.py). Both answer 429."""
 
     def __init__(self, max_queue: int) -> None:
         self.max_queue = max_queue
@@ -61,13 +63,17 @@ class _Admission:
 
 
 def create_app(engine, served_model_name: str | None = None, api_key: str | None = None,
-               max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               read_timeout: float = DEFAULT_READ_TIMEOUT_S, **serving_options) -> FastAPI:
+    """serving_options: OpenAIServing's keyword arguments (chat_template, default_sampling)."""
     name = served_model_name or engine.model_name
     app = FastAPI(title="fusecc-serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.metrics = metrics = ServerMetrics(engine)
-    app.state.serving = serving = OpenAIServing(engine, name, metrics)
+    app.state.ending = ending = asyncio.Event()
+    app.state.serving = serving = OpenAIServing(engine, name, metrics, ending=ending, **serving_options)
     app.state.admission = admission = _Admission(max_queue)
+    last_words = shutting_down_error().sse()
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -92,23 +98,34 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
             raise APIError(400, f"request body of {declared} bytes exceeds the limit of {max_body_bytes} bytes",
                            param="body", code="request_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise APIError(400, f"request body exceeds the limit of {max_body_bytes} bytes",
-                               param="body", code="request_too_large")
-            chunks.append(chunk)
+        try:
+            # a client trickling its body must not hold the connection (and a slot) forever
+            async with asyncio.timeout(read_timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > max_body_bytes:
+                        raise APIError(400, f"request body exceeds the limit of {max_body_bytes} bytes",
+                                       param="body", code="request_too_large")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise APIError(408, f"the request body was not complete after {read_timeout:g} s ({size} bytes "
+                                f"received)", param="body", code="request_timeout",
+                           headers={"Connection": "close"}) from None
         return b"".join(chunks)
 
     async def generate(request: Request, model_cls, handler):
+        content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if content_type != "application/json":
+            # also what keeps a web page from starting generations through a visitor's browser:
+            # a cross-origin JSON POST needs a CORS preflight, which this server never grants
+            raise APIError(415, f"Content-Type must be application/json, got {content_type or 'none'}",
+                           param="Content-Type", code="unsupported_media_type")
         try:
             body = await read_body(request)
         except ClientDisconnect:  # the client left while sending its body
-            return Response(status_code=_CLIENT_CLOSED)
-        try:
-            req = model_cls.model_validate_json(body)
-        except ValidationError as exc:
-            raise APIError.from_validation_error(exc) from None
+            mark_aborted(request.scope, CLIENT_CLOSED, "client disconnected")
+            return Response(status_code=CLIENT_CLOSED)
+        req = serving.parse(model_cls, body)
         usage = request.scope.get("fusecc.usage", {})  # filled for the access log
         admission.admit()
         released = False
@@ -117,9 +134,13 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
             if isinstance(result, dict):
                 return JSONResponse(result)
             released = True
-            return SSEResponse(_release_after(result, admission))
+            return SSEResponse(_release_after(result, admission), ending, last_words)
         except ClientDisconnected:
-            return Response(status_code=_CLIENT_CLOSED)
+            mark_aborted(request.scope, CLIENT_CLOSED, "client disconnected")
+            return Response(status_code=CLIENT_CLOSED)
+        except ServerEnding:
+            mark_aborted(request.scope, SERVER_ENDED, "server shutting down")
+            return shutting_down_error().response()
         finally:
             if not released:
                 admission.release()
@@ -153,8 +174,8 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    app.add_middleware(_Auth, api_key=api_key)
-    app.add_middleware(_AccessLog, metrics=metrics)  # outermost: sees 401s too
+    app.add_middleware(RequestChecks, api_key=api_key)
+    app.add_middleware(AccessLog, metrics=metrics, routes=_ROUTES)  # outermost: sees 400s and 401s too
     return app
 
 
@@ -165,55 +186,3 @@ async def _release_after(events, admission: _Admission):
     finally:
         admission.release()
         await events.aclose()
-
-
-class _Auth:
-    """Requires `Authorization: Bearer <key>` on /v1/* when the server has an API key."""
-
-    def __init__(self, app, api_key: str | None) -> None:
-        self.app = app
-        self._expected = f"Bearer {api_key}".encode() if api_key else None
-
-    async def __call__(self, scope, receive, send):
-        if (self._expected is not None and scope["type"] == "http" and scope["path"].startswith("/v1/")):
-            got = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(got, self._expected):
-                err = APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
-                               code="invalid_api_key")
-                return await err.response()(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-class _AccessLog:
-    """One line per request when its response is complete (after the last streamed byte):
-    `POST /v1/completions 200 41.2ms prompt_tokens=5 completion_tokens=16`."""
-
-    def __init__(self, app, metrics: ServerMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-        status = [_CLIENT_CLOSED]
-        usage = scope["fusecc.usage"] = {}
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        except Exception:
-            # the error middleware outside answers 500; a client that left is a CancelledError
-            if status[0] == _CLIENT_CLOSED:
-                status[0] = 500
-            raise
-        finally:
-            ms = (time.perf_counter() - start) * 1e3
-            tokens = "".join(f" {k}={v}" for k, v in usage.items())
-            logger.info("%s %s %d %.1fms%s", scope["method"], scope["path"], status[0], ms, tokens)
-            route = scope["path"] if scope["path"] in _ROUTES else "other"
-            self.metrics.http_requests.labels(scope["method"], route, str(status[0])).inc()

@@ -9,6 +9,7 @@ stream has started).
 
 from __future__ import annotations
 
+import json
 import re
 
 from fastapi.responses import JSONResponse
@@ -17,8 +18,8 @@ from pydantic import ValidationError
 from fusecc.serve.protocol import ErrorInfo, ErrorResponse
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 500: "internal_server_error",
-          503: "service_unavailable"}
+          408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+          429: "rate_limit_error", 500: "internal_server_error", 503: "service_unavailable"}
 # SamplingParams / EngineConfig raise "SamplingParams.<field> must ..., got ...".
 _FIELD_RE = re.compile(r"^\w+\.(\w+) ")
 
@@ -38,6 +39,10 @@ class APIError(Exception):
                          code=self.code)
         return ErrorResponse(error=info).model_dump()
 
+    def sse(self) -> str:
+        """The error as the last event of a stream, then [DONE] (what vLLM sends)."""
+        return f"data: {json.dumps(self.body(), separators=(',', ':'))}\n\ndata: [DONE]\n\n"
+
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
@@ -47,9 +52,14 @@ class APIError(Exception):
         return cls(400, str(exc), param=m.group(1) if m else default_param)
 
     @classmethod
-    def from_validation_error(cls, exc: ValidationError) -> "APIError":
+    def from_validation_error(cls, exc: ValidationError, body: bytes = b"") -> "APIError":
         err = exc.errors(include_url=False)[0]
         if err["type"] == "json_invalid":
+            huge = _huge_integer(body)
+            if huge is not None:  # valid JSON, but a number no parser here will hold
+                path, digits = huge
+                return cls(400, f"{path}: an integer of {digits} digits is out of range", param=path.split(".")[0],
+                           code="int_too_large")
             return cls(400, f"request body is not valid JSON: {err['msg']}", code="invalid_json")
         # loc is ("max_tokens",) or ("messages", 0, "role") or, through a union, ("prompt", "str"):
         # the field is the top-level name; the full path goes in the message.
@@ -57,3 +67,30 @@ class APIError(Exception):
         field = str(loc[0]) if loc else None
         where = ".".join(str(p) for p in loc) or "body"
         return cls(400, f"{where}: {err['msg']}", param=field, code=err["type"])
+
+
+class _HugeInt(str):
+    pass
+
+
+def _huge_integer(body: bytes) -> tuple[str, int] | None:
+    """(dotted path, digit count) of the first integer in `body` too long for int() (> 4300 digits,
+    the limit the JSON parser shares), when the body is otherwise valid JSON."""
+    def parse_int(text: str):
+        try:
+            return int(text)
+        except ValueError:
+            return _HugeInt(text)
+
+    try:
+        doc = json.loads(body, parse_int=parse_int)
+    except (ValueError, RecursionError):
+        return None
+    stack = [("", doc)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, _HugeInt):
+            return path or "body", len(node.lstrip("-"))
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        stack.extend(reversed([(f"{path}.{k}" if path else str(k), v) for k, v in items]))
+    return None

@@ -28,6 +28,8 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05
 _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                 60.0, 120.0, 240.0)
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
 
 class _EngineStatsCollector(Collector):
     """Reads engine.stats() once per scrape."""
@@ -68,7 +70,8 @@ class ServerMetrics:
                              buckets=_E2E_BUCKETS, registry=r)
         self.queue_time = Histogram("fusecc_request_queue_time_seconds", "Time from arrival to first scheduled.",
                                     buckets=_TTFT_BUCKETS, registry=r)
-        # Keyed by route, not raw path: unknown paths all count as "other" (bounded label set).
+        # Every label value is bounded: a series per client-chosen value (a made-up method or
+        # path) would let any client grow the registry, and each scrape, without limit.
         self.http_requests = Counter("fusecc_http_requests", "HTTP requests by route and status.",
                                      ["method", "route", "status"], registry=r)
         r.register(_EngineStatsCollector(engine))
@@ -84,6 +87,10 @@ class ServerMetrics:
             self.e2e.observe(max(0.0, metrics.finished_time - arrival))
         for gap in itls:
             self.itl.observe(gap)
+
+    def count_http(self, method: str, route: str, status: int) -> None:
+        """route: a known route or "other" (the caller knows the routes); unknown methods fold into "other"."""
+        self.http_requests.labels(method if method in _METHODS else "other", route, str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

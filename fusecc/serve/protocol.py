@@ -3,12 +3,12 @@
     req = CompletionRequest.model_validate_json(body)   # strict: "5" is not an int, 1 is a float
     ChatCompletionResponse(id=..., model=..., choices=[...], usage=Usage(...)).model_dump(exclude_none=True)
 
-Requests are validated strictly (wrong JSON types are 400s naming the field, not coerced) and
-ignore unknown fields, like the OpenAI API's newer optional parameters. An explicit `null` means
-the field's default, as in the OpenAI API (its SDK sends `null` for a parameter passed as None).
-Parameters that would change the output but are not implemented (`suffix`, `best_of` > 1, tools,
-a JSON response format) are refused with a 400 rather than silently ignored. Range checks live in
-SamplingParams (fusecc/runtime/sampling_params.py), which the server maps to 400s as well.
+Requests are validated strictly (wrong JSON types are 400s naming the field, not coerced). Unknown
+fields are kept in `model_extra`: fusecc/serve/unsupported.py refuses those that would change the
+output and logs the others as ignored. An explicit `null` is the same as leaving the field out, as
+in the OpenAI API (its SDK sends `null` for a parameter passed as None), so `model_fields_set`
+holds exactly the fields the client set (generation_config defaults apply to the others).
+Range checks live in SamplingParams (fusecc/runtime/sampling_params.py), mapped to 400s as well.
 """
 
 from __future__ import annotations
@@ -16,24 +16,20 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-from pydantic_core import PydanticUndefined
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Token-id prompts: one list of ids, or a batch of them. Strings: one, or a batch.
 Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="allow")
 
-    @field_validator("*", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _null_is_default(cls, value, info: ValidationInfo):
-        if value is None and info.field_name is not None:
-            default = cls.model_fields[info.field_name].default
-            if default is not PydanticUndefined:  # a required field stays required
-                return default
-        return value
+    def _null_is_unset(cls, data):
+        # a required field sent as null is then reported missing, naming it
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class StreamOptions(_Request):
@@ -58,13 +54,20 @@ class _SamplingFields(_Request):
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # sample only these token ids / never generate these strings' tokenizations
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    # keep only the last k prompt tokens (vLLM's; the engine truncates)
+    truncate_prompt_tokens: int | None = None
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # token id (as a string: JSON object keys) -> bias in [-100, 100]
     logit_bias: dict[str, float] | None = None
     # Known to change the output but not implemented: refused unless absent or neutral
-    # (OpenAIServing.refuse_unsupported), never silently ignored.
+    # (fusecc/serve/unsupported.py), never silently ignored.
     best_of: int | None = None
     response_format: dict | None = None
     tools: list | None = None
@@ -81,23 +84,30 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None  # insertion (fill-in-the-middle): not supported, refused when non-empty
 
 
-class TextPart(_Request):
-    type: Literal["text"]
-    text: str
+class ContentPart(_Request):
+    # "text", or "image_url", "input_audio", "file", ...: the server refuses the others by name
+    # (a text-only model), rather than as a schema mismatch.
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    # OpenAI allows a list of parts; only text parts exist for a text-only model.
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    def non_text_part(self) -> int | None:
+        """Index of the first content part that is not text, if any."""
+        if isinstance(self.content, list):
+            return next((i for i, p in enumerate(self.content) if p.type != "text"), None)
+        return None
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text or "" for part in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -107,6 +117,9 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     # The newer name of max_tokens; wins when both are set.
     max_completion_tokens: int | None = None
+    # vLLM's: end the prompt with the template's assistant header (off: the model continues the
+    # conversation's last turn as the template renders it).
+    add_generation_prompt: bool = True
 
 
 # ---- responses -------------------------------------------------------------------------------

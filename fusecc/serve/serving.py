@@ -23,14 +23,19 @@ from typing import AsyncIterator
 
 import anyio
 
+from pydantic import ValidationError
+
+from fusecc.runtime.async_engine import EngineShutDown
+from fusecc.runtime.chat import chat_token_ids, render_chat
 from fusecc.runtime.sampling_params import SamplingParams
 from fusecc.runtime.scheduler import SchedulerFullError
 from fusecc.serve.disconnect import until_disconnected
 from fusecc.serve.errors import APIError
+from fusecc.serve.logprobs import LogprobFormatter
+from fusecc.serve.unsupported import check_fields
 from fusecc.serve.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                                   ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatTokenLogprob,
-                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                   DeltaMessage, TopLogprob, Usage)
+                                   ChatCompletionRequest, ChatCompletionResponse, CompletionChoice, CompletionRequest,
+                                   CompletionResponse, DeltaMessage, Usage)
 
 logger = logging.getLogger("fusecc.serve")
 
@@ -38,10 +43,22 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 RETRY_AFTER_S = "1"
 
 
-def render_default_chat_template(messages: list[dict]) -> str:
-    """The template used when the tokenizer has none: `<|role|>\\ncontent\\n` per message, then
-    `<|assistant|>\\n` for the reply (the embedded model's documented default)."""
-    return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+def shutting_down_error() -> APIError:
+    return APIError(503, "the server is shutting down and ended this request before it finished; retry "
+                         "on another instance", code="server_shutting_down", headers={"Retry-After": RETRY_AFTER_S})
+
+
+def _engine_error(err: BaseException) -> BaseException:
+    """The API error for an exception from the engine, or the exception itself when unexpected."""
+    if isinstance(err, SchedulerFullError):
+        return APIError(429, f"the server is busy: {err}", code="queue_full", headers={"Retry-After": RETRY_AFTER_S})
+    if isinstance(err, EngineShutDown):  # the engine stopped under the request (a forced shutdown)
+        return shutting_down_error()
+    if isinstance(err, ValueError):
+        return APIError.from_value_error(err, default_param="prompt")
+    if isinstance(err, StopAsyncIteration):
+        return APIError(500, "the engine ended the request without output")
+    return err
 
 
 @dataclass
@@ -57,12 +74,46 @@ class _Tracked:
 
 
 class OpenAIServing:
-    def __init__(self, engine, served_model_name: str, metrics) -> None:
+    def __init__(self, engine, served_model_name: str, metrics, ending: asyncio.Event | None = None,
+                 chat_template: str | None = None, default_sampling: dict | None = None) -> None:
+        """ending: set when in-flight requests must end (shutdown); chat_template: a Jinja template
+        that replaces the tokenizer's; default_sampling: request field -> value for fields a request
+        leaves unset (the model's generation_config.json)."""
         self.engine = engine
         self.model_name = served_model_name
         self.metrics = metrics
+        self.ending = ending
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.chat_template = chat_template
+        self.default_sampling = dict(default_sampling or {})
+        self.logprobs = LogprobFormatter(self.tokenizer)
+        self._ignored_fields: set[str] = set()
+        self.has_chat_template = chat_template is not None or _tokenizer_has_chat_template(self.tokenizer)
+        if self.has_chat_template:
+            self._warm_up_chat_template()
+
+    def _warm_up_chat_template(self) -> None:
+        """Compile the template now (transformers caches it), not on the first chat request. A
+        template that does not parse fails the start; one that refuses this probe conversation
+        (some insist on a system turn) may still serve others."""
+        from jinja2 import TemplateSyntaxError
+
+        try:
+            render_chat(self.tokenizer, [{"role": "user", "content": "hi"}], self.chat_template)
+        except TemplateSyntaxError:
+            raise
+        except Exception as exc:
+            logger.warning("the chat template refused a one-message probe conversation: %s", exc)
+
+    def parse(self, model_cls, body: bytes):
+        """The request model of a JSON body, or a 400 naming the field; unknown fields are checked."""
+        try:
+            req = model_cls.model_validate_json(body)
+        except ValidationError as exc:
+            raise APIError.from_validation_error(exc, body) from None
+        check_fields(req, self._ignored_fields)
+        return req
 
     # ---- request -> engine inputs -------------------------------------------------------------
 
@@ -71,7 +122,7 @@ class OpenAIServing:
             raise APIError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
                            param="model", code="model_not_found")
 
-    def _prompt_ids(self, prompt, field_name: str) -> list[int]:
+    def _prompt_ids(self, prompt, field_name: str, truncate: int | None = None) -> list[int]:
         if isinstance(prompt, str):
             ids = list(self.tokenizer.encode(prompt)) if prompt else []
         else:
@@ -80,6 +131,9 @@ class OpenAIServing:
             bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
             if bad:
                 raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=field_name)
+        if truncate is not None and (truncate >= 1 or truncate == -1):
+            # as the engine will (its room is counted on what is left); other values are SamplingParams' to refuse
+            ids = ids[-(self.max_model_len - 1 if truncate == -1 else truncate):]
         if not ids:
             raise APIError(400, f"{field_name} is empty", param=field_name)
         if len(ids) >= self.max_model_len:
@@ -88,32 +142,17 @@ class OpenAIServing:
                            code="context_length_exceeded")
         return ids
 
-    def _max_tokens(self, requested: int | None, default: int | None, prompt_len: int) -> int:
+    def _max_tokens(self, requested: int | None, default: int | None, prompt_len: int,
+                    sent_as: str = "max_tokens") -> int:
         room = self.max_model_len - prompt_len
+        default = self.default_sampling.get("max_tokens", default)
         if requested is None:
             return room if default is None else min(default, room)
         if requested > room:
-            raise APIError(400, f"max_tokens={requested} plus the prompt's {prompt_len} tokens exceeds the "
+            raise APIError(400, f"{sent_as}={requested} plus the prompt's {prompt_len} tokens exceeds the "
                                 f"context of {self.max_model_len} tokens (at most {room} here)",
-                           param="max_tokens", code="context_length_exceeded")
+                           param=sent_as, code="context_length_exceeded")
         return requested
-
-    @staticmethod
-    def refuse_unsupported(req) -> None:
-        """Parameters that would change the output but are not implemented are a 400, as in vLLM,
-        not silently ignored (a client asking for JSON or a tool call must not get free text)."""
-        refused = {
-            "suffix": bool(getattr(req, "suffix", None)),
-            "best_of": req.best_of not in (None, 1),
-            "response_format": req.response_format is not None and req.response_format.get("type") != "text",
-            "tools": bool(req.tools),
-            "tool_choice": req.tool_choice not in (None, "none"),
-            "functions": bool(req.functions),
-            "function_call": req.function_call not in (None, "none"),
-        }
-        for name, is_refused in refused.items():
-            if is_refused:
-                raise APIError(400, f"{name} is not supported by this server", param=name)
 
     @staticmethod
     def _logit_bias(req) -> dict[int, float] | None:
@@ -130,19 +169,26 @@ class OpenAIServing:
         not a 429 that clients (the openai SDK among them) would retry."""
         limit = getattr(self.engine, "max_waiting", None)
         if limit is not None and num_prompts * n > limit:
+            # name the field that alone is over the limit; a batch within it is over through n
+            culprit = "prompt" if num_prompts > limit else "n"
             batch = f"{num_prompts} prompts x n={n}" if num_prompts > 1 else f"n={n}"
             raise APIError(400, f"{batch} is {num_prompts * n} sequences; this server queues at most {limit}",
-                           param="n")
+                           param=culprit)
 
-    @staticmethod
-    def _sampling_params(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        # generation_config defaults for the sampling fields the request left unset (vLLM's rule)
+        sampling = {name: getattr(req, name) for name in _DEFAULTABLE}
+        sampling.update({k: v for k, v in self.default_sampling.items() if k in _DEFAULTABLE
+                         and k not in req.model_fields_set})
         try:
             return SamplingParams(
-                n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                repetition_penalty=req.repetition_penalty, seed=req.seed, stop=req.stop,
+                n=req.n, **sampling, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop,
                 stop_token_ids=req.stop_token_ids or [], max_tokens=max_tokens, min_tokens=req.min_tokens,
-                ignore_eos=req.ignore_eos, logprobs=logprobs, logit_bias=OpenAIServing._logit_bias(req))
+                ignore_eos=req.ignore_eos, logprobs=logprobs, logit_bias=OpenAIServing._logit_bias(req),
+                skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+                allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words or None,
+                truncate_prompt_tokens=req.truncate_prompt_tokens)
         except ValueError as exc:
             raise APIError.from_value_error(exc) from None
 
@@ -154,21 +200,23 @@ class OpenAIServing:
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         if not req.messages:
             raise APIError(400, "messages is empty", param="messages")
+        if not self.has_chat_template:
+            # no made-up template: the model would be prompted in a format it was never trained on
+            raise APIError(400, "this model has no chat template, so it cannot serve chat completions; start "
+                                "the server with --chat-template FILE_OR_STRING", param="messages",
+                           code="no_chat_template")
+        for i, m in enumerate(req.messages):
+            part = m.non_text_part()
+            if part is not None:
+                raise APIError(400, f"messages.{i}.content.{part}: content of type {m.content[part].type!r} is not "
+                                    f"supported: this model takes text only", param="messages",
+                               code="unsupported_content")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        tok = self.tokenizer
-        if not hasattr(tok, "apply_chat_template") or getattr(tok, "chat_template", "") is None:
-            text = render_default_chat_template(messages)
-        else:
-            try:
-                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            except Exception as exc:  # a template's raise_exception (roles must alternate, ...)
-                raise APIError(400, f"chat template failed on these messages: {exc}", param="messages") from None
-        ids = self._prompt_ids(text, "messages")
-        # A template that writes the BOS token itself plus an encode() that adds one gives two.
-        bos = getattr(tok, "bos_token_id", None)
-        if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
-            ids = ids[1:]
-        return ids
+        try:
+            text = render_chat(self.tokenizer, messages, self.chat_template, req.add_generation_prompt)
+        except Exception as exc:  # a template's raise_exception (roles must alternate, ...)
+            raise APIError(400, f"chat template failed on these messages: {exc}", param="messages") from None
+        return self._prompt_ids(chat_token_ids(self.tokenizer, text), "messages", req.truncate_prompt_tokens)
 
     # ---- engine -------------------------------------------------------------------------------
 
@@ -203,15 +251,7 @@ class OpenAIServing:
         if errors:
             for g in gens:
                 await g.aclose()
-            err = errors[0]
-            if isinstance(err, SchedulerFullError):
-                raise APIError(429, f"the server is busy: {err}", code="queue_full",
-                               headers={"Retry-After": RETRY_AFTER_S})
-            if isinstance(err, ValueError):
-                raise APIError.from_value_error(err, default_param="prompt")
-            if isinstance(err, StopAsyncIteration):
-                raise APIError(500, "the engine ended the request without output")
-            raise err
+            raise _engine_error(errors[0])
         return tracked, gens, firsts
 
     async def _run_to_end(self, request, prompts, params, base_id) -> list[object]:
@@ -221,22 +261,24 @@ class OpenAIServing:
             async def drain(g):
                 async for _ in g:
                     pass
-            await asyncio.gather(*map(drain, gens))
+            try:
+                await asyncio.gather(*map(drain, gens))
+            except EngineShutDown as exc:
+                raise _engine_error(exc) from None
             return [t.last for t in tracked]
-        return await until_disconnected(request, go())
+        return await until_disconnected(request, go(), self.ending)
 
     # ---- endpoints ----------------------------------------------------------------------------
 
     async def completions(self, req: CompletionRequest, request, usage_out: dict):
         self.check_model(req.model)
         self._check_stream_options(req)
-        self.refuse_unsupported(req)
         p = req.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             raw_prompts = p
         else:
             raw_prompts = [p]
-        prompts = [self._prompt_ids(x, "prompt") for x in raw_prompts]
+        prompts = [self._prompt_ids(x, "prompt", req.truncate_prompt_tokens) for x in raw_prompts]
         self._check_sequence_count(len(prompts), req.n)
         # the default max_tokens is capped by each prompt's own room (vLLM's), not the longest one's
         params = [self._sampling_params(req, self._max_tokens(req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, len(ids)),
@@ -246,7 +288,7 @@ class OpenAIServing:
         usage_out["prompt_tokens"] = sum(map(len, prompts))
 
         if req.stream:
-            started = await until_disconnected(request, self._start(prompts, params, base_id))
+            started = await until_disconnected(request, self._start(prompts, params, base_id), self.ending)
             return self._completion_events(req, started, base_id, echo, usage_out)
 
         finals = await self._run_to_end(request, prompts, params, base_id)
@@ -256,7 +298,7 @@ class OpenAIServing:
                 prefix = echo[i] if req.echo else ""
                 text = prefix + o.text
                 # text_offset: character offsets into the returned text, the echoed prompt included
-                lp = self._completion_logprobs(o.logprobs or [], len(prefix)) if req.logprobs is not None else None
+                lp = self.logprobs.completion(o, 0, len(prefix)) if req.logprobs is not None else None
                 choices.append(CompletionChoice(index=i * req.n + o.index, text=text, logprobs=lp,
                                                 finish_reason=o.finish_reason, stop_reason=o.stop_reason))
         usage = self._usage(finals)
@@ -266,7 +308,6 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, request, usage_out: dict):
         self.check_model(req.model)
         self._check_stream_options(req)
-        self.refuse_unsupported(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         prompt = self._chat_prompt(req)
@@ -276,7 +317,7 @@ class OpenAIServing:
         sent_as = {"max_tokens": "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
                    "logprobs": "top_logprobs" if req.top_logprobs is not None else "logprobs"}
         try:
-            max_tokens = self._max_tokens(requested, None, len(prompt))
+            max_tokens = self._max_tokens(requested, None, len(prompt), sent_as["max_tokens"])
             params = self._sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         except APIError as exc:
             exc.param = sent_as.get(exc.param, exc.param)
@@ -285,12 +326,12 @@ class OpenAIServing:
         usage_out["prompt_tokens"] = len(prompt)
 
         if req.stream:
-            started = await until_disconnected(request, self._start([prompt], [params], base_id))
+            started = await until_disconnected(request, self._start([prompt], [params], base_id), self.ending)
             return self._chat_events(req, started, base_id, usage_out)
 
         (final,) = await self._run_to_end(request, [prompt], [params], base_id)
         choices = [ChatChoice(index=o.index, message=AssistantMessage(content=o.text),
-                              logprobs=self._chat_logprobs(o.logprobs or [], 0) if req.logprobs else None,
+                              logprobs=self.logprobs.chat(o, 0, req.top_logprobs or 0) if req.logprobs else None,
                               finish_reason=o.finish_reason, stop_reason=o.stop_reason)
                    for o in final.outputs]
         usage = self._usage([final])
@@ -347,7 +388,7 @@ class OpenAIServing:
                     offsets[idx] = len(echo[idx // req.n])
                 lp = None
                 if req.logprobs is not None:
-                    lp = self._completion_logprobs((o.logprobs or [])[start:len(o.token_ids)], offsets.get(idx, 0))
+                    lp = self.logprobs.completion(o, start, offsets.get(idx, 0))
                     if lp.tokens:
                         offsets[idx] = lp.text_offset[-1] + len(lp.tokens[-1])
                 chunk = CompletionResponse(id=base_id, created=created, model=self.model_name, choices=[
@@ -374,7 +415,7 @@ class OpenAIServing:
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                          for i in range(req.n)])
             async for idx, text, o, start, finish in deltas:
-                lp = self._chat_logprobs((o.logprobs or [])[start:len(o.token_ids)], 0) if req.logprobs else None
+                lp = self.logprobs.chat(o, start, req.top_logprobs or 0) if req.logprobs else None
                 delta = DeltaMessage(content=text) if text else DeltaMessage()
                 yield chunk([ChatChunkChoice(index=idx, delta=delta, logprobs=lp, finish_reason=finish)])
             if req.stream_options and req.stream_options.include_usage:
@@ -393,37 +434,16 @@ class OpenAIServing:
         completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
 
-    def _completion_logprobs(self, entries: list[dict], offset: int) -> CompletionLogprobs:
-        lp = CompletionLogprobs()
-        for e in entries:
-            tok = self._token_text(e["token_id"])
-            lp.tokens.append(tok)
-            lp.token_logprobs.append(_json_logprob(e["logprob"]))
-            lp.top_logprobs.append({self._token_text(t): _json_logprob(v) for t, v in e.get("top", [])})
-            lp.text_offset.append(offset)
-            offset += len(tok)
-        return lp
-
-    def _chat_logprobs(self, entries: list[dict], _offset: int) -> ChatLogprobs:
-        content = []
-        for e in entries:
-            tok = self._token_text(e["token_id"])
-            tops = [TopLogprob(token=(s := self._token_text(t)), logprob=_json_logprob(v), bytes=list(s.encode()))
-                    for t, v in e.get("top", [])]
-            content.append(ChatTokenLogprob(token=tok, logprob=_json_logprob(e["logprob"]), bytes=list(tok.encode()),
-                                            top_logprobs=tops))
-        return ChatLogprobs(content=content)
+# Sampling fields a model's generation_config.json may give defaults for (vLLM's list; max_tokens
+# is handled by _max_tokens).
+_DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
-# JSON has no -inf: a token the model (or a filter) rules out is reported with this floor, as vLLM does
-_LOGPROB_FLOOR = -9999.0
-
-
-def _json_logprob(value: float) -> float:
-    return value if value >= _LOGPROB_FLOOR else _LOGPROB_FLOOR  # NaN compares False: floored too
+def _tokenizer_has_chat_template(tok) -> bool:
+    # HF tokenizers have a chat_template attribute (None without one); the embedded byte tokenizer
+    # has its own documented template in code and no attribute
+    return hasattr(tok, "apply_chat_template") and getattr(tok, "chat_template", "") is not None
 
 
 def _vocabulary_size(tokenizer) -> int | None:
@@ -455,10 +475,11 @@ def _chunk_sse(chunk) -> str:
 def _stream_error(exc: Exception) -> str:
     """A failure after the 200 and the first chunks went out: the status cannot change any more, so
     the stream ends with an error event and [DONE] (as vLLM's) instead of a cut connection."""
-    logger.error("stream failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
-    error = exc if isinstance(exc, APIError) else APIError(500, f"the request failed mid-stream: "
-                                                               f"{type(exc).__name__}: {exc}")
-    return _sse(error.body()) + "data: [DONE]\n\n"
+    error = _engine_error(exc)
+    if not isinstance(error, APIError):
+        logger.error("stream failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        error = APIError(500, f"the request failed mid-stream: {type(exc).__name__}: {exc}")
+    return error.sse()
 
 
 async def _merge(gens) -> AsyncIterator[tuple[int, object]]:

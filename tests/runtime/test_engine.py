@@ -103,8 +103,9 @@ def test_stop_strings_n_logprobs_and_abort(checkpoints):
     assert [c.index for c in n] == [0, 1, 2] and all(len(c.token_ids) == 5 for c in n)
     assert len({tuple(c.token_ids) for c in n}) > 1
     for c in n:
-        assert [lp["token_id"] for lp in c.logprobs] == c.token_ids
-        assert all(len(lp["top"]) == 2 and lp["logprob"] <= 0 for lp in c.logprobs)
+        assert [next(iter(lp)) for lp in c.logprobs] == c.token_ids  # the sampled token first
+        assert all(len(lp) in (2, 3) and all(v.logprob <= 0 for v in lp.values()) for lp in c.logprobs)
+        assert c.cumulative_logprob == pytest.approx(sum(lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)))
 
     engine.add_request("a", prompt, SamplingParams(max_tokens=100, ignore_eos=True))
     engine.step()
@@ -136,7 +137,7 @@ def test_bad_requests_raise_before_anything_is_queued(checkpoints):
     with pytest.raises(SchedulerFullError):
         engine.add_request("b", "w5", SamplingParams())
     assert [s.request_id for s in engine.scheduler.waiting] == ["a#0", "a#1"]
-    with pytest.raises(TypeError, match="unknown engine arguments"):
+    with pytest.raises(TypeError, match="unknown engine argument .max_len.; valid engine arguments: dtype, device"):
         LLMEngine.from_engine_args(str(path), max_len=3)
 
 

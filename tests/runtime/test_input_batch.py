@@ -10,6 +10,7 @@ from fusecc.runtime.input_batch import BlockTableMirror, cdiv, cpu_tensor, prepa
 from fusecc.runtime.sampling_params import SamplingParams
 from fusecc.runtime.scheduler import Scheduler
 from fusecc.runtime.sequence import Sequence
+from tests.runtime.scheduling import commit
 
 
 def reference_inputs(entries, block_size):
@@ -55,7 +56,7 @@ def _check_workload(seed: int) -> dict:
     config = EngineConfig(block_size=bs, max_num_seqs=max_num_seqs, max_num_batched_tokens=rng.choice([8, 16, 64]),
                           max_model_len=48, enable_prefix_caching=rng.random() < 0.5)
     bm = BlockManager(cdiv(48, bs) + rng.randrange(0, 40), bs, config.enable_prefix_caching)
-    sched = Scheduler(config, bm, eos_token_ids=[0])
+    sched = Scheduler(config, bm)
     # rows == max_num_seqs: the fewest allowed, so rows are recycled often
     mirror = BlockTableMirror(max_num_seqs, cdiv(48, bs))
     shared = [rng.randrange(1, 9) for _ in range(12)]
@@ -72,7 +73,7 @@ def _check_workload(seed: int) -> dict:
         if out.scheduled:
             kinds["prefill" if out.scheduled[-1].is_prefill else "decode"] += 1
             assert_inputs_equal(prepare_inputs(out.scheduled, mirror, bs), reference_inputs(out.scheduled, bs))
-        sched.postprocess(out, [rng.randrange(1, 9) for _ in out.sampled])
+        commit(sched, out, [rng.randrange(1, 9) for _ in out.sampled], eos=[0])
         if rng.random() < 0.05 and sched.running:
             sched.abort(rng.choice(sched.running).request_id)
         sched.take_finished()

@@ -10,6 +10,7 @@ from fusecc.runtime.config import EngineConfig
 from fusecc.runtime.sampling_params import SamplingParams
 from fusecc.runtime.scheduler import Scheduler, SchedulerFullError
 from fusecc.runtime.sequence import Sequence, SequenceStatus
+from tests.runtime.scheduling import commit
 
 EOS = 0
 
@@ -19,7 +20,7 @@ def make(num_blocks=64, block_size=4, prefix=False, **cfg):
     cfg.setdefault("max_num_batched_tokens", 64)
     cfg.setdefault("max_num_seqs", 8)
     config = EngineConfig(block_size=block_size, enable_prefix_caching=prefix, **cfg)
-    return Scheduler(config, BlockManager(num_blocks, block_size, prefix), eos_token_ids=[EOS])
+    return Scheduler(config, BlockManager(num_blocks, block_size, prefix))
 
 
 def add(sched, rid, prompt, arrival, priority=0, **params):
@@ -34,7 +35,7 @@ def step(sched, token=7):
     """One engine step with a fake model that samples `token` (or token(seq)) for every row."""
     out = sched.schedule()
     toks = [token(e.seq) if callable(token) else token for e in out.sampled]
-    sched.postprocess(out, toks)
+    commit(sched, out, toks, eos=[EOS])
     sched.block_manager.check_invariants(sched.running)
     return out
 
@@ -230,12 +231,13 @@ def test_finish_hook_for_stop_strings():
     assert s.take_finished() == [a] and not s.has_unfinished()
 
 
-def test_add_rejects_requests_that_can_never_run():
+def test_add_asserts_what_the_engine_checks():
+    # the engine refuses these with a ValueError (tests/runtime/test_engine.py); here they are invariants
     s = make(num_blocks=4, block_size=4, max_model_len=16)
-    with pytest.raises(ValueError, match="max_model_len"):
+    with pytest.raises(AssertionError, match="max_model_len"):
         add(s, "a", range(16), 0)
     add(s, "ok", range(15), 0)
-    with pytest.raises(ValueError, match="already in use"):
+    with pytest.raises(AssertionError, match="already in use"):
         add(s, "ok", [1], 1)
     with pytest.raises(ValueError, match="exceeds the KV pool"):
         Scheduler(EngineConfig(block_size=4, max_model_len=17, max_num_batched_tokens=256),
@@ -315,7 +317,7 @@ def test_engine_loop_outputs_do_not_depend_on_pool_chunking_or_prefix_cache():
                 tokens = sampler(torch.stack(rows), md).token_ids.tolist()
             else:
                 tokens = []
-            s.postprocess(out, tokens)
+            commit(s, out, tokens, eos=[EOS])
         done = {q.request_id: q for q in s.take_finished()}
         return {rid: (q.output_token_ids, q.finish_reason) for rid, q in done.items()}, s
 

@@ -21,6 +21,7 @@ from fusecc.runtime.config import EngineConfig
 from fusecc.runtime.sampling_params import SamplingParams
 from fusecc.runtime.scheduler import Scheduler
 from fusecc.runtime.sequence import Sequence
+from tests.runtime.scheduling import commit
 
 BLOCK_SIZE, NUM_BLOCKS, MAX_MODEL_LEN = 4, 8, 32
 EOS = 0
@@ -37,7 +38,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                               max_model_len=MAX_MODEL_LEN, enable_prefix_caching=prefix,
                               enable_chunked_prefill=chunked)
         self.bm = BlockManager(NUM_BLOCKS, BLOCK_SIZE, prefix)
-        self.sched = Scheduler(config, self.bm, eos_token_ids=[EOS])
+        self.sched = Scheduler(config, self.bm)
         self.added: dict[str, Sequence] = {}
         self.reported: Counter[str] = Counter()
         self.kv: dict[int, tuple[int, ...]] = {}  # slot -> token prefix whose KV it holds
@@ -56,12 +57,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         seq = Sequence(rid, prompt, SamplingParams(max_tokens=max_tokens, min_tokens=min(min_tokens, max_tokens),
                                                    ignore_eos=ignore_eos),
                        block_size=BLOCK_SIZE, priority=priority, arrival_time=self.clock)
-        if len(prompt) + 1 > MAX_MODEL_LEN:
-            try:
-                self.sched.add(seq)
-            except ValueError:
-                return
-            raise AssertionError("an over-long prompt was accepted")
+        if len(prompt) + 1 > MAX_MODEL_LEN:  # the engine refuses it (request_inputs); the scheduler asserts
+            return
         self.sched.add(seq)
         self.added[rid] = seq
 
@@ -156,7 +153,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             for p in range(e.context_len):
                 slot = seq.block_table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
                 assert self.kv.get(slot) == tuple(seq.token_ids[:p + 1]), (seq.request_id, p)
-        self.sched.postprocess(out, [rng.randrange(VOCAB) for _ in out.sampled])
+        commit(self.sched, out, [rng.randrange(VOCAB) for _ in out.sampled], eos=[EOS])
         self._collect()
 
     def _collect(self):

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from fusecc.runtime.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from fusecc.runtime.outputs import CompletionOutput, EngineStats, Logprob, RequestMetrics, RequestOutput
 from fusecc.runtime.sampling_params import SamplingParams
 from fusecc.runtime.scheduler import SchedulerFullError
 
@@ -156,9 +156,10 @@ class FakeAsyncEngine:
                     o.token_ids.append(tok)
                     o.text += chr(tok)
                     self._counts["generation"] += 1
-                    if o.logprobs is not None:
+                    if o.logprobs is not None:  # vLLM's shape: the sampled token (rank 1 here) and the top ones
                         top = [(tok, -0.25)] + [(97 + (tok - 97 + d) % 26, -2.0 - d) for d in range(1, params.logprobs + 1)]
-                        o.logprobs.append({"token_id": tok, "logprob": -0.25, "top": top[:max(params.logprobs, 1)]})
+                        o.logprobs.append({t: Logprob(v, rank=r, decoded_token=chr(t))
+                                           for r, (t, v) in enumerate(top[:max(params.logprobs, 1)], start=1)})
                     hit = next((s for s in params.stop if s in o.text), None)
                     if hit is not None:
                         o.text = o.text[:o.text.index(hit)]

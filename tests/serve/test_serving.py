@@ -42,6 +42,9 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(make_server):
     assert server.metric("fusecc_generation_tokens_total") < 200
     r = httpx.post(server.url + CMPL, json={"prompt": "next", "max_tokens": 3}, timeout=10)
     assert r.json()["choices"][0]["text"] == expected_text("next", 3)
+    # logged and counted as the client's abort, not as "200 ... completion_tokens=N"
+    assert re.search(r"POST /v1/completions 499 \S+ aborted \(client disconnected\) prompt_tokens=8 ", server.log())
+    assert server.metric("fusecc_http_requests_total", 'method="POST",route="/v1/completions",status="499"') == 1
 
 
 def test_disconnect_while_waiting_non_streaming(make_server):
@@ -142,13 +145,15 @@ def test_sigint_with_stuck_stream_aborts_after_timeout(make_server):
     server = make_server("--shutdown-timeout", "0.5", env={"FUSECC_FAKE_TOKEN_DELAY": "0.05"})
     with httpx.Client(base_url=server.url, timeout=10) as c:
         with c.stream("POST", CMPL, json={"prompt": "slow", "max_tokens": 400, "stream": True}) as r:
-            next(r.iter_lines())
+            lines = r.iter_lines()  # kept: a dropped iterator closes the response (a client disconnect)
+            next(lines)
             t0 = time.monotonic()
             server.proc.send_signal(signal.SIGINT)
             assert server.proc.wait(timeout=15) == 0
             assert time.monotonic() - t0 < 5
     log = server.log()
     assert "engine shut down" in log
-    # The stuck stream was cut off (aborted) by the shutdown, well before its 400 tokens.
-    m = re.search(r"POST /v1/completions 200 \S+ prompt_tokens=4 completion_tokens=(\d+)", log)
+    # The stuck stream was ended by the shutdown, well before its 400 tokens, and is logged as such.
+    m = re.search(r"POST /v1/completions 503 \S+ aborted \(server shutting down\) prompt_tokens=4 "
+                  r"completion_tokens=(\d+)", log)
     assert m and int(m.group(1)) < 400

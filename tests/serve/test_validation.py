@@ -77,7 +77,7 @@ def test_bad_request_is_400(fake_server, case):
 
 
 def test_server_keeps_serving_after_bad_requests(fake_server):
-    with httpx.Client(base_url=fake_server.url, timeout=10) as c:
+    with httpx.Client(base_url=fake_server.url, timeout=10, headers={"Content-Type": "application/json"}) as c:
         for path, body, _ in BAD.values():
             content = body if isinstance(body, bytes) else json.dumps(body).encode()
             assert c.post(path, content=content).status_code == 400
@@ -104,7 +104,7 @@ def test_oversized_chunked_body_is_400(fake_server):
             yield b"x" * (1 << 20)
         yield b'"}'
 
-    r = httpx.post(fake_server.url + CMPL, content=chunks(), timeout=10)
+    r = httpx.post(fake_server.url + CMPL, content=chunks(), headers={"Content-Type": "application/json"}, timeout=10)
     _assert_error(r, 400, "body")
 
 
@@ -191,15 +191,33 @@ def test_serve_cli_rejects_bad_arguments_before_building_the_engine(args, messag
 
 
 @pytest.mark.parametrize("args, message", [
+    # EngineConfig's checks run while parsing: usage errors, before the socket or the model
     (["--dtype", "bogus"], "dtype must be one of"),
-    (["--model", "/nonexistent"], "is not a local directory"),
     (["--max-model-len", "0"], "max_model_len must be"),
+    (["--tensor-parallel-size", "2"], "tensor_parallel_size=2 is not supported yet"),
+    (["--quantization", "awq"], "quantization='awq' is not supported yet"),
+    (["--kv-cache-dtype", "fp8"], "kv_cache_dtype='fp8' is not supported yet"),
+    (["--speculative-config", '{"method": "ngram"}'], "speculative_config="),
+    (["--log-level", "loud"], "--log-level: invalid choice: 'loud'"),
+    (["a", "--model", "b"], "MODEL a and --model b differ"),
 ])
-def test_serve_cli_reports_engine_argument_errors_in_one_line(args, message):
+def test_serve_cli_usage_errors_in_one_line(args, message, capsys):
+    from fusecc.serve.cli import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(args)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert exc.value.code == 2 and len(errors) == 1 and message in errors[0], err
+
+
+def test_serve_cli_reports_a_missing_model_folder_in_one_line():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "fusecc.serve.cli", *args, "--enforce-eager"],
+    proc = subprocess.run([sys.executable, "-m", "fusecc.serve.cli", "/nonexistent", "--enforce-eager", "--port", "0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert "fusecc-serve: error: cannot start the engine:" in proc.stderr and message in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("fusecc-serve: error: cannot start the engine:"), proc.stderr
+    assert "/nonexistent" in errors[0]

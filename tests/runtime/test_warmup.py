@@ -1,0 +1,59 @@
+"""Start-up compiles every graph a step can hit: a varied workload afterwards compiles nothing."""
+
+import pytest
+import torch
+
+from fusecc.runtime.engine import LLMEngine
+from fusecc.runtime.sampling_params import SamplingParams
+from tests.runtime.hf_checkpoints import single_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_a_varied_workload_after_warmup_compiles_nothing():
+    torch._dynamo.reset()
+    engine = LLMEngine.from_engine_args(None, enforce_eager=False, max_model_len=128, block_size=8,
+                                        max_num_batched_tokens=48, max_num_seqs=4, num_kv_blocks=40)
+    after_warmup = compiled_graphs()
+    assert after_warmup > 0
+    # the warm-up allocated no blocks, wrote no KV and drew nothing from the sampler's generator
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert all(not (k != 0).any() for k, _ in engine.runner.kv_caches)
+    assert engine.runner.sampler._generators == {}
+    workload = [
+        [[65]],                                   # a 1-token prompt, alone: 1 token, 1 sequence, decodes of 1
+        [list(range(60, 90))],                    # one long prompt (chunked: budget 48 with decodes)
+        [[66, 67], [68] * 3],                     # two short prompts: decode batches of 2
+        [[70] * 5, list(range(70, 120)), [71]],   # short + long (2 chunks) + 1-token: decode batches of 1..3
+        [list(range(60, 90)) + [5]],              # prefix-cache hit: context wider than the new tokens
+    ]
+    for i, prompts in enumerate(workload):
+        for j, p in enumerate(prompts):
+            engine.add_request(f"{i}.{j}", p, SamplingParams(temperature=0, max_tokens=6 + 2 * j, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
+    engine.add_request("s", [72] * 9, SamplingParams(temperature=1.0, seed=1, max_tokens=4, n=3))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.stats().step_timings.decode_steps > 0 and engine.block_manager.stats.prefix_cache_hits > 0
+    assert compiled_graphs() == after_warmup, "a step compiled a graph the warm-up did not"
+
+
+def test_warmup_keeps_seeded_and_unseeded_sampling():
+    # seeded and unseeded sampling give what an engine without the warm-up (eager) gives
+    def run(enforce_eager):
+        engine = LLMEngine.from_engine_args(None, enforce_eager=enforce_eager, max_model_len=64, seed=3)
+        for rid, seed in (("a", 11), ("b", None)):
+            engine.add_request(rid, "Hi", SamplingParams(temperature=1.0, seed=seed, max_tokens=8, ignore_eos=True))
+        outs = {}
+        while engine.has_unfinished_requests():
+            outs.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        return outs
+
+    assert run(False) == run(True)
