@@ -1,0 +1,92 @@
+"""Start-up of the engine on a GPU (what `fusecc-serve` does before /health answers 200): how long
+construction takes (weights, KV pool, compiling and capturing every step shape), and whether the
+first requests of each kind afterwards stall. A request kind that the warm-up missed compiles on
+its first occurrence (seconds on a GPU); the second occurrence of each kind is the baseline of the
+same run.
+
+    python -m benchmarks.startup --out benchmarks/results/startup.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+# (kind, prompts (token ids), max_tokens, n): each kind runs twice, timed separately
+KINDS = [
+    ("one 1-token prompt", [[65]], 8, 1),
+    ("one 24-token prompt", [list(range(40, 64))], 8, 1),
+    ("one 700-token prompt (chunked)", [[60 + i % 50 for i in range(700)]], 8, 1),
+    ("three prompts of 5/50/1 tokens", [[70] * 5, list(range(70, 120)), [71]], 8, 1),
+    ("n=3 sampling", [[72] * 9], 8, 3),
+    ("eight prompts of 16 tokens", [[80 + i] * 16 for i in range(8)], 16, 1),
+]
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def run_kind(engine, tag: str, prompts, max_tokens: int, n: int) -> float:
+    from fusecc import SamplingParams
+
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{tag}.{i}", p, SamplingParams(temperature=0.8 if n > 1 else 0.0, n=n, seed=i,
+                                                          max_tokens=max_tokens, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results/startup.json")
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    args = parser.parse_args()
+    import triton
+
+    from fusecc.runtime.engine import LLMEngine
+
+    start = time.perf_counter()
+    engine = LLMEngine.from_engine_args(None, max_num_seqs=args.max_num_seqs, max_model_len=2048)
+    construct = time.perf_counter() - start
+    graphs_after_start = compiled_graphs()
+    rows = []
+    for kind, prompts, max_tokens, n in KINDS:
+        first = run_kind(engine, f"{kind}.first", prompts, max_tokens, n)
+        second = run_kind(engine, f"{kind}.second", prompts, max_tokens, n)
+        rows.append({"kind": kind, "first_s": first, "second_s": second, "ratio": first / second})
+    single = [run_kind(engine, f"single{i}", [[65, 66, 67]], 16, 1) for i in range(11)]
+    report = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
+        "model": "embedded default (random tiny Llama), bf16, CUDA graphs",
+        "construct_seconds": construct,
+        "graphs_compiled_at_start": graphs_after_start,
+        "graphs_compiled_after_start": compiled_graphs() - graphs_after_start,
+        "kinds": rows,
+        "single_request_first_over_median_of_next_ten": single[0] / statistics.median(single[1:]),
+    }
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"construction {construct:.1f} s; graphs compiled at start {graphs_after_start}, "
+          f"after start {report['graphs_compiled_after_start']}")
+    print(f"{'kind':36} {'first ms':>9} {'second ms':>9} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['kind']:36} {r['first_s'] * 1e3:9.1f} {r['second_s'] * 1e3:9.1f} {r['ratio']:6.2f}")
+    print(f"single request: first / median of next ten = {report['single_request_first_over_median_of_next_ten']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
