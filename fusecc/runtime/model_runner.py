@@ -49,13 +49,23 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
     return buckets + [max_num_seqs]
 
 
-def _no_duck_sizing(fn):
-    """Without duck sizing, equal sizes that are equal by coincidence (a batch of 8 sequences and
-    8 kv heads) do not become guards, each of which would cost a recompile when broken."""
+# Graphs one compiled forward may hold: warmup() compiles one per step shape Dynamo tells apart
+# (8 today: decode-only/mixed x 1/several sequences x 1/several block-table columns). Past
+# Dynamo's default limit (8) a new shape would silently run eagerly, and a decode CUDA graph
+# captured then would record the eager model.
+RECOMPILE_LIMIT = 64
+
+
+def _compile_settings(fn):
+    """Call `fn` (the compiled forward) with the settings its compilation needs:
+    - no duck sizing: equal sizes that are equal by coincidence (a batch of 8 sequences and 8 kv
+      heads) do not become guards, each of which would cost a recompile when broken;
+    - RECOMPILE_LIMIT instead of Dynamo's 8."""
+    import torch._dynamo.config as dynamo_config
     import torch.fx.experimental._config as fx_config
 
     def call(*args):
-        with fx_config.patch(use_duck_shape=False):
+        with fx_config.patch(use_duck_shape=False), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
             return fn(*args)
     return call
 
@@ -70,7 +80,7 @@ class ModelRunner:
         self.kv_heads, self.head_dim = model.kv_shape
         self.vocab_size = model.config.vocab_size
         self.max_blocks_per_seq = cdiv(config.max_model_len, config.block_size)
-        self.forward = model if enforce_eager else _no_duck_sizing(torch.compile(
+        self.forward = model if enforce_eager else _compile_settings(torch.compile(
             model, backend="fusecc", options={"freeze": True, "autotune": autotune_enabled()}, dynamic=True))
         if config.num_kv_blocks is None:
             num_blocks = self._profile_num_blocks(config) if self.device.type == "cuda" else max(
@@ -211,10 +221,12 @@ class ModelRunner:
     # --- CUDA graphs for decode ---------------------------------------------------------------
     def _capture_graphs(self) -> None:
         buckets = graph_buckets(self.config.max_num_seqs)
-        self._static = self._static_inputs()
         self._graph_out: dict[int, torch.Tensor] = {}
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
+            # inference tensors, as execute()'s and warmup()'s inputs: a compiled graph guards on
+            # its inputs' dispatch keys, so normal tensors here would compile other graphs
+            self._static = self._static_inputs()
             for b in reversed(buckets):  # largest first: the smaller graphs reuse its memory pool
                 args = self._graph_args(b)
                 for _ in range(2):  # compile / autotune outside the capture

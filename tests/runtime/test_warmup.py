@@ -33,14 +33,16 @@ def test_a_varied_workload_after_warmup_compiles_nothing():
         [[70] * 5, list(range(70, 120)), [71]],   # short + long (2 chunks) + 1-token: decode batches of 1..3
         [list(range(60, 90)) + [5]],              # prefix-cache hit: context wider than the new tokens
     ]
-    for i, prompts in enumerate(workload):
-        for j, p in enumerate(prompts):
-            engine.add_request(f"{i}.{j}", p, SamplingParams(temperature=0, max_tokens=6 + 2 * j, ignore_eos=True))
+    # a recompile raises (a graph count alone would miss a shape that ran eagerly past Dynamo's limit)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i, prompts in enumerate(workload):
+            for j, p in enumerate(prompts):
+                engine.add_request(f"{i}.{j}", p, SamplingParams(temperature=0, max_tokens=6 + 2 * j, ignore_eos=True))
+            while engine.has_unfinished_requests():
+                engine.step()
+        engine.add_request("s", [72] * 9, SamplingParams(temperature=1.0, seed=1, max_tokens=4, n=3))
         while engine.has_unfinished_requests():
             engine.step()
-    engine.add_request("s", [72] * 9, SamplingParams(temperature=1.0, seed=1, max_tokens=4, n=3))
-    while engine.has_unfinished_requests():
-        engine.step()
     assert engine.stats().step_timings.decode_steps > 0 and engine.block_manager.stats.prefix_cache_hits > 0
     assert compiled_graphs() == after_warmup, "a step compiled a graph the warm-up did not"
 
