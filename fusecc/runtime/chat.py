@@ -18,7 +18,7 @@ def render_chat(tokenizer, messages: list[dict], chat_template: str | None = Non
                 add_generation_prompt: bool = True) -> str:
     """The prompt text of one conversation. ValueError naming `messages` or `chat_template`."""
     _check_messages(messages)
-    template = _load_template(chat_template)
+    template = load_chat_template(chat_template)
     if template is None:
         if not hasattr(tokenizer, "apply_chat_template") or getattr(tokenizer, "chat_template", "") is None:
             raise ValueError("the tokenizer has no chat template; pass chat_template= (a Jinja template string "
@@ -50,7 +50,7 @@ def _check_messages(messages) -> None:
             raise ValueError(f"messages[{i}] must be a dict with a 'role' string and a 'content', got {m!r:.80}")
 
 
-def _load_template(chat_template: str | None) -> str | None:
+def load_chat_template(chat_template: str | None) -> str | None:
     if chat_template is None:
         return None
     if not isinstance(chat_template, str) or not chat_template:

@@ -40,7 +40,7 @@ class EngineConfig:
     seed: int | None = _f(0, "Seed of the sampler's generator for requests without their own seed; "
                              "None = nondeterministic.")
     generation_config: str = _f("auto", "Default sampling parameters: auto (the model's generation_config.json), "
-                                        "vllm (ignore it: SamplingParams defaults), or a folder holding a "
+                                        "vllm or none (ignore it: SamplingParams defaults), or a folder holding a "
                                         "generation_config.json.")
     model_impl: str = _f("auto", "Model implementation: auto or fusecc (fusecc's own model classes; the only one).")
     # --- scheduling and the KV cache ----------------------------------------------------------

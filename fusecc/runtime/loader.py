@@ -134,7 +134,8 @@ def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
     bf16 on CUDA and fp32 on CPU."""
     if name != "auto":
         return _DTYPES[name]
-    declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    # transformers 5 names it `dtype`; reading the old `torch_dtype` alias prints a deprecation warning
+    declared = getattr(hf_config, "dtype", None)
     if isinstance(declared, str):
         declared = getattr(torch, declared, None)
     if isinstance(declared, torch.dtype) and declared in _DTYPES.values():
@@ -164,8 +165,8 @@ _GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k":
 
 def generation_defaults(setting: str, model: str | Path | None) -> dict:
     """SamplingParams defaults from generation_config.json (EngineConfig.generation_config):
-    "auto" reads the model folder's, "vllm" none, anything else is a folder holding one."""
-    folder = None if setting == "vllm" else model if setting == "auto" else setting
+    "auto" reads the model folder's, "vllm" (or "none") none, anything else is a folder holding one."""
+    folder = None if setting in ("vllm", "none") else model if setting == "auto" else setting
     if folder is None:
         return {}
     path = _checkpoint_dir(folder) / "generation_config.json"

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fusecc.runtime.detokenizer import IncrementalDetokenizer
-from fusecc.runtime.outputs import CompletionOutput, LegacyLogprobs, Logprob, RequestMetrics, RequestOutput
+from fusecc.runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from fusecc.runtime.sampling_params import SamplingParams
 from fusecc.runtime.scheduler import SchedulerOutput
 from fusecc.runtime.sequence import Sequence
@@ -169,13 +169,11 @@ class _LogprobRows:
     def entry(self, row: int, token: int, k: int) -> dict[int, Logprob]:
         """The sampled token first (its rank computed over the whole distribution), then the top k."""
         out = {token: Logprob(self.sampled[row], self.ranks[row], self._decode(token))}
-        top = []
         if k and self.top_ids is not None:
-            top = list(zip(self.top_ids[row][:k], self.top_lps[row][:k]))
-            for rank, (t, lp) in enumerate(top, start=1):
+            for rank, (t, lp) in enumerate(zip(self.top_ids[row][:k], self.top_lps[row][:k]), start=1):
                 if t not in out:
                     out[t] = Logprob(lp, rank, self._decode(t))
-        return LegacyLogprobs(out, top)
+        return out
 
     def _decode(self, token: int) -> str:
         return self._tokenizer.decode([token], skip_special_tokens=False)

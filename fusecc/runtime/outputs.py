@@ -16,28 +16,6 @@ class Logprob:
     decoded_token: str | None = None  # the token's text (tokenizer.decode([token_id]))
 
 
-class LegacyLogprobs(dict):
-    """{token id: Logprob}, that also answers the keys of the shape before vLLM's ("token_id",
-    "logprob", "top": [(token id, logprob), ...] of the top k) which fusecc/serve/serving.py reads.
-    Transitional: delete it once the server reads the Logprob dicts."""
-
-    def __init__(self, entries: dict, top: list[tuple[int, float]]) -> None:
-        super().__init__(entries)
-        self._top = top
-
-    def __missing__(self, key):
-        if key == "token_id":
-            return next(iter(self))
-        if key == "logprob":
-            return next(iter(self.values())).logprob
-        if key == "top":
-            return self._top
-        raise KeyError(key)
-
-    def get(self, key, default=None):
-        return self[key] if key in self or key in ("token_id", "logprob", "top") else default
-
-
 @dataclass
 class CompletionOutput:
     index: int

@@ -98,10 +98,10 @@ def _non_empty(text: str) -> str:
 
 def _chat_template(text: str) -> str:
     """The template text, read once: a file's contents, or the argument itself when it is a template."""
-    from fusecc.runtime.chat import _load_template
+    from fusecc.runtime.chat import load_chat_template
 
     try:
-        return _load_template(text)
+        return load_chat_template(text)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

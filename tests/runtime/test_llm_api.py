@@ -153,12 +153,5 @@ def test_generation_config_gives_the_default_sampling_params(tmp_path):
     assert len(llm.generate("w1 w2", use_tqdm=False)[0].outputs[0].token_ids) <= 5
     plain = LLM(str(tmp_path), enforce_eager=True, max_model_len=64, generation_config="vllm")
     assert plain.get_default_sampling_params() == SamplingParams()
-
-
-def test_logprob_dicts_still_answer_the_old_keys_for_the_server(llm):
-    # transitional (fusecc/serve/serving.py reads "token_id", "logprob", "top"); delete with LegacyLogprobs
-    out = text_of(llm, "Hello", logprobs=2, max_tokens=3)
-    for token, e in zip(out.token_ids, out.logprobs):
-        assert e["token_id"] == token and e["logprob"] == e[token].logprob
-        assert e.get("top") == sorted(((t, v.logprob) for t, v in e.items() if v.rank <= 2), key=lambda x: -x[1])
-        assert e.get("missing", 7) == 7 and set(e) <= set(range(258))
+    none = LLM(str(tmp_path), enforce_eager=True, max_model_len=64, generation_config="none")  # the name
+    assert none.get_default_sampling_params() == SamplingParams()
