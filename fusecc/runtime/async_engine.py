@@ -34,6 +34,7 @@ class AsyncLLMEngine:
         self.tokenizer = engine.tokenizer
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.runner.vocab_size  # the model's embedding rows: what a token id may be
         self.max_waiting = engine.config.max_waiting
         # engine request id -> (its event loop, its queue); filled by generate(), read by the thread.
         # The engine id is the caller's id plus a serial number: an id reused right after its last

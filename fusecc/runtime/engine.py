@@ -125,7 +125,8 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         params._validate()  # fields may have been changed since construction
-        text, ids = prompt_token_ids(prompt, self.tokenizer, params, self.runner.vocab_size, self.max_model_len)
+        text, ids = prompt_token_ids(prompt, self.tokenizer, self.runner.vocab_size, self.max_model_len,
+                                     params.truncate_prompt_tokens)
         check_token_ids(params, self.runner.vocab_size)
         # n sequences that could never all wait in the queue: refused as a bad request, not "busy"
         if params.n > self.config.max_waiting:

@@ -1,12 +1,13 @@
 """A request's prompt and sampling parameters checked against the model: the engine's checks.
 
-    text, ids = prompt_token_ids(prompt, tokenizer, params, vocab_size, max_model_len)
+    text, ids = prompt_token_ids(prompt, tokenizer, vocab_size, max_model_len, params.truncate_prompt_tokens)
     check_token_ids(params, vocab_size)
     words = bad_words_token_ids(tokenizer, params.bad_words)
 
-The engine owns these checks (the server and the async engine call the engine and map its
-ValueError to a bad request): token ids in the vocabulary, a non-empty prompt that leaves room
-for one generated token within max_model_len. Each message names the field.
+The engine owns these checks: token ids in the vocabulary, a non-empty prompt that leaves room
+for one generated token within max_model_len. Each message names the field. The server runs the
+same function before it queues a request (it needs the prompt's length for the default
+max_tokens) and maps its ValueError to a 400; PromptTooLong is the context-length one.
 """
 
 from __future__ import annotations
@@ -20,10 +21,15 @@ from fusecc.runtime.sampling_params import SamplingParams
 _PROMPT_KEYS = ("prompt", "prompt_token_ids")
 
 
-def prompt_token_ids(prompt, tokenizer, params: SamplingParams, vocab_size: int,
-                     max_model_len: int) -> tuple[str | None, list[int]]:
-    """(text or None, token ids) of a prompt: a string, token ids, or a vLLM prompt dict;
-    truncated to params.truncate_prompt_tokens. ValueError naming `prompt` when it cannot run."""
+class PromptTooLong(ValueError):
+    """The prompt leaves no room for a generated token within max_model_len."""
+
+
+def prompt_token_ids(prompt, tokenizer, vocab_size: int, max_model_len: int,
+                     truncate_prompt_tokens: int | None = None) -> tuple[str | None, list[int]]:
+    """(text or None, token ids) of a prompt: a string, token ids, or a vLLM prompt dict; only
+    its last `truncate_prompt_tokens` kept (-1: max_model_len - 1; SamplingParams checked the
+    value). ValueError naming `prompt` when it cannot run."""
     text = None
     if isinstance(prompt, dict):
         unknown = sorted(set(prompt) - set(_PROMPT_KEYS))
@@ -39,8 +45,8 @@ def prompt_token_ids(prompt, tokenizer, params: SamplingParams, vocab_size: int,
         text, ids = prompt, list(tokenizer.encode(prompt))
     else:
         ids = _as_token_ids(prompt)
-    if params.truncate_prompt_tokens is not None:
-        keep = max_model_len - 1 if params.truncate_prompt_tokens == -1 else params.truncate_prompt_tokens
+    if truncate_prompt_tokens is not None:
+        keep = max_model_len - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens
         ids = ids[-keep:]
     if not ids:
         raise ValueError("prompt must hold at least one token")
@@ -49,8 +55,8 @@ def prompt_token_ids(prompt, tokenizer, params: SamplingParams, vocab_size: int,
     if bad is not None:
         raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {bad}")
     if len(ids) + 1 > max_model_len:
-        raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate within "
-                         f"max_model_len={max_model_len}")
+        raise PromptTooLong(f"prompt of {len(ids)} tokens leaves no room to generate within "
+                            f"max_model_len={max_model_len}")
     return text, ids
 
 

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from fusecc.runtime.async_engine import EngineShutDown
 from fusecc.runtime.chat import chat_token_ids, render_chat
+from fusecc.runtime.request_inputs import PromptTooLong, prompt_token_ids
 from fusecc.runtime.sampling_params import SamplingParams
 from fusecc.runtime.scheduler import SchedulerFullError
 from fusecc.serve.disconnect import until_disconnected
@@ -85,6 +86,7 @@ class OpenAIServing:
         self.ending = ending
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.vocab_size
         self.chat_template = chat_template
         self.default_sampling = dict(default_sampling or {})
         self.logprobs = LogprobFormatter(self.tokenizer)
@@ -123,23 +125,16 @@ class OpenAIServing:
                            param="model", code="model_not_found")
 
     def _prompt_ids(self, prompt, field_name: str, truncate: int | None = None) -> list[int]:
-        if isinstance(prompt, str):
-            ids = list(self.tokenizer.encode(prompt)) if prompt else []
-        else:
-            ids = list(prompt)
-            vocab = _vocabulary_size(self.tokenizer)
-            bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
-            if bad:
-                raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=field_name)
-        if truncate is not None and (truncate >= 1 or truncate == -1):
-            # as the engine will (its room is counted on what is left); other values are SamplingParams' to refuse
-            ids = ids[-(self.max_model_len - 1 if truncate == -1 else truncate):]
-        if not ids:
-            raise APIError(400, f"{field_name} is empty", param=field_name)
-        if len(ids) >= self.max_model_len:
-            raise APIError(400, f"{field_name} has {len(ids)} tokens; the context is {self.max_model_len} tokens "
-                                f"(max_model_len), which leaves no room to generate", param=field_name,
-                           code="context_length_exceeded")
+        """The engine's own prompt checks (fusecc/runtime/request_inputs.py), run here because the
+        default max_tokens needs the prompt's length before the request is queued."""
+        if truncate is not None and not (truncate >= 1 or truncate == -1):
+            truncate = None  # SamplingParams refuses the value, naming the field, when params are built
+        try:
+            _, ids = prompt_token_ids(prompt, self.tokenizer, self.vocab_size, self.max_model_len, truncate)
+        except PromptTooLong as exc:
+            raise APIError(400, f"{field_name}: {exc}", param=field_name, code="context_length_exceeded") from None
+        except ValueError as exc:
+            raise APIError(400, f"{field_name}: {exc}", param=field_name) from None
         return ids
 
     def _max_tokens(self, requested: int | None, default: int | None, prompt_len: int,
@@ -444,18 +439,6 @@ def _tokenizer_has_chat_template(tok) -> bool:
     # HF tokenizers have a chat_template attribute (None without one); the embedded byte tokenizer
     # has its own documented template in code and no attribute
     return hasattr(tok, "apply_chat_template") and getattr(tok, "chat_template", "") is not None
-
-
-def _vocabulary_size(tokenizer) -> int | None:
-    """Token ids a prompt may hold: HF's vocab_size leaves out added and special tokens
-    (Llama-3's <|eot_id|> is 128009 with vocab_size 128000); len(tokenizer) counts them."""
-    sizes = [getattr(tokenizer, "vocab_size", None)]
-    try:
-        sizes.append(len(tokenizer))
-    except TypeError:
-        pass
-    sizes = [n for n in sizes if isinstance(n, int)]
-    return max(sizes) if sizes else None
 
 
 def _sse(obj: dict) -> str:

@@ -40,7 +40,7 @@ def expected_text(prompt: str | list[int], max_tokens: int, choice: int = 0) -> 
 
 
 class FakeTokenizer:
-    vocab_size = 257
+    vocab_size = 257  # 256 bytes and EOS
     eos_token_id = EOS
     bos_token_id = None
     chat_template = "fake"
@@ -77,6 +77,7 @@ class FakeAsyncEngine:
         self.tokenizer = FakeTokenizer()
         self.model_name = model_name
         self.max_model_len = max_model_len
+        self.vocab_size = FakeTokenizer.vocab_size
         self.max_num_seqs = max_num_seqs
         self.max_waiting = max_waiting
         self.token_delay = token_delay

@@ -151,20 +151,6 @@ def test_a_server_error_is_counted_as_500_not_client_closed():
     assert not any('status="499"' in line for line in lines), lines
 
 
-def test_prompt_ids_may_hold_added_tokens():
-    # HF's vocab_size leaves out added/special tokens (Llama-3's <|eot_id|> = 128009 > 128000)
-    from fusecc.serve.serving import _vocabulary_size
-
-    class Tokenizer:
-        vocab_size = 100
-
-        def __len__(self):
-            return 101
-
-    assert _vocabulary_size(Tokenizer()) == 101
-    assert _vocabulary_size(type("Plain", (), {"vocab_size": 258})()) == 258
-
-
 def test_logit_bias_forces_and_bans_tokens(client):
     model = _model(client)
     kw = dict(model=model, prompt="The cache", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
