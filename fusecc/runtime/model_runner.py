@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from fusecc.cuda_graph import CapturedCall
 from fusecc.kernels.attention_tile import autotune_enabled
 from fusecc.runtime.config import EngineConfig
 from fusecc.runtime.input_batch import BlockTableMirror, StepInputs, cdiv, cpu_tensor, prepare_inputs
@@ -94,7 +95,7 @@ class ModelRunner:
         # Two rows per schedulable sequence: rows of finished sequences are recycled in bulk.
         self._tables = BlockTableMirror(2 * config.max_num_seqs, self.max_blocks_per_seq)
         self.num_graph_replays = 0
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, CapturedCall] = {}  # decode batch-size bucket -> its graph
         self._bucket_of: dict[int, int] = {}  # decode batch size -> captured bucket
         if not enforce_eager:
             self.warmup()
@@ -221,7 +222,6 @@ class ModelRunner:
     # --- CUDA graphs for decode ---------------------------------------------------------------
     def _capture_graphs(self) -> None:
         buckets = graph_buckets(self.config.max_num_seqs)
-        self._graph_out: dict[int, torch.Tensor] = {}
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             # inference tensors, as execute()'s and warmup()'s inputs: a compiled graph guards on
@@ -231,11 +231,7 @@ class ModelRunner:
                 args = self._graph_args(b)
                 for _ in range(2):  # compile / autotune outside the capture
                     self.forward(*args)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._graph_out[b] = self.forward(*args)
-                self.graphs[b] = graph
+                self.graphs[b] = CapturedCall(self.forward, args, pool)
         torch.cuda.synchronize()
         for size in range(1, self.config.max_num_seqs + 1):
             self._bucket_of[size] = next(b for b in buckets if b >= size)
@@ -277,5 +273,4 @@ class ModelRunner:
         s["slots"][:b].copy_(packed[2 * b:3 * b])
         s["context_lens"][:b].copy_(packed[3 * b:])  # int64 -> int32
         s["block_tables"][:B, :tables.shape[1]].copy_(tables)
-        self.graphs[b].replay()
-        return self._graph_out[b][:B]
+        return self.graphs[b].replay()[:B]
