@@ -34,7 +34,7 @@ class EngineConfig:
                             "bfloat16 on CUDA, float32 on CPU when it names none), half/float16, bfloat16, "
                             "float/float32.")
     device: str = _f("auto", "Where the model runs: auto (cuda when available, else cpu), cuda, cuda:N or cpu.")
-    tokenizer: str | None = _f(None, "Tokenizer folder (Hugging Face layout); default: the model folder.")
+    tokenizer: str | None = _f(None, "Tokenizer folder (Hugging Face layout) (default: the model folder).")
     enforce_eager: bool = _f(False, "Run the model eagerly: no torch.compile and no CUDA graphs (fastest start, "
                                     "slowest decode).")
     seed: int | None = _f(0, "Seed of the sampler's generator for requests without their own seed; "

@@ -77,7 +77,9 @@ def add_engine_args(parser_or_group) -> None:
     hints = _field_types()
     for f in dataclasses.fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f.metadata["help"]
+        if "default:" not in help_text:  # a help that explains its default says it once
+            help_text += f" (default: {f.default})"
         if hints[f.name] is bool:
             parser_or_group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                          help=help_text)
