@@ -62,10 +62,10 @@ class EngineConfig:
     gpu_memory_utilization: float = _f(0.9, "Fraction of total GPU memory the engine may use (weights + activations "
                                             "+ KV pool); the KV pool gets what is left after a profiling forward "
                                             "pass.")
-    num_kv_blocks: int | None = _f(None, "KV pool size in blocks (vLLM's num_gpu_blocks_override); default: sized "
-                                         "from free memory (gpu_memory_utilization) on CUDA, 512 blocks on CPU. Each "
-                                         "block holds block_size tokens of K and V for every layer; the pool must "
-                                         "hold one max_model_len sequence.")
+    num_kv_blocks: int | None = _f(None, "KV pool size in blocks (vLLM's num_gpu_blocks_override). Each block "
+                                         "holds block_size tokens of K and V for every layer; the pool must hold one "
+                                         "max_model_len sequence. (default: sized from free memory "
+                                         "(gpu_memory_utilization) on CUDA, 512 blocks on CPU)")
     max_waiting: int = _f(4096, "Admission control: a request that would make more than this many sequences wait "
                                 "is refused with SchedulerFullError (the server answers HTTP 429).")
     # --- placeholders for later issues (vLLM's names): other values are refused -----------------

@@ -78,7 +78,7 @@ def add_engine_args(parser_or_group) -> None:
     for f in dataclasses.fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
-        if "default:" not in help_text:  # a help that explains its default says it once
+        if "(default: " not in help_text:  # a help that explains its default says it once
             help_text += f" (default: {f.default})"
         if hints[f.name] is bool:
             parser_or_group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,

@@ -23,7 +23,9 @@ def test_every_field_has_help_and_a_flag():
         action = flags[f.name]
         assert action.option_strings[0] == "--" + f.name.replace("_", "-")
         assert action.default is None  # only flags the user gave are passed on
-        assert f"(default: {f.default})" in action.help
+        # the field's default, or, where None means something, the help's own words for it
+        assert f"(default: {f.default})" in action.help or f.default is None and "(default: " in action.help
+        assert action.help.count("default: ") == 1, action.help
     text = p.format_help()
     assert "--enable-prefix-caching, --no-enable-prefix-caching" in text
     assert "--enforce-eager, --no-enforce-eager" in text

@@ -15,20 +15,21 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class EagerGraph:
-    """torch.cuda.CUDAGraph's replay() for bucket b: the forward on the static inputs, into the output buffer."""
+    """CapturedCall's replay() for bucket b: the forward on the static inputs, into one output buffer
+    that every replay overwrites (as a CUDA graph's static output)."""
 
     def __init__(self, runner, b: int) -> None:
         self.runner, self.b = runner, b
+        self.out = torch.full((b, runner.model.config.hidden_size), float("nan"))
 
-    def replay(self) -> None:
-        self.runner._graph_out[self.b].copy_(self.runner.forward(*self.runner._graph_args(self.b)))
+    def replay(self) -> torch.Tensor:
+        return self.out.copy_(self.runner.forward(*self.runner._graph_args(self.b)))
 
 
 def fake_graphs(runner) -> None:
     n = runner.config.max_num_seqs
     buckets = graph_buckets(n)
     runner._static = runner._static_inputs()
-    runner._graph_out = {b: torch.full((b, runner.model.config.hidden_size), float("nan")) for b in buckets}
     runner.graphs = {b: EagerGraph(runner, b) for b in buckets}
     runner._bucket_of = {size: next(b for b in buckets if b >= size) for size in range(1, n + 1)}
 

@@ -71,8 +71,11 @@ def llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def vllm_style_server(llama_dir, tmp_path_factory):
     # compiled (no --enforce-eager): the engine warms up before /health answers
+    # one intra-op thread: under pytest -n 2 the other worker holds the second core, and two OpenMP
+    # threads fighting it make step times swing by 5x, which the first-request check would misread
     proc, log = _launch(tmp_path_factory.mktemp("vllm-style"), str(llama_dir), "--dtype", "auto", "--max-model-len",
-                        "2k", "--served-model-name", "m", "--api-key", "k", "--port", "0")
+                        "2k", "--served-model-name", "m", "--api-key", "k", "--port", "0",
+                        env=_env(OMP_NUM_THREADS="1"))
     server = ServerProcess(proc, _wait_ready(proc, log, timeout=240), log)
     yield server
     server.stop()
