@@ -39,7 +39,10 @@ def resolve_model_impl(config, model_impl: str) -> str:
 def max_context_len(config) -> int:
     """Longest sequence the model attends correctly: positions, and Mistral's sliding window
     (full attention equals windowed attention while the sequence fits in the window)."""
-    limit = int(config.max_position_embeddings)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:  # no position limit (recurrent models, relative-position encoders); the load refuses those
+        return 1 << 62
+    limit = int(limit)
     window = getattr(config, "sliding_window", None)
     if window and not getattr(config, "layer_types", None):
         limit = min(limit, int(window))
