@@ -65,10 +65,10 @@ def iter_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
-               max_positions: int | None = None, config=None, model_impl: str = "auto") -> LlamaForCausalLM:
+               max_positions: int | None = None, config=None, model_impl: str = "fusecc") -> LlamaForCausalLM:
     """Build the registered model class for the checkpoint on `device` in `dtype` and load its weights;
-    model_impl (EngineConfig.model_impl) "transformers", or "auto" without a native class, wraps
-    transformers' own model instead (models/transformers_backend.py)."""
+    model_impl (EngineConfig.model_impl; the engine passes it) "transformers", or "auto" without a
+    native class, wraps transformers' own model instead (models/transformers_backend.py)."""
     config = config if config is not None else load_config(path)
     if resolve_model_impl(config, model_impl) == "transformers":
         from fusecc.runtime.models.transformers_backend import load_transformers_model
