@@ -80,7 +80,7 @@ def test_compiled_transformers_model_matches_transformers(tmp_path):
     # the runner's torch.compile(backend="fusecc") path over transformers' modeling code (CPU: ATen codegen)
     hf = save_family_checkpoint("olmo2", tmp_path)
     engine = LLMEngine.from_engine_args(str(tmp_path), enforce_eager=False, device="cpu", dtype="float32",
-                                        max_model_len=64, max_num_seqs=2, max_num_batched_tokens=16)
+                                        max_model_len=64, max_num_seqs=1, max_num_batched_tokens=16)
     final = run_engine(engine, [(str(i), p, GREEDY) for i, p in enumerate(prompts(3, seed=4, max_len=30))])
     for rid, out in final.items():
         assert out.outputs[0].token_ids == hf_greedy(hf, out.prompt_token_ids, MAX_TOKENS), rid
