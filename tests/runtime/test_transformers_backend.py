@@ -102,3 +102,21 @@ def test_cuda_sliding_window_softcap_family_matches_transformers(tmp_path, enfor
     hf = hf.cpu()
     matches = sum(o.outputs[0].token_ids == hf_greedy(hf, o.prompt_token_ids, MAX_TOKENS) for o in final.values())
     assert matches == len(final), f"{matches}/{len(final)} sequences equal transformers' greedy tokens"
+
+
+def test_decode_step_of_windowed_softcapped_layers_traces_into_one_graph(tmp_path):
+    # what a decode CUDA graph needs: no host sync or data-dependent shape anywhere in the decode forward
+    # (Gemma 2: sliding window + attention soft-capping run windowed_softcap_decode)
+    from fusecc.runtime.models.attention import AttentionMetadata
+
+    save_family_checkpoint("gemma2", tmp_path)
+    runner = tight_engine(tmp_path).runner
+    md = AttentionMetadata(slot_mapping=torch.tensor([-1, -1]), block_tables=torch.zeros((2, 4), dtype=torch.int32),
+                           context_lens=torch.tensor([3, 5], dtype=torch.int32),
+                           cu_seqlens_q=torch.tensor([0, 1, 2], dtype=torch.int32), max_seqlen_q=1,
+                           decode_only=True, num_decodes=2)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(runner.model)(torch.tensor([3, 4]), torch.tensor([2, 4]),
+                                                        runner.kv_caches, md)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
