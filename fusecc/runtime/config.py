@@ -42,7 +42,9 @@ class EngineConfig:
     generation_config: str = _f("auto", "Default sampling parameters: auto (the model's generation_config.json), "
                                         "vllm or none (ignore it: SamplingParams defaults), or a folder holding a "
                                         "generation_config.json.")
-    model_impl: str = _f("auto", "Model implementation: auto or fusecc (fusecc's own model classes; the only one).")
+    model_impl: str = _f("auto", "Model implementation: fusecc (fusecc's own model classes), transformers "
+                                 "(transformers' modeling code with fusecc's paged attention, for any decoder "
+                                 "without a fusecc class) or auto (fusecc when it has the architecture).")
     # --- scheduling and the KV cache ----------------------------------------------------------
     block_size: int = _f(16, "Tokens per KV-cache block. Prefix caching shares whole blocks only, so smaller "
                              "blocks share more of a common prefix but cost longer block tables.")
@@ -82,7 +84,8 @@ class EngineConfig:
         _require(self.dtype in DTYPE_NAMES, "dtype", self.dtype, f"must be one of {DTYPE_NAMES}")
         _require(self.device in DEVICE_NAMES or self.device.startswith("cuda:"), "device", self.device,
                  "must be auto, cuda, cuda:N or cpu")
-        _require(self.model_impl in ("auto", "fusecc"), "model_impl", self.model_impl, "must be auto or fusecc")
+        _require(self.model_impl in ("auto", "fusecc", "transformers"), "model_impl", self.model_impl,
+                 "must be auto, fusecc or transformers")
         _require(bool(self.generation_config), "generation_config", self.generation_config,
                  "must be auto, vllm or a folder")
         _require(self.block_size >= 1, "block_size", self.block_size, "must be >= 1")

@@ -95,7 +95,8 @@ class LLMEngine:
             hf_config = loader.load_config(model)
             config = _fit_max_model_len(config, max_context_len(hf_config))
             dtype = loader.resolve_dtype(config.dtype, hf_config, device)
-            net = loader.load_model(model, dtype, device, config.max_model_len, config=hf_config)
+            net = loader.load_model(model, dtype, device, config.max_model_len, config=hf_config,
+                                    model_impl=config.model_impl)
             tokenizer = loader.load_tokenizer(config.tokenizer or model)
             name = str(model)
             eos = loader.eos_token_ids(model, hf_config, tokenizer)

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from fusecc.runtime.models.llama import LlamaForCausalLM
-from fusecc.runtime.models.registry import model_class
+from fusecc.runtime.models.registry import model_class, resolve_model_impl
 
 
 def load_config(path: str | Path):
@@ -65,9 +65,16 @@ def iter_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
-               max_positions: int | None = None, config=None) -> LlamaForCausalLM:
-    """Build the registered model class for the checkpoint on `device` in `dtype` and load its weights."""
+               max_positions: int | None = None, config=None, model_impl: str = "fusecc") -> LlamaForCausalLM:
+    """Build the registered model class for the checkpoint on `device` in `dtype` and load its weights;
+    model_impl (EngineConfig.model_impl; the engine passes it) "transformers", or "auto" without a
+    native class, wraps transformers' own model instead (models/transformers_backend.py)."""
     config = config if config is not None else load_config(path)
+    if resolve_model_impl(config, model_impl) == "transformers":
+        from fusecc.runtime.models.transformers_backend import load_transformers_model
+
+        safetensors_files(path)  # the same refusal of pickle-only folders as below
+        return load_transformers_model(path, config, dtype, device)
     cls = model_class(config)
     files = safetensors_files(path)  # fail on a bad directory before allocating anything
     assert files

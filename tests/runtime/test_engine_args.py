@@ -81,7 +81,7 @@ def test_badly_typed_values_name_the_field(kwargs, field):
 
 
 @pytest.mark.parametrize("kwargs,field", [(dict(dtype="fp8"), "dtype"), (dict(device="tpu"), "device"),
-                                          (dict(model_impl="transformers"), "model_impl")])
+                                          (dict(model_impl="vllm"), "model_impl")])
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"EngineConfig\.{field}\b"):
         EngineConfig(**kwargs)

@@ -24,10 +24,25 @@ def model_class(config) -> type[LlamaForCausalLM]:
     return cls
 
 
+def resolve_model_impl(config, model_impl: str) -> str:
+    """EngineConfig.model_impl -> "fusecc" (our model class) or "transformers" (transformers_backend.py).
+    "auto" picks our class when one covers the config, as vLLM does, else transformers'."""
+    if model_impl != "auto":
+        return model_impl
+    try:
+        model_class(config)
+    except ValueError:
+        return "transformers"
+    return "fusecc"
+
+
 def max_context_len(config) -> int:
     """Longest sequence the model attends correctly: positions, and Mistral's sliding window
     (full attention equals windowed attention while the sequence fits in the window)."""
-    limit = int(config.max_position_embeddings)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:  # no position limit (recurrent models, relative-position encoders); the load refuses those
+        return 1 << 62
+    limit = int(limit)
     window = getattr(config, "sliding_window", None)
     if window and not getattr(config, "layer_types", None):
         limit = min(limit, int(window))
