@@ -68,3 +68,15 @@ def test_smollm2_is_the_default_model_when_installed(monkeypatch):
 
     monkeypatch.setenv("FUSECC_DEFAULT_MODEL", "auto")
     assert resolve_model(None) == (str(PATH), SMOLLM2_NAME)
+
+
+def test_the_demo_prints_smollm2s_answer(llm, monkeypatch, capsys):
+    import fusecc
+    from fusecc.demo import run_chat_demo
+
+    monkeypatch.setenv("FUSECC_DEFAULT_MODEL", "auto")
+    monkeypatch.setattr(fusecc, "LLM", lambda *args, **kwargs: llm)  # the model this module already loaded
+    assert run_chat_demo() == 0
+    out = capsys.readouterr().out
+    assert f"chat: {SMOLLM2_NAME}" in out
+    assert any(line.split()[:1] == ["answer"] and "Paris" in line for line in out.splitlines()), out
