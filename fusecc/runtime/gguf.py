@@ -93,7 +93,6 @@ class GGUFCheckpoint:
     def load_model(self, dtype: torch.dtype, device, max_positions: int | None = None):
         """Our model for the file's architecture on `device` in `dtype`, every tensor dequantized."""
         from transformers import AutoModelForCausalLM
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         from fusecc.runtime.loader import build_model
         from fusecc.runtime.models.registry import model_class
@@ -103,22 +102,56 @@ class GGUFCheckpoint:
         # given; a meta-device one costs no memory
         with torch.device("meta"):
             reference = AutoModelForCausalLM.from_config(self.config)
-        tensors = load_gguf_checkpoint(str(self.path), return_tensors=True, model_to_load=reference,
-                                       torch_dtype=dtype)["tensors"]
-        return build_model(cls, self.config, dtype, device, max_positions, tensors.items())
+        return build_model(cls, self.config, dtype, device, max_positions, self._weights(reference, dtype))
+
+    def _weights(self, reference, dtype: torch.dtype):
+        """(transformers name, dequantized tensor) pairs, one tensor in memory at a time: the tensor
+        loop of transformers' load_gguf_checkpoint(return_tensors=True), without parsing the
+        metadata (the tokenizer's ~100k strings) a second time."""
+        import numpy as np
+        from gguf import GGUFReader, dequantize
+        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                              get_gguf_hf_weights_map)
+
+        processor = TENSOR_PROCESSORS.get(self.metadata["general.architecture"], TensorProcessor)(
+            config=self.parsed["config"])
+        names = get_gguf_hf_weights_map(reference, processor)
+        parsed = {**self.parsed, "tensors": {}}  # where MoE processors park expert slices
+        for tensor in GGUFReader(str(self.path)).tensors:
+            # processors undo llama.cpp's layout (q/k rows interleaved per head) and rename
+            result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
+                                       tensor_key_mapping=names, parsed_parameters=parsed)
+            if result.name in names:  # others (rope_freqs) are derived by the model
+                yield names[result.name], torch.from_numpy(np.copy(result.weights)).to(dtype)
 
     def load_tokenizer(self):
         """transformers' tokenizer for the file (vocabulary, merges, special tokens, chat template)."""
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name,
-                                                  local_files_only=True)
+        if self.parsed["config"]["model_type"] == "llama":
+            tokenizer = self._llama_tokenizer()
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name,
+                                                      local_files_only=True)
         eos = self.metadata.get("tokenizer.ggml.eos_token_id")
         if isinstance(eos, int) and tokenizer.eos_token_id != eos:
             # transformers 5.17 gives SmolLM2's GGUF tokenizer eos <|im_start|> (id 1) while the
             # file says 2 (<|im_end|>); the file is right
             tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
         return tokenizer
+
+    def _llama_tokenizer(self):
+        """What AutoTokenizer.from_pretrained(folder, gguf_file=name) builds for a llama file (a
+        TokenizersBackend over transformers' GGUF converter), from the metadata parsed once: AutoTokenizer
+        parses the file twice more (13 s for SmolLM2's 49k tokens, against 0.2 s)."""
+        from transformers.integrations.ggml import convert_gguf_tokenizer
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        backend, extra = convert_gguf_tokenizer("llama", self.parsed["tokenizer"])
+        kwargs = {**self.parsed["tokenizer_config"], **extra}
+        # a GPT-2 style BPE: transformers ignores (and warns about) the space clean-up it would get
+        kwargs["clean_up_tokenization_spaces"] = False
+        return TokenizersBackend(tokenizer_object=backend, **kwargs)
 
     def eos_token_ids(self) -> set[int]:
         return {int(self.metadata[k]) for k in _EOS_KEYS if isinstance(self.metadata.get(k), int)}

@@ -39,10 +39,17 @@ def hf_model():
                                                 local_files_only=True).eval()
 
 
-def test_smollm2_greedy_tokens_match_transformers_gguf_loading(llm, hf_model):
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(PATH.parent), gguf_file=PATH.name, local_files_only=True)
+
+
+def test_smollm2_greedy_tokens_match_transformers_gguf_loading(llm, hf_model, hf_tokenizer):
     assert llm.engine.eos_token_ids == {2}  # <|im_end|>, from the file's metadata
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), use_tqdm=False)
-    tok = llm.get_tokenizer()  # AutoTokenizer.from_pretrained(folder, gguf_file=name): transformers' own
+    tok = hf_tokenizer
     for prompt, out in zip(PROMPTS, outs):
         ids = tok(prompt)["input_ids"]
         assert out.prompt_token_ids == ids
@@ -53,12 +60,22 @@ def test_smollm2_greedy_tokens_match_transformers_gguf_loading(llm, hf_model):
         assert out.outputs[0].token_ids == want, (prompt, out.outputs[0].text, tok.decode(want))
 
 
-def test_smollm2_knows_the_capital_of_france(llm):
+def test_our_tokenizer_is_transformers_gguf_tokenizer(llm, hf_tokenizer):
+    # fusecc builds it from the metadata it already parsed (AutoTokenizer parses the file twice more)
+    ours = llm.get_tokenizer()
+    text = inspect.getdoc(inspect) + " Ünïcødé 日本語 🙂 <|im_start|>user\nhi<|im_end|>"
+    assert ours(text)["input_ids"] == hf_tokenizer(text)["input_ids"]
+    assert ours.decode(ours(text)["input_ids"]) == hf_tokenizer.decode(hf_tokenizer(text)["input_ids"])
+    assert ours.chat_template == hf_tokenizer.chat_template and len(ours) == len(hf_tokenizer) == 49152
+    assert ours.eos_token == "<|im_end|>"  # the file's eos id 2 (transformers' own says <|im_start|>)
+
+
+def test_smollm2_knows_the_capital_of_france(llm, hf_tokenizer):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     out = llm.chat(messages, SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)[0]
     # the chat template is the file's (tokenizer.chat_template), with its default system prompt
-    assert out.prompt_token_ids == llm.get_tokenizer().apply_chat_template(messages, add_generation_prompt=True,
-                                                                            tokenize=True, return_dict=False)
+    assert out.prompt_token_ids == hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                     tokenize=True, return_dict=False)
     assert "Paris" in out.outputs[0].text, out.outputs[0].text
     assert out.outputs[0].finish_reason == "stop"
 
