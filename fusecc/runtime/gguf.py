@@ -15,6 +15,7 @@ stacks q/k/v and gate/up as for a safetensors checkpoint.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -61,6 +62,8 @@ class GGUFCheckpoint:
     """One GGUF file: its metadata is read once, here; the tensors when `load_model` runs."""
 
     def __init__(self, path: str | Path) -> None:
+        if importlib.util.find_spec("gguf") is None:
+            raise ImportError(f"loading {Path(path).name} needs the gguf package: pip install 'fusecc[demo]'")
         self.path = Path(path)
         # the fast header reader first: a file we cannot run fails in a second, before the slow parse
         self.metadata, types = _read_header(self.path)

@@ -118,3 +118,13 @@ def test_an_unsupported_tensor_type_is_named(tmp_path, hf_model):
                                          r"dequantize; supported: .*Q4_1") as err:
         LLM(str(path))
     assert "\n" not in str(err.value)
+
+
+def test_without_the_gguf_package_the_error_says_what_to_install(tmp_path, hf_model, monkeypatch):
+    import importlib.util
+
+    path = write_llama_gguf(tmp_path / "tiny.gguf", hf_model)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(ImportError, match=r"loading tiny\.gguf needs the gguf package: pip install 'fusecc\[demo\]'"):
+        GGUFCheckpoint(path)
