@@ -51,22 +51,36 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
 
 
 # Graphs one compiled forward may hold: warmup() compiles one per step shape Dynamo tells apart
-# (8 today: decode-only/mixed x 1/several sequences x 1/several block-table columns). Past
-# Dynamo's default limit (8) a new shape would silently run eagerly, and a decode CUDA graph
+# (8 on CUDA: decode-only/mixed x 1/several sequences x 1/several block-table columns; 2 on CPU).
+# Past Dynamo's default limit (8) a new shape would silently run eagerly, and a decode CUDA graph
 # captured then would record the eager model.
 RECOMPILE_LIMIT = 64
 
 
-def _compile_settings(fn):
+def size_oblivious_compile(device: torch.device) -> bool:
+    """Whether the forward compiles with fx's backed_size_oblivious: sizes 0 and 1 are not
+    specialised, so one graph serves 1 and many tokens, sequences and block-table columns (2
+    graphs instead of 8). On CPU each graph of a real model costs Dynamo and AOTAutograd a
+    minute (SmolLM2-135M, 30 layers); CUDA keeps the specialising default until it has been
+    measured there (its generated kernels and CUDA graphs are per bucket anyway)."""
+    import torch.fx.experimental._config as fx_config
+
+    return device.type == "cpu" and hasattr(fx_config, "backed_size_oblivious")
+
+
+def _compile_settings(fn, size_oblivious: bool):
     """Call `fn` (the compiled forward) with the settings its compilation needs:
     - no duck sizing: equal sizes that are equal by coincidence (a batch of 8 sequences and 8 kv
       heads) do not become guards, each of which would cost a recompile when broken;
-    - RECOMPILE_LIMIT instead of Dynamo's 8."""
+    - RECOMPILE_LIMIT instead of Dynamo's 8;
+    - with `size_oblivious`, no 0/1 specialisation (see size_oblivious_compile)."""
     import torch._dynamo.config as dynamo_config
     import torch.fx.experimental._config as fx_config
 
+    shape_settings = {"use_duck_shape": False, **({"backed_size_oblivious": True} if size_oblivious else {})}
+
     def call(*args):
-        with fx_config.patch(use_duck_shape=False), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
+        with fx_config.patch(**shape_settings), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
             return fn(*args)
     return call
 
@@ -81,8 +95,10 @@ class ModelRunner:
         self.kv_heads, self.head_dim = model.kv_shape
         self.vocab_size = model.config.vocab_size
         self.max_blocks_per_seq = cdiv(config.max_model_len, config.block_size)
+        self.size_oblivious = size_oblivious_compile(self.device)
         self.forward = model if enforce_eager else _compile_settings(torch.compile(
-            model, backend="fusecc", options={"freeze": True, "autotune": autotune_enabled()}, dynamic=True))
+            model, backend="fusecc", options={"freeze": True, "autotune": autotune_enabled()}, dynamic=True),
+            self.size_oblivious)
         if config.num_kv_blocks is None:
             num_blocks = self._profile_num_blocks(config) if self.device.type == "cuda" else max(
                 CPU_DEFAULT_KV_BLOCKS, 2 * self.max_blocks_per_seq)
@@ -152,7 +168,7 @@ class ModelRunner:
         """Compile (and on CUDA autotune) every graph a step can hit (fusecc/runtime/warmup.py),
         so that no request pays for it."""
         start = time.perf_counter()
-        shapes = warmup_shapes(self.config, self.max_blocks_per_seq)
+        shapes = warmup_shapes(self.config, self.max_blocks_per_seq, self.size_oblivious)
         for q, ctx in shapes:
             width = cdiv(max(ctx), self.config.block_size)
             tokens = sum(q)
