@@ -68,19 +68,27 @@ def size_oblivious_compile(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(fx_config, "backed_size_oblivious")
 
 
-def _compile_settings(fn, size_oblivious: bool):
-    """Call `fn` (the compiled forward) with the settings its compilation needs:
+def compile_forward(model, size_oblivious: bool, **options):
+    """`model` compiled with the fusecc backend (frozen weights, dynamic shapes; `options` are
+    added to the backend's), called under the settings its compilation needs:
     - no duck sizing: equal sizes that are equal by coincidence (a batch of 8 sequences and 8 kv
       heads) do not become guards, each of which would cost a recompile when broken;
     - RECOMPILE_LIMIT instead of Dynamo's 8;
+    - float attributes (RMSNorm's eps) are constants: dynamic=True otherwise turns each into a
+      float64 0-d tensor input, which costs a second trace of the whole model (Dynamo restarts
+      once it has traced the graph, to tensorify the scalar) and a dtype conversion plus a
+      tensor add per norm at run time, instead of an add of a constant;
     - with `size_oblivious`, no 0/1 specialisation (see size_oblivious_compile)."""
     import torch._dynamo.config as dynamo_config
     import torch.fx.experimental._config as fx_config
 
     shape_settings = {"use_duck_shape": False, **({"backed_size_oblivious": True} if size_oblivious else {})}
+    fn = torch.compile(model, backend="fusecc", dynamic=True,
+                       options={"freeze": True, "autotune": autotune_enabled(), **options})
 
     def call(*args):
-        with fx_config.patch(**shape_settings), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
+        with fx_config.patch(**shape_settings), dynamo_config.patch(
+                recompile_limit=RECOMPILE_LIMIT, specialize_float=True):
             return fn(*args)
     return call
 
@@ -96,9 +104,7 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.max_blocks_per_seq = cdiv(config.max_model_len, config.block_size)
         self.size_oblivious = size_oblivious_compile(self.device)
-        self.forward = model if enforce_eager else _compile_settings(torch.compile(
-            model, backend="fusecc", options={"freeze": True, "autotune": autotune_enabled()}, dynamic=True),
-            self.size_oblivious)
+        self.forward = model if enforce_eager else compile_forward(model, self.size_oblivious)
         if config.num_kv_blocks is None:
             num_blocks = self._profile_num_blocks(config) if self.device.type == "cuda" else max(
                 CPU_DEFAULT_KV_BLOCKS, 2 * self.max_blocks_per_seq)
