@@ -85,12 +85,10 @@ def compile_forward(model, size_oblivious: bool, **options):
     shape_settings = {"use_duck_shape": False, **({"backed_size_oblivious": True} if size_oblivious else {})}
     fn = torch.compile(model, backend="fusecc", dynamic=True,
                        options={"freeze": True, "autotune": autotune_enabled(), **options})
-
-    def call(*args):
-        with fx_config.patch(**shape_settings), dynamo_config.patch(
-                recompile_limit=RECOMPILE_LIMIT, specialize_float=True):
-            return fn(*args)
-    return call
+    # made once: each config.patch() call defines a class, per step that would be run-time overhead
+    with_settings = fx_config.patch(shape_settings)
+    with_dynamo_settings = dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT, specialize_float=True)
+    return with_settings(with_dynamo_settings(fn))
 
 
 class ModelRunner:
