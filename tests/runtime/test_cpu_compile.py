@@ -25,7 +25,7 @@ def prompt_step(tokens: int, num_layers: int, kv_heads: int, head_dim: int):
     return torch.arange(40, 40 + tokens), torch.arange(tokens), caches, md
 
 
-def test_cpu_forward_graph_holds_norm_eps_as_a_constant_and_compiles_in_one_trace(tmp_path):
+def test_cpu_forward_graph_keeps_eps_constant_silu_whole_and_compiles_in_one_trace(tmp_path):
     from torch._dynamo.utils import get_compilation_metrics
 
     torch._dynamo.reset()
@@ -47,3 +47,14 @@ def test_cpu_forward_graph_holds_norm_eps_as_a_constant_and_compiles_in_one_trac
     # per layer: the eps add of its 2 norms and its 2 residual adds, plus RoPE's 2 adds (q and k)
     assert ops["aten.add"] == norms + 4 * config.num_hidden_layers
     assert "f64[" not in next(tmp_path.glob("*/01.aten.py")).read_text()
+    # SwiGLU's silu stays one ATen kernel on the ATen runner (not sigmoid + mul)
+    assert ops["aten.silu"] == config.num_hidden_layers and "aten.sigmoid" not in ops, ops
+
+
+def test_activations_decompose_only_for_generated_kernels():
+    from fusecc.decompositions import decomposition_table
+
+    aten = torch.ops.aten
+    assert aten.silu.default in decomposition_table() and aten.gelu.default in decomposition_table()
+    assert aten.silu.default not in decomposition_table(True) and aten.gelu.default not in decomposition_table(True)
+    assert aten._softmax.default in decomposition_table(True)  # attention matching reads its parts
