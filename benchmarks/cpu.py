@@ -90,6 +90,42 @@ def transformers_tok_s(model_dir: str, prompt_ids: list[int], max_tokens: int) -
     return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
 
 
+def time_fusecc_compiler() -> dict:
+    """Accumulates the seconds fusecc's own stages (freeze, passes, lowering) take, per graph."""
+    import fusecc.backend
+
+    spent = {"seconds": 0.0, "graphs": 0}
+    compile_graph = fusecc.backend.InferenceCompiler.__call__
+
+    def timed(self, *args):
+        start = time.perf_counter()
+        try:
+            return compile_graph(self, *args)
+        finally:
+            spent["seconds"] += time.perf_counter() - start
+            spent["graphs"] += 1
+
+    fusecc.backend.InferenceCompiler.__call__ = timed
+    return spent
+
+
+def construction_breakdown(construct: float, fusecc_seconds: float) -> dict:
+    """Where construction went: Dynamo's timers (seconds summed over graphs) and fusecc's."""
+    from torch._dynamo.utils import compilation_time_metrics as metrics
+
+    def total(name):
+        return round(sum(metrics.get(name, [])), 2)
+
+    return {
+        "dynamo_compile_total": total("_compile.compile_inner"),
+        "dynamo_bytecode_tracing": total("bytecode_tracing"),
+        "aot_autograd_including_fusecc": total("create_aot_dispatcher_function"),
+        "fusecc_freeze_passes_lowering": round(fusecc_seconds, 2),
+        "dynamo_restarts": len(metrics.get("compile_attempt_1", [])),
+        "rest (weights, KV pool, warm-up runs, guards)": round(construct - total("_compile.compile_inner"), 2),
+    }
+
+
 def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -103,12 +139,16 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import transformers
 
     from fusecc import LLM, SamplingParams
 
     load_before = os.getloadavg()
+    fusecc_time = time_fusecc_compiler()
     start = time.perf_counter()
     llm = LLM(args.model, dtype="float32", device="cpu", max_model_len=args.max_model_len)
     construct = time.perf_counter() - start
@@ -131,7 +171,9 @@ def main() -> int:
         "command": "python -m benchmarks.cpu " + " ".join(sys.argv[1:]),
         "model": f"{os.path.basename(os.path.normpath(args.model))}, float32, max_model_len {args.max_model_len}",
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "torch_threads": torch.get_num_threads(),
         "construct_seconds": construct,
+        "construct_breakdown_seconds": construction_breakdown(construct, fusecc_time["seconds"]),
         "graphs_compiled_at_start": graphs_at_start,
         "graphs_compiled_after_start": graphs_after,
         "first_token_seconds_after_llm_returns": first_token,
