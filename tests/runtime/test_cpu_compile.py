@@ -26,9 +26,10 @@ def prompt_step(tokens: int, num_layers: int, kv_heads: int, head_dim: int):
 
 
 def test_cpu_forward_graph_keeps_eps_constant_silu_whole_and_compiles_in_one_trace(tmp_path):
-    from torch._dynamo.utils import get_compilation_metrics
+    from torch._dynamo.utils import clear_compilation_metrics, get_compilation_metrics
 
     torch._dynamo.reset()
+    clear_compilation_metrics()  # the session's earlier compilations
     model, config = build_default_model(torch.float32, "cpu")
     assert size_oblivious_compile(torch.device("cpu"))
     forward = compile_forward(model, True, dump_dir=str(tmp_path))
