@@ -53,11 +53,16 @@ def keep_sdpa_whole(gm: fx.GraphModule) -> int:
 
 def capture_aten(gm: fx.GraphModule, example_inputs: list, inference_compiler: Callable) -> Callable:
     """Run AOTAutograd on `gm`; `inference_compiler(aten_gm, fake_inputs)` receives the ATen
-    inference graph and returns the boxed callable that will run it."""
+    inference graph and returns the boxed callable that will run it. A compiler whose `options`
+    will run the graph as ATen ops gets the activations whole (see decompositions.py)."""
+    from fusecc.codegen.lower import wants_triton
+
+    options = getattr(inference_compiler, "options", None)
+    for_aten_runner = options is not None and not wants_triton(options, example_inputs)
     backend = aot_autograd(
         fw_compiler=inference_compiler,
         inference_compiler=inference_compiler,
-        decompositions=decomposition_table(),
+        decompositions=decomposition_table(for_aten_runner),
         keep_inference_input_mutations=True,
     )
     return backend(gm, example_inputs)

@@ -5,6 +5,10 @@ composite ops whose parts the passes and the fusion/codegen stage understand (no
 activations, softmax, small helpers), and keep whole what has a better single kernel:
 matmuls (cuBLAS), embedding, SDPA (kept as `fusecc::sdpa`, see capture.py), and ops whose
 decomposition would be slower or less exact.
+
+A graph that runs as ATen ops (the CPU path, codegen "aten") keeps the activations whole too:
+nothing fuses their parts there, and one vectorized `silu` kernel beats `sigmoid` + `mul`, a
+second pass over the [tokens, intermediate] tensor and a temporary of its size.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ _DECOMPOSE = [
 ]
 
 
-@functools.lru_cache(maxsize=1)
-def decomposition_table() -> dict:
-    return get_decompositions(_DECOMPOSE)
+# Activations whose parts only generated kernels profit from.
+_WHOLE_FOR_ATEN = {aten.silu, aten.gelu}
+
+
+@functools.lru_cache(maxsize=2)
+def decomposition_table(for_aten_runner: bool = False) -> dict:
+    return get_decompositions([op for op in _DECOMPOSE if not (for_aten_runner and op in _WHOLE_FOR_ATEN)])

@@ -51,24 +51,44 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
 
 
 # Graphs one compiled forward may hold: warmup() compiles one per step shape Dynamo tells apart
-# (8 today: decode-only/mixed x 1/several sequences x 1/several block-table columns). Past
-# Dynamo's default limit (8) a new shape would silently run eagerly, and a decode CUDA graph
+# (8 on CUDA: decode-only/mixed x 1/several sequences x 1/several block-table columns; 2 on CPU).
+# Past Dynamo's default limit (8) a new shape would silently run eagerly, and a decode CUDA graph
 # captured then would record the eager model.
 RECOMPILE_LIMIT = 64
 
 
-def _compile_settings(fn):
-    """Call `fn` (the compiled forward) with the settings its compilation needs:
+def size_oblivious_compile(device: torch.device) -> bool:
+    """Whether the forward compiles with fx's backed_size_oblivious: sizes 0 and 1 are not
+    specialised, so one graph serves 1 and many tokens, sequences and block-table columns (2
+    graphs instead of 8). On CPU each graph of a real model costs Dynamo and AOTAutograd a
+    minute (SmolLM2-135M, 30 layers); CUDA keeps the specialising default until it has been
+    measured there (its generated kernels and CUDA graphs are per bucket anyway)."""
+    import torch.fx.experimental._config as fx_config
+
+    return device.type == "cpu" and hasattr(fx_config, "backed_size_oblivious")
+
+
+def compile_forward(model, size_oblivious: bool, **options):
+    """`model` compiled with the fusecc backend (frozen weights, dynamic shapes; `options` are
+    added to the backend's), called under the settings its compilation needs:
     - no duck sizing: equal sizes that are equal by coincidence (a batch of 8 sequences and 8 kv
       heads) do not become guards, each of which would cost a recompile when broken;
-    - RECOMPILE_LIMIT instead of Dynamo's 8."""
+    - RECOMPILE_LIMIT instead of Dynamo's 8;
+    - float attributes (RMSNorm's eps) are constants: dynamic=True otherwise turns each into a
+      float64 0-d tensor input, which costs a second trace of the whole model (Dynamo restarts
+      once it has traced the graph, to tensorify the scalar) and a dtype conversion plus a
+      tensor add per norm at run time, instead of an add of a constant;
+    - with `size_oblivious`, no 0/1 specialisation (see size_oblivious_compile)."""
     import torch._dynamo.config as dynamo_config
     import torch.fx.experimental._config as fx_config
 
-    def call(*args):
-        with fx_config.patch(use_duck_shape=False), dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return fn(*args)
-    return call
+    shape_settings = {"use_duck_shape": False, **({"backed_size_oblivious": True} if size_oblivious else {})}
+    fn = torch.compile(model, backend="fusecc", dynamic=True,
+                       options={"freeze": True, "autotune": autotune_enabled(), **options})
+    # made once: each config.patch() call defines a class, per step that would be run-time overhead
+    with_settings = fx_config.patch(shape_settings)
+    with_dynamo_settings = dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT, specialize_float=True)
+    return with_settings(with_dynamo_settings(fn))
 
 
 class ModelRunner:
@@ -81,8 +101,8 @@ class ModelRunner:
         self.kv_heads, self.head_dim = model.kv_shape
         self.vocab_size = model.config.vocab_size
         self.max_blocks_per_seq = cdiv(config.max_model_len, config.block_size)
-        self.forward = model if enforce_eager else _compile_settings(torch.compile(
-            model, backend="fusecc", options={"freeze": True, "autotune": autotune_enabled()}, dynamic=True))
+        self.size_oblivious = size_oblivious_compile(self.device)
+        self.forward = model if enforce_eager else compile_forward(model, self.size_oblivious)
         if config.num_kv_blocks is None:
             num_blocks = self._profile_num_blocks(config) if self.device.type == "cuda" else max(
                 CPU_DEFAULT_KV_BLOCKS, 2 * self.max_blocks_per_seq)
@@ -152,7 +172,7 @@ class ModelRunner:
         """Compile (and on CUDA autotune) every graph a step can hit (fusecc/runtime/warmup.py),
         so that no request pays for it."""
         start = time.perf_counter()
-        shapes = warmup_shapes(self.config, self.max_blocks_per_seq)
+        shapes = warmup_shapes(self.config, self.max_blocks_per_seq, self.size_oblivious)
         for q, ctx in shapes:
             width = cdiv(max(ctx), self.config.block_size)
             tokens = sum(q)
