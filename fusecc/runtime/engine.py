@@ -87,21 +87,26 @@ class LLMEngine:
         gguf_path = gguf.gguf_file(model) if model is not None else None
         # a bad generation_config folder fails before loading; a GGUF's own defaults are read below
         defaults = loader.generation_defaults(config.generation_config, model if gguf_path is None else None)
+        # the model's own config first: it bounds max_model_len and names the dtype "auto" means
         if model is None:
-            from fusecc.runtime.byte_tokenizer import ByteTokenizer
-            from fusecc.runtime.default_model import DEFAULT_MODEL_NAME, build_default_model, default_config
+            from fusecc.runtime.default_model import default_config
 
             hf_config = default_config()
-            config = _fit_max_model_len(config, max_context_len(hf_config))
-            dtype = loader.resolve_dtype(config.dtype, hf_config, device)
+        elif gguf_path is not None:
+            checkpoint = gguf.GGUFCheckpoint(gguf_path)
+            hf_config = checkpoint.config
+        else:
+            hf_config = loader.load_config(model)
+        config = _fit_max_model_len(config, max_context_len(hf_config))
+        dtype = loader.resolve_dtype(config.dtype, hf_config, device)
+        if model is None:
+            from fusecc.runtime.byte_tokenizer import ByteTokenizer
+            from fusecc.runtime.default_model import DEFAULT_MODEL_NAME, build_default_model
+
             net, hf_config = build_default_model(dtype, device, config.max_model_len)
             tokenizer, name = ByteTokenizer(), DEFAULT_MODEL_NAME
             eos = loader.eos_token_ids(None, hf_config, tokenizer)
         elif gguf_path is not None:
-            checkpoint = gguf.GGUFCheckpoint(gguf_path)
-            hf_config = checkpoint.config
-            config = _fit_max_model_len(config, max_context_len(hf_config))
-            dtype = loader.resolve_dtype(config.dtype, hf_config, device)
             net = checkpoint.load_model(dtype, device, config.max_model_len)
             tokenizer = loader.load_tokenizer(config.tokenizer) if config.tokenizer else checkpoint.load_tokenizer()
             name = default_name or str(model)
@@ -109,9 +114,6 @@ class LLMEngine:
             if config.generation_config == "auto":
                 defaults = checkpoint.generation_defaults()
         else:
-            hf_config = loader.load_config(model)
-            config = _fit_max_model_len(config, max_context_len(hf_config))
-            dtype = loader.resolve_dtype(config.dtype, hf_config, device)
             net = loader.load_model(model, dtype, device, config.max_model_len, config=hf_config,
                                     model_impl=config.model_impl)
             tokenizer = loader.load_tokenizer(config.tokenizer or model)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
-from fusecc.serve.cli import _bounded
+from fusecc.serve.cli import API_KEY_ENV, bounded
 
 _WORDS = ("the of and to in is was for on that with as by at from his her an which are this be had not it "
           "but were have one all they their when there been who more will about would after into than out "
@@ -118,7 +118,7 @@ async def _check_server(client: httpx.AsyncClient, base: str, headers: dict, mod
         raise BenchError(f"{url}: {type(exc).__name__}: {exc}") from None
     answered = f"{base} answered {resp.status_code} {resp.reason_phrase}"
     if resp.status_code in (401, 403):
-        hint = ("the API key was not accepted" if headers else "pass --api-key (or set FUSECC_API_KEY)")
+        hint = ("the API key was not accepted" if headers else f"pass --api-key (or set {API_KEY_ENV})")
         raise BenchError(f"{answered}: {hint}")
     if resp.status_code != 200:
         if model is not None:  # a server without /v1/models: the completions themselves will tell
@@ -247,19 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", required=True, type=_http_url, help="e.g. http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="model name (default: the first of GET /v1/models)")
     p.add_argument("--api-key", default=None,
-                   help="sent as `Authorization: Bearer KEY` (default: $FUSECC_API_KEY, else $OPENAI_API_KEY)")
-    p.add_argument("--num-requests", type=_bounded(int, 1), default=100)
-    p.add_argument("--input-len", type=_bounded(int, 1), default=128)
-    p.add_argument("--output-len", type=_bounded(int, 1), default=128)
+                   help=f"sent as `Authorization: Bearer KEY` (default: ${API_KEY_ENV}, else $OPENAI_API_KEY)")
+    p.add_argument("--num-requests", type=bounded(int, 1), default=100)
+    p.add_argument("--input-len", type=bounded(int, 1), default=128)
+    p.add_argument("--output-len", type=bounded(int, 1), default=128)
     p.add_argument("--prompt-kind", choices=("ids", "words"), default="ids")
     # printable ASCII byte ids: valid in the embedded byte tokenizer (258 ids) and in HF vocabularies
-    p.add_argument("--min-token-id", type=_bounded(int, 0), default=32)
-    p.add_argument("--max-token-id", type=_bounded(int, 1), default=127)
+    p.add_argument("--min-token-id", type=bounded(int, 0), default=32)
+    p.add_argument("--max-token-id", type=bounded(int, 1), default=127)
     load = p.add_mutually_exclusive_group()
-    load.add_argument("--request-rate", type=_bounded(float, 1e-9), default=None, help="Poisson arrivals per second")
-    load.add_argument("--concurrency", type=_bounded(int, 1), default=None, help="requests kept in flight")
+    load.add_argument("--request-rate", type=bounded(float, 1e-9), default=None, help="Poisson arrivals per second")
+    load.add_argument("--concurrency", type=bounded(int, 1), default=None, help="requests kept in flight")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=_bounded(float, 1e-3), default=600.0, help="per-request timeout in seconds")
+    p.add_argument("--timeout", type=bounded(float, 1e-3), default=600.0, help="per-request timeout in seconds")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument("--plot", default=None, help="write a PNG of the latency distributions here")
     return p
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.command_line = "fusecc bench serve " + " ".join(sys.argv[1:] if argv is None else argv)
     # `or`: an unset $KEY expanded into --api-key "" means no key, as does an empty variable
-    args.api_key = args.api_key or os.environ.get("FUSECC_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
+    args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or os.environ.get("OPENAI_API_KEY") or None
     if args.min_token_id >= args.max_token_id:
         parser.error(f"--min-token-id {args.min_token_id} must be below --max-token-id {args.max_token_id}")
     # before the run, not after minutes of load: a report or plot that cannot be written

