@@ -85,35 +85,40 @@ def _varlen_attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 @torch.library.custom_op("fusecc::paged_attention", mutates_args=())
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    context_lens: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+                    context_lens: torch.Tensor, scale: Optional[float] = None, sliding_window: Optional[int] = None,
+                    softcap: Optional[float] = None) -> torch.Tensor:
     """Decode: q [B, Hq, D], caches [num_blocks, block_size, Hkv, D], block_tables [B, max_blocks] int32,
-    context_lens [B] int32 -> [B, Hq, D]."""
+    context_lens [B] int32 -> [B, Hq, D]. sliding_window / softcap: see kernels/paged_attention.py."""
+    options = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
     if q.is_cuda:
-        return _kernels.paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale=scale)
-    return _ref.paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale=scale)
+        return _kernels.paged_attention(q, k_cache, v_cache, block_tables, context_lens, **options)
+    return _ref.paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens, **options)
 
 
 @paged_attention.register_fake
-def _paged_attention_fake(q, k_cache, v_cache, block_tables, context_lens, scale=None):
+def _paged_attention_fake(q, k_cache, v_cache, block_tables, context_lens, scale=None, sliding_window=None,
+                          softcap=None):
     return q.new_empty(q.shape)
 
 
 @torch.library.custom_op("fusecc::paged_prefill_attention", mutates_args=())
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                            max_seqlen_q: int, scale: Optional[float] = None) -> torch.Tensor:
+                            max_seqlen_q: int, scale: Optional[float] = None, sliding_window: Optional[int] = None,
+                            softcap: Optional[float] = None) -> torch.Tensor:
     """New tokens q [Tq, Hq, D] (packed by cu_seqlens_q) attending causally to their paged context;
     context_lens includes the new tokens (already written to the cache) -> [Tq, Hq, D]."""
+    options = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
     if q.is_cuda:
         return _kernels.paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens,
-                                                max_seqlen_q, scale=scale)
+                                                max_seqlen_q, **options)
     return _ref.paged_prefill_attention_reference(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens,
-                                                  scale=scale)
+                                                  **options)
 
 
 @paged_prefill_attention.register_fake
 def _paged_prefill_attention_fake(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, max_seqlen_q,
-                                  scale=None):
+                                  scale=None, sliding_window=None, softcap=None):
     return q.new_empty(q.shape)
 
 

@@ -81,10 +81,11 @@ def attn_inner(acc, l_i, m_i, q,
                k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
                table_ptr, stride_kpage, stride_vpage,
                lo, hi, seq_k, q_pos, qk_scale,
-               mask_ptr, stride_mq, stride_mk, offs_m, seq_q,
+               mask_ptr, stride_mq, stride_mk, offs_m, seq_q, window, softcap_log2,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-               PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK_KIND: tl.constexpr):
+               PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK_KIND: tl.constexpr,
+               WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
     """Sweep keys [lo, hi) in BLOCK_N steps; returns the updated (acc, l_i, m_i).
 
     q: [BLOCK_M, HEAD_DIM_PAD] (input dtype); acc: [BLOCK_M, HEAD_DIM_PAD] fp32; l_i, m_i: [BLOCK_M] fp32.
@@ -93,6 +94,8 @@ def attn_inner(acc, l_i, m_i, q,
     head, and table_ptr at this sequence's block-table row.
     MASK_KIND != 0: mask_ptr points at element [0, 0] of this (batch, head)'s [seq_q, seq_k] mask;
     offs_m: [BLOCK_M] the query rows (those >= seq_q are padding and read nothing).
+    WINDOW (with MASKED): row i also hides keys <= q_pos[i] - window (sliding-window attention).
+    SOFTCAP: logits become cap * tanh(logit / cap) after scaling; softcap_log2 = cap * log2(e).
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -114,11 +117,17 @@ def attn_inner(acc, l_i, m_i, q,
         k = _load_rows(k_ptr + k_rows[:, None] + offs_d[None, :] * stride_kd, n_ok, offs_d,
                        MASKED, HEAD_DIM, HEAD_DIM_PAD)
         qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32
+        if SOFTCAP:
+            # in base-2 units: cap2 * tanh(qk * scale / cap), cap2 = cap * log2(e)
+            qk = softcap_log2 * _tanh(qk * (qk_scale / softcap_log2))
+        elif MASKED or MASK_KIND != 0:
+            qk = qk * qk_scale
         if MASKED or MASK_KIND != 0:
             ok = n_ok[None, :]
             if CAUSAL and MASKED:
                 ok = ok & (offs_n[None, :] <= q_pos[:, None])
-            qk = qk * qk_scale
+            if WINDOW and MASKED:
+                ok = ok & (offs_n[None, :] > q_pos[:, None] - window)
             if MASK_KIND != 0:
                 tile_ok = (offs_m[:, None] < seq_q) & n_ok[None, :]
                 m_ptrs = (mask_ptr + offs_m.to(tl.int64)[:, None] * stride_mq
@@ -133,12 +142,18 @@ def attn_inner(acc, l_i, m_i, q,
                     bias2 = tl.maximum(bias, -2.3e38) * 1.4426950408889634
                     qk = qk + tl.where(bias == float("-inf"), float("-inf"), bias2)
             qk = tl.where(ok, qk, float("-inf"))
-        p, alpha, l_i, m_i = softmax_step(qk, m_i, l_i, qk_scale, MASKED or MASK_KIND != 0)
+        p, alpha, l_i, m_i = softmax_step(qk, m_i, l_i, qk_scale, MASKED or MASK_KIND != 0 or SOFTCAP)
         v = _load_rows(v_ptr + v_rows[:, None] + offs_d[None, :] * stride_vd, n_ok, offs_d,
                        MASKED, HEAD_DIM, HEAD_DIM_PAD)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_i
+
+
+@triton.jit
+def _tanh(x):
+    # no libdevice in the interpreter; exp2 overflowing to inf gives the right limits (+-1)
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # 2.885... = 2 * log2(e)
 
 
 @triton.jit
@@ -169,20 +184,29 @@ def softmax_step(qk, m_i, l_i, qk_scale, SCALED_AND_MASKED: tl.constexpr):
 def attn_rows(q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
               table_ptr, stride_kpage, stride_vpage,
               start_m, seq_q, seq_k, qk_scale,
-              mask_ptr, stride_mq, stride_mk,
+              mask_ptr, stride_mq, stride_mk, window, softcap_log2,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-              PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK_KIND: tl.constexpr):
+              PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK_KIND: tl.constexpr,
+              WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
     """Attention of query rows [start_m, start_m + BLOCK_M) of one (sequence, head): the unmasked
     sweep, then the masked one. Returns the normalized output tile [BLOCK_M, HEAD_DIM_PAD] fp32.
-    mask_ptr (MASK_KIND != 0): this (sequence, head)'s [seq_q, seq_k] mask, element [0, 0]."""
+    mask_ptr (MASK_KIND != 0): this (sequence, head)'s [seq_q, seq_k] mask, element [0, 0].
+    WINDOW (causal only): row i sees keys (q_pos[i] - window, q_pos[i]]; the sweep starts at the
+    first row's first key and is masked throughout (the window's lower edge moves with the row)."""
     full_end, end = attn_bounds(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q_pos = offs_m + (seq_k - seq_q)
+    lo = 0
+    if WINDOW:
+        lo = (tl.maximum(start_m + (seq_k - seq_q) - window + 1, 0) // BLOCK_N) * BLOCK_N
+        lo = tl.minimum(lo, end)
+        full_end = lo
     acc, l_i, m_i = attn_span(q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-                              table_ptr, stride_kpage, stride_vpage, 0, full_end, end, seq_k, q_pos, qk_scale,
-                              mask_ptr, stride_mq, stride_mk, offs_m, seq_q,
-                              BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, PAGED, PAGE_SIZE, MASK_KIND)
+                              table_ptr, stride_kpage, stride_vpage, lo, full_end, end, seq_k, q_pos, qk_scale,
+                              mask_ptr, stride_mq, stride_mk, offs_m, seq_q, window, softcap_log2,
+                              BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, PAGED, PAGE_SIZE, MASK_KIND,
+                              WINDOW, SOFTCAP)
     return attn_normalize(acc, l_i)
 
 
@@ -190,9 +214,10 @@ def attn_rows(q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
 def attn_span(q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
               table_ptr, stride_kpage, stride_vpage,
               lo, full_end, end, seq_k, q_pos, qk_scale,
-              mask_ptr, stride_mq, stride_mk, offs_m, seq_q,
+              mask_ptr, stride_mq, stride_mk, offs_m, seq_q, window, softcap_log2,
               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-              CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK_KIND: tl.constexpr):
+              CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK_KIND: tl.constexpr,
+              WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
     """A fresh online softmax of the ROWS query rows of `q` over keys [lo, full_end) unmasked, then
     [full_end, end) masked (attn_inner's arguments otherwise). Returns (acc, l_i, m_i), not yet
     normalized: split-KV decode needs l_i and m_i for its log-sum-exp."""
@@ -201,12 +226,14 @@ def attn_span(q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
     acc = tl.zeros([ROWS, HEAD_DIM_PAD], tl.float32)
     acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
                                table_ptr, stride_kpage, stride_vpage, lo, full_end, seq_k, q_pos, qk_scale,
-                               mask_ptr, stride_mq, stride_mk, offs_m, seq_q,
-                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, False, PAGED, PAGE_SIZE, MASK_KIND)
+                               mask_ptr, stride_mq, stride_mk, offs_m, seq_q, window, softcap_log2,
+                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, False, PAGED, PAGE_SIZE, MASK_KIND,
+                               WINDOW, SOFTCAP)
     acc, l_i, m_i = attn_inner(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
                                table_ptr, stride_kpage, stride_vpage, full_end, end, seq_k, q_pos, qk_scale,
-                               mask_ptr, stride_mq, stride_mk, offs_m, seq_q,
-                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, True, PAGED, PAGE_SIZE, MASK_KIND)
+                               mask_ptr, stride_mq, stride_mk, offs_m, seq_q, window, softcap_log2,
+                               BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, True, PAGED, PAGE_SIZE, MASK_KIND,
+                               WINDOW, SOFTCAP)
     return acc, l_i, m_i
 
 
@@ -301,6 +328,16 @@ def softmax_scale(scale, head_dim: int) -> float:
     if scale < 0:
         raise ValueError(f"fusecc attention needs a non-negative scale, got {scale}")
     return scale
+
+
+def window_and_softcap(sliding_window, softcap) -> tuple[int, float]:
+    """(window, softcap_log2) as the kernels take them: 0 for no window / no cap. Checked here so a
+    bad value is an error naming it, not a silent full attention."""
+    if sliding_window is not None and (int(sliding_window) != sliding_window or sliding_window < 1):
+        raise ValueError(f"fusecc attention: sliding_window must be a positive integer or None, got {sliding_window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"fusecc attention: softcap must be positive or None, got {softcap!r}")
+    return int(sliding_window or 0), float(softcap) * LOG2E if softcap else 0.0
 
 
 def prefill_configs():

@@ -62,8 +62,8 @@ def _flash_attention_kernel(
                     stride_ks, stride_kd, stride_vs, stride_vd,
                     k_ptr, 0, 0,  # no block table
                     start_m, seq_q, seq_k, qk_scale,
-                    mask_ptr + b * stride_mb + h * stride_mh, stride_mq, stride_mk,
-                    BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, False, 1, MASK_KIND)
+                    mask_ptr + b * stride_mb + h * stride_mh, stride_mq, stride_mk, 0, 1.0,  # no window, no softcap
+                    BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, False, 1, MASK_KIND, False, False)
 
     o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_os + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=io_mask)

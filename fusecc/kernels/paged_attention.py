@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.attention_tile import LOG2E, check_head_dim, head_dim_pad, launch_tuned, softmax_scale
+from fusecc.kernels.attention_tile import (LOG2E, check_head_dim, head_dim_pad, launch_tuned, softmax_scale,
+                                           window_and_softcap)
 from fusecc.kernels.split_kv import (choose_num_splits, decode_configs, decode_split, merge_splits, num_sms,
                                      split_buffers)
 
@@ -36,10 +37,11 @@ def _paged_decode_kernel(
     stride_kpage, stride_kslot, stride_kh, stride_kd,
     stride_vpage, stride_vslot, stride_vh, stride_vd,
     stride_table, stride_ob, stride_oh, stride_od,
-    q_heads, group, num_splits, qk_scale,
+    q_heads, group, num_splits, qk_scale, window, softcap_log2,
     WORK_BUCKET, CTX_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     split = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
@@ -51,16 +53,19 @@ def _paged_decode_kernel(
                  table_ptr + b * stride_table, stride_kpage, stride_vpage,
                  k_base, 0, 0,  # no attention mask
                  o_ptr, stride_ob, stride_oh, stride_od, part_o_ptr, part_lse_ptr,
-                 b, kvh, split, tl.load(ctx_ptr + b), q_heads, group, num_splits, qk_scale,
-                 HEAD_DIM, HEAD_DIM_PAD, GROUP_PAD, True, PAGE_SIZE, 0, SPLIT, BLOCK_N)
+                 b, kvh, split, tl.load(ctx_ptr + b), q_heads, group, num_splits, qk_scale, window, softcap_log2,
+                 HEAD_DIM, HEAD_DIM_PAD, GROUP_PAD, True, PAGE_SIZE, 0, SPLIT, BLOCK_N, WINDOW, SOFTCAP)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, context_lens: torch.Tensor, *,
-                    scale: Optional[float] = None, num_splits: Optional[int] = None,
+                    scale: Optional[float] = None, sliding_window: Optional[int] = None,
+                    softcap: Optional[float] = None, num_splits: Optional[int] = None,
                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Decode attention: q [B, Hq, D] over paged caches [num_blocks, block_size, Hkv, D] -> [B, Hq, D].
 
+    sliding_window: the query sees only its sequence's last `sliding_window` keys (itself included);
+    softcap: logits become softcap * tanh(logits / softcap) after scaling (Gemma 2).
     num_splits overrides the split-KV heuristic (tests); `out` is written in place and returned.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -85,10 +90,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if B == 0:
         return out
     scale = softmax_scale(scale, D)
+    window, softcap_log2 = window_and_softcap(sliding_window, softcap)
     table = block_tables if block_tables.dtype == torch.int32 else block_tables.to(torch.int32)
     ctx = context_lens if context_lens.dtype == torch.int32 else context_lens.to(torch.int32)
     group = Hq // Hkv
     capacity = block_tables.shape[1] * page_size
+    if window:
+        capacity = min(capacity, window)  # the keys one query reads at most
     if num_splits is None:
         num_splits = choose_num_splits(B, Hkv, capacity, num_sms(q.device))
     d_pad = head_dim_pad(D)
@@ -100,10 +108,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     launch_tuned(_paged_decode_kernel, (num_splits, Hkv, B), (
         q, k_cache, v_cache, out, part_o, part_lse, table, ctx,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), table.stride(0), *out.stride(),
-        Hq, group, num_splits, scale * LOG2E,
+        Hq, group, num_splits, scale * LOG2E, window, softcap_log2,
         triton.next_power_of_2(B * Hkv), triton.next_power_of_2(max(capacity, 1)),
     ), dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-            PAGE_SIZE=page_size, SPLIT=split), decode_configs()[0])
+            PAGE_SIZE=page_size, SPLIT=split, WINDOW=bool(window), SOFTCAP=softcap_log2 != 0.0),
+        decode_configs()[0])
     if split:
         merge_splits(part_o, part_lse, out, *out.stride(), D)
     return out

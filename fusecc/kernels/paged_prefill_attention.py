@@ -22,10 +22,13 @@ from fusecc.kernels.varlen_attention import _alloc_out, check_packed, launch_var
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, block_tables: torch.Tensor,
                             context_lens: torch.Tensor, max_seqlen_q: int, *,
-                            scale: Optional[float] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            scale: Optional[float] = None, sliding_window: Optional[int] = None,
+                            softcap: Optional[float] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal attention of packed new tokens q [Tq, Hq, D] over paged caches -> [Tq, Hq, D].
 
-    max_seqlen_q sizes the grid (>= every sequence's new-token count). `out` is written in place.
+    max_seqlen_q sizes the grid (>= every sequence's new-token count). sliding_window: query j at
+    position p sees keys p - window < key <= p; softcap: logits become softcap * tanh(logits /
+    softcap) after scaling. `out` is written in place.
     """
     check_packed("paged_prefill_attention", q, k_cache, v_cache)
     if k_cache.dim() != 4:
@@ -47,5 +50,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                   k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
                   v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
                   k_cache.stride(0), v_cache.stride(0), table.stride(0),
-                  batch, int(max_seqlen_q), scale, causal=True, paged=True, page_size=k_cache.shape[1])
+                  batch, int(max_seqlen_q), scale, causal=True, paged=True, page_size=k_cache.shape[1],
+                  sliding_window=sliding_window, softcap=softcap)
     return out

@@ -16,10 +16,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                        scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
+                        sliding_window: Optional[int] = None, softcap: Optional[float] = None) -> torch.Tensor:
     """q [..., Hq, Sq, D], k/v [..., Hkv, Sk, D] (Hq % Hkv == 0) -> [..., Hq, Sq, D].
 
-    attn_mask broadcasts to [..., Hq, Sq, Sk]: bool keeps where True, float is added to the logits."""
+    attn_mask broadcasts to [..., Hq, Sq, Sk]: bool keeps where True, float is added to the logits.
+    sliding_window (with causal): query i (at position i + Sk - Sq) also hides keys at or before
+    its position - window, as transformers' sliding-window mask; softcap: logits become
+    softcap * tanh(logits / softcap) after scaling, before any mask (Gemma 2)."""
     Hq, Sq, D = q.shape[-3:]
     Hkv, Sk = k.shape[-3], k.shape[-2]
     scale = (D ** -0.5 if D > 0 else 1.0) if scale is None else scale  # D = 0: an empty result, any scale
@@ -29,11 +33,15 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     qg = q.to(ct).reshape(*q.shape[:-3], Hkv, group, Sq, D)
     kf, vf = k.to(ct).unsqueeze(-3), v.to(ct).unsqueeze(-3)
     logits = torch.matmul(qg, kf.transpose(-1, -2)) * scale  # [..., Hkv, group, Sq, Sk]
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
     hidden = torch.zeros((Sq, Sk), dtype=torch.bool, device=q.device)  # keys a row may not see
     if causal:
         i = torch.arange(Sq, device=q.device)[:, None]
         j = torch.arange(Sk, device=q.device)[None, :]
         hidden = hidden | (j > i + (Sk - Sq))
+        if sliding_window:
+            hidden = hidden | (j <= i + (Sk - Sq) - sliding_window)
         logits = logits.masked_fill(hidden, float("-inf"))
     if attn_mask is not None:
         # [..., Hq, Sq, Sk] -> [..., Hkv, group, Sq, Sk] like the logits
@@ -53,7 +61,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = True,
-                               scale: Optional[float] = None) -> torch.Tensor:
+                               scale: Optional[float] = None, sliding_window: Optional[int] = None,
+                               softcap: Optional[float] = None) -> torch.Tensor:
     """Packed q [Tq, Hq, D], k/v [Tk, Hkv, D]; sequence b is rows cu[b]:cu[b+1] -> [Tq, Hq, D]."""
     out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -63,7 +72,8 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: b
         qs = q[cq[b]:cq[b + 1]].transpose(0, 1)  # [Hq, Sq, D]
         ks = k[ck[b]:ck[b + 1]].transpose(0, 1)
         vs = v[ck[b]:ck[b + 1]].transpose(0, 1)
-        out[cq[b]:cq[b + 1]] = attention_reference(qs, ks, vs, causal=causal, scale=scale).transpose(0, 1)
+        out[cq[b]:cq[b + 1]] = attention_reference(qs, ks, vs, causal=causal, scale=scale,
+                                                   sliding_window=sliding_window, softcap=softcap).transpose(0, 1)
     return out
 
 
@@ -77,7 +87,8 @@ def gather_paged_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int)
 
 
 def paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens, *,
-                              scale: Optional[float] = None) -> torch.Tensor:
+                              scale: Optional[float] = None, sliding_window: Optional[int] = None,
+                              softcap: Optional[float] = None) -> torch.Tensor:
     """Decode: q [B, Hq, D], one new token per sequence attending to its context_lens[b] cached tokens."""
     out = torch.zeros_like(q)
     for b, ctx in enumerate(context_lens.tolist()):
@@ -85,12 +96,14 @@ def paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens, *
             continue
         kb = gather_paged_kv(k_cache, block_tables[b], ctx).transpose(0, 1)  # [Hkv, ctx, D]
         vb = gather_paged_kv(v_cache, block_tables[b], ctx).transpose(0, 1)
-        out[b] = attention_reference(q[b][:, None, :], kb, vb, scale=scale)[:, 0, :]
+        out[b] = attention_reference(q[b][:, None, :], kb, vb, causal=True, scale=scale,
+                                     sliding_window=sliding_window, softcap=softcap)[:, 0, :]
     return out
 
 
 def paged_prefill_attention_reference(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, *,
-                                      scale: Optional[float] = None) -> torch.Tensor:
+                                      scale: Optional[float] = None, sliding_window: Optional[int] = None,
+                                      softcap: Optional[float] = None) -> torch.Tensor:
     """q [Tq, Hq, D] packed new tokens; sequence b's context (context_lens[b] tokens, its new tokens
     last) is in the paged cache. Query j of a sequence with n new tokens sits at ctx - n + j (causal)."""
     out = torch.zeros_like(q)
@@ -101,7 +114,8 @@ def paged_prefill_attention_reference(q, k_cache, v_cache, cu_seqlens_q, block_t
         kb = gather_paged_kv(k_cache, block_tables[b], ctx).transpose(0, 1)
         vb = gather_paged_kv(v_cache, block_tables[b], ctx).transpose(0, 1)
         qs = q[cq[b]:cq[b + 1]].transpose(0, 1)
-        out[cq[b]:cq[b + 1]] = attention_reference(qs, kb, vb, causal=True, scale=scale).transpose(0, 1)
+        out[cq[b]:cq[b + 1]] = attention_reference(qs, kb, vb, causal=True, scale=scale,
+                                                   sliding_window=sliding_window, softcap=softcap).transpose(0, 1)
     return out
 
 

@@ -126,10 +126,10 @@ def decode_split(q_ptr, stride_qb, stride_qh, stride_qd,
                  table, stride_kpage, stride_vpage,
                  m_base, stride_mh, stride_mk,
                  o_ptr, stride_ob, stride_oh, stride_od, part_o_ptr, part_lse_ptr,
-                 b, kvh, split, n_keys_total, q_heads, group, num_splits, qk_scale,
+                 b, kvh, split, n_keys_total, q_heads, group, num_splits, qk_scale, window, softcap_log2,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP_PAD: tl.constexpr,
                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK_KIND: tl.constexpr,
-                 SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+                 SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
     """One program of a split-KV decode kernel: the q heads of KV head `kvh` of sequence `b`, packed
     into one [GROUP_PAD, HEAD_DIM_PAD] tile, over key range `split` of `n_keys_total` keys.
 
@@ -137,15 +137,20 @@ def decode_split(q_ptr, stride_qb, stride_qh, stride_qd,
     kv head with `table` this sequence's block-table row (see attention_tile.attn_inner). With
     MASK_KIND != 0, m_base is mask[b, first head of the group, 0, 0]: the tile's rows are heads,
     so the mask's row stride is its head stride. Writes the normalized partial output and LSE
-    (SPLIT) or the output itself."""
+    (SPLIT) or the output itself.
+    WINDOW: the query (position n_keys_total - 1) sees only the last `window` keys, so the splits
+    share those out: no mask, no load outside the window. SOFTCAP: see attention_tile.attn_inner."""
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     heads = kvh * group + offs_g  # [GROUP_PAD] q heads of this KV group
     rows_ok = offs_g < group
 
     # equal splits, each a whole number of BLOCK_N tiles: only the last one has a ragged tail
-    split_len = tl.cdiv(tl.cdiv(n_keys_total, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * split_len
+    first_key = 0
+    if WINDOW:
+        first_key = tl.maximum(n_keys_total - window, 0)
+    split_len = tl.cdiv(tl.cdiv(n_keys_total - first_key, num_splits), BLOCK_N) * BLOCK_N
+    lo = first_key + split * split_len
     hi = lo + tl.maximum(tl.minimum(n_keys_total - lo, split_len), 0)
     plain = True
     if MASK_KIND != 0:
@@ -160,13 +165,15 @@ def decode_split(q_ptr, stride_qb, stride_qh, stride_qd,
         # cache's mask once its tail is cut off): the unmasked sweep, no mask tile per K tile
         acc, l_i, m_i = attn_span(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   table, stride_kpage, stride_vpage, lo, full_end, hi, hi, offs_g, qk_scale,
-                                  m_base, stride_mh, stride_mk, offs_g, group,
-                                  GROUP_PAD, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, PAGED, PAGE_SIZE, 0)
+                                  m_base, stride_mh, stride_mk, offs_g, group, window, softcap_log2,
+                                  GROUP_PAD, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, PAGED, PAGE_SIZE, 0,
+                                  False, SOFTCAP)
     else:
         acc, l_i, m_i = attn_span(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                   table, stride_kpage, stride_vpage, lo, full_end, hi, hi, offs_g, qk_scale,
-                                  m_base, stride_mh, stride_mk, offs_g, group,
-                                  GROUP_PAD, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, PAGED, PAGE_SIZE, MASK_KIND)
+                                  m_base, stride_mh, stride_mk, offs_g, group, window, softcap_log2,
+                                  GROUP_PAD, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, PAGED, PAGE_SIZE, MASK_KIND,
+                                  False, SOFTCAP)
     out = attn_normalize(acc, l_i)
     if SPLIT:
         store_split_partial(part_o_ptr, part_lse_ptr, out, l_i, m_i, b, heads, rows_ok, split,

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from fusecc.kernels.attention_tile import (LOG2E, attn_rows, check_head_dim, first_prefill_config, head_dim_pad,
-                                           launch_tuned, prefill_configs, prune_prefill_configs, softmax_scale)
+                                           launch_tuned, prefill_configs, prune_prefill_configs, softmax_scale,
+                                           window_and_softcap)
 
 
 @triton.autotune(configs=prefill_configs(), key=["HEAD_DIM_PAD", "CAUSAL", "PAGED", "SEQ_BUCKET"],
@@ -31,10 +32,10 @@ def _varlen_attention_kernel(
     stride_vt, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od,
     stride_kpage, stride_vpage, stride_table,
-    group, qk_scale,
+    group, qk_scale, window, softcap_log2,
     SEQ_BUCKET,  # autotune key only: power-of-two bucket of max_seqlen_q
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -67,7 +68,8 @@ def _varlen_attention_kernel(
                     table, stride_kpage, stride_vpage,
                     start_m, seq_q, seq_k, qk_scale,
                     k_ptr, 0, 0,  # no attention mask
-                    BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, PAGED, PAGE_SIZE, 0)
+                    window, softcap_log2,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, PAGED, PAGE_SIZE, 0, WINDOW, SOFTCAP)
 
     tl.store(o_ptr + rows * stride_ot + h * stride_oh + offs_d[None, :] * stride_od,
              out.to(o_ptr.dtype.element_ty), mask=io_mask)
@@ -91,11 +93,14 @@ def check_packed(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = True,
-                     scale: Optional[float] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     scale: Optional[float] = None, sliding_window: Optional[int] = None,
+                     softcap: Optional[float] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Packed attention: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens_* [batch + 1] int32 -> [Tq, Hq, D].
 
     max_seqlen_q sizes the grid (it must be >= every query length); max_seqlen_k is accepted for
-    API compatibility with FlashAttention's varlen call. `out` (optional) is written in place.
+    API compatibility with FlashAttention's varlen call. sliding_window (causal only): query i sees
+    keys j with i - window < j <= i (bottom-right aligned positions); softcap: logits become
+    softcap * tanh(logits / softcap) after scaling. `out` (optional) is written in place.
     """
     check_packed("varlen_attention", q, k, v)
     if k.dim() != 3:
@@ -109,11 +114,13 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if T == 0 or batch <= 0 or max_seqlen_q <= 0:
         return out
     scale = softmax_scale(scale, D)
+    if sliding_window and not causal:
+        raise ValueError("varlen_attention: sliding_window needs causal=True")
     cu_q = cu_seqlens_q.to(torch.int32)
     cu_k = cu_seqlens_k.to(torch.int32)
     launch_varlen(q, k, v, out, cu_q, cu_k, cu_q, cu_q, k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), 0, 0, 0, batch, int(max_seqlen_q), scale,
-                  causal=bool(causal), paged=False, page_size=1)
+                  causal=bool(causal), paged=False, page_size=1, sliding_window=sliding_window, softcap=softcap)
     return out
 
 
@@ -128,9 +135,10 @@ def _alloc_out(q: torch.Tensor, out: Optional[torch.Tensor], name: str) -> torch
 def launch_varlen(q, k, v, out, cu_q, cu_k, table, ctx,
                   stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
                   stride_kpage, stride_vpage, stride_table, batch, max_seqlen_q, scale, *,
-                  causal, paged, page_size):
+                  causal, paged, page_size, sliding_window=None, softcap=None):
     """Launch _varlen_attention_kernel (shared by the dense-packed and the paged wrappers)."""
     Hq, D = q.shape[1], q.shape[2]
+    window, softcap_log2 = window_and_softcap(sliding_window, softcap)
     Hkv = k.shape[-2]
 
     def grid(meta):
@@ -141,6 +149,6 @@ def launch_varlen(q, k, v, out, cu_q, cu_k, table, ctx,
         q, k, v, out, cu_q, cu_k, table, ctx,
         *q.stride(), stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd, *out.stride(),
         stride_kpage, stride_vpage, stride_table,
-        Hq // Hkv, scale * LOG2E, triton.next_power_of_2(max_seqlen_q),
-    ), dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, CAUSAL=causal, PAGED=paged, PAGE_SIZE=page_size),
-        first_prefill_config(d_pad))
+        Hq // Hkv, scale * LOG2E, window, softcap_log2, triton.next_power_of_2(max_seqlen_q),
+    ), dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, CAUSAL=causal, PAGED=paged, PAGE_SIZE=page_size,
+            WINDOW=bool(window), SOFTCAP=softcap_log2 != 0.0), first_prefill_config(d_pad))

@@ -122,6 +122,9 @@ def attention_kernels(autotune: bool) -> None:
         paged_attention(torch.randn(2, 8, d, dtype=bf16), cache, cache, tables, ctx)
         paged_attention(torch.randn(2, 8, d, dtype=bf16), cache, cache, tables, ctx, num_splits=1)
         paged_prefill_attention(tokens, cache, cache, cu, tables, ctx, 25)
+        # the sliding-window / soft-capped variants (Gemma 2's layers)
+        paged_attention(torch.randn(2, 8, d, dtype=bf16), cache, cache, tables, ctx, sliding_window=32, softcap=50.0)
+        paged_prefill_attention(tokens, cache, cache, cu, tables, ctx, 25, sliding_window=32, softcap=50.0)
         write_kv_cache(kv, kv, cache, cache, torch.arange(40))
 
 

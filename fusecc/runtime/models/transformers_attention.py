@@ -18,12 +18,8 @@ wrapper (transformers_backend.py) owns and fills for the duration of one forward
 some decoder layers (StableLM's, in transformers 5.17) do not forward **kwargs to their attention
 module, so kwargs cannot carry them for every family (vLLM uses a forward context for the same reason).
 
-Sliding-window attention and logit soft-capping are not in the paged kernels yet: layers that ask
-for them run torch references over the same paged cache below (correct on every device, slow on
-GPU): `windowed_softcap_decode` for decode-only steps, without host syncs or data-dependent shapes,
-so it compiles into one graph and replays from a CUDA graph (it gathers every sequence's whole
-block-table width: [B, max_blocks * block_size, Hkv, D] per layer call); `windowed_softcap_attention`
-for mixed steps, a loop over sequences (`.tolist()`: a graph break under torch.compile).
+Sliding-window attention (Mistral, Gemma 2/3 local layers) and logit soft-capping (Gemma 2) are
+arguments of the same kernels: a layer's `sliding_window` and `softcap` pass straight through.
 """
 
 from __future__ import annotations
@@ -33,7 +29,6 @@ from dataclasses import dataclass, field
 import torch
 
 import fusecc.ops  # noqa: F401  (registers torch.ops.fusecc.*)
-from fusecc.kernels.reference import gather_paged_kv
 from fusecc.runtime.models.attention import AttentionMetadata
 
 ATTN_IMPLEMENTATION = "fusecc_paged"
@@ -66,74 +61,10 @@ def fusecc_paged_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     torch.ops.fusecc.write_kv_cache(k.contiguous(), v.contiguous(), k_cache, v_cache, md.slot_mapping)
     scale = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
     q = q.contiguous()
-    if (sliding_window or softcap) and md.decode_only:
-        out = windowed_softcap_decode(q, k_cache, v_cache, md, scale, sliding_window, softcap)
-    elif sliding_window or softcap:
-        out = windowed_softcap_attention(q, k_cache, v_cache, md, scale, sliding_window, softcap)
-    elif md.decode_only:
-        out = torch.ops.fusecc.paged_attention(q, k_cache, v_cache, md.block_tables, md.context_lens, scale)
+    options = dict(sliding_window=sliding_window or None, softcap=softcap or None)
+    if md.decode_only:
+        out = torch.ops.fusecc.paged_attention(q, k_cache, v_cache, md.block_tables, md.context_lens, scale, **options)
     else:
         out = torch.ops.fusecc.paged_prefill_attention(q, k_cache, v_cache, md.cu_seqlens_q, md.block_tables,
-                                                       md.context_lens, md.max_seqlen_q, scale)
+                                                       md.context_lens, md.max_seqlen_q, scale, **options)
     return out[None], None  # [1, T, Hq, D]
-
-
-def windowed_softcap_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               md: AttentionMetadata, scale: float, sliding_window: int | None,
-                               softcap: float | None) -> torch.Tensor:
-    """Torch reference for what the paged kernels lack: q [T, Hq, D] (packed by md.cu_seqlens_q)
-    attends causally to its sequence's paged context, each query to the last `sliding_window`
-    positions up to its own (transformers: key j visible from query i when i - window < j <= i),
-    logits soft-capped as softcap * tanh(logits / softcap) after scaling (Gemma 2).
-    Computes in fp32 (fp64 for fp64 inputs); rows of padding sequences (context 0) are 0."""
-    out = torch.zeros_like(q)
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    cu = md.cu_seqlens_q.tolist()
-    hq = q.shape[1]
-    for b, ctx in enumerate(md.context_lens.tolist()):
-        n = cu[b + 1] - cu[b]
-        if n == 0 or ctx == 0:
-            continue
-        kb = gather_paged_kv(k_cache, md.block_tables[b], ctx).to(ct)  # [ctx, Hkv, D]
-        vb = gather_paged_kv(v_cache, md.block_tables[b], ctx).to(ct)
-        group = hq // kb.shape[1]
-        kb, vb = kb.repeat_interleave(group, dim=1), vb.repeat_interleave(group, dim=1)  # [ctx, Hq, D]
-        qs = q[cu[b]:cu[b + 1]].to(ct)  # [n, Hq, D]
-        logits = torch.einsum("qhd,khd->hqk", qs, kb) * scale  # [Hq, n, ctx]
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
-        kpos = torch.arange(ctx, device=q.device)[None, :]
-        visible = kpos <= qpos
-        if sliding_window:
-            visible = visible & (kpos > qpos - sliding_window)
-        logits = logits.masked_fill(~visible, float("-inf"))
-        p = torch.softmax(logits, dim=-1)
-        out[cu[b]:cu[b + 1]] = torch.einsum("hqk,khd->qhd", p, vb).to(q.dtype)
-    return out
-
-
-def windowed_softcap_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            md: AttentionMetadata, scale: float, sliding_window: int | None,
-                            softcap: float | None) -> torch.Tensor:
-    """Decode-only steps (q [B, Hq, D], one token per sequence at position context_len - 1), as
-    windowed_softcap_attention but vectorised over sequences; rows with context 0 (CUDA-graph
-    padding) are 0."""
-    B, hq, D = q.shape
-    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    kpos = torch.arange(md.block_tables.shape[1] * block_size, device=q.device)  # [K] every slot of the table
-    slots = md.block_tables.long()[:, kpos // block_size] * block_size + kpos % block_size  # [B, K]
-    keys = k_cache.flatten(0, 1)[slots].to(ct)  # [B, K, Hkv, D]
-    values = v_cache.flatten(0, 1)[slots].to(ct)
-    qg = q.to(ct).reshape(B, hkv, hq // hkv, D)  # GQA: the q heads of a kv head side by side
-    logits = torch.einsum("bhgd,bkhd->bhgk", qg, keys) * scale
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    qpos = md.context_lens.long()[:, None] - 1  # [B, 1]
-    visible = kpos[None, :] <= qpos  # [B, K]
-    if sliding_window:
-        visible = visible & (kpos[None, :] > qpos - sliding_window)
-    logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
-    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row that sees no key (context 0) is 0
-    return torch.einsum("bhgk,bkhd->bhgd", p, values).reshape(B, hq, D).to(q.dtype)
