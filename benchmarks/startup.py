@@ -53,7 +53,12 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/startup.json")
     parser.add_argument("--max-num-seqs", type=int, default=32)
     args = parser.parse_args()
+    import logging
+
     import triton
+
+    # the engine logs where construction goes (warm-up compiles, CUDA-graph capture)
+    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(name)s: %(message)s")
 
     from fusecc.runtime.engine import LLMEngine
 

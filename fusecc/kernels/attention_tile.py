@@ -330,6 +330,22 @@ def softmax_scale(scale, head_dim: int) -> float:
     return scale
 
 
+# Autotune keys of the runtime's paged kernels: a few size classes, not every power of two. Each
+# new key value costs an autotuning run (every config compiled and timed: 0.3-2 s on an H100), and
+# a serving engine would meet a new power of two with each new prompt length (H100, tiny Llama: a
+# 700-token prompt stalled 340 ms, a prefix-cache hit leaving 8 new tokens 1.8 s); the engine's
+# warm-up tunes each class at start-up (runtime/warmup.py), so no request pays for one.
+TUNING_CLASSES = (16, 128, 1024, 8192)
+
+
+def tuning_class(n: int) -> int:
+    """The autotune class of a size (tokens of the longest query, keys, programs)."""
+    for c in TUNING_CLASSES:
+        if n <= c:
+            return c
+    return TUNING_CLASSES[-1]
+
+
 def window_and_softcap(sliding_window, softcap) -> tuple[int, float]:
     """(window, softcap_log2) as the kernels take them: 0 for no window / no cap. Checked here so a
     bad value is an error naming it, not a silent full attention."""

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from fusecc.kernels.attention_tile import (LOG2E, check_head_dim, head_dim_pad, launch_tuned, softmax_scale,
-                                           window_and_softcap)
+                                           tuning_class, window_and_softcap)
 from fusecc.kernels.split_kv import (choose_num_splits, decode_configs, decode_split, merge_splits, num_sms,
                                      split_buffers)
 
@@ -38,7 +38,7 @@ def _paged_decode_kernel(
     stride_vpage, stride_vslot, stride_vh, stride_vd,
     stride_table, stride_ob, stride_oh, stride_od,
     q_heads, group, num_splits, qk_scale, window, softcap_log2,
-    WORK_BUCKET, CTX_BUCKET,  # autotune keys only
+    WORK_BUCKET, CTX_BUCKET,  # autotune keys only: tuning_class of batch * kv_heads and of the table's keys
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -109,7 +109,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q, k_cache, v_cache, out, part_o, part_lse, table, ctx,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), table.stride(0), *out.stride(),
         Hq, group, num_splits, scale * LOG2E, window, softcap_log2,
-        triton.next_power_of_2(B * Hkv), triton.next_power_of_2(max(capacity, 1)),
+        tuning_class(B * Hkv), tuning_class(capacity),
     ), dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, GROUP_PAD=max(16, triton.next_power_of_2(group)),
             PAGE_SIZE=page_size, SPLIT=split, WINDOW=bool(window), SOFTCAP=softcap_log2 != 0.0),
         decode_configs()[0])

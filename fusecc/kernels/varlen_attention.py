@@ -17,7 +17,7 @@ import triton.language as tl
 
 from fusecc.kernels.attention_tile import (LOG2E, attn_rows, check_head_dim, first_prefill_config, head_dim_pad,
                                            launch_tuned, prefill_configs, prune_prefill_configs, softmax_scale,
-                                           window_and_softcap)
+                                           tuning_class, window_and_softcap)
 
 
 @triton.autotune(configs=prefill_configs(), key=["HEAD_DIM_PAD", "CAUSAL", "PAGED", "SEQ_BUCKET"],
@@ -33,7 +33,7 @@ def _varlen_attention_kernel(
     stride_ot, stride_oh, stride_od,
     stride_kpage, stride_vpage, stride_table,
     group, qk_scale, window, softcap_log2,
-    SEQ_BUCKET,  # autotune key only: power-of-two bucket of max_seqlen_q
+    SEQ_BUCKET,  # autotune key only: tuning_class(max_seqlen_q)
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -149,6 +149,6 @@ def launch_varlen(q, k, v, out, cu_q, cu_k, table, ctx,
         q, k, v, out, cu_q, cu_k, table, ctx,
         *q.stride(), stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd, *out.stride(),
         stride_kpage, stride_vpage, stride_table,
-        Hq // Hkv, scale * LOG2E, window, softcap_log2, triton.next_power_of_2(max_seqlen_q),
+        Hq // Hkv, scale * LOG2E, window, softcap_log2, tuning_class(max_seqlen_q),
     ), dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, CAUSAL=causal, PAGED=paged, PAGE_SIZE=page_size,
             WINDOW=bool(window), SOFTCAP=softcap_log2 != 0.0), first_prefill_config(d_pad))

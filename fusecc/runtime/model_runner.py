@@ -241,6 +241,7 @@ class ModelRunner:
 
     # --- CUDA graphs for decode ---------------------------------------------------------------
     def _capture_graphs(self) -> None:
+        start = time.perf_counter()
         buckets = graph_buckets(self.config.max_num_seqs)
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
@@ -253,6 +254,7 @@ class ModelRunner:
                     self.forward(*args)
                 self.graphs[b] = CapturedCall(self.forward, args, pool)
         torch.cuda.synchronize()
+        logger.info("captured %d decode CUDA graphs in %.1f s", len(buckets), time.perf_counter() - start)
         for size in range(1, self.config.max_num_seqs + 1):
             self._bucket_of[size] = next(b for b in buckets if b >= size)
 

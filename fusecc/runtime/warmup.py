@@ -9,7 +9,8 @@ table compiles its own graph, and so does each value of AttentionMetadata.decode
 below cover every combination a step can produce: decode-only steps (q = 1 per sequence) and
 mixed steps (some sequence computes >= 2 tokens), each with 1 and several sequences and block
 tables 1 and several blocks wide, plus a wider prefill so that kernels specialised on a
-multiple-of-16 length are built too. The dummy forwards write no KV (slot -1), never call the
+multiple-of-16 length are built too, and one prefill per autotune class of the attention kernels
+(kernels/attention_tile.py:TUNING_CLASSES) that a step can reach. The dummy forwards write no KV (slot -1), never call the
 sampler (whose seed stream stays untouched) and allocate no blocks.
 
 With `size_oblivious` (the CPU runner compiles with fx's backed_size_oblivious, so no size is
@@ -18,6 +19,7 @@ sequences, tokens and block-table columns, so that no dimension is traced at siz
 
 from __future__ import annotations
 
+from fusecc.kernels.attention_tile import TUNING_CLASSES, tuning_class
 from fusecc.runtime.config import EngineConfig
 from fusecc.runtime.input_batch import cdiv
 
@@ -32,6 +34,8 @@ def warmup_shapes(config: EngineConfig, max_blocks_per_seq: int,
     patterns = []
     for b in reversed(seq_counts) if size_oblivious else seq_counts:  # most general shape first
         patterns += [[1] * b, [2] * b, [3] + [2] * (b - 1), [1] * (b - 1) + [2], [16] + [1] * (b - 1)]
+    longest = min(config.max_num_batched_tokens, max_len - 1)  # new tokens of one sequence in a step
+    patterns += [[min(c, longest)] for c in TUNING_CLASSES]
     shapes, seen = [], set()
     for q in patterns:
         if sum(q) > config.max_num_batched_tokens or max(q) + 1 > max_len:
@@ -41,7 +45,7 @@ def warmup_shapes(config: EngineConfig, max_blocks_per_seq: int,
             first = min(max(q[0], (w - 1) * bs + 1), max_len - 1)
             ctx = [first] + q[1:]
             key = (len(q) == sum(q), _bucket(len(q)), _bucket(sum(q)), _bucket(cdiv(max(ctx), bs)), _bucket(max(q)),
-                   sum(q) % 16 == 0)
+                   sum(q) % 16 == 0, tuning_class(max(q)))
             if size_oblivious:
                 key = key[0]  # decode-only or mixed: the one thing the graphs still specialise on
             if key not in seen:

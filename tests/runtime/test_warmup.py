@@ -65,3 +65,18 @@ def test_warmup_keeps_seeded_and_unseeded_sampling():
         return outs
 
     assert run(False) == run(True)
+
+
+@pytest.mark.parametrize("budget,max_len", [(8192, 2048), (512, 4096), (64, 64), (20000, 32768)])
+def test_warmup_prefills_reach_every_attention_tuning_class_a_step_can(budget, max_len):
+    # a tuning class first met by a request costs it an autotuning run (seconds on a GPU)
+    from fusecc.kernels.attention_tile import tuning_class
+    from fusecc.runtime.config import EngineConfig
+    from fusecc.runtime.warmup import warmup_shapes
+
+    config = EngineConfig(max_num_batched_tokens=budget, max_model_len=max_len, max_num_seqs=32)
+    shapes = warmup_shapes(config, -(-max_len // config.block_size))
+    longest = min(budget, max_len - 1)  # most new tokens one sequence can bring to a step
+    reachable = {tuning_class(n) for n in range(1, longest + 1)}
+    assert {tuning_class(max(q)) for q, _ in shapes} == reachable
+    assert all(sum(q) <= budget and max(c) <= max_len for q, c in shapes)
