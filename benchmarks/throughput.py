@@ -165,10 +165,23 @@ def warm_up(engine, vocab: int, batch_prompts, seed: int = 1) -> None:
         engine.step()
 
 
+def transformers_backed(hf_model):
+    """The engine's transformers-backed model (model_impl="transformers") over `hf_model` itself, its
+    attention switched to fusecc's paged function (no second copy of the weights)."""
+    from fusecc.runtime.models.transformers_attention import ATTN_IMPLEMENTATION
+    from fusecc.runtime.models.transformers_backend import TransformersForCausalLM, register_attention
+
+    register_attention()
+    hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return TransformersForCausalLM(hf_model, type(hf_model).__name__).eval()
+
+
 def bench_fusecc(hf_model, hf_config, prompts, args, num_kv_blocks: int | None, output: int = OUTPUT,
-                 device: str = "cuda", warmup_prompts=None, profile_name: str = "fusecc") -> dict:
+                 device: str = "cuda", warmup_prompts=None, profile_name: str = "fusecc",
+                 model_impl: str = "fusecc") -> dict:
     """One engine on `prompts`; keys without the fusecc_ prefix. num_kv_blocks None = the pool is
-    sized from free memory (gpu_memory_utilization)."""
+    sized from free memory (gpu_memory_utilization). model_impl "transformers": the engine runs
+    transformers' modeling code with fusecc attention instead of fusecc's Llama."""
     from fusecc.runtime.byte_tokenizer import ByteTokenizer
     from fusecc.runtime.config import EngineConfig
     from fusecc.runtime.engine import LLMEngine
@@ -180,7 +193,10 @@ def bench_fusecc(hf_model, hf_config, prompts, args, num_kv_blocks: int | None, 
     warmup_prompts = prompts[:4] if warmup_prompts is None else warmup_prompts
     max_model_len = max(len(p) for p in prompts + warmup_prompts) + output
     start = time.perf_counter()
-    model = build_model(LlamaForCausalLM, hf_config, dtype, device, max_model_len, hf_model.state_dict().items())
+    if model_impl == "transformers":
+        model = transformers_backed(hf_model)
+    else:
+        model = build_model(LlamaForCausalLM, hf_config, dtype, device, max_model_len, hf_model.state_dict().items())
     config = EngineConfig(max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=num_kv_blocks)
@@ -218,6 +234,8 @@ def bench_fusecc(hf_model, hf_config, prompts, args, num_kv_blocks: int | None, 
               "preemptions": after.num_preemptions - before.num_preemptions,
               "step_timings": step_timing_summary(before.step_timings, after.step_timings)}
     engine = model = None  # free the KV pool and graphs before the next engine
+    if model_impl == "transformers":
+        hf_model.set_attn_implementation("sdpa")  # hand the baseline its attention back
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
@@ -267,6 +285,21 @@ def bench_fusecc_pools(hf_model, hf_config, prompts, args, device: str = "cuda",
     return entry
 
 
+def run_transformers_backed(entry: dict, model, config, prompts, args, shape: str) -> None:
+    """entry += the transformers-backed engine's run (free-memory pool) and its ratio to the native one."""
+    try:
+        run = bench_fusecc(model, config, prompts, args, None, warmup_prompts=make_prompts(config.vocab_size, 4, seed=1),
+                           profile_name=f"{shape}_transformers", model_impl="transformers")
+    except Exception as exc:
+        entry["fusecc_transformers_error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+        return
+    entry.update({f"fusecc_transformers_{k}": v for k, v in run.items()})
+    native = entry.get("fusecc_free_memory_pool_tok_s")
+    if native:
+        entry["transformers_backed_vs_native"] = run["tok_s"] / native
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="1b,8b")
@@ -284,6 +317,10 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true",
                     help="keep the other configurations already in --out (each records its own run: "
                          "device, versions, date, command), replacing only those run now")
+    ap.add_argument("--model-impl", default="fusecc",
+                    help="fusecc, or fusecc,transformers: also run the transformers-backed path (transformers' "
+                         "Llama code with fusecc attention) with the pool sized from free memory, and report its "
+                         "throughput against the native model's free-memory run")
     ap.add_argument("--profile-dir", default=None,
                     help="cProfile each measured fusecc run (host side) into DIR/<shape>_<run>.txt")
     args = ap.parse_args()
@@ -318,6 +355,8 @@ def main() -> None:
                     torch.cuda.empty_cache()
             entry.update(bench_fusecc_pools(model, config, prompts, args, shape_name=shape,
                                             warmup_prompts=make_prompts(config.vocab_size, 4, seed=1)))
+            if "transformers" in args.model_impl.split(","):
+                run_transformers_backed(entry, model, config, prompts, args, shape)
             if entry.get("hf_generate_batch_tok_s") and entry.get("fusecc_tok_s"):
                 entry["speedup_vs_generate_batch"] = entry["fusecc_tok_s"] / entry["hf_generate_batch_tok_s"]
         except Exception as exc:

@@ -74,6 +74,32 @@ def test_architectures_that_cannot_run_this_way_are_refused_in_one_line(tmp_path
         tight_engine(tmp_path, model_impl="fusecc")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("falcon", "mamba", "t5")])
+def test_cuda_bf16_next_token_logprobs_within_eager_bf16_error(tmp_path, family):
+    # bf16 on the GPU, compiled with CUDA graphs: the engine's top-20 next-token logprobs after each
+    # prompt differ from transformers' fp32 values by no more than transformers' own bf16 eager does
+    # (times 3, plus a little: two correct bf16 programs round differently)
+    hf = save_family_checkpoint(family, tmp_path).cuda()
+    engine = LLMEngine.from_engine_args(str(tmp_path), model_impl="transformers", device="cuda", dtype="bfloat16",
+                                        max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64,
+                                        gpu_memory_utilization=0.3)
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=20)
+    final = run_engine(engine, [(str(i), p, params) for i, p in enumerate(prompts(6, seed=5, max_len=60))])
+    hf_bf16 = save_family_checkpoint(family, tmp_path / "bf16").to("cuda", torch.bfloat16)
+    for rid, out in final.items():
+        ids = torch.tensor([out.prompt_token_ids], device="cuda")
+        with torch.inference_mode():
+            ref = hf(ids).logits[0, -1].double().log_softmax(-1)
+            eager = hf_bf16(ids).logits[0, -1].double().log_softmax(-1)
+        top = out.outputs[0].logprobs[0]  # {token id: Logprob} of the first generated position
+        ids_top = torch.tensor(list(top), device="cuda")
+        got = torch.tensor([lp.logprob for lp in top.values()], device="cuda", dtype=torch.float64)
+        engine_err = (got - ref[ids_top]).abs().max().item()
+        eager_err = (eager[ids_top] - ref[ids_top]).abs().max().item()
+        assert engine_err <= 3 * eager_err + 2e-2, f"{family} {rid}: engine {engine_err:.4f}, eager bf16 {eager_err:.4f}"
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("error:fusecc failed to compile")
 def test_compiled_transformers_model_matches_transformers(tmp_path):
@@ -89,8 +115,8 @@ def test_compiled_transformers_model_matches_transformers(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("enforce_eager", [True, False])
 def test_cuda_sliding_window_softcap_family_matches_transformers(tmp_path, enforce_eager):
-    # Gemma 2 on CUDA: paged kernels for its full layers, the torch window/soft-cap path for its sliding
-    # layers, compiled with decode CUDA graphs unless enforce_eager
+    # Gemma 2 on CUDA: the paged kernels with sliding window (its local layers) and soft-capping,
+    # compiled with decode CUDA graphs unless enforce_eager
     torch.backends.cuda.matmul.allow_tf32 = False
     hf = save_family_checkpoint("gemma2", tmp_path)
     engine = LLMEngine.from_engine_args(str(tmp_path), enforce_eager=enforce_eager, device="cuda", dtype="float32",
