@@ -88,7 +88,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int,
     e_pad = max(16, triton.next_power_of_2(num_experts))
     chunk = max(16, min(triton.next_power_of_2(max(numel, 1)), 16384 // e_pad))
     _moe_align_kernel[(1,)](flat.contiguous(), sorted_ids, expert_ids, total, numel, num_experts, num_blocks,
-                            BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, num_warps=4)
+                            BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, num_warps=8)
     return sorted_ids, expert_ids, total
 
 

@@ -78,21 +78,36 @@ def test_compiled_engine_matches_transformers_generate(checkpoints, arch):
         assert out.outputs[0].token_ids == hf_greedy(hf, out.prompt_token_ids, 12), rid
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_prefill_logits_match_transformers(checkpoints, arch):
-    # tighter than greedy tokens: a wrong routing normalisation or a missing shared-expert gate moves logits
-    path, hf = checkpoints[arch]
-    model = loader.load_model(path, torch.float32, "cpu")
+def check_prefill_logits(path, hf, device: str, tol: float) -> None:
+    model = loader.load_model(path, torch.float32, device)
     lengths = [7, 19, 1]
     g = torch.Generator().manual_seed(1)
     ids = [torch.randint(3, VOCAB, (n,), generator=g) for n in lengths]
     kv_heads, head_dim = model.kv_shape
-    caches = [(torch.zeros(8, 8, kv_heads, head_dim), torch.zeros(8, 8, kv_heads, head_dim)) for _ in range(2)]
+    caches = [(torch.zeros(8, 8, kv_heads, head_dim, device=device), torch.zeros(8, 8, kv_heads, head_dim, device=device))
+              for _ in range(2)]
     md = prefill_metadata(lengths, 8, 8)
+    md = type(md)(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(md).items()})
+    positions = torch.cat([torch.arange(n) for n in lengths])
     with torch.no_grad():
-        logits = model.compute_logits(model(torch.cat(ids), torch.cat([torch.arange(n) for n in lengths]), caches, md))
+        logits = model.compute_logits(model(torch.cat(ids).to(device), positions.to(device), caches, md)).cpu()
         for p, start in zip(ids, md.cu_seqlens_q.tolist()):
-            torch.testing.assert_close(logits[start:start + len(p)], hf(p[None]).logits[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits[start:start + len(p)], hf(p[None]).logits[0], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_logits_match_transformers(checkpoints, arch):
+    # tighter than greedy tokens: a wrong routing normalisation or a missing shared-expert gate moves logits
+    path, hf = checkpoints[arch]
+    check_prefill_logits(path, hf, "cpu", 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gpu_prefill_logits_match_transformers(checkpoints, arch):
+    # CUDA: the fused MoE Triton kernels (fp32 dots in IEEE precision) and the paged attention kernels
+    path, hf = checkpoints[arch]
+    check_prefill_logits(path, hf, "cuda", 2e-3)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
