@@ -224,7 +224,8 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU: Triton interpreter, fp32)")
     ap.add_argument("--tokens", default="1,64,512", help="token counts of the kernel comparison")
     ap.add_argument("--decode-steps", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=None, help="decoder layers of the decode model (default: all that fit)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers of the decode model (default: all that fit)")
     ap.add_argument("--skip-decode", action="store_true")
     args = ap.parse_args()
     import transformers

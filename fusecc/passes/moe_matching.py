@@ -252,7 +252,8 @@ def _getitem_of(node, index: int, target) -> fx.Node:
 def _floor_div(node) -> tuple[fx.Node, int]:
     if _is(node, aten.floor_divide.default) and isinstance(node.args[1], int):
         return node.args[0], node.args[1]
-    if _is(node, aten.div.Tensor_mode) and node.kwargs.get("rounding_mode") == "floor" and isinstance(node.args[1], int):
+    floor = _is(node, aten.div.Tensor_mode) and node.kwargs.get("rounding_mode") == "floor"
+    if floor and isinstance(node.args[1], int):
         return node.args[0], node.args[1]
     raise NoMatch("row_index_not_perm_floordiv_top_k")
 
