@@ -32,6 +32,7 @@ from collections import Counter
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import fusecc.ops  # noqa: F401  (registers torch.ops.fusecc.fused_moe)
 from fusecc.graph.constants import constant_value
@@ -334,8 +335,10 @@ def _is_inverse(node, perm: fx.Node) -> bool:
     if not (_is(node, aten.index_put.default) and len(node.args[1]) == 1 and node.args[1][0] is perm):
         return False
     values = node.args[2]
-    if _is(values, aten.arange.default, aten.arange.start, aten.arange.start_step):
-        return values.args[-1] == _shape(perm)[0] if _is(values, aten.arange.default) else \
-            list(values.args[:2]) == [0, _shape(perm)[0]] and (len(values.args) < 3 or values.args[2] == 1)
+    from_zero = _is(values, aten.arange.default) or (
+        _is(values, aten.arange.start, aten.arange.start_step) and values.args[0] == 0
+        and (len(values.args) < 3 or values.args[2] == 1))
+    if from_zero:  # the length may be symbolic (tokens * top_k): compare through the shape environment
+        return statically_known_true(_val(values).shape[0] == _val(perm).shape[0])
     value = _constant(values)
     return value is not None and torch.equal(value.cpu(), torch.arange(value.numel(), dtype=value.dtype))

@@ -136,3 +136,25 @@ def test_dense_layers_of_qwen2_moe_are_llama_mlps(checkpoints):
     assert type(model.model.layers[0].mlp) is LlamaMLP and model.model.layers[0].mlp.intermediate == 96
     assert model.model.layers[1].mlp.shared_expert.intermediate == 48
     assert model.model.layers[0].self_attn.qkv_proj.bias is not None
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("error:fusecc failed to compile")
+def test_transformers_backed_mixtral_runs_the_fused_op(checkpoints, tmp_path, monkeypatch):
+    # model_impl="transformers": transformers' own Mixtral, compiled by the runner (frozen weights, dynamic
+    # token count); the moe_matching pass turns its grouped_mm experts into fusecc::fused_moe
+    import glob
+
+    from fusecc.runtime.models.transformers_backend import TransformersForCausalLM
+
+    monkeypatch.setenv("FUSECC_DUMP_DIR", str(tmp_path))
+    path, hf = checkpoints["mixtral"]
+    engine = LLMEngine.from_engine_args(str(path), model_impl="transformers", max_model_len=64,
+                                        max_num_batched_tokens=32, max_num_seqs=2)
+    assert isinstance(engine.runner.model, TransformersForCausalLM)
+    final = run_engine(engine, [(str(i), p, SamplingParams(temperature=0, max_tokens=8))
+                                for i, p in enumerate(prompts(2, seed=5, max_len=30))])
+    for rid, out in final.items():
+        assert out.outputs[0].token_ids == hf_greedy(hf, out.prompt_token_ids, 8), rid
+    graphs = glob.glob(str(tmp_path / "*" / "*final.py"))
+    assert graphs and all(open(g).read().count("torch.ops.fusecc.fused_moe.default(") == 2 for g in graphs)
