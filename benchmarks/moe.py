@@ -86,7 +86,8 @@ def time_ms(fn, smoke: bool) -> float:
 
 
 def bench_kernel(shape, tokens: int, device: str, dtype: torch.dtype, smoke: bool) -> dict:
-    from fusecc.kernels.fused_moe import fused_moe
+    from fusecc.kernels.fused_moe import choose_block_m, fused_moe
+    from fusecc.kernels.moe_align import moe_align_block_size
 
     experts, top_k, hidden, inter = shape
     g = torch.Generator(device=device).manual_seed(tokens)
@@ -105,6 +106,9 @@ def bench_kernel(shape, tokens: int, device: str, dtype: torch.dtype, smoke: boo
               "fused_ms": time_ms(lambda: fused_moe(*args), smoke),
               "loop_ms": time_ms(lambda: per_expert_loop(*args), smoke)}
     result["speedup_vs_loop"] = result["loop_ms"] / result["fused_ms"]
+    block_m = choose_block_m(ids.numel(), experts)  # the sort step alone, inside fused_ms
+    result["align_ms"] = time_ms(lambda: moe_align_block_size(ids, block_m, experts), smoke)
+    result["block_m"] = block_m
     expert_bytes = active * 3 * hidden * inter * x.element_size()
     result["fused_weight_gb_s"] = expert_bytes / result["fused_ms"] / 1e6
     if hasattr(torch, "_grouped_mm"):

@@ -17,10 +17,11 @@ All shapes are known on the host without looking at the ids (no device->host syn
 run under a CUDA graph): experts with tokens contribute at most ceil(numel / BLOCK_M) full blocks plus one
 partial block each, so num_blocks = ceil(numel / BLOCK_M) + min(num_experts, numel).
 
-Two implementations with identical output: one Triton program for up to SINGLE_PROGRAM_MAX_PAIRS pairs
-(decode and small batches: one launch instead of ~10 torch kernels, which would cost more than the
-GEMMs at batch 1), and torch ops (stable argsort, scatter) for large prefills, where a single program
-looping over every pair would be the slow step.
+Two implementations with identical output: one Triton program while the pairs fit in a few
+[CHUNK, experts] tiles (MAX_CHUNKS: decode and small batches, one launch instead of ~10 torch kernels,
+which would cost more than the GEMMs at batch 1; up to 1024 pairs with 128 experts, 8192 with 8), and
+torch ops (stable argsort, scatter) beyond, where one program looping over every pair would be the
+slow step.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-SINGLE_PROGRAM_MAX_PAIRS = 4096
+MAX_CHUNKS = 8
+TILE_ELEMENTS = 16384  # [CHUNK, E_PAD] int32 one-hot tile of the single program
 
 
 def align_num_blocks(numel: int, num_experts: int, block_m: int) -> int:
@@ -78,15 +80,15 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int,
     flat = topk_ids.reshape(-1)
     numel = flat.numel()
     num_blocks = align_num_blocks(numel, num_experts, block_m)
+    e_pad = max(16, triton.next_power_of_2(num_experts))
+    chunk = max(16, min(triton.next_power_of_2(max(numel, 1)), TILE_ELEMENTS // e_pad))
     if single_program is None:
-        single_program = numel <= SINGLE_PROGRAM_MAX_PAIRS
+        single_program = triton.cdiv(numel, chunk) <= MAX_CHUNKS
     if not single_program:
         return _align_torch(flat, block_m, num_experts, num_blocks)
     sorted_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=flat.device)
     expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=flat.device)
     total = torch.empty(1, dtype=torch.int32, device=flat.device)
-    e_pad = max(16, triton.next_power_of_2(num_experts))
-    chunk = max(16, min(triton.next_power_of_2(max(numel, 1)), 16384 // e_pad))
     _moe_align_kernel[(1,)](flat.contiguous(), sorted_ids, expert_ids, total, numel, num_experts, num_blocks,
                             BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, num_warps=8)
     return sorted_ids, expert_ids, total
