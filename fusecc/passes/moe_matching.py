@@ -136,16 +136,22 @@ def _is_batched_mm_experts(node) -> bool:
     if not _is(node, aten.bmm.default):
         return False
     gathered = node.args[0]
-    return (_is(gathered, aten.index.Tensor) and len(gathered.args[1]) == 1 and len(_shape(gathered.args[0])) == 3
-            and len(_shape(gathered.args[1][0])) == 1)
+    try:
+        return (_is(gathered, aten.index.Tensor) and len(gathered.args[1]) == 1
+                and len(_shape(gathered.args[0])) == 3 and len(_shape(gathered.args[1][0])) == 1)
+    except NoMatch:  # an operand without tensor meta: not this pattern
+        return False
 
 
 def _is(node, *targets) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
-def _val(node: fx.Node):
-    return node.meta["val"]
+def _val(node) -> torch.Tensor:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(value, torch.Tensor):
+        raise NoMatch("operand_without_tensor_meta")
+    return value
 
 
 def _shape(node: fx.Node) -> tuple:
