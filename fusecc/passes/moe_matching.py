@@ -70,10 +70,11 @@ class MoEMatching(GraphPass):
                 stats["skipped:batched_mm_experts_unsupported"] += 1  # one per projection
                 self.reasons[node.name] = "batched_mm_experts_unsupported"
                 continue
-            # anchor: the down projection, the grouped_mm whose input is silu(gate) * up
-            if node.op != "call_function" or node.target not in grouped or not _is(_input(node), aten.mul.Tensor):
+            if node.op != "call_function" or node.target not in grouped:
                 continue
             try:
+                if not _is(_input(node), aten.mul.Tensor):
+                    continue  # the gate_up grouped_mm: matched from the down projection, whose input is silu * up
                 final, args = _match(node, grouped)
             except NoMatch as miss:
                 stats[f"skipped:{miss.reason}"] += 1
