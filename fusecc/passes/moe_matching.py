@@ -36,6 +36,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import fusecc.ops  # noqa: F401  (registers torch.ops.fusecc.fused_moe)
 from fusecc.graph.constants import constant_value
+from fusecc.graph.node_kinds import is_impure, is_random
 from fusecc.passes.attention_matching import NoMatch
 from fusecc.passes.base import GraphPass, PassResult
 
@@ -87,7 +88,8 @@ class MoEMatching(GraphPass):
             stats["rewritten"] += 1
             stats[f"rewritten:{PATTERN}"] += 1
         if stats["rewritten"]:
-            gm.graph.eliminate_dead_code()  # the sort, gathers and grouped GEMMs the op replaced
+            # the sort, gathers and grouped GEMMs the op replaced (mutations and RNG stay, as in dce.py)
+            gm.graph.eliminate_dead_code(is_impure_node=lambda n: is_impure(n) or is_random(n))
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, stats["rewritten"] > 0, stats)
