@@ -1,7 +1,8 @@
 """Mixture of experts (GPU): the fused MoE kernel vs torch baselines, and MoE decode vs its roofline; one run.
 
 1. Kernel (bf16, random weights and routing): fusecc's fused MoE (fusecc/kernels/fused_moe.py, autotuned
-   before timing) vs a per-expert torch loop (transformers' eager experts: gather the expert's tokens, two
+   before timing; up to 2 tokens it runs fused_moe_decode.py's kernels, and fused_grouped_ms times the
+   grouped GEMMs there too) vs a per-expert torch loop (transformers' eager experts: gather the expert's tokens, two
    linears, weighted index_add) and vs torch._grouped_mm where it exists (transformers' "grouped_mm"
    experts: sort by expert, two grouped GEMMs over offsets, weighted unsort-and-sum), at Mixtral-8x7B
    (8 experts, top-2, 4096 -> 14336) and Qwen3-30B-A3B (128 experts, top-8, 2048 -> 768) expert shapes,
@@ -87,6 +88,7 @@ def time_ms(fn, smoke: bool) -> float:
 
 def bench_kernel(shape, tokens: int, device: str, dtype: torch.dtype, smoke: bool) -> dict:
     from fusecc.kernels.fused_moe import choose_block_m, fused_moe
+    from fusecc.kernels.fused_moe_decode import DECODE_MAX_TOKENS
     from fusecc.kernels.moe_align import moe_align_block_size
 
     experts, top_k, hidden, inter = shape
@@ -106,6 +108,9 @@ def bench_kernel(shape, tokens: int, device: str, dtype: torch.dtype, smoke: boo
               "fused_ms": time_ms(lambda: fused_moe(*args), smoke),
               "loop_ms": time_ms(lambda: per_expert_loop(*args), smoke)}
     result["speedup_vs_loop"] = result["loop_ms"] / result["fused_ms"]
+    if tokens <= DECODE_MAX_TOKENS:  # fused_ms ran the matrix-vector kernels; the grouped GEMMs for comparison
+        result["fused_path"] = "decode_gemv"
+        result["fused_grouped_ms"] = time_ms(lambda: fused_moe(*args, decode=False), smoke)
     block_m = choose_block_m(ids.numel(), experts)  # the sort step alone, inside fused_ms
     result["align_ms"] = time_ms(lambda: moe_align_block_size(ids, block_m, experts), smoke)
     result["block_m"] = block_m

@@ -23,6 +23,9 @@ Steps (pair p = token * top_k + k):
    top_k * hidden elements per token, next to the 3 * inter * hidden weights of each expert a token
    visits: noise.
 
+One or two tokens (batch-1/2 decode) take fused_moe_decode.py instead: matrix-vector kernels without
+the sort and with the top-k sum in registers.
+
 Tiles: BLOCK_M comes from the expected rows per expert (pairs / experts), fixed before the sort (the
 padding depends on it): 16 for decode and small batches, up to 128 for long prefills. BLOCK_N/K, warps
 and stages are autotuned per (N, K, BLOCK_M, GATED) when autotuning is on (FUSECC_AUTOTUNE, the compiled
@@ -36,6 +39,7 @@ import triton
 import triton.language as tl
 
 from fusecc.kernels.attention_tile import launch_tuned
+from fusecc.kernels.fused_moe_decode import DECODE_MAX_TOKENS, fused_moe_decode
 from fusecc.kernels.moe_align import moe_align_block_size
 from fusecc.triton_support import interpreting
 
@@ -186,15 +190,18 @@ def check_moe_args(x, w13, w2, topk_weights, topk_ids) -> None:
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, *, block_m: int | None = None) -> torch.Tensor:
-    """The MoE MLP of the module docstring -> [tokens, hidden] in x's dtype. block_m overrides the
-    tile-row heuristic (tests)."""
+              topk_ids: torch.Tensor, *, block_m: int | None = None, decode: bool | None = None) -> torch.Tensor:
+    """The MoE MLP of the module docstring -> [tokens, hidden] in x's dtype. Up to DECODE_MAX_TOKENS
+    tokens run the matrix-vector kernels of fused_moe_decode.py instead (decode=True/False forces the
+    choice); block_m overrides the tile-row heuristic (tests)."""
     check_moe_args(x, w13, w2, topk_weights, topk_ids)
     M, H = x.shape
     E, inter = w13.shape[0], w13.shape[1] // 2
     top_k = topk_ids.shape[1]
     if M == 0:
         return x.new_zeros((0, H))
+    if decode if decode is not None else M <= DECODE_MAX_TOKENS:
+        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids)
     num_pairs = M * top_k
     block_m = block_m or choose_block_m(num_pairs, E)
     sorted_ids, expert_ids, total = moe_align_block_size(topk_ids, block_m, E)

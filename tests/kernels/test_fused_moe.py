@@ -53,10 +53,22 @@ def make_moe(tokens, experts, top_k, hidden, inter, dtype, device="cpu", seed=0,
 ])
 def test_kernel_matches_float64_loop(tokens, experts, top_k, hidden, inter, dtype, block_m, only):
     x, w13, w2, weights, ids = make_moe(tokens, experts, top_k, hidden, inter, dtype, only_experts=only)
-    out = fused_moe(x, w13, w2, weights, ids, block_m=block_m)
+    out = fused_moe(x, w13, w2, weights, ids, block_m=block_m, decode=False)  # the grouped GEMMs
     assert out.shape == x.shape and out.dtype == dtype
     ref = moe_loop_f64(x, w13, w2, weights, ids)
     torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,hidden,inter,dtype", [
+    (1, 8, 2, 48, 40, torch.float32),  # K not a multiple of the K tile: masked loads
+    (2, 4, 3, 64, 24, torch.float16),
+    (1, 6, 1, 512, 16, torch.float32),  # hidden 512: gate_up's unmasked K loop
+])
+def test_decode_kernels_match_float64_loop(tokens, experts, top_k, hidden, inter, dtype):
+    x, w13, w2, weights, ids = make_moe(tokens, experts, top_k, hidden, inter, dtype, seed=3)
+    out = fused_moe(x, w13, w2, weights, ids)  # few tokens: the matrix-vector kernels
+    assert out.shape == x.shape and out.dtype == dtype
+    torch.testing.assert_close(out.double(), moe_loop_f64(x, w13, w2, weights, ids), atol=TOL[dtype], rtol=TOL[dtype])
 
 
 def test_grouped_launch_order_and_partial_n_tiles(monkeypatch):
@@ -77,7 +89,7 @@ def test_grouped_launch_order_and_partial_n_tiles(monkeypatch):
 
 def test_routing_weights_in_activation_dtype_and_no_tokens():
     x, w13, w2, weights, ids = make_moe(6, 4, 2, 32, 16, torch.float16)
-    out = fused_moe(x, w13, w2, weights.half(), ids.to(torch.int32))
+    out = fused_moe(x, w13, w2, weights.half(), ids.to(torch.int32), decode=False)
     torch.testing.assert_close(out.double(), moe_loop_f64(x, w13, w2, weights.half(), ids), atol=3e-3, rtol=3e-3)
     assert fused_moe(x[:0], w13, w2, weights[:0], ids[:0]).shape == (0, 32)
 
@@ -139,15 +151,19 @@ def test_gpu_real_shapes_bf16(shape, tokens, autotune, monkeypatch):
     experts, top_k, hidden, inter = SHAPES[shape]
     x, w13, w2, weights, ids = make_moe(tokens, experts, top_k, hidden, inter, torch.bfloat16, device="cuda")
     out = fused_moe(x, w13, w2, weights, ids)
+    if tokens == 1:  # the grouped GEMMs at one token too (decode=False), what the benchmark compares
+        torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, decode=False).float(), out.float(),
+                                   atol=2e-2, rtol=2e-2)
     # fp32 reference over the same bf16 inputs (float64 at these sizes is slow on the GPU)
     ref = fused_moe_reference(x.float(), w13.float(), w2.float(), weights, ids)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
-def test_gpu_decode_step_captures_in_a_cuda_graph():
+@pytest.mark.parametrize("tokens", [2, 8])  # the matrix-vector kernels; the sort + grouped GEMMs
+def test_gpu_decode_step_captures_in_a_cuda_graph(tokens):
     experts, top_k, hidden, inter = SHAPES["qwen3_30b_a3b"]
-    x, w13, w2, weights, ids = make_moe(2, experts, top_k, hidden, inter, torch.bfloat16, device="cuda")
+    x, w13, w2, weights, ids = make_moe(tokens, experts, top_k, hidden, inter, torch.bfloat16, device="cuda")
     expected = torch.ops.fusecc.fused_moe(x, w13, w2, weights, ids)  # also tunes/compiles outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
