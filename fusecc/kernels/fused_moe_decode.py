@@ -28,8 +28,9 @@ def gemv_configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            # narrow n-tiles keep the SMs busy when N is small (the down projection's grid is tokens x N / BLOCK_N)
             for bn, bk, w, s in [(32, 256, 4, 3), (16, 256, 4, 3), (64, 128, 4, 3), (32, 512, 8, 2),
-                                 (16, 512, 4, 2), (64, 256, 8, 3)]]
+                                 (16, 512, 4, 2), (64, 256, 8, 3), (8, 256, 4, 3), (8, 512, 4, 2)]]
 
 
 @triton.autotune(configs=gemv_configs(), key=["N", "K", "GATED", "TOP_K"], cache_results=True)
