@@ -89,7 +89,13 @@ def _gemv(a, b, c, ids, weights, n: int, k: int, top_k: int, gated: bool) -> Non
     launch_tuned(_moe_gemv_kernel, grid, (
         a, b, c, ids, weights, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-    ), dict(TOP_K=top_k, GATED=gated, EVEN_K=k % 512 == 0), gemv_configs()[0])
+    ), dict(TOP_K=top_k, GATED=gated, EVEN_K=k % 512 == 0), _first_config(gated))
+
+
+def _first_config(gated: bool) -> triton.Config:
+    """Without autotuning: 32-wide n-tiles for gate_up (pairs x N programs), 16 for down (tokens x N)."""
+    configs = _moe_gemv_kernel.configs
+    return configs[0] if gated or len(configs) == 1 else configs[1]
 
 
 def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
