@@ -135,3 +135,25 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 @write_kv_cache.register_fake
 def _write_kv_cache_fake(k, v, k_cache, v_cache, slot_mapping):
     return None
+
+
+# ---- mixture of experts (fusecc/kernels/fused_moe.py) ----
+
+from fusecc.kernels import fused_moe as _moe  # noqa: E402
+
+
+@torch.library.custom_op("fusecc::fused_moe", mutates_args=())
+def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """The experts of a MoE block: hidden_states [T, hidden], w13 [E, 2 * inter, hidden] (gate | up),
+    w2 [E, hidden, inter], topk_weights/topk_ids [T, top_k] -> [T, hidden] =
+    sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_ids[t, k].
+    CUDA runs the Triton grouped GEMMs; CPU a loop over the experts that received tokens."""
+    if hidden_states.is_cuda:
+        return _moe.fused_moe(hidden_states, w13, w2, topk_weights, topk_ids)
+    return _moe.fused_moe_reference(hidden_states, w13, w2, topk_weights, topk_ids)
+
+
+@fused_moe.register_fake
+def _fused_moe_fake(hidden_states, w13, w2, topk_weights, topk_ids):
+    return hidden_states.new_empty(hidden_states.shape)

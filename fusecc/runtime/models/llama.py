@@ -99,12 +99,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, intermediate_size: int | None = None) -> None:
         super().__init__()
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r} (only silu / SwiGLU)")
-        self.intermediate = config.intermediate_size
+        self.intermediate = intermediate_size or config.intermediate_size
         bias = bool(getattr(config, "mlp_bias", False))
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=bias)
         self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=bias)
@@ -115,10 +115,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, rotary, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config, rotary, qkv_bias: bool, qk_norm: bool, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, rotary, qkv_bias, qk_norm)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config) if mlp is None else mlp  # any [T, hidden] -> [T, hidden] (MoE blocks)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -128,13 +128,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, max_positions: int, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config, max_positions: int, qkv_bias: bool, qk_norm: bool, make_mlp=None) -> None:
         super().__init__()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary = Rotary(config, head_dim, max_positions)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, qkv_bias, qk_norm)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, qkv_bias, qk_norm, make_mlp and make_mlp(i))
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -148,9 +148,14 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         qkv_bias = bool(getattr(config, "attention_bias", False)) if self.qkv_bias is None else self.qkv_bias
-        self.model = LlamaModel(config, max_positions or config.max_position_embeddings, qkv_bias, self.qk_norm)
+        self.model = LlamaModel(config, max_positions or config.max_position_embeddings, qkv_bias, self.qk_norm,
+                                self.make_mlp)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def make_mlp(self, layer_idx: int) -> nn.Module | None:
+        """Layer `layer_idx`'s MLP; None: the dense LlamaMLP (MoE subclasses return their blocks)."""
+        return None
 
     @property
     def kv_shape(self) -> tuple[int, int]:

@@ -1,0 +1,353 @@
+"""MoE matching: transformers' grouped-GEMM experts become one `fusecc::fused_moe` call.
+
+transformers 5 runs a MoE block's experts with one of three implementations (`experts_implementation`):
+"eager" loops over the experts that received tokens (data-dependent shapes: Dynamo breaks the graph
+there, nothing to match), "batched_mm" gathers one weight matrix per (token, expert) pair (a bmm over
+copies of the weights; recognized and reported as `skipped:batched_mm_experts_unsupported`, not
+rewritten), and "grouped_mm", the default, which this pass rewrites (integrations/moe.py,
+grouped_mm_experts_forward; S = tokens * top_k pairs, E experts, I = expert intermediate size):
+
+    before:  %w, %ids = topk(softmax(router logits), k)                  # routing: ids < E by construction
+             %sorted, %perm = sort(view(%ids, [-1]))                      # pairs by expert
+             %offs = cumsum(histc(%sorted, E, 0, E - 1), dtype=int32)     # [E] group ends
+             %x_g  = [where(sentinel, 0,)] index(%x, [%perm // k])          # [S, H] rows per pair
+             %h    = [where(..)] grouped_mm(%x_g, transpose(%w13), %offs)  # [S, 2I]
+             %a    = silu(split(%h, I)[0]) * split(%h, I)[1]              # [S, I]
+             %d    = [where(..)] grouped_mm(%a, transpose(%w2), %offs)    # [S, H]
+             %o    = (%d * index(view(%w, [-1]), [%perm])[:, None])[inverse(%perm)]
+             %out  = [to(x.dtype)] sum(view(%o, [T, k, H]), [1])          # [T, H]
+    after:   %out  = fusecc.fused_moe(%x, %w13, %w2, %w, %ids)
+
+grouped_mm is `aten._grouped_mm` (CUDA; CPU bf16) or transformers' `grouped_mm_fallback` op (a torch
+loop, taken under Dynamo for other dtypes). The sentinel masks (`where(sorted >= E, 0, ..)`, for
+expert parallelism) are all false when the ids come from a top-k over E router scores, which the match
+requires. Anything else stays as it was; `stats["skipped:<reason>"]` and `reasons[node name]` say why,
+and `stats["rewritten:transformers_grouped_mm_experts"]` counts the blocks rewritten.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+import fusecc.ops  # noqa: F401  (registers torch.ops.fusecc.fused_moe)
+from fusecc.graph.constants import constant_value
+from fusecc.graph.node_kinds import is_impure, is_random
+from fusecc.passes.attention_matching import NoMatch
+from fusecc.passes.base import GraphPass, PassResult
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+PATTERN = "transformers_grouped_mm_experts"
+
+
+def _grouped_mm_targets() -> set:
+    targets = {aten._grouped_mm.default} if hasattr(aten, "_grouped_mm") else set()
+    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    try:
+        targets.add(fallback.default)  # registered when transformers' integrations/moe.py is imported
+    except (AttributeError, RuntimeError):
+        pass
+    return targets
+
+
+class MoEMatching(GraphPass):
+    name = "moe_matching"
+    repeat_to_fixed_point = False
+
+    def __init__(self):
+        self.reasons: dict[str, str] = {}  # anchor node name -> why it was not rewritten (last run)
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        self.reasons = {}
+        stats: Counter = Counter()
+        grouped = _grouped_mm_targets()
+        for node in list(gm.graph.nodes):
+            if _is_batched_mm_experts(node):
+                stats["skipped:batched_mm_experts_unsupported"] += 1  # one per projection
+                self.reasons[node.name] = "batched_mm_experts_unsupported"
+                continue
+            if node.op != "call_function" or node.target not in grouped:
+                continue
+            try:
+                if not _is(_input(node), aten.mul.Tensor):
+                    continue  # the gate_up grouped_mm: matched from the down projection, whose input is silu * up
+                final, args = _match(node, grouped)
+            except NoMatch as miss:
+                stats[f"skipped:{miss.reason}"] += 1
+                self.reasons[node.name] = miss.reason
+                continue
+            with gm.graph.inserting_before(final):
+                fused = gm.graph.call_function(torch.ops.fusecc.fused_moe.default, args)
+            fused.meta["val"] = final.meta["val"]
+            final.replace_all_uses_with(fused)
+            stats["rewritten"] += 1
+            stats[f"rewritten:{PATTERN}"] += 1
+        if stats["rewritten"]:
+            # the sort, gathers and grouped GEMMs the op replaced (mutations and RNG stay, as in dce.py)
+            gm.graph.eliminate_dead_code(is_impure_node=lambda n: is_impure(n) or is_random(n))
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, stats["rewritten"] > 0, stats)
+
+
+def _match(down: fx.Node, grouped: set) -> tuple[fx.Node, tuple]:
+    """(the node the op replaces, fused_moe args) for the down-projection grouped_mm `down`."""
+    w2, offs = _transposed_weight(down), _offsets(down)
+    act = _input(down)
+    gate, up_half = _swiglu_halves(act)
+    split = _split_source(gate, 0)
+    if _split_source(up_half, 1) is not split:
+        raise NoMatch("gate_and_up_not_halves_of_one_split")
+    inter = split.args[1] if _is(split, aten.split.Tensor) else split.args[1][0]
+    gate_up = _strip_sentinel(split.args[0])
+    if not _is(gate_up, *grouped) or _offsets(gate_up) is not offs:
+        raise NoMatch("gate_up_not_grouped_mm_over_same_offsets")
+    w13 = _transposed_weight(gate_up)
+    E, two_inter, H = _shape(w13)
+    if not isinstance(inter, int) or two_inter != 2 * inter or _shape(w2) != (E, H, inter):
+        raise NoMatch("expert_weight_shapes")
+    # rows: x[perm // k] with perm from sorting the flattened top-k ids of a routing over E experts
+    rows = _strip_sentinel(_input(gate_up))
+    if not _is(rows, aten.index.Tensor) or len(rows.args[1]) != 1:
+        raise NoMatch("rows_not_gathered_from_hidden")
+    x, (row_of_pair,) = rows.args
+    perm, top_k = _floor_div(row_of_pair)
+    sort = _getitem_of(perm, 1, aten.sort.default)
+    ids = _flattened(sort.args[0])
+    weights_src = _routing_weights(down, perm)
+    topk = _getitem_of(ids, 1, aten.topk.default)
+    if _shape(ids)[-1] != top_k or _shape(topk.args[0])[-1] != E or _shape(x)[-1] != H or len(_shape(x)) != 2:
+        raise NoMatch("routing_shapes")
+    if _shape(weights_src)[-1] != top_k:
+        raise NoMatch("routing_weight_shapes")
+    _check_offsets(offs, sort, E)
+    final = _reduction(down, weights_src, perm, top_k, H)
+    if _val(final).dtype != _val(x).dtype or not (_val(x).dtype == _val(w13).dtype == _val(w2).dtype):
+        raise NoMatch("dtypes")
+    return final, (x, w13, w2, weights_src, ids)
+
+
+# ---------------------------------------------------------------- the pieces
+
+def _is_batched_mm_experts(node) -> bool:
+    """bmm(weights[expert of each pair], ...): transformers' "batched_mm" experts, not rewritten (yet)."""
+    if not _is(node, aten.bmm.default):
+        return False
+    gathered = node.args[0]
+    try:
+        return (_is(gathered, aten.index.Tensor) and len(gathered.args[1]) == 1
+                and len(_shape(gathered.args[0])) == 3 and len(_shape(gathered.args[1][0])) == 1)
+    except NoMatch:  # an operand without tensor meta: not this pattern
+        return False
+
+
+def _is(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _val(node) -> torch.Tensor:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(value, torch.Tensor):
+        raise NoMatch("operand_without_tensor_meta")
+    return value
+
+
+def _shape(node: fx.Node) -> tuple:
+    return tuple(_val(node).shape)
+
+
+def _silu_input(node):
+    """x of silu(x), or of its decomposition x * sigmoid(x) (with casts around it); else None."""
+    node = _strip_any_cast(node)
+    if _is(node, aten.silu.default):
+        return _strip_any_cast(node.args[0])
+    if _is(node, aten.mul.Tensor):
+        a, b = (_strip_any_cast(arg) for arg in node.args)
+        for x, s in ((a, b), (b, a)):
+            if _is(s, aten.sigmoid.default) and _strip_any_cast(s.args[0]) is x:
+                return x
+    return None
+
+
+def _swiglu_halves(act: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """(gate, up) of silu(gate) * up."""
+    act = _strip_any_cast(act)
+    if _is(act, aten.mul.Tensor):
+        for silu, up in (act.args, act.args[::-1]):
+            gate = _silu_input(silu)
+            if gate is not None:
+                return gate, _strip_any_cast(up)
+    raise NoMatch("activation_not_silu_times_up")
+
+
+def _input(grouped_mm: fx.Node) -> fx.Node:
+    return _strip_cast(grouped_mm.args[0])
+
+
+def _offsets(grouped_mm: fx.Node):
+    return grouped_mm.kwargs.get("offs", grouped_mm.args[2] if len(grouped_mm.args) > 2 else None)
+
+
+def _strip_cast(node):
+    """Past same-dtype conversions (`input.to(weight.dtype)`)."""
+    while (_is(node, aten._to_copy.default, prims.convert_element_type.default)
+           and _val(node).dtype == _val(node.args[0]).dtype):
+        node = node.args[0]
+    return node
+
+
+def _strip_sentinel(node):
+    """Past `where(mask, 0, t)` (transformers' expert-parallel sentinel masks; see the module docstring)."""
+    node = _strip_cast(node)
+    if _is(node, aten.where.self) and _is_zero(node.args[1]):
+        return node.args[2]
+    return node
+
+
+def _is_zero(node) -> bool:
+    """0, as a Python number, a scalar_tensor / full node, or a one-element constant."""
+    if isinstance(node, (int, float)):
+        return node == 0
+    while _is(node, aten.lift_fresh_copy.default, aten.clone.default, aten._to_copy.default,
+              prims.convert_element_type.default):
+        node = node.args[0]
+    if _is(node, aten.scalar_tensor.default):
+        return node.args[0] == 0
+    if _is(node, aten.full.default):
+        return node.args[1] == 0
+    value = _constant(node)
+    return value is not None and value.numel() == 1 and float(value) == 0.0
+
+
+def _constant(node):
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return constant_value(node.graph.owning_module, node)
+    return None
+
+
+def _transposed_weight(grouped_mm: fx.Node) -> fx.Node:
+    t = grouped_mm.args[1]
+    if _is(t, aten.transpose.int) and sorted(d % 3 for d in t.args[1:]) == [1, 2] and len(_shape(t.args[0])) == 3:
+        return t.args[0]
+    if _is(t, aten.permute.default) and list(t.args[1]) == [0, 2, 1]:
+        return t.args[0]
+    raise NoMatch("grouped_mm_weight_not_transposed_3d")  # transformers' is_transposed=True layout
+
+
+def _split_source(node, index: int) -> fx.Node:
+    if not (_is(node, operator.getitem) and node.args[1] == index
+            and _is(node.args[0], aten.split.Tensor, aten.split_with_sizes.default)):
+        raise NoMatch("gate_up_not_split_in_halves")
+    split = node.args[0]
+    if len(split.args) > 2 and split.args[2] not in (-1, 1):
+        raise NoMatch("gate_up_split_not_last_dim")
+    if _is(split, aten.split_with_sizes.default):
+        sizes = list(split.args[1])
+        if len(sizes) != 2 or sizes[0] != sizes[1]:
+            raise NoMatch("gate_up_split_not_halves")
+    return split
+
+
+def _getitem_of(node, index: int, target) -> fx.Node:
+    if not (_is(node, operator.getitem) and node.args[1] == index and _is(node.args[0], target)):
+        raise NoMatch(f"expected_{target._opname}_output_{index}")
+    return node.args[0]
+
+
+def _floor_div(node) -> tuple[fx.Node, int]:
+    if _is(node, aten.floor_divide.default) and isinstance(node.args[1], int):
+        return node.args[0], node.args[1]
+    floor = _is(node, aten.div.Tensor_mode) and node.kwargs.get("rounding_mode") == "floor"
+    if floor and isinstance(node.args[1], int):
+        return node.args[0], node.args[1]
+    raise NoMatch("row_index_not_perm_floordiv_top_k")
+
+
+def _flattened(node) -> fx.Node:
+    if _is(node, aten.view.default, aten.reshape.default, aten._unsafe_view.default) and len(_shape(node)) == 1:
+        return node.args[0]
+    raise NoMatch("sorted_ids_not_flattened_topk_ids")
+
+
+def _routing_weights(down: fx.Node, perm: fx.Node) -> fx.Node:
+    """The [T, k] weights whose flattened, perm-gathered copy scales the down projection's rows."""
+    scaled = _single_user(_single_user_through_sentinel(down))
+    if not _is(scaled, aten.mul.Tensor):
+        raise NoMatch("down_output_not_scaled_by_routing_weights")
+    for w in scaled.args:
+        if _is(w, aten.unsqueeze.default) and _is(w.args[0], aten.index.Tensor):
+            gathered = w.args[0]
+            if len(gathered.args[1]) == 1 and gathered.args[1][0] is perm:
+                return _flattened(_strip_cast(gathered.args[0]))
+    raise NoMatch("routing_weights_not_gathered_by_perm")
+
+
+def _check_offsets(offs, sort: fx.Node, experts: int) -> None:
+    if not _is(offs, aten.cumsum.default):
+        raise NoMatch("offsets_not_cumsum")
+    hist = offs.args[0]
+    if not (_is(hist, aten.histc.default) and list(hist.args[1:4]) == [experts, 0, experts - 1]):
+        raise NoMatch("offsets_not_histc_over_experts")
+    source = _strip_any_cast(hist.args[0])
+    if source is not _getitem_source(sort, 0):
+        raise NoMatch("offsets_not_from_sorted_ids")
+
+
+def _strip_any_cast(node):
+    while _is(node, aten._to_copy.default, prims.convert_element_type.default):
+        node = node.args[0]
+    return node
+
+
+def _getitem_source(sort: fx.Node, index: int):
+    return next((u for u in sort.users if _is(u, operator.getitem) and u.args[1] == index), None)
+
+
+def _single_user(node: fx.Node) -> fx.Node:
+    users = list(node.users)
+    if len(users) != 1:
+        raise NoMatch("intermediate_has_other_users")
+    return users[0]
+
+
+def _single_user_through_sentinel(node: fx.Node) -> fx.Node:
+    user = _single_user(node)
+    return user if _is(user, aten.where.self) and user.args[2] is node and _is_zero(user.args[1]) else node
+
+
+def _reduction(down: fx.Node, weights: fx.Node, perm: fx.Node, top_k: int, hidden: int) -> fx.Node:
+    """scaled[inverse(perm)] viewed [T, k, H], summed over k (and cast back): the node to replace."""
+    scaled = _single_user(_single_user_through_sentinel(down))
+    unsorted = _single_user(scaled)
+    if not (_is(unsorted, aten.index.Tensor) and len(unsorted.args[1]) == 1 and _is_inverse(unsorted.args[1][0], perm)):
+        raise NoMatch("output_not_unsorted_by_inverse_perm")
+    view = _single_user(unsorted)
+    if not (_is(view, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+            and len(_shape(view)) == 3 and _shape(view)[1:] == (top_k, hidden)):
+        raise NoMatch("output_not_viewed_tokens_top_k_hidden")
+    total = _single_user(view)
+    if not (_is(total, aten.sum.dim_IntList) and list(total.args[1]) in ([1], [-2])):
+        raise NoMatch("output_not_summed_over_top_k")
+    users = list(total.users)
+    if len(users) == 1 and _is(users[0], aten._to_copy.default, prims.convert_element_type.default):
+        return users[0]
+    return total
+
+
+def _is_inverse(node, perm: fx.Node) -> bool:
+    """index_put(empty_like(perm), [perm], arange(S)): inv[perm[i]] = i."""
+    if not (_is(node, aten.index_put.default) and len(node.args[1]) == 1 and node.args[1][0] is perm):
+        return False
+    values = node.args[2]
+    from_zero = _is(values, aten.arange.default) or (
+        _is(values, aten.arange.start, aten.arange.start_step) and values.args[0] == 0
+        and (len(values.args) < 3 or values.args[2] == 1))
+    if from_zero:  # the length may be symbolic (tokens * top_k): compare through the shape environment
+        return statically_known_true(_val(values).shape[0] == _val(perm).shape[0])
+    value = _constant(values)
+    return value is not None and torch.equal(value.cpu(), torch.arange(value.numel(), dtype=value.dtype))
