@@ -11,7 +11,7 @@ from fusecc.runtime.models.transformers_backend import TransformersForCausalLM
 from fusecc.runtime.sampling_params import SamplingParams
 from tests.runtime.hf_checkpoints import (WORDS, hf_greedy, prompts, run_engine, save_tiny_checkpoint,  # noqa: F401
                                           single_thread)
-from tests.runtime.transformers_families import FAMILIES, save_family_checkpoint
+from tests.runtime.transformers_families import FAMILIES, NATIVE_FAMILIES, save_family_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 MAX_TOKENS = 12
@@ -49,6 +49,15 @@ def test_family_without_native_model_matches_transformers(tmp_path, family):
     check_engine_matches_transformers(engine, hf)
 
 
+@pytest.mark.parametrize("family", NATIVE_FAMILIES)
+def test_moe_family_through_transformers_matches_transformers(tmp_path, family):
+    # MoE models have native classes now; model_impl="transformers" still runs transformers' own experts
+    hf = save_family_checkpoint(family, tmp_path)
+    engine = tight_engine(tmp_path, model_impl="transformers")
+    assert isinstance(engine.runner.model, TransformersForCausalLM)
+    check_engine_matches_transformers(engine, hf)
+
+
 def test_auto_keeps_the_native_model_and_transformers_runs_llama_too(tmp_path):
     hf = save_tiny_checkpoint("llama", tmp_path)
     assert type(tight_engine(tmp_path).runner.model) is LlamaForCausalLM
@@ -75,7 +84,7 @@ def test_architectures_that_cannot_run_this_way_are_refused_in_one_line(tmp_path
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("falcon", "mamba", "t5")])
+@pytest.mark.parametrize("family", [f for f in FAMILIES + NATIVE_FAMILIES if f not in ("falcon", "mamba", "t5")])
 def test_cuda_bf16_next_token_logprobs_within_eager_bf16_error(tmp_path, family):
     # bf16 on the GPU, compiled with CUDA graphs: the engine's top-20 next-token logprobs after each
     # prompt differ from transformers' fp32 values by no more than transformers' own bf16 eager does
