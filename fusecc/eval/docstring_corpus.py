@@ -52,16 +52,18 @@ def docstring_texts(modules: tuple[str, ...] = MODULES, min_chars: int = MIN_CHA
             seen.add(doc)
             texts.append(doc)
 
-    for name in modules:
-        module = importlib.import_module(name)
-        add(module)
-        for member_name, member in _public_members(module):
-            if getattr(member, "__module__", None) != module.__name__:
-                continue  # imported from elsewhere: its own module (if listed) has it
-            add(member)
-            if inspect.isclass(member):
-                for _, method in _public_members(member):
-                    add(method)
+    with warnings.catch_warnings():  # deprecated aliases warn when read (typing.io, typing.ByteString)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in modules:
+            module = importlib.import_module(name)
+            add(module)
+            for _, member in _public_members(module):
+                if getattr(member, "__module__", None) != module.__name__:
+                    continue  # imported from elsewhere: its own module (if listed) has it
+                add(member)
+                if inspect.isclass(member):
+                    for _, method in _public_members(member):
+                        add(method)
     return texts
 
 
@@ -71,9 +73,7 @@ def _public_members(obj) -> list[tuple[str, object]]:
         if name.startswith("_") or inspect.ismodule(vars(obj)[name]):
             continue
         try:
-            with warnings.catch_warnings():  # deprecated aliases warn when read (typing.ByteString)
-                warnings.simplefilter("ignore", DeprecationWarning)
-                out.append((name, getattr(obj, name)))
+            out.append((name, getattr(obj, name)))
         except Exception:  # a descriptor that raises on class access
             continue
     return out
