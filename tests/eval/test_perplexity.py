@@ -98,3 +98,14 @@ def test_smollm2_engine_perplexity_matches_transformers(tmp_path):
     ours, ref = engine_perplexity(llm, windows), transformers_perplexity(hf, windows)
     assert abs(relative_difference(ours, ref)) < TOLERANCE
     assert 2 < ref.perplexity < 100  # real text under a real model (about 18 on these windows)
+
+
+@pytest.mark.gpu
+def test_bf16_engine_perplexity_on_cuda_is_within_2_percent_of_transformers(tmp_path):
+    # compiled forward, decode CUDA graphs captured, Triton kernels: the serving configuration
+    path = save_random_llama(tmp_path, TINY_SHAPE, seed=0, dtype=torch.bfloat16)
+    llm = LLM(str(path), dtype="bfloat16", device="cuda", max_model_len=513, gpu_memory_utilization=0.3)
+    windows = token_windows(llm.get_tokenizer(), window_len=512, max_windows=8)
+    ours = engine_perplexity(llm, windows)
+    ref = transformers_perplexity(load_transformers_model(str(path), torch.bfloat16, "cuda"), windows)
+    assert abs(relative_difference(ours, ref)) < 0.02
