@@ -65,8 +65,9 @@ def resolve_model(name: str, dtype: torch.dtype, scratch: str) -> tuple[str, str
                 raise SystemExit(f"--model {name}: unknown shape {key!r}; known: {', '.join(sorted(SHAPES))}")
             shape, init = SHAPES[key], RANDOM_INIT_RANGE
         path = save_random_llama(scratch, shape, seed=0, initializer_range=init, dtype=dtype)
-        return str(path), (f"{name}: RANDOM weights (seed 0, initializer_range {init}), Llama shape {shape}, byte-level "
-                           f"tokenizer; perplexity here is not quality, only engine vs transformers agreement is")
+        return str(path), (f"{name}: RANDOM weights (seed 0, initializer_range {init}), Llama shape {shape}, "
+                           f"byte-level tokenizer; perplexity here is not quality, only engine vs transformers "
+                           f"agreement is")
     return name, os.path.basename(os.path.normpath(name))
 
 

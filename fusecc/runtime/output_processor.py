@@ -69,8 +69,8 @@ class OutputProcessor:
     def add(self, request_id: str, prompt: str | None, prompt_ids: list[int], seqs: list[Sequence],
             params: SamplingParams, arrival: float) -> None:
         incremental = params.output_kind != "final_only" or bool(params.stop)
-        children = [_Child(s, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens,
-                                                     params.include_stop_str_in_output),
+        children = [_Child(s, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop,
+                                                     params.skip_special_tokens, params.include_stop_str_in_output),
                            [] if params.logprobs is not None else None, incremental) for s in seqs]
         req = _Request(request_id, prompt, prompt_ids, children, arrival, params.output_kind,
                        prompt_logprobs=None if params.prompt_logprobs is None else [None])
@@ -164,8 +164,11 @@ class OutputProcessor:
             finished_time=max(s.finished_time for s in seqs) if finished else None,
             num_cached_tokens=max(c.num_cached_tokens or 0 for c in req.children))
         prompt_logprobs = req.prompt_logprobs
-        if prompt_logprobs is not None and req.output_kind == "delta":  # once, then [] (vLLM's)
-            prompt_logprobs, req.prompt_logprobs_sent = ([] if req.prompt_logprobs_sent else prompt_logprobs), True
+        if prompt_logprobs is not None and req.output_kind == "delta":  # once, complete, then [] (vLLM's)
+            if req.prompt_logprobs_sent or not (len(prompt_logprobs) == len(req.prompt_token_ids) or finished):
+                prompt_logprobs = []
+            else:
+                req.prompt_logprobs_sent = True
         return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), completions, finished, metrics,
                              prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs))
 
