@@ -42,7 +42,7 @@ def save_random_llama(folder: str | Path, shape: dict, seed: int = 0, initialize
                       max_position_embeddings: int = 4096, dtype: torch.dtype = torch.float32) -> Path:
     """Write a seeded random LlamaForCausalLM of `shape` (LlamaConfig fields) as `dtype` safetensors
     and the byte-level tokenizer to `folder`; returns the folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     if shape.get("vocab_size", BYTE_VOCAB) < BYTE_VOCAB:
         raise ValueError(f"save_random_llama: vocab_size must be >= {BYTE_VOCAB} (the byte tokenizer's), "
@@ -53,7 +53,7 @@ def save_random_llama(folder: str | Path, shape: dict, seed: int = 0, initialize
                          initializer_range=initializer_range, bos_token_id=256, eos_token_id=257, pad_token_id=257)
     with torch.random.fork_rng(devices=[]):  # neither depends on nor disturbs the caller's random state
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).eval()
-    model.to(dtype).save_pretrained(folder)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()  # created in dtype: 8B fits
+    model.save_pretrained(folder)
     byte_level_tokenizer().save_pretrained(folder)
     return folder

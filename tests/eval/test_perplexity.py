@@ -93,11 +93,11 @@ def test_smollm2_engine_perplexity_matches_transformers(tmp_path):
     folder.load_state_dict(hf.state_dict())
     folder.save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp_path)
-    llm = LLM(str(tmp_path), enforce_eager=True, dtype="float32", device="cpu", max_model_len=257)
-    windows = token_windows(llm.get_tokenizer(), window_len=256, max_windows=2)
+    llm = LLM(str(tmp_path), enforce_eager=True, dtype="float32", device="cpu", max_model_len=129)
+    windows = token_windows(llm.get_tokenizer(), window_len=128, max_windows=2)
     ours, ref = engine_perplexity(llm, windows), transformers_perplexity(hf, windows)
     assert abs(relative_difference(ours, ref)) < TOLERANCE
-    assert 2 < ref.perplexity < 100  # real text under a real model (about 18 on these windows)
+    assert 2 < ref.perplexity < 100  # real text under a real model (about 20 on these windows)
 
 
 @pytest.mark.gpu
