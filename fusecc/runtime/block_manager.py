@@ -229,7 +229,9 @@ class BlockManager:
         return hashes
 
     def _match(self, seq: Sequence) -> list[int]:
-        if not self.enable_prefix_caching:
+        # A request asking for prompt logprobs reads no cached prefix: those positions' logits
+        # would never be computed (vLLM's skip_reading_prefix_cache). Its blocks are still cached.
+        if not self.enable_prefix_caching or seq.sampling_params.prompt_logprobs is not None:
             return []
         # At least one token must be computed (its logits give the next token), so a prompt that
         # is entirely cached still recomputes its last block.

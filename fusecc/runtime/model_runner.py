@@ -2,7 +2,8 @@
 
     runner = ModelRunner(model, config)                  # sizes and allocates the KV pool
     config = runner.config                                 # num_kv_blocks resolved
-    sampled = runner.execute(scheduler_output, eos_ids)    # SamplerOutput (None if nothing samples)
+    sampled = runner.execute(scheduler_output, eos_ids)    # SamplerOutput (None if nothing samples
+                                                           # and no prompt logprobs were asked for)
 
 The forward is `torch.compile(model, backend="fusecc", options={"freeze": True, "autotune": ...},
 dynamic=True)` unless `enforce_eager`: one graph for decode-only steps and one for mixed steps,
@@ -30,6 +31,7 @@ from fusecc.kernels.attention_tile import autotune_enabled
 from fusecc.runtime.config import EngineConfig
 from fusecc.runtime.input_batch import BlockTableMirror, StepInputs, cdiv, cpu_tensor, prepare_inputs
 from fusecc.runtime.models.attention import AttentionMetadata
+from fusecc.runtime.prompt_logprobs import PromptLogprobsPlanner, compute_prompt_logprobs
 from fusecc.runtime.sampler import Sampler, SamplerOutput, SamplingMetadata
 from fusecc.runtime.scheduler import SchedulerOutput
 from fusecc.runtime.warmup import warmup_shapes
@@ -112,6 +114,7 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
         self.sampler = Sampler(seed=config.seed)
+        self.prompt_logprobs = PromptLogprobsPlanner()
         # Two rows per schedulable sequence: rows of finished sequences are recycled in bulk.
         self._tables = BlockTableMirror(2 * config.max_num_seqs, self.max_blocks_per_seq)
         self.num_graph_replays = 0
@@ -144,14 +147,22 @@ class ModelRunner:
                 max_seqlen_q=inputs.max_seqlen_q, decode_only=inputs.decode_only, num_decodes=inputs.num_decodes)
             hidden = self.forward(self._device(inputs.token_ids, torch.int64),
                                   self._device(inputs.positions, torch.int64), self.kv_caches, md)
+        # logits at every prompt position of the requests that ask for prompt logprobs (none usually)
+        spans = self.prompt_logprobs.plan(entries, inputs.cu_seqlens_q, inputs.num_decodes)
+        prompt_logprobs = compute_prompt_logprobs(spans, hidden, self.model.compute_logits, self.vocab_size,
+                                                  self._device) if spans else None
         if not inputs.num_sampled:
-            return None
+            # prompt chunks that end before their prompts do: logprobs, no token
+            return None if prompt_logprobs is None else SamplerOutput(
+                token_ids=torch.empty(0, dtype=torch.int64, device=self.device), prompt_logprobs=prompt_logprobs)
         if inputs.sample_rows is not None:
             hidden = hidden[self._device(inputs.sample_rows, torch.int64)]
         logits = self.model.compute_logits(hidden)
         md = SamplingMetadata.build([e.seq for e in entries if e.do_sample], vocab_size=self.vocab_size,
                                     device=self.device, eos_token_ids=eos_token_ids)
-        return self.sampler(logits, md)
+        out = self.sampler(logits, md)
+        out.prompt_logprobs = prompt_logprobs
+        return out
 
     def _device(self, values, dtype: torch.dtype) -> torch.Tensor:
         """A list (or CPU tensor) on the device. CUDA: through pinned memory, so the copy is

@@ -2,17 +2,22 @@
 
     processor.add(request_id, prompt, prompt_ids, seqs, params, arrival)   # after the engine's checks
     processor.note_scheduled(scheduler_output)                  # prefix-cache hits at first admission
-    for seq, stop in processor.process_tokens(scheduler_output, sampled, token_ids):
+    for seq, stop in processor.process_tokens(scheduler_output, sampled, token_ids):   # + prompt logprobs
         scheduler.finish(seq, stop.reason, stop.stop_reason)    # the scheduler frees what it is told
     outputs = processor.make_outputs(scheduler.take_finished())
 
 vLLM v1's OutputProcessor. A request with n > 1 is n sequences ("<id>#<i>") reported together.
 Text is decoded token by token (IncrementalDetokenizer) when the request is reported per step
 ("cumulative", "delta") or has stop strings to look for; otherwise ("final_only") once at the end.
+Prompt logprobs arrive chunk by chunk (the model runner computes each prompt position once,
+fusecc/runtime/prompt_logprobs.py) and are complete by the request's first output, which follows
+the step that computes its last prompt chunk. The n sequences of a request share its prompt: only
+the first computes the prompt logprobs (the others may read the prefix cache).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from fusecc.runtime.detokenizer import IncrementalDetokenizer
@@ -46,6 +51,9 @@ class _Request:
     arrival_time: float
     output_kind: str
     finished: set[int] = field(default_factory=set)  # child indices
+    # [None, {token id: Logprob} per prompt token so far] when SamplingParams.prompt_logprobs is set
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    prompt_logprobs_sent: bool = False  # "delta": the first output carried them
 
 
 class OutputProcessor:
@@ -61,10 +69,14 @@ class OutputProcessor:
     def add(self, request_id: str, prompt: str | None, prompt_ids: list[int], seqs: list[Sequence],
             params: SamplingParams, arrival: float) -> None:
         incremental = params.output_kind != "final_only" or bool(params.stop)
-        children = [_Child(s, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens,
-                                                     params.include_stop_str_in_output),
+        children = [_Child(s, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop,
+                                                     params.skip_special_tokens, params.include_stop_str_in_output),
                            [] if params.logprobs is not None else None, incremental) for s in seqs]
-        req = _Request(request_id, prompt, prompt_ids, children, arrival, params.output_kind)
+        req = _Request(request_id, prompt, prompt_ids, children, arrival, params.output_kind,
+                       prompt_logprobs=None if params.prompt_logprobs is None else [None])
+        for s in seqs[1:]:  # the first sequence computes the shared prompt's logprobs
+            if s.sampling_params.prompt_logprobs is not None:
+                s.sampling_params = dataclasses.replace(s.sampling_params, prompt_logprobs=None)
         self.requests[request_id] = req
         for i, s in enumerate(seqs):
             self._by_seq[s.request_id] = (req, i)
@@ -83,8 +95,10 @@ class OutputProcessor:
     def process_tokens(self, out: SchedulerOutput, sampled, token_ids: list[int]) -> list[tuple[Sequence, Stop]]:
         """After Scheduler.postprocess appended the step's tokens: detokenize, record logprobs and
         decide which sequences stop (the caller finishes them in the scheduler)."""
+        if sampled is not None and sampled.prompt_logprobs is not None:
+            self._add_prompt_logprobs(sampled.prompt_logprobs)
         stops = []
-        lps = _LogprobRows(sampled, self.tokenizer)
+        lps = _LogprobRows.of_sampled(sampled, self.tokenizer)
         for row, e in enumerate(out.sampled):
             found = self._by_seq.get(e.seq.request_id)
             if found is None or e.seq.is_finished:  # aborted between schedule and postprocess
@@ -103,6 +117,21 @@ class OutputProcessor:
             if req.output_kind != "final_only":
                 self._touched[req.request_id] = req
         return stops
+
+    def _add_prompt_logprobs(self, plp) -> None:
+        """Append a step's prompt logprobs (fusecc/runtime/prompt_logprobs.py PromptLogprobs) to
+        their requests' lists: each span continues its request's list where the last one ended."""
+        rows = _LogprobRows(plp.logprobs, plp.ranks, plp.top_token_ids, plp.top_logprobs, self.tokenizer)
+        row = 0
+        for span in plp.spans:
+            found = self._by_seq.get(span.seq.request_id)
+            req = found[0] if found is not None else None  # None: aborted meanwhile
+            if req is not None and req.prompt_logprobs is not None:
+                assert span.first_target == len(req.prompt_logprobs), \
+                    (span.seq.request_id, span.first_target, len(req.prompt_logprobs))
+                k = span.seq.sampling_params.prompt_logprobs
+                req.prompt_logprobs += [rows.entry(row + j, t, k) for j, t in enumerate(span.target_ids)]
+            row += span.count
 
     def make_outputs(self, finished: list[Sequence]) -> list[RequestOutput]:
         """The outputs of this step, given the sequences the scheduler finished (aborts included)."""
@@ -134,7 +163,14 @@ class OutputProcessor:
             first_token_time=_min(s.first_token_time for s in seqs),
             finished_time=max(s.finished_time for s in seqs) if finished else None,
             num_cached_tokens=max(c.num_cached_tokens or 0 for c in req.children))
-        return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), completions, finished, metrics)
+        prompt_logprobs = req.prompt_logprobs
+        if prompt_logprobs is not None and req.output_kind == "delta":  # once, complete, then [] (vLLM's)
+            if req.prompt_logprobs_sent or not (len(prompt_logprobs) == len(req.prompt_token_ids) or finished):
+                prompt_logprobs = []
+            else:
+                req.prompt_logprobs_sent = True
+        return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), completions, finished, metrics,
+                             prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs))
 
 
 def _completion(index: int, c: _Child, delta: bool) -> CompletionOutput | None:
@@ -154,20 +190,27 @@ def _completion(index: int, c: _Child, delta: bool) -> CompletionOutput | None:
 
 
 class _LogprobRows:
-    """The step's logprob tensors, read back once for all rows (the sampler computes them only
-    when some row asked for logprobs)."""
+    """A step's logprob tensors, read back once for all rows (the sampler computes them only
+    when some row asked for logprobs; the model runner, prompt logprobs likewise)."""
 
-    def __init__(self, sampled, tokenizer) -> None:
+    def __init__(self, logprobs, ranks, top_ids, top_lps, tokenizer) -> None:
+        """logprobs, ranks: [N] of the token each row is about; top_ids, top_lps: [N, K] or None."""
         self._tokenizer = tokenizer
-        have = sampled is not None and sampled.logprobs is not None
-        self.sampled = sampled.logprobs.tolist() if have else []
-        self.ranks = sampled.ranks.tolist() if have else []
-        top = have and sampled.top_token_ids is not None
-        self.top_ids = sampled.top_token_ids.tolist() if top else None
-        self.top_lps = sampled.top_logprobs.tolist() if top else None
+        self.sampled = logprobs.tolist() if logprobs is not None else []
+        self.ranks = ranks.tolist() if logprobs is not None else []
+        top = logprobs is not None and top_ids is not None
+        self.top_ids = top_ids.tolist() if top else None
+        self.top_lps = top_lps.tolist() if top else None
+
+    @classmethod
+    def of_sampled(cls, sampled, tokenizer) -> "_LogprobRows":
+        if sampled is None:
+            return cls(None, None, None, None, tokenizer)
+        return cls(sampled.logprobs, sampled.ranks, sampled.top_token_ids, sampled.top_logprobs, tokenizer)
 
     def entry(self, row: int, token: int, k: int) -> dict[int, Logprob]:
-        """The sampled token first (its rank computed over the whole distribution), then the top k."""
+        """The row's token first (sampled or prompt; its rank computed over the whole
+        distribution), then the top k."""
         out = {token: Logprob(self.sampled[row], self.ranks[row], self._decode(token))}
         if k and self.top_ids is not None:
             for rank, (t, lp) in enumerate(zip(self.top_ids[row][:k], self.top_lps[row][:k]), start=1):

@@ -50,6 +50,11 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # SamplingParams.prompt_logprobs set: per prompt token, None for the first, then {token id:
+    # Logprob} holding the prompt token and the top-`prompt_logprobs` tokens (vLLM's). In every
+    # output of a "cumulative" or "final_only" request; in the first output only of a "delta" one
+    # (later outputs hold []); None when not asked for.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclass

@@ -37,9 +37,12 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
-from typing import Iterable, Sequence as Seq
+from typing import TYPE_CHECKING, Iterable, Sequence as Seq
 
 import torch
+
+if TYPE_CHECKING:
+    from fusecc.runtime.prompt_logprobs import PromptLogprobs
 
 _MASK64 = (1 << 64) - 1
 TOPK_FAST_MAX = 1024
@@ -161,6 +164,9 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None = None  # [B, max_num_logprobs] float32, descending
     top_token_ids: torch.Tensor | None = None  # [B, max_num_logprobs] int64
     ranks: torch.Tensor | None = None  # [B] int64: 1 + tokens more likely than the sampled one
+    # the step's prompt logprobs (the model runner's, fusecc/runtime/prompt_logprobs.py), None when no
+    # scheduled request asked; a step that only computes those has B = 0
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class Sampler:

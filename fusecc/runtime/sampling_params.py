@@ -10,7 +10,9 @@ Where each option is applied:
 - Stop checker (fusecc/runtime/stop_checker.py), after every new token: EOS (unless ignore_eos),
   stop_token_ids, stop strings (not before min_tokens are out), max_tokens, max_model_len.
 - Output processor (fusecc/runtime/output_processor.py): skip_special_tokens,
-  include_stop_str_in_output, logprobs as vLLM's Logprob dicts, output_kind.
+  include_stop_str_in_output, logprobs and prompt_logprobs as vLLM's Logprob dicts, output_kind.
+- Model runner (fusecc/runtime/prompt_logprobs.py): prompt_logprobs (logits at every prompt
+  position of the requests that ask; such a request does not read the prefix cache, as in vLLM).
 - Engine (add_request): n (n sequences "<id>#<i>", seeds seed + i), truncate_prompt_tokens,
   the token-id checks against the vocabulary (logit_bias, allowed_token_ids), bad_words' tokenization.
 
@@ -50,7 +52,8 @@ class SamplingParams:
     going past EOS. logit_bias: {token id: bias in [-100, 100]}. allowed_token_ids: sample only
     these. bad_words: strings whose tokenization is never generated. logprobs: return this many
     top log-probabilities per token plus the sampled one's (None = none, 0 = only the sampled).
-    prompt_logprobs: not supported yet. skip_special_tokens: leave special tokens out of the
+    prompt_logprobs: the same for every prompt token but the first (None = none, 0 = only the
+    prompt token's; RequestOutput.prompt_logprobs). skip_special_tokens: leave special tokens out of the
     text. truncate_prompt_tokens: keep only the last k prompt tokens. output_kind: "cumulative",
     "delta" or "final_only" (see the module docstring).
     """
@@ -90,7 +93,9 @@ class SamplingParams:
     # Return the log-probabilities of this many most likely tokens (plus the sampled one);
     # None = no logprobs, 0 = only the sampled token's.
     logprobs: int | None = None
-    # Log-probabilities of the prompt tokens: not supported yet (None only).
+    # Log-probabilities of the prompt tokens (each but the first: its list entry is None), with this
+    # many top alternatives per position; None = none, 0 = only the prompt token's. Raw log_softmax
+    # of the model's logits, as vLLM's.
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # Keep only the last k prompt tokens (-1 = the last max_model_len - 1); None = the whole prompt.
@@ -177,7 +182,9 @@ class SamplingParams:
         _require(self.bad_words is None or (isinstance(self.bad_words, list)
                                             and all(isinstance(w, str) and w.strip() for w in self.bad_words)),
                  "bad_words", self.bad_words, "must be None or a list of non-blank strings")
-        _require(self.prompt_logprobs is None, "prompt_logprobs", self.prompt_logprobs, "is not supported yet")
+        _require(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
+                                                  and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+                 "prompt_logprobs", self.prompt_logprobs, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
         _require(self.truncate_prompt_tokens is None or (_is_int(self.truncate_prompt_tokens)
                                                          and (self.truncate_prompt_tokens >= 1
                                                               or self.truncate_prompt_tokens == -1)),

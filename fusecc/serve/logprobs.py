@@ -3,6 +3,7 @@
     fmt = LogprobFormatter(tokenizer)
     fmt.completion(output, start, text_offset)   # CompletionLogprobs of output's tokens from `start` on
     fmt.chat(output, start, top_logprobs)        # ChatLogprobs
+    fmt.prompt(request_output.prompt_logprobs)   # vLLM's prompt_logprobs field
     fmt.names.bytes(token_id)                    # the token's own bytes: [195] for half of "é", not
                                                  # U+FFFD's [239, 191, 189]
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from fusecc.serve.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from fusecc.serve.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, PromptLogprob, TopLogprob
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -109,6 +110,17 @@ class LogprobFormatter:
             content.append(ChatTokenLogprob(token=names.text(token_id), logprob=_json_logprob(entry[token_id].logprob),
                                             bytes=names.bytes(token_id), top_logprobs=tops))
         return ChatLogprobs(content=content)
+
+
+    @staticmethod
+    def prompt(prompt_logprobs) -> list | None:
+        """The engine's prompt logprobs as vLLM's server returns them: per prompt token None (the
+        first) or {token id: {logprob, rank, decoded_token}}, -inf floored."""
+        if prompt_logprobs is None:
+            return None
+        return [None if entry is None else
+                {t: PromptLogprob(logprob=_json_logprob(e.logprob), rank=e.rank, decoded_token=e.decoded_token)
+                 for t, e in entry.items()} for entry in prompt_logprobs]
 
 
 def _by_rank(entry: dict) -> list:

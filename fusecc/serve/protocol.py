@@ -61,6 +61,9 @@ class _SamplingFields(_Request):
     bad_words: list[str] | None = None
     # keep only the last k prompt tokens (vLLM's; the engine truncates)
     truncate_prompt_tokens: int | None = None
+    # vLLM's: log-probabilities of the prompt tokens with this many alternatives each (not with
+    # stream, unless 0: then none are returned, as vLLM)
+    prompt_logprobs: int | None = None
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -137,12 +140,25 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob as its server writes it (prompt_logprobs entries)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# per prompt token: None for the first, then {token id: PromptLogprob} (JSON object keys: the ids as strings)
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when the request set prompt_logprobs
 
 
 class CompletionResponse(BaseModel):
@@ -188,6 +204,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when the request set prompt_logprobs
 
 
 class DeltaMessage(BaseModel):

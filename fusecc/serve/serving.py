@@ -171,6 +171,11 @@ class OpenAIServing:
                            param=culprit)
 
     def _sampling_params(self, req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        prompt_logprobs = req.prompt_logprobs
+        if req.stream and prompt_logprobs is not None and prompt_logprobs > 0:  # vLLM's rule and words
+            raise APIError(400, "`prompt_logprobs` are not available when `stream=True`", param="prompt_logprobs")
+        if req.stream and prompt_logprobs == 0:
+            prompt_logprobs = None  # accepted with stream (vLLM's), and nothing to return
         # generation_config defaults for the sampling fields the request left unset (vLLM's rule)
         sampling = {name: getattr(req, name) for name in _DEFAULTABLE}
         sampling.update({k: v for k, v in self.default_sampling.items() if k in _DEFAULTABLE
@@ -180,7 +185,8 @@ class OpenAIServing:
                 n=req.n, **sampling, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop,
                 stop_token_ids=req.stop_token_ids or [], max_tokens=max_tokens, min_tokens=req.min_tokens,
-                ignore_eos=req.ignore_eos, logprobs=logprobs, logit_bias=OpenAIServing._logit_bias(req),
+                ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                logit_bias=OpenAIServing._logit_bias(req),
                 skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
                 allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words or None,
                 truncate_prompt_tokens=req.truncate_prompt_tokens)
@@ -295,7 +301,8 @@ class OpenAIServing:
                 # text_offset: character offsets into the returned text, the echoed prompt included
                 lp = self.logprobs.completion(o, 0, len(prefix)) if req.logprobs is not None else None
                 choices.append(CompletionChoice(index=i * req.n + o.index, text=text, logprobs=lp,
-                                                finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+                                                finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+                                                prompt_logprobs=self.logprobs.prompt(out.prompt_logprobs)))
         usage = self._usage(finals)
         usage_out["completion_tokens"] = usage.completion_tokens
         return CompletionResponse(id=base_id, model=self.model_name, choices=choices, usage=usage).model_dump()
@@ -331,7 +338,8 @@ class OpenAIServing:
                    for o in final.outputs]
         usage = self._usage([final])
         usage_out["completion_tokens"] = usage.completion_tokens
-        return ChatCompletionResponse(id=base_id, model=self.model_name, choices=choices, usage=usage).model_dump()
+        return ChatCompletionResponse(id=base_id, model=self.model_name, choices=choices, usage=usage,
+                                      prompt_logprobs=self.logprobs.prompt(final.prompt_logprobs)).model_dump()
 
     # ---- streaming ----------------------------------------------------------------------------
 

@@ -41,7 +41,6 @@ _REFUSED = {
     "use_beam_search": _absent,
     "length_penalty": lambda v: v in (None, 1, 1.0),
     "spaces_between_special_tokens": lambda v: v in (None, True),
-    "prompt_logprobs": lambda v: v is None,
     "logits_processors": _absent,
     # structured output (old and new names)
     "structured_outputs": _absent,

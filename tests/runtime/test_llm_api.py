@@ -133,8 +133,8 @@ def test_delta_outputs_carry_only_what_is_new(llm):
 def test_sampling_params_types_and_docstrings():
     with pytest.raises(ValueError, match=r"SamplingParams\.temperature must be a number, got '0\.5'"):
         SamplingParams(temperature="0.5")
-    with pytest.raises(ValueError, match=r"SamplingParams\.prompt_logprobs is not supported yet"):
-        SamplingParams(prompt_logprobs=1)
+    with pytest.raises(ValueError, match=r"SamplingParams\.prompt_logprobs must be None or an integer"):
+        SamplingParams(prompt_logprobs="1")
     for cls in (LLM, SamplingParams):
         assert "temperature" in SamplingParams.__doc__ and "engine_args" in LLM.__doc__, cls
 

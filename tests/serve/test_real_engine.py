@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from fusecc import LLM, SamplingParams
 from tests.serve.conftest import start_server
 
 pytest.importorskip("fusecc.runtime.async_engine")
@@ -161,3 +162,58 @@ def test_logit_bias_forces_and_bans_tokens(client):
     assert not set(banned.choices[0].text.encode()) & set(plain.encode())
     with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
         client.completions.create(**kw, logit_bias={"999999": 1})
+
+
+# ---- vLLM's prompt_logprobs (extra_body): the engine's prompt logprobs in each choice ------------
+
+PLP_PROMPT = "The paged cache"
+
+
+@pytest.fixture(scope="module")
+def offline_prompt_logprobs():
+    """The same embedded model offline: its prompt logprobs are checked against transformers in
+    tests/runtime/test_prompt_logprobs.py; here the server must return exactly them."""
+    llm = LLM(enforce_eager=True, max_model_len=MAX_MODEL_LEN, num_kv_blocks=64, max_num_seqs=32)
+    return llm.generate(PLP_PROMPT, SamplingParams(max_tokens=1, prompt_logprobs=2), use_tqdm=False)[0]
+
+
+def assert_same_as_offline(got: list, offline) -> None:
+    want = offline.prompt_logprobs
+    assert got[0] is None and len(got) == len(want) == len(offline.prompt_token_ids)
+    for entry, ref in zip(got[1:], want[1:]):
+        assert set(entry) == {str(t) for t in ref}  # JSON object keys: token ids as strings
+        for t, e in ref.items():
+            assert entry[str(t)] == {"logprob": pytest.approx(e.logprob, abs=1e-5), "rank": e.rank,
+                                     "decoded_token": e.decoded_token}
+
+
+def test_prompt_logprobs_in_completions_choices(client, offline_prompt_logprobs):
+    model = client.models.list().data[0].id
+    r = client.completions.create(model=model, prompt=PLP_PROMPT, max_tokens=2, temperature=0, n=2,
+                                  extra_body={"prompt_logprobs": 2})
+    assert len(r.choices) == 2
+    for choice in r.choices:
+        assert_same_as_offline(choice.prompt_logprobs, offline_prompt_logprobs)
+    plain = client.completions.create(model=model, prompt=PLP_PROMPT, max_tokens=1)
+    assert getattr(plain.choices[0], "prompt_logprobs", None) is None
+
+
+def test_prompt_logprobs_in_the_chat_response(client):
+    model = client.models.list().data[0].id
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                       extra_body={"prompt_logprobs": 0})
+    plp = r.prompt_logprobs
+    assert plp[0] is None and len(plp) == r.usage.prompt_tokens
+    assert all(len(e) == 1 and next(iter(e.values()))["logprob"] <= 0 for e in plp[1:])
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"prompt_logprobs": -1}, "SamplingParams.prompt_logprobs must be None or an integer in [0, 20], got -1"),
+    ({"prompt_logprobs": 21}, "SamplingParams.prompt_logprobs must be None or an integer in [0, 20], got 21"),
+    ({"prompt_logprobs": 1, "stream": True}, "`prompt_logprobs` are not available when `stream=True`"),
+])
+def test_bad_prompt_logprobs_is_a_400_naming_the_field(client, extra, message):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=client.models.list().data[0].id, prompt=PLP_PROMPT, max_tokens=1,
+                                  extra_body=extra)
+    assert info.value.body["param"] == "prompt_logprobs" and info.value.body["message"] == message

@@ -28,7 +28,7 @@ USER = [{"role": "user", "content": "hi"}]
     (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
      "response_format"),
     (CMPL, {"response_format": {"type": "json_object"}}, "response_format"),
-    (CMPL, {"prompt_logprobs": 1}, "prompt_logprobs"),
+    (CMPL, {"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     (CHAT, {"echo": True}, "echo"),
     (CHAT, {"continue_final_message": True}, "continue_final_message"),
     (CHAT, {"chat_template_kwargs": {"enable_thinking": True}}, "chat_template_kwargs"),
