@@ -115,10 +115,12 @@ class LLMEngine:
                 defaults = checkpoint.generation_defaults()
         else:
             net = loader.load_model(model, dtype, device, config.max_model_len, config=hf_config,
-                                    model_impl=config.model_impl)
+                                    model_impl=config.model_impl, quantization=config.quantization)
             tokenizer = loader.load_tokenizer(config.tokenizer or model)
             name = str(model)
             eos = loader.eos_token_ids(model, hf_config, tokenizer)
+        if model is None or gguf_path is not None:  # the folder loader quantizes while loading
+            loader.quantize_loaded(net, config.quantization, hf_config)
         engine = cls(net, tokenizer, config, eos_token_ids=eos, model_name=name)
         engine.generation_defaults = defaults
         return engine
