@@ -1,0 +1,74 @@
+"""The engine on quantized tiny fp32 models, against transformers with the same dequantized weights:
+greedy tokens must be identical (the CPU path computes x @ dequant(W).T in fp32, as transformers does).
+
+On the fly (quantization="int8" | "int4") the test quantizes the float weights by the documented rules
+itself; AWQ and GPTQ checkpoints are written by tests/quantization/quantized_checkpoints.py."""
+
+import pytest
+import torch
+
+from fusecc.llm import LLM
+from fusecc.runtime.sampling_params import SamplingParams
+from tests.quantization.quantized_checkpoints import LINEARS, write_fp8_checkpoint, write_int4_checkpoint
+from tests.runtime.hf_checkpoints import hf_greedy, prompts, save_tiny_checkpoint, single_thread  # noqa: F401
+
+PROMPTS = prompts(3, seed=5, max_len=12)
+
+
+def rtn_dequantized(w: torch.Tensor, method: str) -> torch.Tensor:
+    """int8: symmetric per output channel, step amax/127. int4: groups of 128 input columns (here one,
+    K <= 128), range min(w, 0)..max(w, 0) over 0..15 with an integer zero point."""
+    w = w.double()
+    if method == "int8":
+        step = w.abs().amax(1, keepdim=True) / 127
+        return ((w / step).round().clamp(-127, 127) * step).float()
+    lo, hi = w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True).clamp(min=0)
+    step = (hi - lo) / 15
+    zero = (-lo / step).round()
+    return (((w / step + zero).round().clamp(0, 15) - zero) * step).float()
+
+
+def engine_greedy(model_dir, **kwargs) -> list[list[int]]:
+    llm = LLM(str(model_dir), enforce_eager=True, dtype="float32", max_model_len=128, **kwargs)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs], llm
+
+
+def oracle_greedy(oracle, tokenizer) -> list[list[int]]:
+    return [hf_greedy(oracle, tokenizer(p)["input_ids"], 12) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_on_the_fly_matches_transformers_with_dequantized_weights(tmp_path, method, single_thread):  # noqa: F811
+    oracle = save_tiny_checkpoint("llama", tmp_path)
+    with torch.no_grad():
+        for name, param in oracle.named_parameters():
+            if name.rpartition(".")[0].rpartition(".")[2] in LINEARS:
+                param.copy_(rtn_dequantized(param, method))
+    ours, llm = engine_greedy(tmp_path, quantization=method)
+    assert ours == oracle_greedy(oracle, llm.get_tokenizer())
+    from fusecc.quantization.linear import WeightOnlyLinear
+    layer = llm.engine.runner.model.model.layers[0]
+    assert isinstance(layer.mlp.down_proj, WeightOnlyLinear) and layer.mlp.down_proj.bits == (8 if method == "int8" else 4)
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_int4_checkpoint_matches_transformers_with_dequantized_weights(tmp_path, method, single_thread):  # noqa: F811
+    oracle = write_int4_checkpoint(tmp_path, method)
+    ours, llm = engine_greedy(tmp_path)  # detected from config.json
+    assert ours == oracle_greedy(oracle, llm.get_tokenizer())
+
+
+def test_fp8_block_checkpoint_loads_its_dequantized_weights(tmp_path):
+    from fusecc.quantization.linear import Fp8Linear
+    from fusecc.runtime import loader
+
+    expected = write_fp8_checkpoint(tmp_path)
+    model = loader.load_model(tmp_path, torch.float32, "cpu", 128)
+    attn = model.model.layers[1].self_attn
+    assert isinstance(attn.qkv_proj, Fp8Linear) and attn.qkv_proj.group_size == 128
+    stacked = torch.cat([expected[f"model.layers.1.self_attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")])
+    assert torch.equal(attn.qkv_proj.weight.float() * attn.qkv_proj.weight_scale, stacked)
+    # the op quantizes activations per token: close to, not equal to, the float product
+    x = torch.randn(5, stacked.shape[1])
+    torch.testing.assert_close(attn.qkv_proj(x), x @ stacked.t(), rtol=0.1, atol=0.1 * (x @ stacked.t()).abs().max().item())
