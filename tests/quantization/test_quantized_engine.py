@@ -72,3 +72,22 @@ def test_fp8_block_checkpoint_loads_its_dequantized_weights(tmp_path):
     # the op quantizes activations per token: close to, not equal to, the float product
     x = torch.randn(5, stacked.shape[1])
     torch.testing.assert_close(attn.qkv_proj(x), x @ stacked.t(), rtol=0.1, atol=0.1 * (x @ stacked.t()).abs().max().item())
+
+
+def test_compiled_model_keeps_one_call_per_quantized_linear(tmp_path, monkeypatch, plain_cpu_user):
+    """torch.compile(backend="fusecc") sees each quantized linear as one custom-op call (counted from the
+    dump) and generates what the eager model generates."""
+    import json
+
+    save_tiny_checkpoint("llama", tmp_path / "model")
+    eager, _ = engine_greedy(tmp_path / "model", quantization="int4")
+    monkeypatch.setenv("FUSECC_DUMP_DIR", str(tmp_path / "dump"))
+    llm = LLM(str(tmp_path / "model"), enforce_eager=False, dtype="float32", max_model_len=128, quantization="int4")
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == eager
+    reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "dump").glob("*/report.json"))]
+    assert reports
+    layers = llm.engine.runner.model.config.num_hidden_layers
+    for report in reports:
+        assert report["op_histogram_final"].get("fusecc.weight_only_linear") == 4 * layers
+        assert "aten.mm" not in report["op_histogram_final"] and "aten.addmm" not in report["op_histogram_final"]
