@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from fusecc.kernels.fp8_matmul import fp8_matmul, scaled_mm_supported
+from fusecc.kernels.fp8_matmul import (fp8_matmul, quantize_fp8_per_token, quantize_fp8_per_token_triton,
+                                       scaled_mm_supported)
 
 
 def reference(x, w8, scale, group):
@@ -68,3 +69,12 @@ def test_gpu_bf16_real_sizes(group, M):
         assert scaled_mm_supported(x, w8, group)  # the large-M path on sm_90 is cuBLASLt's
         triton_out = fp8_matmul(x, w8, scale, group, use_scaled_mm=False)
         torch.testing.assert_close(triton_out.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_gpu_per_token_quantization_kernel_equals_torch():
+    x = torch.randn(37, 5000, device="cuda").bfloat16() * 3
+    xq, scale = quantize_fp8_per_token_triton(x)
+    xq_ref, scale_ref = quantize_fp8_per_token(x)
+    torch.testing.assert_close(scale, scale_ref, rtol=0, atol=0)
+    assert torch.equal(xq.view(torch.uint8), xq_ref.view(torch.uint8))
