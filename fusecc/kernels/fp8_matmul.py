@@ -85,12 +85,13 @@ def _quantize_per_token_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_qm
         offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
+    scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), 448.0), 1e-12)
     tl.store(scale_ptr + m, scale)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        # div_rn: IEEE division, as torch divides (Triton's `/` on fp32 may be the approximate one)
+        q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -448.0), 448.0)
         tl.store(xq_ptr + m * stride_qm + offs, q.to(xq_ptr.dtype.element_ty), mask=offs < K)
 
 
