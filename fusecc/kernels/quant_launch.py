@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 from fusecc.kernels.split_kv import num_sms
 from fusecc.triton_support import interpreting
@@ -65,9 +66,23 @@ def m_bucket(M: int) -> int:
     return min(triton.next_power_of_2(max(M, 1)), 8192)
 
 
+@triton.jit
+def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, splits, numel, N,
+                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, splits):
+        acc += tl.load(partial_ptr + s * numel + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def finish_splits(partial: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """partial [splits, M, N] fp32 -> out [M, N] (+ bias), in out's dtype."""
-    total = partial.sum(0)
-    if bias is not None:
-        total += bias.float()
-    return out.copy_(total)
+    """partial [splits, M, N] fp32 (contiguous) -> out [M, N] contiguous (+ bias), in out's dtype: one launch."""
+    splits, M, N = partial.shape
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(M * N, block),)](partial, bias if bias is not None else partial, out, splits,
+                                                     M * N, N, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+    return out

@@ -22,6 +22,7 @@ def test_quant_kernels_compile_for_sm90():
     assert int(compiled.get("_weight_only_matmul_kernel", 0)) >= 6, proc.stdout  # {int4 g128, int4 g32, int8} x 2 paths
     assert int(compiled.get("_fp8_matmul_kernel", 0)) >= 4, proc.stdout  # {channel, block} x 2 paths
     assert int(compiled.get("_quantize_per_token_kernel", 0)) >= 1, proc.stdout
+    assert int(compiled.get("_sum_splits_kernel", 0)) >= 1, proc.stdout
 
 
 def compile_all(all_configs: bool) -> None:
