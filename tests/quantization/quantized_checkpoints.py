@@ -28,9 +28,9 @@ def rtn_int4(w: torch.Tensor, group: int):
     return q.view(N, K).long(), zero[..., 0].long(), scale
 
 
-def write_int4_checkpoint(path: Path, method: str, group: int = 32, **config_extra):
+def write_int4_checkpoint(path: Path, method: str, group: int = 32, arch: str = "llama", **config_extra):
     """method "awq" (GEMM) or "gptq" (v1: zeros stored minus one). Returns the dequantized oracle."""
-    oracle = save_tiny_checkpoint("llama", path)
+    oracle = save_tiny_checkpoint(arch, path)
     tensors = load_file(str(path / "model.safetensors"))
     dequantized = {}
     for name in [n for n in tensors if n.rpartition(".")[0].rpartition(".")[2] in LINEARS]:

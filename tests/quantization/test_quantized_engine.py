@@ -30,12 +30,22 @@ def rtn_dequantized(w: torch.Tensor, method: str) -> torch.Tensor:
 
 def engine_greedy(model_dir, **kwargs) -> list[list[int]]:
     llm = LLM(str(model_dir), enforce_eager=True, dtype="float32", max_model_len=128, **kwargs)
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs], llm
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, logprobs=0), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs], llm, outs
 
 
-def oracle_greedy(oracle, tokenizer) -> list[list[int]]:
-    return [hf_greedy(oracle, tokenizer(p)["input_ids"], 12) for p in PROMPTS]
+def check_against_oracle(oracle, llm, ours, outs) -> None:
+    """Same greedy tokens, and each sampled token's logprob equal to the oracle's (fp32 rounding only)."""
+    tokenizer = llm.get_tokenizer()
+    assert ours == [hf_greedy(oracle, tokenizer(p)["input_ids"], 12) for p in PROMPTS]
+    for prompt, out in zip(PROMPTS, outs):
+        ids = tokenizer(prompt)["input_ids"]
+        tokens = out.outputs[0].token_ids
+        with torch.no_grad():
+            logits = oracle(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:-1].double()
+        expected = logits.log_softmax(-1)[torch.arange(len(tokens)), torch.tensor(tokens)]
+        got = torch.tensor([step[t].logprob for step, t in zip(out.outputs[0].logprobs, tokens)], dtype=torch.float64)
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
@@ -45,18 +55,20 @@ def test_on_the_fly_matches_transformers_with_dequantized_weights(tmp_path, meth
         for name, param in oracle.named_parameters():
             if name.rpartition(".")[0].rpartition(".")[2] in LINEARS:
                 param.copy_(rtn_dequantized(param, method))
-    ours, llm = engine_greedy(tmp_path, quantization=method)
-    assert ours == oracle_greedy(oracle, llm.get_tokenizer())
+    ours, llm, outs = engine_greedy(tmp_path, quantization=method)
+    check_against_oracle(oracle, llm, ours, outs)
     from fusecc.quantization.linear import WeightOnlyLinear
     layer = llm.engine.runner.model.model.layers[0]
     assert isinstance(layer.mlp.down_proj, WeightOnlyLinear) and layer.mlp.down_proj.bits == (8 if method == "int8" else 4)
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq"])
-def test_int4_checkpoint_matches_transformers_with_dequantized_weights(tmp_path, method, single_thread):  # noqa: F811
-    oracle = write_int4_checkpoint(tmp_path, method)
-    ours, llm = engine_greedy(tmp_path)  # detected from config.json
-    assert ours == oracle_greedy(oracle, llm.get_tokenizer())
+@pytest.mark.parametrize("method,arch", [("awq", "llama"), ("gptq", "llama"), ("gptq", "qwen2")])
+def test_int4_checkpoint_matches_transformers_with_dequantized_weights(tmp_path, method, arch,
+                                                                       single_thread):  # noqa: F811
+    # qwen2: q/k/v biases stacked next to quantized weights, tied embeddings
+    oracle = write_int4_checkpoint(tmp_path, method, arch=arch)
+    ours, llm, outs = engine_greedy(tmp_path)  # detected from config.json
+    check_against_oracle(oracle, llm, ours, outs)
 
 
 def test_fp8_block_checkpoint_loads_its_dequantized_weights(tmp_path):
@@ -80,7 +92,7 @@ def test_compiled_model_keeps_one_call_per_quantized_linear(tmp_path, monkeypatc
     import json
 
     save_tiny_checkpoint("llama", tmp_path / "model")
-    eager, _ = engine_greedy(tmp_path / "model", quantization="int4")
+    eager, _, _ = engine_greedy(tmp_path / "model", quantization="int4")
     monkeypatch.setenv("FUSECC_DUMP_DIR", str(tmp_path / "dump"))
     llm = LLM(str(tmp_path / "model"), enforce_eager=False, dtype="float32", max_model_len=128, quantization="int4")
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
