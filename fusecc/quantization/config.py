@@ -31,7 +31,8 @@ class QuantConfig:
     zero_point: bool = False     # asymmetric (zeros stored) or symmetric
     from_checkpoint: bool = False
     gptq_v1_zeros: bool = False  # GPTQ "gptq" checkpoint_format: zeros stored minus one
-    fp8_scale_name: str = "weight_scale"  # fp8 checkpoints: weight_scale (per tensor/channel) or weight_scale_inv (block)
+    # fp8 checkpoints' scale tensor: weight_scale (per tensor / channel) or weight_scale_inv (128-blocks)
+    fp8_scale_name: str = "weight_scale"
 
     @property
     def kind(self) -> str:

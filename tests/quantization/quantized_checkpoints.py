@@ -33,7 +33,7 @@ def write_int4_checkpoint(path: Path, method: str, group: int = 32, arch: str = 
     oracle = save_tiny_checkpoint(arch, path)
     tensors = load_file(str(path / "model.safetensors"))
     dequantized = {}
-    for name in [n for n in tensors if n.rpartition(".")[0].rpartition(".")[2] in LINEARS]:
+    for name in [n for n in tensors if n.endswith(".weight") and n.rpartition(".")[0].rpartition(".")[2] in LINEARS]:
         prefix = name.rpartition(".")[0]
         q, z, s = rtn_int4(tensors.pop(name), group)
         col_group = torch.arange(q.shape[1]) // group
@@ -60,7 +60,7 @@ def write_fp8_checkpoint(path: Path):
     save_tiny_checkpoint("llama", path)
     tensors = load_file(str(path / "model.safetensors"))
     dequantized = {}
-    for name in [n for n in tensors if n.rpartition(".")[0].rpartition(".")[2] in LINEARS]:
+    for name in [n for n in tensors if n.endswith(".weight") and n.rpartition(".")[0].rpartition(".")[2] in LINEARS]:
         w = tensors[name]
         scale = (w.abs().amax() / 448).reshape(1, 1)  # tiny weights: one 128x128 block
         tensors[name] = (w / scale).to(torch.float8_e4m3fn)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fusecc.llm import LLM
+from fusecc.quantization.linear import WeightOnlyLinear
 from fusecc.runtime.sampling_params import SamplingParams
 from tests.quantization.quantized_checkpoints import LINEARS, write_fp8_checkpoint, write_int4_checkpoint
 from tests.runtime.hf_checkpoints import hf_greedy, prompts, save_tiny_checkpoint, single_thread  # noqa: F401
@@ -57,9 +58,9 @@ def test_on_the_fly_matches_transformers_with_dequantized_weights(tmp_path, meth
                 param.copy_(rtn_dequantized(param, method))
     ours, llm, outs = engine_greedy(tmp_path, quantization=method)
     check_against_oracle(oracle, llm, ours, outs)
-    from fusecc.quantization.linear import WeightOnlyLinear
     layer = llm.engine.runner.model.model.layers[0]
-    assert isinstance(layer.mlp.down_proj, WeightOnlyLinear) and layer.mlp.down_proj.bits == (8 if method == "int8" else 4)
+    assert isinstance(layer.mlp.down_proj, WeightOnlyLinear)
+    assert layer.mlp.down_proj.bits == (8 if method == "int8" else 4)
 
 
 @pytest.mark.parametrize("method,arch", [("awq", "llama"), ("gptq", "llama"), ("gptq", "qwen2")])
@@ -83,7 +84,8 @@ def test_fp8_block_checkpoint_loads_its_dequantized_weights(tmp_path):
     assert torch.equal(attn.qkv_proj.weight.float() * attn.qkv_proj.weight_scale, stacked)
     # the op quantizes activations per token: close to, not equal to, the float product
     x = torch.randn(5, stacked.shape[1])
-    torch.testing.assert_close(attn.qkv_proj(x), x @ stacked.t(), rtol=0.1, atol=0.1 * (x @ stacked.t()).abs().max().item())
+    exact = x @ stacked.t()
+    torch.testing.assert_close(attn.qkv_proj(x), exact, rtol=0.1, atol=0.1 * exact.abs().max().item())
 
 
 def test_compiled_model_keeps_one_call_per_quantized_linear(tmp_path, monkeypatch, plain_cpu_user):
