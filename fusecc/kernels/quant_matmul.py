@@ -66,7 +66,8 @@ def _weight_only_matmul_kernel(
             if HAS_ZEROS:
                 q = q - tl.load(z_ptr + offs_n[:, None] * stride_zn + g, mask=wmask, other=0.0)
         w = (q * s).to(x.dtype)  # [BN, BK] in the activation dtype: tensor-core dot
-        acc += tl.dot(x, tl.trans(w))
+        # fp32 activations: an IEEE fp32 dot, not TF32 (fp32 models are the exact-comparison ones)
+        acc += tl.dot(x, tl.trans(w), input_precision="ieee" if x.dtype == tl.float32 else None)
     out_mask = m_ok[:, None] & n_ok[None, :]
     if PARTIAL:
         tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc,
