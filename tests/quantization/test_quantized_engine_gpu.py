@@ -52,4 +52,5 @@ def test_cuda_bf16_on_the_fly_close_to_the_cpu_reference(tmp_path, method):
         got = out.outputs[0].logprobs[-1][tokens[-1]].logprob
         cpu_lp = ref[0].outputs[0].logprobs[0]
         assert tokens[-1] in cpu_lp, (tokens, cpu_lp)
-        assert abs(got - cpu_lp[tokens[-1]].logprob) < 0.15
+        # fp8: bf16 activations move some elements across an e4m3 rounding boundary (a 6% step)
+        assert abs(got - cpu_lp[tokens[-1]].logprob) < (0.3 if method == "fp8" else 0.15)
