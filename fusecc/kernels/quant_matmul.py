@@ -28,6 +28,24 @@ from fusecc.kernels.quant_launch import (DECODE_MAX_ROWS, choose_split_k, decode
 
 
 @triton.jit
+def _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
+                GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, ONE_GROUP: tl.constexpr):
+    """q [BN, X] fp32 integer values of input columns offs_k [X] -> (q - zero) * scale [BN, X] fp32."""
+    if ONE_GROUP:  # the tile lies in one group: one scale (and zero) per row
+        g = k0 // GROUP_SIZE
+        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)[:, None]
+        if HAS_ZEROS:
+            q = q - tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0.0)[:, None]
+    else:  # several groups per tile (group 32 or 64 with wide K tiles): gathered per element
+        g = offs_k[None, :] // GROUP_SIZE
+        mask = n_ok[:, None] & k_ok[None, :]
+        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g, mask=mask, other=0.0)
+        if HAS_ZEROS:
+            q = q - tl.load(z_ptr + offs_n[:, None] * stride_zn + g, mask=mask, other=0.0)
+    return q * s
+
+
+@triton.jit
 def _weight_only_matmul_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     M, N, K, k_split,
@@ -42,32 +60,42 @@ def _weight_only_matmul_kernel(
     m_ok, n_ok = offs_m < M, offs_n < N
     k_lo = pid_k * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
+    ONE_GROUP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
+    # fp32 activations: IEEE fp32 dots, not TF32 (fp32 models are the exact-comparison ones)
+    PRECISION: tl.constexpr = "ieee" if x_ptr.dtype.element_ty == tl.float32 else None
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_hi
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-        wmask = n_ok[:, None] & k_ok[None, :]
-        if BITS == 4:
-            # each int32 word is loaded for its 8 k's (a cached re-read), then its nibble picked out
-            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + (offs_k[None, :] // 8), mask=wmask, other=0)
-            q = ((words >> ((offs_k[None, :] % 8) * 4)) & 0xF).to(tl.float32)  # [BN, BK]
+        if BITS == 4 and BLOCK_K >= 128:
+            # each int32 word loaded once; nibble plane i holds columns 8j + i, so the tile is 8 dots
+            # of x[:, i::8] [BM, BK/8] with plane i [BN, BK/8] (BK/8 >= 16 for tl.dot)
+            offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                            mask=n_ok[:, None] & (offs_w * 8 < k_hi)[None, :], other=0)  # [BN, BK/8]
+            for i in tl.static_range(8):
+                offs_k = offs_w * 8 + i
+                k_ok = offs_k < k_hi
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK/8]
+                q = ((words >> (4 * i)) & 0xF).to(tl.float32)
+                w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
+                                GROUP_SIZE, HAS_ZEROS, ONE_GROUP)
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
         else:
-            q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0).to(tl.float32)
-        if GROUP_SIZE % BLOCK_K == 0:  # the tile lies in one group: one scale (and zero) per row
-            g = k0 // GROUP_SIZE
-            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)[:, None]
-            if HAS_ZEROS:
-                q = q - tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0.0)[:, None]
-        else:  # several groups per tile: gather per element (small groups, 32 with BLOCK_K 64+)
-            g = offs_k[None, :] // GROUP_SIZE
-            s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g, mask=wmask, other=0.0)
-            if HAS_ZEROS:
-                q = q - tl.load(z_ptr + offs_n[:, None] * stride_zn + g, mask=wmask, other=0.0)
-        w = (q * s).to(x.dtype)  # [BN, BK] in the activation dtype: tensor-core dot
-        # fp32 activations: an IEEE fp32 dot, not TF32 (fp32 models are the exact-comparison ones)
-        acc += tl.dot(x, tl.trans(w), input_precision="ieee" if x.dtype == tl.float32 else None)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_hi
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+            wmask = n_ok[:, None] & k_ok[None, :]
+            if BITS == 4:
+                # narrow K tiles: each word loaded for its 8 k's (a cached re-read), its nibble picked out
+                words = tl.load(w_ptr + offs_n[:, None] * stride_wn + (offs_k[None, :] // 8), mask=wmask, other=0)
+                q = ((words >> ((offs_k[None, :] % 8) * 4)) & 0xF).to(tl.float32)  # [BN, BK]
+            else:
+                q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask,
+                            other=0).to(tl.float32)
+            w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
+                            GROUP_SIZE, HAS_ZEROS, ONE_GROUP)
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)  # [BN, BK] in x's dtype
     out_mask = m_ok[:, None] & n_ok[None, :]
     if PARTIAL:
         tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc,
