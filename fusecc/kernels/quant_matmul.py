@@ -13,7 +13,9 @@ fusecc's weight layouts (output channel first, so fused q|k|v and gate|up stack 
 
 fp32 scales and zeros keep fp16 (AWQ/GPTQ) and bf16 values exact whatever the activation dtype; a
 fractional zero also represents GGUF's Q4_1 (w = d * q + m: zero = -m / d).
-Paths and autotuning: fusecc/kernels/quant_launch.py.
+int4 unpacking: with K tiles of 128+ each packed word is loaded once and the tile is 8 dots, one per
+nibble plane (plane i = input columns 8j + i, against x[:, i::8]); narrower tiles load each word once per
+nibble (a cached re-read). Paths (decode split-K / prefill) and autotuning: fusecc/kernels/quant_launch.py.
 """
 
 from __future__ import annotations
