@@ -113,12 +113,9 @@ def build_model(cls: type[LlamaForCausalLM], config, dtype: torch.dtype, device,
 
 
 def quantize_loaded(model, quantization: str | None, config):
-    """On-the-fly quantization of a model loaded by another path (GGUF, the default model)."""
-    quant = resolve_quantization(quantization, config)
-    if quant is not None and quant.from_checkpoint:
-        raise ValueError(f"quantization={quantization!r} names a checkpoint format; this model was not loaded "
-                         f"from such a checkpoint (on the fly: int8, int4, fp8)")
-    finish_load(model, quant)
+    """On-the-fly quantization of a model loaded by another path (GGUF, the default model), whose
+    config has no quantization_config: awq/gptq/fp8-checkpoint names are refused by resolve_quantization."""
+    finish_load(model, resolve_quantization(quantization, config))
     return model
 
 

@@ -105,3 +105,23 @@ def test_compiled_model_keeps_one_call_per_quantized_linear(tmp_path, monkeypatc
     for report in reports:
         assert report["op_histogram_final"].get("fusecc.weight_only_linear") == 4 * layers
         assert "aten.mm" not in report["op_histogram_final"] and "aten.addmm" not in report["op_histogram_final"]
+
+
+def test_gguf_and_default_models_quantize_on_the_fly(tmp_path, single_thread):  # noqa: F811
+    """The engine's other loaders: a GGUF file (dequantized at load, then quantized) and the default model."""
+    from tests.runtime.gguf_files import tiny_hf_llama, write_llama_gguf
+    from tests.runtime.hf_checkpoints import tiny_tokenizer
+
+    oracle = tiny_hf_llama()
+    path = write_llama_gguf(tmp_path / "tiny.gguf", oracle)
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    with torch.no_grad():
+        for name, param in oracle.named_parameters():
+            if name.rpartition(".")[0].rpartition(".")[2] in LINEARS:
+                param.copy_(rtn_dequantized(param, "int8"))
+    ours, llm, outs = engine_greedy(path, quantization="int8", tokenizer=str(tmp_path / "tok"))
+    check_against_oracle(oracle, llm, ours, outs)
+    default = LLM(quantization="int4", enforce_eager=True, max_model_len=64)
+    assert isinstance(default.engine.runner.model.model.layers[0].self_attn.o_proj, WeightOnlyLinear)
+    with pytest.raises(ValueError, match="quantization='awq' needs a checkpoint quantized with awq"):
+        LLM(quantization="awq", enforce_eager=True, max_model_len=64)
