@@ -55,20 +55,21 @@ def write_int4_checkpoint(path: Path, method: str, group: int = 32, arch: str = 
     return oracle
 
 
-def write_fp8_checkpoint(path: Path):
-    """128x128-block fp8 (e4m3) weights with `weight_scale_inv`; returns {linear name: dequantized weight}."""
+def write_fp8_checkpoint(path: Path, block: bool = True):
+    """fp8 (e4m3) weights with 128x128-block scales (`weight_scale_inv` [1, 1]: the tiny weights are one
+    block) or per-tensor scales (`weight_scale` []); returns {linear name: dequantized weight}."""
     save_tiny_checkpoint("llama", path)
     tensors = load_file(str(path / "model.safetensors"))
     dequantized = {}
     for name in [n for n in tensors if n.endswith(".weight") and n.rpartition(".")[0].rpartition(".")[2] in LINEARS]:
         w = tensors[name]
-        scale = (w.abs().amax() / 448).reshape(1, 1)  # tiny weights: one 128x128 block
+        scale = (w.abs().amax() / 448).reshape((1, 1) if block else ())
         tensors[name] = (w / scale).to(torch.float8_e4m3fn)
-        tensors[name.replace(".weight", ".weight_scale_inv")] = scale
+        tensors[name.replace(".weight", ".weight_scale_inv" if block else ".weight_scale")] = scale
         dequantized[name] = tensors[name].float() * scale
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     _set_quantization_config(path, {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                    "weight_block_size": [128, 128]})
+                                    **({"weight_block_size": [128, 128]} if block else {})})
     return dequantized
 
 

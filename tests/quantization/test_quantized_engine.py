@@ -72,14 +72,16 @@ def test_int4_checkpoint_matches_transformers_with_dequantized_weights(tmp_path,
     check_against_oracle(oracle, llm, ours, outs)
 
 
-def test_fp8_block_checkpoint_loads_its_dequantized_weights(tmp_path):
+@pytest.mark.parametrize("block", [True, False])
+def test_fp8_checkpoint_loads_its_dequantized_weights(tmp_path, block):
     from fusecc.quantization.linear import Fp8Linear
     from fusecc.runtime import loader
 
-    expected = write_fp8_checkpoint(tmp_path)
+    expected = write_fp8_checkpoint(tmp_path, block)
     model = loader.load_model(tmp_path, torch.float32, "cpu", 128)
     attn = model.model.layers[1].self_attn
-    assert isinstance(attn.qkv_proj, Fp8Linear) and attn.qkv_proj.group_size == 128
+    # q, k and v each have their own per-tensor scale: stacked, they become per-channel
+    assert isinstance(attn.qkv_proj, Fp8Linear) and attn.qkv_proj.group_size == (128 if block else -1)
     stacked = torch.cat([expected[f"model.layers.1.self_attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")])
     assert torch.equal(attn.qkv_proj.weight.float() * attn.qkv_proj.weight_scale, stacked)
     # the op quantizes activations per token: close to, not equal to, the float product
