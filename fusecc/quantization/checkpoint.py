@@ -24,6 +24,9 @@ _INT_PARTS = ("qweight", "qzeros", "scales")
 
 def convert_checkpoint(weights: Iterable[tuple[str, torch.Tensor]], quant: QuantConfig
                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    if quant.method == "gguf":  # converted tensor by tensor as the GGUF file is read (gguf_blocks.py)
+        yield from weights
+        return
     parts_needed = ("weight", quant.fp8_scale_name) if quant.kind == "fp8" else _INT_PARTS
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in weights:

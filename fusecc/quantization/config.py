@@ -5,6 +5,7 @@ checkpoint's `quantization_config` (config.json), validated once, at load.
     QuantConfig(method="awq",  bits=4, group_size=128, zero_point=True)     # AutoAWQ GEMM checkpoint
     QuantConfig(method="gptq", bits=8, group_size=128, gptq_v1_zeros=True)  # GPTQ checkpoint
     QuantConfig(method="fp8",  bits=8, group_size=128, from_checkpoint=True)  # 128x128-block fp8
+    QuantConfig(method="gguf", bits=4, group_size=32, zero_point=True)      # a GGUF file's Q4_0 (gguf_blocks.py)
 
 `kind` says which kernel runs it: "weight_only" (quant_matmul.py, int4/int8) or "fp8" (fp8_matmul.py).
 Every unsupported setting is refused here with one line naming it (ValueError), never mid-request.
@@ -25,7 +26,7 @@ INT4_ON_THE_FLY_GROUP = 128
 
 @dataclass(frozen=True)
 class QuantConfig:
-    method: str                  # one of QUANTIZATION_METHODS
+    method: str                  # one of QUANTIZATION_METHODS, or "gguf" (set by the GGUF loader only)
     bits: int                    # 4 or 8
     group_size: int              # input columns per scale; -1 = one per output channel
     zero_point: bool = False     # asymmetric (zeros stored) or symmetric

@@ -107,7 +107,7 @@ class LLMEngine:
             tokenizer, name = ByteTokenizer(), DEFAULT_MODEL_NAME
             eos = loader.eos_token_ids(None, hf_config, tokenizer)
         elif gguf_path is not None:
-            net = checkpoint.load_model(dtype, device, config.max_model_len)
+            net = checkpoint.load_model(dtype, device, config.max_model_len, quantization=config.quantization)
             tokenizer = loader.load_tokenizer(config.tokenizer) if config.tokenizer else checkpoint.load_tokenizer()
             name = default_name or str(model)
             eos = checkpoint.eos_token_ids() or loader.eos_token_ids(None, hf_config, tokenizer)

@@ -127,3 +127,32 @@ def test_gguf_and_default_models_quantize_on_the_fly(tmp_path, single_thread):  
     assert isinstance(default.engine.runner.model.model.layers[0].self_attn.o_proj, WeightOnlyLinear)
     with pytest.raises(ValueError, match="quantization='awq' needs a checkpoint quantized with awq"):
         LLM(quantization="awq", enforce_eager=True, max_model_len=64)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+def test_gguf_q8_0_and_q4_0_load_quantized_and_exact(tmp_path, kind, single_thread):  # noqa: F811
+    """A GGUF whose decoder linears are all Q8_0 (or Q4_0) keeps them quantized, and the model computes
+    what transformers computes with gguf's own dequantization of the same blocks."""
+    from gguf import GGMLQuantizationType, dequantize, quantize
+
+    from tests.runtime.gguf_files import tiny_hf_llama, write_llama_gguf
+    from tests.runtime.hf_checkpoints import tiny_tokenizer
+
+    qtype = GGMLQuantizationType[kind]
+    oracle = tiny_hf_llama()
+    gguf_names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                  "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                  "mlp.down_proj": "ffn_down"}
+    path = write_llama_gguf(tmp_path / "q.gguf", oracle, quantize={
+        f"blk.{i}.{g}.weight": qtype for i in range(2) for g in gguf_names.values()})
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    with torch.no_grad():  # blocks run along K, so llama.cpp's q/k row permutation does not change them
+        for name, param in oracle.named_parameters():
+            if name.rpartition(".")[0].rpartition(".")[2] in LINEARS:
+                blocks = quantize(param.numpy(), qtype)
+                param.copy_(torch.from_numpy(dequantize(blocks, qtype).reshape(param.shape)))
+    ours, llm, outs = engine_greedy(path, tokenizer=str(tmp_path / "tok"))
+    down = llm.engine.runner.model.model.layers[1].mlp.down_proj
+    assert isinstance(down, WeightOnlyLinear)
+    assert (down.bits, down.group_size) == ((8, 32) if kind == "Q8_0" else (4, 32))
+    check_against_oracle(oracle, llm, ours, outs)
