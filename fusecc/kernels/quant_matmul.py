@@ -170,6 +170,8 @@ def check_weight_only(qweight, scales, zeros, bits: int, group_size: int, K: int
                              f"{tuple(qweight.shape)}")
     else:
         raise ValueError(f"weight-only bits must be 4 or 8, got {bits}")
+    if qweight.stride(1) != 1:
+        raise ValueError(f"qweight must be row-major (stride 1 along K), got strides {qweight.stride()}")
     groups = 1 if group_size == -1 else triton.cdiv(K, group_size)
     for name, t in (("scales", scales), ("zeros", zeros)):
         if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (N, groups) or t.stride(1) != 1):

@@ -5,6 +5,7 @@
     checkpoint.py  a checkpoint's tensor stream converted on the way to the model's load_weights
     linear.py      WeightOnlyLinear / Fp8Linear: one custom-op call each (fusecc/ops.py)
     model.py       which linears are quantized, and the load hooks (prepare_for_load, finish_load)
+    gguf_blocks.py GGUF Q8_0 / Q4_0 blocks -> fusecc int8 / int4 (exact; the GGUF loader uses it)
 
 Used by the runtime's loader (fusecc/runtime/loader.py) and, later, by the compiler. Kernels:
 fusecc/kernels/quant_matmul.py (int4/int8 weight-only) and fusecc/kernels/fp8_matmul.py (W8A8 fp8).
