@@ -161,6 +161,8 @@ def bench_engine(method: str | None, config, device: str, dtype: torch.dtype, ba
     result[f"prefill_{prefill}_tok_s"] = prefill / first
     result["setup_s"] = time.perf_counter() - start
     del engine, model
+    # Dynamo's caches hold the compiled graphs and, with freeze=True, the weights as their constants
+    torch._dynamo.reset()
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
