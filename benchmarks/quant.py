@@ -11,6 +11,10 @@
 
     python benchmarks/quant.py --out benchmarks/results/quant.json
     python benchmarks/quant.py --smoke --out /tmp/quant_smoke.json   # tiny shapes on CPU (interpreter)
+    # in several device calls (each engine run ~1-2 min on an H100), every call with its own bf16 baseline:
+    python benchmarks/quant.py --skip-engine --out benchmarks/results/quant.json
+    python benchmarks/quant.py --skip-linears --methods bf16,int4,int8 --merge --out benchmarks/results/quant.json
+    python benchmarks/quant.py --skip-linears --methods bf16,fp8 --merge --out benchmarks/results/quant.json
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ def bench_engine(method: str | None, config, device: str, dtype: torch.dtype, ba
         max_model_len=prefill + 256, max_num_seqs=max(batches), max_num_batched_tokens=max(prefill, 256),
         num_kv_blocks=None if device == "cuda" else 4 * (prefill + 256) // 16, device=device,
         enforce_eager=enforce_eager), model_name=f"llama-random-{method or 'bf16'}")
-    result = {"method": method or str(dtype).replace("torch.", ""), "weights_gib": weight_gib}
+    result = {"method": method or ("bf16" if dtype == torch.bfloat16 else "float32"), "weights_gib": weight_gib}
     g = torch.Generator().manual_seed(1)
 
     def run(batch: int, prompt_len: int, max_tokens: int) -> tuple[float, float, int]:
@@ -182,24 +186,32 @@ def main() -> int:
     ap.add_argument("--skip-linears", action="store_true")
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--merge", action="store_true",
+                    help="add to --out instead of replacing it: each run's entries carry their own run header and "
+                         "their ratios against that run's bf16 (split a long GPU session into calls)")
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
     import triton
 
-    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
-              "torch": torch.__version__, "triton": triton.__version__,
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
-              "dtype": str(dtype), "linears": [], "engine": []}
+    run = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
+           "torch": torch.__version__, "triton": triton.__version__,
+           "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
+           "dtype": str(dtype)}
+    report = {**run, "linears": [], "engine": []}
+    if args.merge and os.path.exists(args.out):
+        with open(args.out) as f:
+            report = {**json.load(f), **run}
+    this_run: list[dict] = []
 
     def save():
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
 
     if not args.skip_linears:
-        report["linears"] = bench_linears(LINEARS_SMOKE if args.smoke else LINEARS_8B,
-                                          [1, 3, 17] if args.smoke else [1, 16, 8192], device, dtype,
-                                          reps=3 if args.smoke else 0)
+        rows = bench_linears(LINEARS_SMOKE if args.smoke else LINEARS_8B, [1, 3, 17] if args.smoke else [1, 16, 8192],
+                             device, dtype, reps=3 if args.smoke else 0)
+        report["linears"] = [{**row, "run": run} for row in rows]
         save()
     if not args.skip_engine:
         config = model_config(args.smoke)
@@ -211,11 +223,13 @@ def main() -> int:
             except Exception as exc:
                 entry = {"method": method, "error": f"{type(exc).__name__}: {exc}"}
                 traceback.print_exc()
+            entry["run"] = run
+            this_run.append(entry)
             report["engine"].append(entry)
             print(json.dumps(entry), flush=True)
             save()
-        base = next((e for e in report["engine"] if e["method"] in ("bf16", "float32") and "error" not in e), None)
-        for entry in report["engine"]:
+        base = next((e for e in this_run if e["method"] in ("bf16", "float32") and "error" not in e), None)
+        for entry in this_run:
             if base is not None and entry is not base and "error" not in entry:
                 entry["vs_bf16"] = {k: entry[k] / base[k] for k in entry if k.endswith("_tok_s") and base.get(k)}
         save()
