@@ -157,3 +157,44 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
 @fused_moe.register_fake
 def _fused_moe_fake(hidden_states, w13, w2, topk_weights, topk_ids):
     return hidden_states.new_empty(hidden_states.shape)
+
+# ---- quantized linears (fusecc/kernels/quant_matmul.py, fp8_matmul.py) ----
+# One opaque call per linear: Dynamo and the fusecc backend keep it as an extern call, so the packed
+# weight is never unpacked into a float tensor in the graph. CPU tensors run the torch references.
+
+from fusecc.kernels import fp8_matmul as _fp8  # noqa: E402
+from fusecc.kernels import quant_matmul as _qmm  # noqa: E402
+
+
+@torch.library.custom_op("fusecc::weight_only_linear", mutates_args=())
+def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor], bits: int, group_size: int) -> torch.Tensor:
+    """x [*, K] @ dequant(qweight)[N, K].T (+ bias) -> [*, N]; int4/int8 layouts of quant_matmul.py."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x.is_cuda:
+        out = _qmm.weight_only_matmul(x2, qweight, scales, zeros, bits, group_size, bias)
+    else:
+        out = _qmm.weight_only_matmul_reference(x2, qweight, scales, zeros, bits, group_size, bias)
+    return out.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+@weight_only_linear.register_fake
+def _weight_only_linear_fake(x, qweight, scales, zeros, bias, bits, group_size):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("fusecc::fp8_linear", mutates_args=())
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
+               group_size: int) -> torch.Tensor:
+    """x [*, K] quantized per token to fp8, @ (weight * weight_scale)[N, K].T (+ bias) -> [*, N]."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x.is_cuda:
+        out = _fp8.fp8_matmul(x2, weight, weight_scale, group_size, bias)
+    else:
+        out = _fp8.fp8_matmul_reference(x2, weight, weight_scale, group_size, bias)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@fp8_linear.register_fake
+def _fp8_linear_fake(x, weight, weight_scale, bias, group_size):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -18,6 +18,8 @@ import functools
 import typing
 from dataclasses import dataclass, field
 
+from fusecc.quantization.config import QUANTIZATION_METHODS
+
 # vLLM's --dtype names; "auto" = the checkpoint's torch_dtype (bf16 on CUDA / fp32 on CPU without one)
 DTYPE_NAMES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 DEVICE_NAMES = ("auto", "cuda", "cpu")
@@ -45,6 +47,12 @@ class EngineConfig:
     model_impl: str = _f("auto", "Model implementation: fusecc (fusecc's own model classes), transformers "
                                  "(transformers' modeling code with fusecc's paged attention, for any decoder "
                                  "without a fusecc class) or auto (fusecc when it has the architecture).")
+    quantization: str | None = _f(None, "Weight quantization. A checkpoint whose config.json has a "
+                                        "quantization_config (awq, gptq, fp8) is detected and needs none. "
+                                        "On the fly, from a float checkpoint: int8 (W8A16, per-channel), int4 "
+                                        "(W4A16, group 128, asymmetric) or fp8 (W8A8 e4m3, per-channel weights, "
+                                        "per-token activations; GPUs with compute capability 8.9+). awq/gptq/fp8 "
+                                        "may also name the checkpoint's own method. See README 'Quantization'.")
     # --- scheduling and the KV cache ----------------------------------------------------------
     block_size: int = _f(16, "Tokens per KV-cache block. Prefix caching shares whole blocks only, so smaller "
                              "blocks share more of a common prefix but cost longer block tables.")
@@ -72,7 +80,6 @@ class EngineConfig:
                                 "is refused with SchedulerFullError (the server answers HTTP 429).")
     # --- placeholders for later issues (vLLM's names): other values are refused -----------------
     tensor_parallel_size: int = _f(1, "GPUs to shard the model over (not supported yet: 1).")
-    quantization: str | None = _f(None, "Weight quantization method (not supported yet: None).")
     kv_cache_dtype: str = _f("auto", "KV cache dtype (not supported yet: auto = the model's dtype).")
     speculative_config: str | dict | None = _f(None, "Speculative decoding configuration, a dict or JSON "
                                                      "(not supported yet: None).")
@@ -108,11 +115,13 @@ class EngineConfig:
         if self.num_kv_blocks is not None:
             _require(self.num_kv_blocks >= 1, "num_kv_blocks", self.num_kv_blocks, "must be >= 1 or None")
         _require(self.max_waiting >= 1, "max_waiting", self.max_waiting, "must be >= 1")
+        _require(self.quantization is None or self.quantization in QUANTIZATION_METHODS, "quantization",
+                 self.quantization, f"must be one of {', '.join(QUANTIZATION_METHODS)} or None")
 
     def check_supported(self) -> None:
         """The placeholders' non-default values: refused when an engine is built (not on
         construction, so that a config can be described and printed whatever it holds)."""
-        for name in ("tensor_parallel_size", "quantization", "kv_cache_dtype", "speculative_config"):
+        for name in ("tensor_parallel_size", "kv_cache_dtype", "speculative_config"):
             default = _defaults()[name]
             if getattr(self, name) != default:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported yet (only {default!r})")

@@ -107,7 +107,7 @@ class LLMEngine:
             tokenizer, name = ByteTokenizer(), DEFAULT_MODEL_NAME
             eos = loader.eos_token_ids(None, hf_config, tokenizer)
         elif gguf_path is not None:
-            net = checkpoint.load_model(dtype, device, config.max_model_len)
+            net = checkpoint.load_model(dtype, device, config.max_model_len, quantization=config.quantization)
             tokenizer = loader.load_tokenizer(config.tokenizer) if config.tokenizer else checkpoint.load_tokenizer()
             name = default_name or str(model)
             eos = checkpoint.eos_token_ids() or loader.eos_token_ids(None, hf_config, tokenizer)
@@ -115,10 +115,12 @@ class LLMEngine:
                 defaults = checkpoint.generation_defaults()
         else:
             net = loader.load_model(model, dtype, device, config.max_model_len, config=hf_config,
-                                    model_impl=config.model_impl)
+                                    model_impl=config.model_impl, quantization=config.quantization)
             tokenizer = loader.load_tokenizer(config.tokenizer or model)
             name = str(model)
             eos = loader.eos_token_ids(model, hf_config, tokenizer)
+        if model is None or gguf_path is not None:  # the folder loader quantizes while loading
+            loader.quantize_loaded(net, config.quantization, hf_config)
         engine = cls(net, tokenizer, config, eos_token_ids=eos, model_name=name)
         engine.generation_defaults = defaults
         return engine

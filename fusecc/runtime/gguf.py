@@ -7,10 +7,11 @@ The file holds everything: config (`llama.*` metadata), tokenizer and chat templ
 (`tokenizer.*`), and the weights, quantized or not. We read it through the `gguf` package and
 transformers' GGUF conversion (`transformers.modeling_gguf_pytorch_utils`), the same code
 `AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)` runs, so names, the q/k row
-permutation llama.cpp applies, and the config keys are transformers'. Quantized tensors (Q4_0,
-Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, ...) are dequantized to the model dtype at load: fusecc has no
-quantized kernels yet. The weights then go through our native loader (`load_weights`), which
-stacks q/k/v and gate/up as for a safetensors checkpoint.
+permutation llama.cpp applies, and the config keys are transformers'. Decoder linears that are all
+Q8_0 or all Q4_0 load into fusecc's int8/int4 formats unchanged (exact; fusecc/quantization/
+gguf_blocks.py); every other quantized tensor (Q4_1, Q4_K, Q5_K, Q6_K, ...) is dequantized to the
+model dtype at load. The weights then go through our native loader (`load_weights`), which stacks
+q/k/v and gate/up as for a safetensors checkpoint.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class GGUFCheckpoint:
         self.path = Path(path)
         # the fast header reader first: a file we cannot run fails in a second, before the slow parse
         self.metadata, types = _read_header(self.path)
+        self.tensor_types = types
         arch = self.metadata.get("general.architecture")
         if arch not in ARCHITECTURES:
             raise ValueError(f"{self.path.name}: GGUF architecture {arch!r} is not supported; "
@@ -93,26 +95,34 @@ class GGUFCheckpoint:
         config.dtype = dtype
         return config
 
-    def load_model(self, dtype: torch.dtype, device, max_positions: int | None = None):
-        """Our model for the file's architecture on `device` in `dtype`, every tensor dequantized."""
+    def load_model(self, dtype: torch.dtype, device, max_positions: int | None = None,
+                   quantization: str | None = None):
+        """Our model for the file's architecture on `device` in `dtype`. Decoder linears that are all
+        Q8_0 or all Q4_0 stay quantized (exact: fusecc/quantization/gguf_blocks.py) unless
+        `quantization` names an on-the-fly method; every other tensor is dequantized."""
         from transformers import AutoModelForCausalLM
 
+        from fusecc.quantization.gguf_blocks import gguf_quant_config
         from fusecc.runtime.loader import build_model
         from fusecc.runtime.models.registry import model_class
 
         cls = model_class(self.config)
+        quant = gguf_quant_config(self.tensor_types) if quantization is None else None
         # transformers maps GGUF names (blk.N.attn_q.weight) to the parameter names of a model it is
         # given; a meta-device one costs no memory
         with torch.device("meta"):
             reference = AutoModelForCausalLM.from_config(self.config)
-        return build_model(cls, self.config, dtype, device, max_positions, self._weights(reference, dtype))
+        return build_model(cls, self.config, dtype, device, max_positions, self._weights(reference, dtype, quant),
+                           quant)
 
-    def _weights(self, reference, dtype: torch.dtype):
+    def _weights(self, reference, dtype: torch.dtype, quant=None):
         """(transformers name, dequantized tensor) pairs, one tensor in memory at a time: the tensor
         loop of transformers' load_gguf_checkpoint(return_tensors=True), without parsing the
         metadata (the tokenizer's ~100k strings) a second time."""
         import numpy as np
         from gguf import GGUFReader, dequantize
+
+        from fusecc.quantization.gguf_blocks import gguf_to_fusecc, is_decoder_linear
         from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                               get_gguf_hf_weights_map)
 
@@ -121,11 +131,21 @@ class GGUFCheckpoint:
         names = get_gguf_hf_weights_map(reference, processor)
         parsed = {**self.parsed, "tensors": {}}  # where MoE processors park expert slices
         for tensor in GGUFReader(str(self.path)).tensors:
-            # processors undo llama.cpp's layout (q/k rows interleaved per head) and rename
-            result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
-                                       tensor_key_mapping=names, parsed_parameters=parsed)
-            if result.name in names:  # others (rope_freqs) are derived by the model
-                yield names[result.name], torch.from_numpy(np.copy(result.weights)).to(dtype)
+            if quant is not None and is_decoder_linear(tensor.name):  # qweight, scales(, zeros): [N, ...]
+                parts = gguf_to_fusecc(tensor.data, tensor.tensor_type)
+            else:
+                parts = {"weight": dequantize(tensor.data, tensor.tensor_type)}
+            for part, array in parts.items():
+                # processors undo llama.cpp's layout (q/k rows interleaved per head) and rename
+                result = processor.process(weights=array, name=tensor.name, tensor_key_mapping=names,
+                                           parsed_parameters=parsed)
+                if result.name not in names:  # others (rope_freqs) are derived by the model
+                    continue
+                value = torch.from_numpy(np.copy(result.weights))
+                if part == "weight":
+                    yield names[result.name], value.to(dtype)
+                else:
+                    yield names[result.name].removesuffix("weight") + part, value
 
     def load_tokenizer(self):
         """transformers' tokenizer for the file (vocabulary, merges, special tokens, chat template)."""

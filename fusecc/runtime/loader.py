@@ -19,6 +19,9 @@ from typing import Iterator
 
 import torch
 
+from fusecc.quantization import QuantConfig, resolve_quantization
+from fusecc.quantization.config import check_device
+from fusecc.quantization.model import finish_load, prepare_for_load
 from fusecc.runtime.models.llama import LlamaForCausalLM
 from fusecc.runtime.models.registry import model_class, resolve_model_impl
 
@@ -66,12 +69,21 @@ def iter_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
-               max_positions: int | None = None, config=None, model_impl: str = "fusecc") -> LlamaForCausalLM:
+               max_positions: int | None = None, config=None, model_impl: str = "fusecc",
+               quantization: str | None = None) -> LlamaForCausalLM:
     """Build the registered model class for the checkpoint on `device` in `dtype` and load its weights;
     model_impl (EngineConfig.model_impl; the engine passes it) "transformers", or "auto" without a
-    native class, wraps transformers' own model instead (models/transformers_backend.py)."""
+    native class, wraps transformers' own model instead (models/transformers_backend.py).
+    quantization (EngineConfig.quantization): an on-the-fly method, or None; a checkpoint with a
+    `quantization_config` is loaded quantized either way (fusecc/quantization/)."""
     config = config if config is not None else load_config(path)
+    quant = resolve_quantization(quantization, config)  # bad settings fail here, before any allocation
+    if quant is not None:
+        check_device(quant, device)
     if resolve_model_impl(config, model_impl) == "transformers":
+        if quant is not None:
+            raise ValueError(f"quantization {quant.method!r} needs a fusecc model class (model_impl fusecc); "
+                             f"{getattr(config, 'architectures', ['?'])[0]} runs through transformers")
         from fusecc.runtime.models.transformers_backend import load_transformers_model
 
         safetensors_files(path)  # the same refusal of pickle-only folders as below
@@ -79,12 +91,14 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
     cls = model_class(config)
     files = safetensors_files(path)  # fail on a bad directory before allocating anything
     assert files
-    return build_model(cls, config, dtype, device, max_positions, iter_weights(path))
+    return build_model(cls, config, dtype, device, max_positions, iter_weights(path), quant)
 
 
 def build_model(cls: type[LlamaForCausalLM], config, dtype: torch.dtype, device, max_positions: int | None,
-                weights) -> LlamaForCausalLM:
-    """Allocate (uninitialised) on the device, then copy `weights` (HF names) in; None = keep random init."""
+                weights, quant: QuantConfig | None = None) -> LlamaForCausalLM:
+    """Allocate (uninitialised) on the device, then copy `weights` (HF names) in; None = keep random init.
+    quant: a quantized checkpoint's linears are built quantized and its tensors converted on the way in;
+    an on-the-fly method quantizes the float linears once loaded."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in `dtype`; the rope tables are explicitly fp32
     try:
@@ -93,8 +107,16 @@ def build_model(cls: type[LlamaForCausalLM], config, dtype: torch.dtype, device,
     finally:
         torch.set_default_dtype(previous)
     if weights is not None:
-        model.load_weights(weights)
+        model.load_weights(prepare_for_load(model, quant, weights))
+    finish_load(model, quant)
     return model.eval().requires_grad_(False)
+
+
+def quantize_loaded(model, quantization: str | None, config):
+    """On-the-fly quantization of a model loaded by another path (GGUF, the default model), whose
+    config has no quantization_config: awq/gptq/fp8-checkpoint names are refused by resolve_quantization."""
+    finish_load(model, resolve_quantization(quantization, config))
+    return model
 
 
 # tokenizer classes that mean "exactly the tokenizer.json on disk"; for these transformers 5's

@@ -1,0 +1,203 @@
+"""Weight-only quantized matmul: W4A16 and W8A16 (`BITS` constexpr), dequantized in registers.
+
+    out[M, N] = x[M, K] @ W[N, K].T (+ bias),   W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g],  g = k // group
+
+fusecc's weight layouts (output channel first, so fused q|k|v and gate|up stack along dim 0):
+
+    int4:  qweight int32 [N, K/8]: word j of row n holds k = 8j + i in bits 4i..4i+3 (unsigned 0..15,
+           little-endian nibbles along K). AWQ's and GPTQ's packings are converted into this at load
+           (fusecc/quantization/packing.py).
+    int8:  qweight int8 [N, K], signed.
+    scales fp32 [N, ceil(K / group)]; zeros fp32 [N, ceil(K / group)] or None (symmetric: zero 0).
+    group_size -1 = one group per row (per-output-channel scales, [N, 1]).
+
+fp32 scales and zeros keep fp16 (AWQ/GPTQ) and bf16 values exact whatever the activation dtype; a
+fractional zero also represents GGUF's Q4_1 (w = d * q + m: zero = -m / d).
+int4 unpacking: with K tiles of 128+ each packed word is loaded once and the tile is 8 dots, one per
+nibble plane (plane i = input columns 8j + i, against x[:, i::8]); narrower tiles load each word once per
+nibble (a cached re-read). Paths (decode split-K / prefill) and autotuning: fusecc/kernels/quant_launch.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fusecc.kernels.attention_tile import launch_tuned
+from fusecc.kernels.quant_launch import (DECODE_MAX_ROWS, choose_split_k, decode_configs, finish_splits,
+                                         k_per_split, m_bucket, prefill_configs, split_align)
+
+
+@triton.jit
+def _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
+                GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, ONE_GROUP: tl.constexpr):
+    """q [BN, X] fp32 integer values of input columns offs_k [X] -> (q - zero) * scale [BN, X] fp32."""
+    if ONE_GROUP:  # the tile lies in one group: one scale (and zero) per row
+        g = k0 // GROUP_SIZE
+        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)[:, None]
+        if HAS_ZEROS:
+            q = q - tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0.0)[:, None]
+    else:  # several groups per tile (group 32 or 64 with wide K tiles): gathered per element
+        g = offs_k[None, :] // GROUP_SIZE
+        mask = n_ok[:, None] & k_ok[None, :]
+        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g, mask=mask, other=0.0)
+        if HAS_ZEROS:
+            q = q - tl.load(z_ptr + offs_n[:, None] * stride_zn + g, mask=mask, other=0.0)
+    return q * s
+
+
+@triton.jit
+def _weight_only_matmul_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, K, k_split,
+    stride_xm, stride_xk, stride_wn, stride_sn, stride_zn, stride_os, stride_om, stride_on,
+    M_BUCKET,  # autotune key only
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    k_lo = pid_k * k_split
+    k_hi = tl.minimum(K, k_lo + k_split)
+    ONE_GROUP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
+    # fp32 activations: IEEE fp32 dots, not TF32 (fp32 models are the exact-comparison ones)
+    PRECISION: tl.constexpr = "ieee" if x_ptr.dtype.element_ty == tl.float32 else None
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if BITS == 4 and BLOCK_K >= 128:
+            # each int32 word loaded once; nibble plane i holds columns 8j + i, so the tile is 8 dots
+            # of x[:, i::8] [BM, BK/8] with plane i [BN, BK/8] (BK/8 >= 16 for tl.dot)
+            offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                            mask=n_ok[:, None] & (offs_w * 8 < k_hi)[None, :], other=0)  # [BN, BK/8]
+            for i in tl.static_range(8):
+                offs_k = offs_w * 8 + i
+                k_ok = offs_k < k_hi
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK/8]
+                q = ((words >> (4 * i)) & 0xF).to(tl.float32)
+                w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
+                                GROUP_SIZE, HAS_ZEROS, ONE_GROUP)
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_hi
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+            wmask = n_ok[:, None] & k_ok[None, :]
+            if BITS == 4:
+                # narrow K tiles: each word loaded for its 8 k's (a cached re-read), its nibble picked out
+                words = tl.load(w_ptr + offs_n[:, None] * stride_wn + (offs_k[None, :] // 8), mask=wmask, other=0)
+                q = ((words >> ((offs_k[None, :] % 8) * 4)) & 0xF).to(tl.float32)  # [BN, BK]
+            else:
+                q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask,
+                            other=0).to(tl.float32)
+            w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
+                            GROUP_SIZE, HAS_ZEROS, ONE_GROUP)
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)  # [BN, BK] in x's dtype
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if PARTIAL:
+        tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc,
+                 mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+_KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"]
+_decode_kernel = triton.autotune(configs=decode_configs(), key=_KEY, cache_results=True)(_weight_only_matmul_kernel)
+_prefill_kernel = triton.autotune(configs=prefill_configs(), key=_KEY, cache_results=True)(_weight_only_matmul_kernel)
+
+
+def group_constexpr(group_size: int, K: int) -> int:
+    """The kernel's GROUP_SIZE: per-channel (-1) becomes a power of two >= K, so every tile is in group 0."""
+    return max(256, triton.next_power_of_2(K)) if group_size == -1 else group_size
+
+
+def weight_only_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                       bits: int, group_size: int, bias: torch.Tensor | None = None,
+                       split_k: int | None = None) -> torch.Tensor:
+    """x [M, K] (fp16/bf16/fp32) @ dequantized W [N, K].T -> [M, N] in x's dtype. split_k: decode-path
+    override (tests)."""
+    M, K = x.shape
+    N = qweight.shape[0]
+    check_weight_only(qweight, scales, zeros, bits, group_size, K)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out
+    group = group_constexpr(group_size, K)
+    consts = dict(BITS=bits, GROUP_SIZE=group, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None)
+    zeros_arg = zeros if zeros is not None else scales
+    bias_arg = bias if bias is not None else scales
+    if M <= DECODE_MAX_ROWS:
+        configs = decode_configs()
+        align = split_align(configs)
+        splits = choose_split_k(M, N, K, align, x.device, split_k)
+        step = k_per_split(K, splits, align)
+        splits = triton.cdiv(K, step)
+        target = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
+        launch_tuned(_decode_kernel, grid, (
+            x, qweight, scales, zeros_arg, bias_arg, target, M, N, K, step,
+            x.stride(0), x.stride(1), qweight.stride(0), scales.stride(0), zeros_arg.stride(0),
+            target.stride(0) if splits > 1 else 0, target.stride(-2), target.stride(-1), m_bucket(M),
+        ), dict(consts, PARTIAL=splits > 1), configs[0])
+        return finish_splits(target, bias, out) if splits > 1 else out
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
+    launch_tuned(_prefill_kernel, grid, (
+        x, qweight, scales, zeros_arg, bias_arg, out, M, N, K, K,
+        x.stride(0), x.stride(1), qweight.stride(0), scales.stride(0), zeros_arg.stride(0),
+        0, out.stride(0), out.stride(1), m_bucket(M),
+    ), dict(consts, PARTIAL=False), prefill_configs()[0])
+    return out
+
+
+def check_weight_only(qweight, scales, zeros, bits: int, group_size: int, K: int) -> None:
+    """ValueError naming what does not match fusecc's int4/int8 layout (module docstring)."""
+    N = qweight.shape[0]
+    if bits == 4:
+        if qweight.dtype != torch.int32 or tuple(qweight.shape) != (N, triton.cdiv(K, 8)):
+            raise ValueError(f"int4 qweight must be int32 [N, ceil(K/8)] = [{N}, {triton.cdiv(K, 8)}], "
+                             f"got {qweight.dtype} {tuple(qweight.shape)}")
+    elif bits == 8:
+        if qweight.dtype != torch.int8 or tuple(qweight.shape) != (N, K):
+            raise ValueError(f"int8 qweight must be int8 [N, K] = [{N}, {K}], got {qweight.dtype} "
+                             f"{tuple(qweight.shape)}")
+    else:
+        raise ValueError(f"weight-only bits must be 4 or 8, got {bits}")
+    if qweight.stride(1) != 1:
+        raise ValueError(f"qweight must be row-major (stride 1 along K), got strides {qweight.stride()}")
+    groups = 1 if group_size == -1 else triton.cdiv(K, group_size)
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (N, groups) or t.stride(1) != 1):
+            raise ValueError(f"{name} must be float32 [N, groups] = [{N}, {groups}] (row-major), got "
+                             f"{t.dtype} {tuple(t.shape)}")
+
+
+# ---- torch reference (CPU runs and tests) ----
+
+def unpack_int4(qweight: torch.Tensor, K: int) -> torch.Tensor:
+    """int32 [N, ceil(K/8)] -> int32 [N, K] values 0..15 (nibble i of word j is k = 8j + i)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
+    return ((qweight.unsqueeze(-1) >> shifts) & 0xF).reshape(qweight.shape[0], -1)[:, :K]
+
+
+def dequantize_weight_only(qweight, scales, zeros, bits: int, group_size: int, K: int,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W [N, K] in `dtype` (computed in fp32)."""
+    q = (unpack_int4(qweight, K) if bits == 4 else qweight).float()
+    group = K if group_size == -1 else group_size
+    g = torch.arange(K, device=q.device) // group  # [K] group of each input column
+    if zeros is not None:
+        q = q - zeros.float()[:, g]
+    return (q * scales.float()[:, g]).to(dtype)
+
+
+def weight_only_matmul_reference(x, qweight, scales, zeros, bits: int, group_size: int, bias=None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, dequantize_weight_only(qweight, scales, zeros, bits, group_size,
+                                                                x.shape[1], x.dtype), bias)

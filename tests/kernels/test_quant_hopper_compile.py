@@ -1,0 +1,56 @@
+"""The quantized matmul kernels compile for Hopper (sm_90) through Triton's real GPU pipeline, on CPU
+(the stand-in driver of hopper_compile_check.py): both paths (decode split-K, prefill tiles) of int4,
+int8 and fp8, bf16 activations. By default the hand-picked config of each path compiles (what a launch
+without autotuning runs); `python -m tests.kernels.test_quant_hopper_compile --all-configs` compiles
+every autotune config."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+KERNELS = ("_weight_only_matmul_kernel", "_fp8_matmul_kernel")
+
+
+def test_quant_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSECC_AUTOTUNE")}
+    proc = subprocess.run([sys.executable, "-m", "tests.kernels.test_quant_hopper_compile"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    compiled = dict(line.rsplit(" ", 1) for line in proc.stdout.splitlines() if line.strip())
+    assert int(compiled.get("_weight_only_matmul_kernel", 0)) >= 6, proc.stdout  # {int4 g128, int4 g32, int8} x 2 paths
+    assert int(compiled.get("_fp8_matmul_kernel", 0)) >= 4, proc.stdout  # {channel, block} x 2 paths
+    assert int(compiled.get("_quantize_per_token_kernel", 0)) >= 1, proc.stdout
+    assert int(compiled.get("_sum_splits_kernel", 0)) >= 1, proc.stdout
+
+
+def compile_all(all_configs: bool) -> None:
+    import torch
+
+    from fusecc.kernels.attention_tile import kernel_autotuning
+    from fusecc.kernels.fp8_matmul import fp8_matmul
+    from fusecc.kernels.quant_matmul import weight_only_matmul
+
+    bf16 = torch.bfloat16
+    N, K = 128, 1024  # at M = 1: 2 tiles of 64 on 4 "SMs" -> split-K (and its sum kernel)
+    with kernel_autotuning(all_configs):
+        for M in (1, 300):  # the decode (split) and the prefill path
+            x = torch.randn(M, K, dtype=bf16)
+            for group in (128, 32):
+                weight_only_matmul(x, torch.zeros(N, K // 8, dtype=torch.int32), torch.ones(N, K // group),
+                                   torch.zeros(N, K // group), 4, group)
+            weight_only_matmul(x, torch.zeros(N, K, dtype=torch.int8), torch.ones(N, 1), None, 8, -1,
+                               bias=torch.zeros(N, dtype=bf16))
+            w8 = torch.zeros(N, K, dtype=torch.float8_e4m3fn)
+            fp8_matmul(x, w8, torch.ones(N, 1), -1, use_scaled_mm=False)
+            fp8_matmul(x, w8, torch.ones(N, K // 128), 128)
+
+
+if __name__ == "__main__":
+    from tests.kernels import hopper_compile_check as check
+
+    check.install()
+    compile_all("--all-configs" in sys.argv)
+    for name, count in sorted(check.COMPILED.items()):
+        print(f"{name} {count}")
