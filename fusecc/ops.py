@@ -158,6 +158,7 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
 def _fused_moe_fake(hidden_states, w13, w2, topk_weights, topk_ids):
     return hidden_states.new_empty(hidden_states.shape)
 
+
 # ---- quantized linears (fusecc/kernels/quant_matmul.py, fp8_matmul.py) ----
 # One opaque call per linear: Dynamo and the fusecc backend keep it as an extern call, so the packed
 # weight is never unpacked into a float tensor in the graph. CPU tensors run the torch references.
