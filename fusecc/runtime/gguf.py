@@ -16,7 +16,10 @@ q/k/v and gate/up as for a safetensors checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import math
 from pathlib import Path
 
 import torch
@@ -67,8 +70,8 @@ class GGUFCheckpoint:
             raise ImportError(f"loading {Path(path).name} needs the gguf package: pip install 'fusecc[demo]'")
         self.path = Path(path)
         # the fast header reader first: a file we cannot run fails in a second, before the slow parse
-        self.metadata, types = _read_header(self.path)
-        self.tensor_types = types
+        self.metadata, self._table, self._data_start = _read_header(self.path)
+        types = self.tensor_types = {name: ggml_type for name, _, ggml_type, _ in self._table}
         arch = self.metadata.get("general.architecture")
         if arch not in ARCHITECTURES:
             raise ValueError(f"{self.path.name}: GGUF architecture {arch!r} is not supported; "
@@ -120,7 +123,7 @@ class GGUFCheckpoint:
         loop of transformers' load_gguf_checkpoint(return_tensors=True), without parsing the
         metadata (the tokenizer's ~100k strings) a second time."""
         import numpy as np
-        from gguf import GGUFReader, dequantize
+        from gguf import dequantize
 
         from fusecc.quantization.gguf_blocks import gguf_to_fusecc, is_decoder_linear
         from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
@@ -128,16 +131,17 @@ class GGUFCheckpoint:
 
         processor = TENSOR_PROCESSORS.get(self.metadata["general.architecture"], TensorProcessor)(
             config=self.parsed["config"])
-        names = get_gguf_hf_weights_map(reference, processor)
+        with _memoized_tensor_name_map():
+            names = get_gguf_hf_weights_map(reference, processor)
         parsed = {**self.parsed, "tensors": {}}  # where MoE processors park expert slices
-        for tensor in GGUFReader(str(self.path)).tensors:
-            if quant is not None and is_decoder_linear(tensor.name):  # qweight, scales(, zeros): [N, ...]
-                parts = gguf_to_fusecc(tensor.data, tensor.tensor_type)
+        for name, ggml_type, data in _tensor_data(self.path, self._table, self._data_start):
+            if quant is not None and is_decoder_linear(name):  # qweight, scales(, zeros): [N, ...]
+                parts = gguf_to_fusecc(data, ggml_type)
             else:
-                parts = {"weight": dequantize(tensor.data, tensor.tensor_type)}
+                parts = {"weight": dequantize(data, ggml_type)}
             for part, array in parts.items():
                 # processors undo llama.cpp's layout (q/k rows interleaved per head) and rename
-                result = processor.process(weights=array, name=tensor.name, tensor_key_mapping=names,
+                result = processor.process(weights=array, name=name, tensor_key_mapping=names,
                                            parsed_parameters=parsed)
                 if result.name not in names:  # others (rope_freqs) are derived by the model
                     continue
@@ -184,16 +188,57 @@ class GGUFCheckpoint:
         return {ours: self.metadata[key] for key, ours in _SAMPLING_KEYS.items() if key in self.metadata}
 
 
-def _read_header(path: Path) -> tuple[dict, dict[str, int]]:
-    """(metadata with the long string arrays left as counts, {tensor name: GGML type}) in a fraction
-    of a second. transformers' GgufHeader would do, but it refuses the types its own kernels lack
-    (Q4_1 among them), which gguf.dequantize reads; so its table reader, private, is used directly."""
+def _tensor_data(path: Path, table: list[tuple], data_start: int):
+    """(name, GGML type, data) of each tensor of `table` (_read_header's), as gguf's GGUFReader
+    presents them (floats as typed arrays in torch order, block types as uint8 rows of their bytes),
+    from the memory-mapped file: GGUFReader would first parse every metadata string into numpy
+    views (6 s for SmolLM2's 49k-token vocabulary), which load_gguf_checkpoint did already."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as T
+    from transformers.integrations.gguf.reader import _mapped
+
+    blob = _mapped(str(path))
+    typed = {T.F32: np.float32, T.F16: np.float16, T.F64: np.float64, T.I8: np.int8, T.I16: np.int16,
+             T.I32: np.int32, T.I64: np.int64}
+    for name, shape, ggml_type, offset in table:  # shape in torch order
+        block_elements, block_bytes = GGML_QUANT_SIZES[T(ggml_type)]
+        nbytes = math.prod(shape) // block_elements * block_bytes
+        raw = blob[data_start + offset:data_start + offset + nbytes]
+        if ggml_type in typed:
+            data = raw.view(typed[ggml_type]).reshape(shape)
+        else:
+            data = raw.reshape(*shape[:-1], -1)  # [rows..., bytes of a row]
+        yield name, ggml_type, data
+
+
+@contextlib.contextmanager
+def _memoized_tensor_name_map():
+    """transformers' get_gguf_hf_weights_map recurses over every module and rebuilds gguf's name
+    table (get_tensor_name_map: thousands of format calls) at each of them: 397 times, 9 s, for
+    SmolLM2. The table depends only on (architecture, layers), so it is built once while mapping."""
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
+def _read_header(path: Path) -> tuple[dict, list[tuple], int]:
+    """(metadata with the long string arrays left as counts, the tensor table [(name, shape in torch
+    order, GGML type, offset)], where the tensor data starts) in a fraction of a second.
+    transformers' GgufHeader would do, but it refuses the types its own kernels lack (Q4_1 among
+    them), which gguf.dequantize reads; so its table reader, private, is used directly."""
     from transformers.integrations.gguf.reader import _mapped, _read_metadata, _read_tensor_table
 
     blob = _mapped(str(path))
     metadata, count, pos = _read_metadata(blob, str(path))
-    entries, _ = _read_tensor_table(blob, count, pos)
-    return metadata, {name: ggml_type for name, _, ggml_type, _ in entries}
+    entries, pos = _read_tensor_table(blob, count, pos)
+    alignment = metadata.get("general.alignment", 32)  # llama.cpp's default
+    return metadata, entries, (pos + alignment - 1) // alignment * alignment
 
 
 def _float_dtype(types: dict[str, int]) -> torch.dtype | None:
