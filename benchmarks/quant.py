@@ -44,13 +44,9 @@ def timeit(fn, device: str, reps: int) -> float:
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    from benchmarks.cpu import median_ms
+
+    return median_ms(fn, reps) / 1e3
 
 
 def quantized_linears(weight: torch.Tensor) -> dict:

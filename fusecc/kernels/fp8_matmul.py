@@ -22,7 +22,8 @@ import triton.language as tl
 
 from fusecc.kernels.attention_tile import launch_tuned
 from fusecc.kernels.quant_launch import (DECODE_MAX_ROWS, choose_split_k, decode_configs, finish_splits,
-                                         k_per_split, m_bucket, prefill_configs, split_align)
+                                         k_per_split, m_bucket, prefill_configs, split_align,
+                                         store_output_tile)
 from fusecc.kernels.quant_matmul import group_constexpr
 from fusecc.triton_support import interpreting
 
@@ -58,15 +59,8 @@ def _fp8_matmul_kernel(
         sw = tl.load(sw_ptr + offs_n * stride_swn + k0 // GROUP_SIZE, mask=n_ok, other=0.0)  # [BN]
         acc += tl.dot(a, tl.trans(b)) * sw[None, :]
     acc *= tl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
-    out_mask = m_ok[:, None] & n_ok[None, :]
-    if PARTIAL:
-        tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc,
-                 mask=out_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    store_output_tile(acc, out_ptr, b_ptr, pid_k, stride_os, stride_om, stride_on, offs_m, offs_n, m_ok, n_ok,
+                      PARTIAL, HAS_BIAS)
 
 
 _KEY = ["M_BUCKET", "N", "K", "GROUP_SIZE"]

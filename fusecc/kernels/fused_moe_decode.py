@@ -33,6 +33,14 @@ def gemv_configs() -> list[triton.Config]:
                                  (16, 512, 4, 2), (64, 256, 8, 3), (8, 256, 4, 3), (8, 512, 4, 2)]]
 
 
+@triton.jit
+def _activation_chunk(a_row, kk, k_ok, stride_ak, EVEN_K: tl.constexpr):
+    """Columns kk of one activation row, fp32 (masked only when K is not a multiple of the chunk)."""
+    if EVEN_K:
+        return tl.load(a_row + kk * stride_ak).to(tl.float32)
+    return tl.load(a_row + kk * stride_ak, mask=k_ok, other=0.0).to(tl.float32)
+
+
 @triton.autotune(configs=gemv_configs(), key=["N", "K", "GATED", "TOP_K"], cache_results=True)
 @triton.jit
 def _moe_gemv_kernel(a_ptr, b_ptr, c_ptr, ids_ptr, weights_ptr, N, K,
@@ -52,10 +60,7 @@ def _moe_gemv_kernel(a_ptr, b_ptr, c_ptr, ids_ptr, weights_ptr, N, K,
         for k in range(0, K, BLOCK_K):
             kk = k + offs_k
             k_ok = kk < K
-            if EVEN_K:
-                a = tl.load(a_row + kk * stride_ak).to(tl.float32)
-            else:
-                a = tl.load(a_row + kk * stride_ak, mask=k_ok, other=0.0).to(tl.float32)
+            a = _activation_chunk(a_row, kk, k_ok, stride_ak, EVEN_K)
             w_ptrs = w_rows + kk[None, :] * stride_bk
             mask = n_ok[:, None] & k_ok[None, :]
             acc += tl.sum(tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) * a[None, :], axis=1)
@@ -72,10 +77,7 @@ def _moe_gemv_kernel(a_ptr, b_ptr, c_ptr, ids_ptr, weights_ptr, N, K,
             for k in range(0, K, BLOCK_K):
                 kk = k + offs_k
                 k_ok = kk < K
-                if EVEN_K:
-                    a = tl.load(a_row + kk * stride_ak).to(tl.float32)
-                else:
-                    a = tl.load(a_row + kk * stride_ak, mask=k_ok, other=0.0).to(tl.float32)
+                a = _activation_chunk(a_row, kk, k_ok, stride_ak, EVEN_K)
                 w = tl.load(w_rows + kk[None, :] * stride_bk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 part += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
             acc += tl.load(weights_ptr + pair).to(tl.float32) * part

@@ -68,6 +68,22 @@ def m_bucket(M: int) -> int:
 
 
 @triton.jit
+def store_output_tile(acc, out_ptr, b_ptr, pid_k, stride_os, stride_om, stride_on, offs_m, offs_n, m_ok, n_ok,
+                      PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A matmul program's fp32 tile acc [BM, BN] out: with PARTIAL, into split pid_k's fp32 partial sums
+    (finish_splits adds them and the bias); else + bias, in the output's dtype."""
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if PARTIAL:
+        tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc,
+                 mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
 def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, splits, numel, N,
                        HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

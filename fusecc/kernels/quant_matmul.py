@@ -26,7 +26,8 @@ import triton.language as tl
 
 from fusecc.kernels.attention_tile import launch_tuned
 from fusecc.kernels.quant_launch import (DECODE_MAX_ROWS, choose_split_k, decode_configs, finish_splits,
-                                         k_per_split, m_bucket, prefill_configs, split_align)
+                                         k_per_split, m_bucket, prefill_configs, split_align,
+                                         store_output_tile)
 
 
 @triton.jit
@@ -98,15 +99,8 @@ def _weight_only_matmul_kernel(
             w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
                             GROUP_SIZE, HAS_ZEROS, ONE_GROUP)
             acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)  # [BN, BK] in x's dtype
-    out_mask = m_ok[:, None] & n_ok[None, :]
-    if PARTIAL:
-        tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc,
-                 mask=out_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    store_output_tile(acc, out_ptr, b_ptr, pid_k, stride_os, stride_om, stride_on, offs_m, offs_n, m_ok, n_ok,
+                      PARTIAL, HAS_BIAS)
 
 
 _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"]
