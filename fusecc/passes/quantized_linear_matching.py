@@ -63,6 +63,7 @@ _CASTS = (aten._to_copy.default, prims.convert_element_type.default)
 _COPIES = (aten.clone.default, aten.contiguous.default, aten.alias.default)
 _RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _TRANSPOSES = (aten.t.default, aten.transpose.int, aten.permute.default)
+MIN_GROUP = 16  # smaller groups of repeated scales: as many scales as weights/16, not worth a match
 
 
 class QuantizedLinearMatching(GraphPass):
@@ -123,12 +124,17 @@ def _match(gm: fx.GraphModule, matmul: fx.Node, weight: fx.Node) -> tuple[tuple,
             raise NoMatch("weight_view_not_grouping_input_columns")
         dequant = _strip(dequant.args[0])
     shape = _static_shape(dequant)
-    integers, scale, zero = _dequantization(dequant)
-    if _static_shape(integers) != shape:
+    integers, scale, zero, top = _dequantization(dequant)
+    if _static_shape(top) != shape:
         raise NoMatch("integer_weight_broadcast_by_scale")
     values = _evaluate(integers, {}).reshape(N, K)
-    scales = _per_group(scale, shape, N, K, G, "scale") if scale is not None else torch.ones(N, K // G)
-    zeros = _per_group(zero[0], shape, N, K, G, "zero_point") * zero[1] if zero is not None else None
+    scale = None if scale is None else (_operand_value(scale, "scale"), "scale")
+    zero = None if zero is None else (_operand_value(zero[0], "zero_point") * zero[1], "zero_point")
+    operands = [o for o in (scale, zero) if o is not None]
+    if G == K:  # no group view: scales repeated along K (repeat_interleave) give the group
+        G = _inferred_group(shape, K, operands)
+    scales = _per_group(*scale, shape, N, K, G) if scale is not None else torch.ones(N, K // G)
+    zeros = _per_group(*zero, shape, N, K, G) if zero is not None else None
     qweight, zeros, bits = _fusecc_layout(integers, values, zeros, N, K, G)
     group_size = -1 if G == K else G
     device = values.device
@@ -154,8 +160,9 @@ def _reaches_integer_cast(node, depth: int = 12) -> bool:
 
 
 def _dequantization(node: fx.Node):
-    """(integer tensor V, scale S or None, (zero Z, sign) or None) of `(float(V) - Z) * S` and the
-    forms without S, without Z, or with `+ Z` (sign -1)."""
+    """(integer tensor V, scale S or None, (zero Z, sign) or None, the node S and Z apply to) of
+    `(float(V) - Z) * S` and the forms without S, without Z, with `+ Z` (sign -1), or with V
+    reshaped after its cast."""
     scale = None
     if _is(node, aten.mul.Tensor):
         value, scale = _split_operands(node, "scale")
@@ -168,9 +175,12 @@ def _dequantization(node: fx.Node):
         zero, node = (offset, -1.0), _strip(value)
     if _is(node, aten.mul.Tensor, aten.div.Tensor):
         raise NoMatch("scale_applied_before_zero_point")  # q * s + m: a zero point -m/s is not exact
+    top = node
+    while _is(node, *_RESHAPES):  # views keep the row-major order: V is reshaped the same way below
+        node = _strip(node.args[0])
     if not (_is(node, *_CASTS) and _is_integer(node.args[0])):
         raise NoMatch("dequantization_form_not_recognized")
-    return node.args[0], scale, zero
+    return node.args[0], scale, zero, top
 
 
 def _split_operands(node: fx.Node, what: str):
@@ -182,19 +192,46 @@ def _split_operands(node: fx.Node, what: str):
     return (a, b) if a_int else (b, a)
 
 
-def _per_group(operand, shape: tuple, N: int, K: int, G: int, what: str) -> torch.Tensor:
-    """A scale or zero point broadcast against the dequantized weight of `shape` (last dim the group G)
-    -> fp32 [N, K/G]: it must be constant along the group's dim."""
+def _operand_value(operand, what: str) -> torch.Tensor:
     value = _evaluate(operand, {}) if isinstance(operand, fx.Node) else torch.tensor(float(operand))
-    if value.dtype == torch.float64 or value.is_complex():
+    if not value.dtype.is_floating_point and value.dtype not in (torch.int8, torch.uint8, torch.int16, torch.int32):
+        raise NoMatch(f"{what}_dtype_{value.dtype}")
+    if value.dtype == torch.float64:
         raise NoMatch(f"{what}_dtype_{value.dtype}")  # not exact in the op's fp32
-    if value.dim() > len(shape) or (value.dim() and value.shape[-1] != 1):
-        raise NoMatch(f"{what}_varies_within_group")
+    return value
+
+
+def _per_group(value: torch.Tensor, what: str, shape: tuple, N: int, K: int, G: int) -> torch.Tensor:
+    """A scale or zero point broadcast against the dequantized weight of `shape` (whose row-major
+    order is W's, in groups of G consecutive input columns) -> fp32 [N, K/G]; it must be constant
+    within each group."""
+    if value.dim() > len(shape):
+        raise NoMatch(f"{what}_shape_not_broadcastable")
     try:
-        per_group = value.float().expand(*shape[:-1], 1)
+        grouped = value.expand(shape).reshape(N, K // G, G)  # a view unless the value varies along K
     except RuntimeError:
         raise NoMatch(f"{what}_shape_not_broadcastable") from None
-    return per_group.reshape(N, K // G).contiguous()
+    first = grouped[..., :1]
+    if value.dim() and value.shape[-1] != 1 and not torch.equal(grouped, first.expand_as(grouped)):
+        raise NoMatch(f"{what}_varies_within_group")
+    return first.reshape(N, K // G).float().contiguous()
+
+
+def _inferred_group(shape: tuple, K: int, operands: list) -> int:
+    """The largest group (at least MIN_GROUP columns, dividing K) within which every scale and zero
+    point of a [N, K] dequantization is constant: K (one per row) unless one varies along K."""
+    varying = [(v, what) for v, what in operands if v.dim() and v.shape[-1] != 1]
+    if not varying:
+        return K
+    N = shape[0]
+    for group in sorted((g for g in range(MIN_GROUP, K) if K % g == 0), reverse=True):
+        try:
+            for value, what in varying:
+                _per_group(value, what, shape, N, K, group)
+            return group
+        except NoMatch:
+            continue
+    raise NoMatch(f"{varying[0][1]}_varies_within_group")
 
 
 def _fusecc_layout(integers: fx.Node, values: torch.Tensor, zeros, N: int, K: int, G: int):

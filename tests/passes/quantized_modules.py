@@ -104,3 +104,26 @@ class QuantizedMLP(nn.Module):
         x = torch.relu(self.up(x))
         x = F.silu(self.gate(x))
         return self.out(torch.tanh(self.down(x)))
+
+
+class FP8RowwiseLinear(nn.Module):
+    """W8A8 FP8 written by hand around `torch._scaled_mm`: e4m3 weight [N, K] with per-channel
+    scales [1, N]; the activations quantized per row with a dynamic scale; a bias-and-scale
+    epilogue in the output dtype."""
+
+    def __init__(self, K: int, N: int, out_dtype=torch.float32):
+        super().__init__()
+        w = torch.randn(N, K)
+        scale = w.abs().amax(1, keepdim=True) / 448
+        self.register_buffer("weight", (w / scale).to(torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, N]
+        self.register_buffer("bias", torch.randn(N).to(out_dtype))
+        self.out_dtype = out_dtype
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1])
+        x_scale = x2.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 448  # [M, 1]
+        xq = (x2 / x_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                             out_dtype=self.out_dtype)
+        return (y + self.bias).reshape(*x.shape[:-1], -1)

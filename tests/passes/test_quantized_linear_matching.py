@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fusecc.backend import fusecc_backend
 from fusecc.passes.quantized_linear_matching import QuantizedLinearMatching
 from graph_builders import code, count, freeze_input, run_pass, trace
-from quantized_modules import (Int4EightPerWord, Int4TwoPerByte, Int8Linear, Int8ScaleAfter, QuantizedMLP,
+from quantized_modules import (FP8RowwiseLinear, Int4EightPerWord, Int4TwoPerByte, Int8Linear, Int8ScaleAfter, QuantizedMLP,
                                pack_two_per_byte)
 
 aten = torch.ops.aten
@@ -106,6 +106,13 @@ def forward(self, arg0_1, arg1_1, arg2_1, arg3_1, arg4_1, arg5_1, arg6_1):
                         z=torch.full((8,), 128.0)), "int8_per_channel"),  # unsigned 0..255: offset into zeros
     (lambda: FunctionOf(lambda x, q, s: x @ (q.to(x.dtype) * s).t(),  # int4 values in an int8 tensor
                         q=torch.randint(-8, 8, (8, 32), dtype=torch.int8), s=torch.rand(8, 1)), "int4_per_channel"),
+    (lambda: FunctionOf(lambda x, q, s, z: F.linear(x, (q.float() - z.repeat_interleave(16, 1))  # scales [N, K]
+                                                    * s.repeat_interleave(16, 1)),
+                        q=torch.randint(0, 16, (8, 32), dtype=torch.uint8), s=torch.rand(8, 2),
+                        z=torch.randint(0, 16, (8, 2)).float()), "int4_group16"),
+    (lambda: FunctionOf(lambda x, p, s: F.linear(x, (torch.stack([p & 15, p >> 4], -1).float().view(8, 32) - 8) * s),
+                        p=torch.randint(0, 256, (8, 16), dtype=torch.uint8), s=torch.rand(8, 1)),  # cast, then view
+     "int4_per_channel"),
 ])
 def test_other_packings_and_forms(make, kind):
     result, _, gm = match(make(), torch.randn(3, 32))
@@ -199,3 +206,61 @@ def test_unfrozen_model_compiles_unfused_and_the_report_says_why(tmp_path):
     torch.testing.assert_close(compile_and_run(model, x, tmp_path), expected, rtol=1e-5, atol=1e-5)
     assert "weight_only_linear" not in dumped(tmp_path, "*final.py")
     assert "skipped:weights_not_frozen=4" in dumped(tmp_path, "report.md")
+
+
+def _scaled_mm_runs_on_cpu() -> bool:
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _scaled_mm_runs_on_cpu(), reason="this torch has no CPU kernel for rowwise _scaled_mm")
+def test_scaled_mm_stays_one_extern_call_with_its_scales_fused_around_it(tmp_path):
+    torch.manual_seed(0)
+    model = FP8RowwiseLinear(64, 32).eval()
+    x = torch.randn(2, 4, 64)
+    with torch.no_grad():
+        expected = model(x)
+    out = compile_and_run(model, x, tmp_path, freeze=True, codegen="triton")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    final = dumped(tmp_path, "*final.py")
+    assert final.count("torch.ops.aten._scaled_mm.default(") == 1
+    graph, kernels = final.split("class kernel_", 1)
+    # the activation scale (amax, divisions, clamp) and the bias epilogue run in generated kernels
+    assert "aten.amax" not in graph and "aten.amax" in kernels and "aten.add" in kernels
+    assert json.loads(dumped(tmp_path, "report.json"))["codegen"]["kernel_launches"] == 2
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_quantized_model_at_real_sizes(tmp_path):
+    torch.manual_seed(0)
+    model = QuantizedMLP(hidden=2048, inter=5632, group=128).eval().cuda()
+    for module in model.modules():  # bf16 scales: the dequantization runs in bf16, as such models do
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                setattr(module, name, buffer.to(torch.bfloat16))
+    model.up.bias.data = model.up.bias.data.to(torch.bfloat16)
+    for tokens in (1, 300):
+        x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            expected = model(x)
+        out = compile_and_run(model, x, tmp_path / str(tokens), freeze=True)
+        torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+        assert dumped(tmp_path / str(tokens), "*final.py").count("torch.ops.fusecc.weight_only_linear.default(") == 4
+
+
+@pytest.mark.gpu
+def test_gpu_scaled_mm_at_real_sizes(tmp_path):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs compute capability 8.9+")
+    torch.manual_seed(0)
+    model = FP8RowwiseLinear(4096, 4096, out_dtype=torch.bfloat16).eval().cuda()
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = model(x)
+    out = compile_and_run(model, x, tmp_path, freeze=True)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    assert dumped(tmp_path, "*final.py").count("torch.ops.aten._scaled_mm.default(") == 1
