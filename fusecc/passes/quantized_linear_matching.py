@@ -133,14 +133,14 @@ def _match(gm: fx.GraphModule, matmul: fx.Node, weight: fx.Node) -> tuple[tuple,
     operands = [o for o in (scale, zero) if o is not None]
     if G == K:  # no group view: scales repeated along K (repeat_interleave) give the group
         G = _inferred_group(shape, K, operands)
-    scales = _per_group(*scale, shape, N, K, G) if scale is not None else torch.ones(N, K // G)
-    zeros = _per_group(*zero, shape, N, K, G) if zero is not None else None
-    qweight, zeros, bits = _fusecc_layout(integers, values, zeros, N, K, G)
+    device = values.device  # the frozen weights'; a number's scale or zero point is made on the CPU
+    scales = (_per_group(*scale, shape, N, K, G) if scale is not None else torch.ones(N, K // G)).to(device)
+    zeros = _per_group(*zero, shape, N, K, G).to(device) if zero is not None else None
+    qweight, zeros, bits = _fusecc_layout(values, zeros, N, K, G)
     group_size = -1 if G == K else G
-    device = values.device
     args = (x, _constant_node(gm, matmul, "_quantized_weight", qweight),
-            _constant_node(gm, matmul, "_quantized_scales", scales.to(device)),
-            None if zeros is None else _constant_node(gm, matmul, "_quantized_zeros", zeros.to(device)),
+            _constant_node(gm, matmul, "_quantized_scales", scales),
+            None if zeros is None else _constant_node(gm, matmul, "_quantized_zeros", zeros),
             bias, bits, group_size)
     return args, f"int{bits}_" + ("per_channel" if group_size == -1 else f"group{G}")
 
@@ -234,7 +234,7 @@ def _inferred_group(shape: tuple, K: int, operands: list) -> int:
     raise NoMatch(f"{varying[0][1]}_varies_within_group")
 
 
-def _fusecc_layout(integers: fx.Node, values: torch.Tensor, zeros, N: int, K: int, G: int):
+def _fusecc_layout(values: torch.Tensor, zeros, N: int, K: int, G: int):
     """(qweight in fusecc's layout, zero points fp32 [N, K/G] or None, bits) for integer values
     [N, K]: a group whose values span at most 16 integers is int4 (its lowest value moved into its
     zero point unless all lie in 0..15), else int8. w = (v - z) * s = ((v - o) - (z - o)) * s, exactly."""
@@ -272,7 +272,10 @@ def _evaluate(node, cache: dict) -> torch.Tensor:
             raise NoMatch("dequantization_depends_on_symbolic_shapes")
         args, kwargs = tree_map(lambda a: _evaluate(a, cache) if isinstance(a, fx.Node) else a,
                                 (node.args, node.kwargs))
-        value = node.target(*args, **kwargs)
+        try:
+            value = node.target(*args, **kwargs)
+        except Exception as exc:  # left to run time, where it raises in the user's terms
+            raise NoMatch(f"dequantization_evaluation_failed:{type(exc).__name__}") from None
     else:
         raise NoMatch("dequantization_not_constant")
     cache[node] = value

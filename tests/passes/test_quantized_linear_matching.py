@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from fusecc.backend import fusecc_backend
 from fusecc.passes.quantized_linear_matching import QuantizedLinearMatching
-from graph_builders import code, count, freeze_input, run_pass, trace
-from quantized_modules import (FP8RowwiseLinear, Int4EightPerWord, Int4TwoPerByte, Int8Linear, Int8ScaleAfter, QuantizedMLP,
-                               pack_two_per_byte)
+from graph_builders import count, freeze_input, run_pass, trace
+from quantized_modules import (FP8RowwiseLinear, Int4EightPerWord, Int4TwoPerByte, Int8Linear, Int8ScaleAfter,
+                               QuantizedMLP)
 
 aten = torch.ops.aten
 FUSED = torch.ops.fusecc.weight_only_linear.default
