@@ -23,8 +23,10 @@ folding would fold the dequantized weight into a full float constant. This pass 
 What is matched: the weight operand of `mm` / `addmm` is `t(W)` (W [N, K], output channel first), W
 is `(float(V) [- Z]) [* S]`, possibly viewed from a shape whose last dim G (the group) divides K,
 with float-to-float casts and contiguous copies around; V is an integer tensor computed from
-constants only, S and Z are constants (or numbers) constant within each group (a scale varying
-along K within a group is not a dequantization this op computes). Which packing V was unpacked
+constants only, S and Z are constants (or numbers) constant within each group (without a group
+view, scales repeated along K, as `repeat_interleave(G, 1)` makes them, give G). A matmul whose
+weight has no mul (gpt-fast's `F.linear(x, w.to(x.dtype)) * scales`) gets scales of 1 and keeps
+its own multiply after the op, so it computes what eager does. Which packing V was unpacked
 from does not matter: V is evaluated once, at compile time, from the frozen constants (an integer
 tensor, never the float weight), and stored in fusecc's layout (fusecc/kernels/quant_matmul.py):
 int4 (int32 [N, K/8]) when every group spans at most 16 consecutive values (the group's offset
@@ -34,8 +36,13 @@ Numerics: the op dequantizes in fp32 and rounds the weight once to x's dtype. Ea
 dequantizes in a 16-bit dtype rounds the same way when its zero points are integers (bf16 holds
 the integers of an int8 weight exactly); fractional zero points in bf16 round once more in eager.
 
-Not rewritten (stats `skipped:<reason>`, and one `linear <module> (<node>): ...` entry per linear):
-weights that are graph inputs (`freeze=False`: the packing cannot be converted at compile time),
+With `freeze=False` the weights are graph inputs: an int8 [N, K] weight with per-channel scales is
+used as it is (its scales made fp32 [N, 1] at each call, N values); other packings are refused.
+
+Every matmul whose weight comes from an int -> float cast is reported: stats `rewritten:int4_group128`
+(and the like), `skipped:<reason>`, and one `linear <module> (<node>): fused, <kind>` or
+`...: not fused, <reason>` entry per linear, which the dump's report lists. Not rewritten:
+packed weights that are graph inputs (`freeze=False`: the packing cannot be converted at compile time),
 a scale applied before the zero point (`q * s + m`), scales varying within a group, weights
 stored [K, N], integer values beyond 8 bits, addmm with a bias that is not one value per output.
 """
@@ -127,7 +134,12 @@ def _match(gm: fx.GraphModule, matmul: fx.Node, weight: fx.Node) -> tuple[tuple,
     integers, scale, zero, top = _dequantization(dequant)
     if _static_shape(top) != shape:
         raise NoMatch("integer_weight_broadcast_by_scale")
-    values = _evaluate(integers, {}).reshape(N, K)
+    try:
+        values = _evaluate(integers, {}).reshape(N, K)
+    except NoMatch as miss:
+        if miss.reason != "weights_not_frozen":
+            raise
+        return _unfrozen_int8(gm, matmul, (x, integers, scale, zero, bias), shape, N, K)
     scale = None if scale is None else (_operand_value(scale, "scale"), "scale")
     zero = None if zero is None else (_operand_value(zero[0], "zero_point") * zero[1], "zero_point")
     operands = [o for o in (scale, zero) if o is not None]
@@ -143,6 +155,36 @@ def _match(gm: fx.GraphModule, matmul: fx.Node, weight: fx.Node) -> tuple[tuple,
             None if zeros is None else _constant_node(gm, matmul, "_quantized_zeros", zeros),
             bias, bits, group_size)
     return args, f"int{bits}_" + ("per_channel" if group_size == -1 else f"group{G}")
+
+
+def _unfrozen_int8(gm: fx.GraphModule, matmul: fx.Node, operands: tuple, shape: tuple, N: int, K: int):
+    """freeze=False: an int8 [N, K] weight input with per-channel scales is used as it is, its scales
+    made fp32 [N, 1] at each call (N values); any other packing must be converted at compile time."""
+    x, integers, scale, zero, bias = operands
+    per_channel_scale = scale is None or not isinstance(scale, fx.Node) or (
+        _val(scale).dim() <= 2 and (_val(scale).dim() == 0 or _val(scale).shape[-1] == 1))
+    if not (integers.op == "placeholder" and _val(integers).dtype == torch.int8 and shape == (N, K)
+            and _val(integers).stride() == (K, 1) and zero is None and per_channel_scale):
+        raise NoMatch("weights_not_frozen")  # the packing is known only at run time
+    if isinstance(scale, fx.Node):
+        as_fp32 = _call(gm, matmul, prims.convert_element_type.default, scale, torch.float32)
+        expanded = _call(gm, matmul, aten.expand.default, as_fp32, [N, 1])
+        scales = _call(gm, matmul, aten.clone.default, expanded, memory_format=torch.contiguous_format)
+    else:
+        device = _val(integers).device
+        scales = _constant_node(gm, matmul, "_quantized_scales",
+                                torch.full((N, 1), 1.0 if scale is None else float(scale), device=device))
+    return (x, integers, scales, None, bias, 8, -1), "int8_per_channel"
+
+
+def _call(gm: fx.GraphModule, before: fx.Node, target, *args, **kwargs) -> fx.Node:
+    """A new node computing target(*args) before `before`, with its fake value."""
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(target, args, kwargs)
+    fake_args, fake_kwargs = tree_map(lambda a: a.meta["val"] if isinstance(a, fx.Node) else a, (args, kwargs))
+    with _val(before).fake_mode:
+        node.meta["val"] = target(*fake_args, **fake_kwargs)
+    return node
 
 
 # ---------------------------------------------------------------- the pieces

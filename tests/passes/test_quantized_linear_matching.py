@@ -141,10 +141,17 @@ def test_what_is_not_matched_stays_and_says_why(make, reason):
     assert [k for k in result.stats if k.startswith("linear ")] == [f"linear mm: not fused, {reason}"]
 
 
-def test_weights_that_are_graph_inputs_are_refused():
+def test_packed_weights_that_are_graph_inputs_are_refused():
     # freeze=False: the packing is known only at run time; converting it per call would cost a pass over it
     result, _, gm = match(Int4TwoPerByte(32, 8, group=16), torch.randn(3, 32), freeze=False)
     assert (result.stats["skipped:weights_not_frozen"], count(gm, FUSED)) == (1, 0)
+
+
+@pytest.mark.parametrize("make", [lambda: Int8Linear(32, 8), lambda: Int8ScaleAfter(32, 8)])
+def test_int8_weights_that_are_graph_inputs_are_used_as_they_are(make):
+    result, _, gm = match(make(), torch.randn(3, 32), freeze=False)
+    assert (result.stats["rewritten:int8_per_channel"], count(gm, FUSED)) == (1, 1)
+    assert [n.target for n in gm.graph.nodes if n.op == "get_attr"] in ([], ["_quantized_scales0"])
 
 
 def test_float_linears_are_not_reported():
@@ -197,15 +204,17 @@ def test_compiled_model_runs_one_fused_linear_per_quantized_linear(tmp_path):
     assert len(linears) == 4 and report["codegen"]["kernel_launches"] == 3
 
 
-def test_unfrozen_model_compiles_unfused_and_the_report_says_why(tmp_path):
+def test_unfrozen_model_fuses_its_int8_linears_and_the_report_says_why_not_int4(tmp_path):
     torch.manual_seed(0)
     model = QuantizedMLP(hidden=64, inter=48, group=16).eval()
     x = torch.randn(3, 64)
     with torch.no_grad():
         expected = model(x)
     torch.testing.assert_close(compile_and_run(model, x, tmp_path), expected, rtol=1e-5, atol=1e-5)
-    assert "weight_only_linear" not in dumped(tmp_path, "*final.py")
-    assert "skipped:weights_not_frozen=4" in dumped(tmp_path, "report.md")
+    assert dumped(tmp_path, "*final.py").count("torch.ops.fusecc.weight_only_linear.default(") == 2  # the int8 ones
+    report = dumped(tmp_path, "report.md")
+    assert "skipped:weights_not_frozen=2" in report
+    assert "linear gate (mm): not fused, weights_not_frozen" in report
 
 
 def _scaled_mm_runs_on_cpu() -> bool:
