@@ -100,6 +100,19 @@ class QuantizedMLP(nn.Module):
         self.down = Int8ScaleAfter(hidden, inter)
         self.out = Int4EightPerWord(inter, hidden, group)
 
+    @torch.no_grad()
+    def unit_gain_(self) -> "QuantizedMLP":
+        """Rescale each linear's scales so that it maps unit-variance inputs to unit variance (real-size
+        models then keep activations near 1, where bf16 comparisons are meaningful)."""
+        for linear in (self.up, self.gate, self.down, self.out):
+            in_features = linear.weight.shape[1] if hasattr(linear, "weight") else linear.packed.shape[1] * (
+                2 if linear.packed.dtype == torch.uint8 else 8)
+            gain = linear(torch.randn(64, in_features)).std()
+            for name in ("scale", "scales"):
+                if hasattr(linear, name):
+                    setattr(linear, name, getattr(linear, name) / gain)
+        return self
+
     def forward(self, x):
         x = torch.relu(self.up(x))
         x = F.silu(self.gate(x))

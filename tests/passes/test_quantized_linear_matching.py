@@ -246,7 +246,7 @@ def test_scaled_mm_stays_one_extern_call_with_its_scales_fused_around_it(tmp_pat
 @pytest.mark.gpu
 def test_gpu_bf16_quantized_model_at_real_sizes(tmp_path):
     torch.manual_seed(0)
-    model = QuantizedMLP(hidden=2048, inter=5632, group=128).eval().cuda()
+    model = QuantizedMLP(hidden=2048, inter=5632, group=128).eval().unit_gain_().cuda()
     for module in model.modules():  # bf16 scales: the dequantization runs in bf16, as such models do
         for name, buffer in module.named_buffers(recurse=False):
             if buffer.is_floating_point():
