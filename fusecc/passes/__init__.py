@@ -16,12 +16,14 @@ from fusecc.passes.dce import DeadCodeElimination
 from fusecc.passes.horizontal_matmul import HorizontalMatmulFusion
 from fusecc.passes.moe_matching import MoEMatching
 from fusecc.passes.pipeline import PassRecord, run_passes
+from fusecc.passes.quantized_linear_matching import QuantizedLinearMatching
 from fusecc.passes.reinplace import Reinplace
 
 
 def build_pipeline(options: FuseccOptions) -> list[GraphPass]:
     passes: list[GraphPass] = [
         MoEMatching(),  # runs once, first: before constant folding turns the weights' transposes into copies
+        QuantizedLinearMatching(),  # once, before constant folding would materialize the dequantized weights
         DeadCodeElimination(),
         ConstantFolding(max_bytes=options.constant_fold_max_bytes),
         AlgebraicSimplification(),

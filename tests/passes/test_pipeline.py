@@ -39,7 +39,8 @@ class FakeDump:
 class TestPipeline(expecttest.TestCase):
     def test_default_pipeline_order(self):
         self.assertEqual([p.name for p in build_pipeline(FuseccOptions())],
-                         ["moe_matching", "dce", "constant_folding", "algebraic_simplification", "cse", "dce",
+                         ["moe_matching", "quantized_linear_matching", "dce", "constant_folding",
+                          "algebraic_simplification", "cse", "dce",
                           "horizontal_matmul_fusion", "attention_matching", "reinplace"])
 
     def test_rounds_stop_when_nothing_changes(self):
@@ -78,7 +79,8 @@ class TestPipeline(expecttest.TestCase):
         names = ["dce", "constant_folding", "algebraic_simplification", "cse", "dce"]
         once = [("horizontal_matmul_fusion", 0), ("attention_matching", 0), ("reinplace", 0)]  # once each
         self.assertEqual([(r.name, r.round) for r in records],
-                         [("moe_matching", 0)] + [(n, 0) for n in names] + [(n, 1) for n in names] + once)
+                         [("moe_matching", 0), ("quantized_linear_matching", 0)]
+                         + [(n, 0) for n in names] + [(n, 1) for n in names] + once)
         self.assertFalse(any(r.modified for r in records if r.round == 1))
         by_name = {r.name: r for r in records if r.round == 0 and r.name != "dce"}
         self.assertEqual(by_name["algebraic_simplification"].stats,
@@ -101,7 +103,7 @@ def forward(self, x_1):
         for r in records:
             self.assertGreaterEqual(r.seconds, 0.0)
             self.assertLess(r.seconds, 10.0)
-        first = records[2]  # after moe_matching and dce
+        first = records[3]  # after moe_matching, quantized_linear_matching and dce
         self.assertEqual((first.name, first.ops_before, first.ops_after), ("constant_folding", 5, 3))
         self.assertEqual(first.stats["folded"], 1)
         for before, after in zip(records, records[1:]):
@@ -110,7 +112,8 @@ def forward(self, x_1):
 
     def test_disable_passes_skips_them(self):
         options = FuseccOptions(disable_passes=("cse", "dce"))
-        self.assertEqual([p.name for p in build_pipeline(options)], ["moe_matching", "constant_folding", "algebraic_simplification",
+        self.assertEqual([p.name for p in build_pipeline(options)], ["moe_matching", "quantized_linear_matching",
+                                                                       "constant_folding", "algebraic_simplification",
                                                                        "horizontal_matmul_fusion",
                                                                        "attention_matching", "reinplace"])
         gm = trace(lambda x: x.exp() + x.exp(), torch.randn(2))
