@@ -51,6 +51,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 import fusecc.ops  # noqa: F401  (registers torch.ops.fusecc.sdpa / flash_attention)
 from fusecc.passes.base import GraphPass, PassResult
 from fusecc.graph.constants import constant_value
+from fusecc.graph.matching import NoMatch
 from fusecc.graph.node_kinds import alias_root, cast_dtype, is_pure, may_write
 from fusecc.passes.rewrite_engine import same_tensor_meta
 
@@ -66,14 +67,6 @@ _RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
 _VIEWS_OF_MASK = {aten.expand.default, aten.slice.Tensor, aten.unsqueeze.default, aten.view.default,
                   aten._unsafe_view.default, aten.reshape.default, aten.alias.default, aten.clone.default,
                   aten.lift_fresh_copy.default, aten.permute.default, aten.transpose.int, aten.select.int}
-
-
-class NoMatch(Exception):
-    """Raised by a matcher: `reason` is recorded in stats and `reasons`."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 class AttentionMatching(GraphPass):

@@ -36,8 +36,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import fusecc.ops  # noqa: F401  (registers torch.ops.fusecc.fused_moe)
 from fusecc.graph.constants import constant_value
+from fusecc.graph.matching import NoMatch, is_call, tensor_shape, tensor_value
 from fusecc.graph.node_kinds import is_impure, is_random
-from fusecc.passes.attention_matching import NoMatch
 from fusecc.passes.base import GraphPass, PassResult
 
 aten = torch.ops.aten
@@ -74,7 +74,7 @@ class MoEMatching(GraphPass):
             if node.op != "call_function" or node.target not in grouped:
                 continue
             try:
-                if not _is(_input(node), aten.mul.Tensor):
+                if not is_call(_input(node), aten.mul.Tensor):
                     continue  # the gate_up grouped_mm: matched from the down projection, whose input is silu * up
                 final, args = _match(node, grouped)
             except NoMatch as miss:
@@ -103,17 +103,17 @@ def _match(down: fx.Node, grouped: set) -> tuple[fx.Node, tuple]:
     split = _split_source(gate, 0)
     if _split_source(up_half, 1) is not split:
         raise NoMatch("gate_and_up_not_halves_of_one_split")
-    inter = split.args[1] if _is(split, aten.split.Tensor) else split.args[1][0]
+    inter = split.args[1] if is_call(split, aten.split.Tensor) else split.args[1][0]
     gate_up = _strip_sentinel(split.args[0])
-    if not _is(gate_up, *grouped) or _offsets(gate_up) is not offs:
+    if not is_call(gate_up, *grouped) or _offsets(gate_up) is not offs:
         raise NoMatch("gate_up_not_grouped_mm_over_same_offsets")
     w13 = _transposed_weight(gate_up)
-    E, two_inter, H = _shape(w13)
-    if not isinstance(inter, int) or two_inter != 2 * inter or _shape(w2) != (E, H, inter):
+    E, two_inter, H = tensor_shape(w13)
+    if not isinstance(inter, int) or two_inter != 2 * inter or tensor_shape(w2) != (E, H, inter):
         raise NoMatch("expert_weight_shapes")
     # rows: x[perm // k] with perm from sorting the flattened top-k ids of a routing over E experts
     rows = _strip_sentinel(_input(gate_up))
-    if not _is(rows, aten.index.Tensor) or len(rows.args[1]) != 1:
+    if not is_call(rows, aten.index.Tensor) or len(rows.args[1]) != 1:
         raise NoMatch("rows_not_gathered_from_hidden")
     x, (row_of_pair,) = rows.args
     perm, top_k = _floor_div(row_of_pair)
@@ -121,13 +121,13 @@ def _match(down: fx.Node, grouped: set) -> tuple[fx.Node, tuple]:
     ids = _flattened(sort.args[0])
     weights_src = _routing_weights(down, perm)
     topk = _getitem_of(ids, 1, aten.topk.default)
-    if _shape(ids)[-1] != top_k or _shape(topk.args[0])[-1] != E or _shape(x)[-1] != H or len(_shape(x)) != 2:
+    if tensor_shape(ids)[-1] != top_k or tensor_shape(topk.args[0])[-1] != E or tensor_shape(x)[-1] != H or len(tensor_shape(x)) != 2:
         raise NoMatch("routing_shapes")
-    if _shape(weights_src)[-1] != top_k:
+    if tensor_shape(weights_src)[-1] != top_k:
         raise NoMatch("routing_weight_shapes")
     _check_offsets(offs, sort, E)
     final = _reduction(down, weights_src, perm, top_k, H)
-    if _val(final).dtype != _val(x).dtype or not (_val(x).dtype == _val(w13).dtype == _val(w2).dtype):
+    if tensor_value(final).dtype != tensor_value(x).dtype or not (tensor_value(x).dtype == tensor_value(w13).dtype == tensor_value(w2).dtype):
         raise NoMatch("dtypes")
     return final, (x, w13, w2, weights_src, ids)
 
@@ -136,40 +136,25 @@ def _match(down: fx.Node, grouped: set) -> tuple[fx.Node, tuple]:
 
 def _is_batched_mm_experts(node) -> bool:
     """bmm(weights[expert of each pair], ...): transformers' "batched_mm" experts, not rewritten (yet)."""
-    if not _is(node, aten.bmm.default):
+    if not is_call(node, aten.bmm.default):
         return False
     gathered = node.args[0]
     try:
-        return (_is(gathered, aten.index.Tensor) and len(gathered.args[1]) == 1
-                and len(_shape(gathered.args[0])) == 3 and len(_shape(gathered.args[1][0])) == 1)
+        return (is_call(gathered, aten.index.Tensor) and len(gathered.args[1]) == 1
+                and len(tensor_shape(gathered.args[0])) == 3 and len(tensor_shape(gathered.args[1][0])) == 1)
     except NoMatch:  # an operand without tensor meta: not this pattern
         return False
-
-
-def _is(node, *targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
-
-
-def _val(node) -> torch.Tensor:
-    value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if not isinstance(value, torch.Tensor):
-        raise NoMatch("operand_without_tensor_meta")
-    return value
-
-
-def _shape(node: fx.Node) -> tuple:
-    return tuple(_val(node).shape)
 
 
 def _silu_input(node):
     """x of silu(x), or of its decomposition x * sigmoid(x) (with casts around it); else None."""
     node = _strip_any_cast(node)
-    if _is(node, aten.silu.default):
+    if is_call(node, aten.silu.default):
         return _strip_any_cast(node.args[0])
-    if _is(node, aten.mul.Tensor):
+    if is_call(node, aten.mul.Tensor):
         a, b = (_strip_any_cast(arg) for arg in node.args)
         for x, s in ((a, b), (b, a)):
-            if _is(s, aten.sigmoid.default) and _strip_any_cast(s.args[0]) is x:
+            if is_call(s, aten.sigmoid.default) and _strip_any_cast(s.args[0]) is x:
                 return x
     return None
 
@@ -177,7 +162,7 @@ def _silu_input(node):
 def _swiglu_halves(act: fx.Node) -> tuple[fx.Node, fx.Node]:
     """(gate, up) of silu(gate) * up."""
     act = _strip_any_cast(act)
-    if _is(act, aten.mul.Tensor):
+    if is_call(act, aten.mul.Tensor):
         for silu, up in (act.args, act.args[::-1]):
             gate = _silu_input(silu)
             if gate is not None:
@@ -195,8 +180,8 @@ def _offsets(grouped_mm: fx.Node):
 
 def _strip_cast(node):
     """Past same-dtype conversions (`input.to(weight.dtype)`)."""
-    while (_is(node, aten._to_copy.default, prims.convert_element_type.default)
-           and _val(node).dtype == _val(node.args[0]).dtype):
+    while (is_call(node, aten._to_copy.default, prims.convert_element_type.default)
+           and tensor_value(node).dtype == tensor_value(node.args[0]).dtype):
         node = node.args[0]
     return node
 
@@ -204,7 +189,7 @@ def _strip_cast(node):
 def _strip_sentinel(node):
     """Past `where(mask, 0, t)` (transformers' expert-parallel sentinel masks; see the module docstring)."""
     node = _strip_cast(node)
-    if _is(node, aten.where.self) and _is_zero(node.args[1]):
+    if is_call(node, aten.where.self) and _is_zero(node.args[1]):
         return node.args[2]
     return node
 
@@ -213,12 +198,12 @@ def _is_zero(node) -> bool:
     """0, as a Python number, a scalar_tensor / full node, or a one-element constant."""
     if isinstance(node, (int, float)):
         return node == 0
-    while _is(node, aten.lift_fresh_copy.default, aten.clone.default, aten._to_copy.default,
+    while is_call(node, aten.lift_fresh_copy.default, aten.clone.default, aten._to_copy.default,
               prims.convert_element_type.default):
         node = node.args[0]
-    if _is(node, aten.scalar_tensor.default):
+    if is_call(node, aten.scalar_tensor.default):
         return node.args[0] == 0
-    if _is(node, aten.full.default):
+    if is_call(node, aten.full.default):
         return node.args[1] == 0
     value = _constant(node)
     return value is not None and value.numel() == 1 and float(value) == 0.0
@@ -232,21 +217,21 @@ def _constant(node):
 
 def _transposed_weight(grouped_mm: fx.Node) -> fx.Node:
     t = grouped_mm.args[1]
-    if _is(t, aten.transpose.int) and sorted(d % 3 for d in t.args[1:]) == [1, 2] and len(_shape(t.args[0])) == 3:
+    if is_call(t, aten.transpose.int) and sorted(d % 3 for d in t.args[1:]) == [1, 2] and len(tensor_shape(t.args[0])) == 3:
         return t.args[0]
-    if _is(t, aten.permute.default) and list(t.args[1]) == [0, 2, 1]:
+    if is_call(t, aten.permute.default) and list(t.args[1]) == [0, 2, 1]:
         return t.args[0]
     raise NoMatch("grouped_mm_weight_not_transposed_3d")  # transformers' is_transposed=True layout
 
 
 def _split_source(node, index: int) -> fx.Node:
-    if not (_is(node, operator.getitem) and node.args[1] == index
-            and _is(node.args[0], aten.split.Tensor, aten.split_with_sizes.default)):
+    if not (is_call(node, operator.getitem) and node.args[1] == index
+            and is_call(node.args[0], aten.split.Tensor, aten.split_with_sizes.default)):
         raise NoMatch("gate_up_not_split_in_halves")
     split = node.args[0]
     if len(split.args) > 2 and split.args[2] not in (-1, 1):
         raise NoMatch("gate_up_split_not_last_dim")
-    if _is(split, aten.split_with_sizes.default):
+    if is_call(split, aten.split_with_sizes.default):
         sizes = list(split.args[1])
         if len(sizes) != 2 or sizes[0] != sizes[1]:
             raise NoMatch("gate_up_split_not_halves")
@@ -254,22 +239,22 @@ def _split_source(node, index: int) -> fx.Node:
 
 
 def _getitem_of(node, index: int, target) -> fx.Node:
-    if not (_is(node, operator.getitem) and node.args[1] == index and _is(node.args[0], target)):
+    if not (is_call(node, operator.getitem) and node.args[1] == index and is_call(node.args[0], target)):
         raise NoMatch(f"expected_{target._opname}_output_{index}")
     return node.args[0]
 
 
 def _floor_div(node) -> tuple[fx.Node, int]:
-    if _is(node, aten.floor_divide.default) and isinstance(node.args[1], int):
+    if is_call(node, aten.floor_divide.default) and isinstance(node.args[1], int):
         return node.args[0], node.args[1]
-    floor = _is(node, aten.div.Tensor_mode) and node.kwargs.get("rounding_mode") == "floor"
+    floor = is_call(node, aten.div.Tensor_mode) and node.kwargs.get("rounding_mode") == "floor"
     if floor and isinstance(node.args[1], int):
         return node.args[0], node.args[1]
     raise NoMatch("row_index_not_perm_floordiv_top_k")
 
 
 def _flattened(node) -> fx.Node:
-    if _is(node, aten.view.default, aten.reshape.default, aten._unsafe_view.default) and len(_shape(node)) == 1:
+    if is_call(node, aten.view.default, aten.reshape.default, aten._unsafe_view.default) and len(tensor_shape(node)) == 1:
         return node.args[0]
     raise NoMatch("sorted_ids_not_flattened_topk_ids")
 
@@ -277,10 +262,10 @@ def _flattened(node) -> fx.Node:
 def _routing_weights(down: fx.Node, perm: fx.Node) -> fx.Node:
     """The [T, k] weights whose flattened, perm-gathered copy scales the down projection's rows."""
     scaled = _single_user(_single_user_through_sentinel(down))
-    if not _is(scaled, aten.mul.Tensor):
+    if not is_call(scaled, aten.mul.Tensor):
         raise NoMatch("down_output_not_scaled_by_routing_weights")
     for w in scaled.args:
-        if _is(w, aten.unsqueeze.default) and _is(w.args[0], aten.index.Tensor):
+        if is_call(w, aten.unsqueeze.default) and is_call(w.args[0], aten.index.Tensor):
             gathered = w.args[0]
             if len(gathered.args[1]) == 1 and gathered.args[1][0] is perm:
                 return _flattened(_strip_cast(gathered.args[0]))
@@ -288,10 +273,10 @@ def _routing_weights(down: fx.Node, perm: fx.Node) -> fx.Node:
 
 
 def _check_offsets(offs, sort: fx.Node, experts: int) -> None:
-    if not _is(offs, aten.cumsum.default):
+    if not is_call(offs, aten.cumsum.default):
         raise NoMatch("offsets_not_cumsum")
     hist = offs.args[0]
-    if not (_is(hist, aten.histc.default) and list(hist.args[1:4]) == [experts, 0, experts - 1]):
+    if not (is_call(hist, aten.histc.default) and list(hist.args[1:4]) == [experts, 0, experts - 1]):
         raise NoMatch("offsets_not_histc_over_experts")
     source = _strip_any_cast(hist.args[0])
     if source is not _getitem_source(sort, 0):
@@ -299,13 +284,13 @@ def _check_offsets(offs, sort: fx.Node, experts: int) -> None:
 
 
 def _strip_any_cast(node):
-    while _is(node, aten._to_copy.default, prims.convert_element_type.default):
+    while is_call(node, aten._to_copy.default, prims.convert_element_type.default):
         node = node.args[0]
     return node
 
 
 def _getitem_source(sort: fx.Node, index: int):
-    return next((u for u in sort.users if _is(u, operator.getitem) and u.args[1] == index), None)
+    return next((u for u in sort.users if is_call(u, operator.getitem) and u.args[1] == index), None)
 
 
 def _single_user(node: fx.Node) -> fx.Node:
@@ -317,37 +302,37 @@ def _single_user(node: fx.Node) -> fx.Node:
 
 def _single_user_through_sentinel(node: fx.Node) -> fx.Node:
     user = _single_user(node)
-    return user if _is(user, aten.where.self) and user.args[2] is node and _is_zero(user.args[1]) else node
+    return user if is_call(user, aten.where.self) and user.args[2] is node and _is_zero(user.args[1]) else node
 
 
 def _reduction(down: fx.Node, weights: fx.Node, perm: fx.Node, top_k: int, hidden: int) -> fx.Node:
     """scaled[inverse(perm)] viewed [T, k, H], summed over k (and cast back): the node to replace."""
     scaled = _single_user(_single_user_through_sentinel(down))
     unsorted = _single_user(scaled)
-    if not (_is(unsorted, aten.index.Tensor) and len(unsorted.args[1]) == 1 and _is_inverse(unsorted.args[1][0], perm)):
+    if not (is_call(unsorted, aten.index.Tensor) and len(unsorted.args[1]) == 1 and _is_inverse(unsorted.args[1][0], perm)):
         raise NoMatch("output_not_unsorted_by_inverse_perm")
     view = _single_user(unsorted)
-    if not (_is(view, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-            and len(_shape(view)) == 3 and _shape(view)[1:] == (top_k, hidden)):
+    if not (is_call(view, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+            and len(tensor_shape(view)) == 3 and tensor_shape(view)[1:] == (top_k, hidden)):
         raise NoMatch("output_not_viewed_tokens_top_k_hidden")
     total = _single_user(view)
-    if not (_is(total, aten.sum.dim_IntList) and list(total.args[1]) in ([1], [-2])):
+    if not (is_call(total, aten.sum.dim_IntList) and list(total.args[1]) in ([1], [-2])):
         raise NoMatch("output_not_summed_over_top_k")
     users = list(total.users)
-    if len(users) == 1 and _is(users[0], aten._to_copy.default, prims.convert_element_type.default):
+    if len(users) == 1 and is_call(users[0], aten._to_copy.default, prims.convert_element_type.default):
         return users[0]
     return total
 
 
 def _is_inverse(node, perm: fx.Node) -> bool:
     """index_put(empty_like(perm), [perm], arange(S)): inv[perm[i]] = i."""
-    if not (_is(node, aten.index_put.default) and len(node.args[1]) == 1 and node.args[1][0] is perm):
+    if not (is_call(node, aten.index_put.default) and len(node.args[1]) == 1 and node.args[1][0] is perm):
         return False
     values = node.args[2]
-    from_zero = _is(values, aten.arange.default) or (
-        _is(values, aten.arange.start, aten.arange.start_step) and values.args[0] == 0
+    from_zero = is_call(values, aten.arange.default) or (
+        is_call(values, aten.arange.start, aten.arange.start_step) and values.args[0] == 0
         and (len(values.args) < 3 or values.args[2] == 1))
     if from_zero:  # the length may be symbolic (tokens * top_k): compare through the shape environment
-        return statically_known_true(_val(values).shape[0] == _val(perm).shape[0])
+        return statically_known_true(tensor_value(values).shape[0] == tensor_value(perm).shape[0])
     value = _constant(values)
     return value is not None and torch.equal(value.cpu(), torch.arange(value.numel(), dtype=value.dtype))

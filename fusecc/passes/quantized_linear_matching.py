@@ -58,10 +58,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import fusecc.ops  # noqa: F401  (registers torch.ops.fusecc.weight_only_linear)
 from fusecc.graph.constants import constant_value, insert_constant_node
+from fusecc.graph.matching import NoMatch, is_call, tensor_shape, tensor_value
 from fusecc.graph.node_kinds import is_impure, is_pure, is_random
-from fusecc.passes.attention_matching import NoMatch
 from fusecc.passes.base import GraphPass, PassResult
-from fusecc.passes.moe_matching import _is, _shape, _val
 from fusecc.quantization.packing import pack_int4
 
 aten = torch.ops.aten
@@ -84,7 +83,7 @@ class QuantizedLinearMatching(GraphPass):
         self.reasons = {}
         stats: Counter = Counter()
         for node in list(gm.graph.nodes):
-            if not _is(node, aten.mm.default, aten.addmm.default):
+            if not is_call(node, aten.mm.default, aten.addmm.default):
                 continue
             weight = node.args[1] if node.target is aten.mm.default else node.args[2]
             if not _reaches_integer_cast(weight):
@@ -117,17 +116,17 @@ class QuantizedLinearMatching(GraphPass):
 def _match(gm: fx.GraphModule, matmul: fx.Node, weight: fx.Node) -> tuple[tuple, str]:
     """(weight_only_linear args, a name for the report) for `matmul` whose weight operand is `weight`."""
     x = matmul.args[0] if matmul.target is aten.mm.default else matmul.args[1]
-    dtype = _val(matmul).dtype
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32) or _val(x).dtype != dtype:
+    dtype = tensor_value(matmul).dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32) or tensor_value(x).dtype != dtype:
         raise NoMatch("activation_dtype")
     bias = _bias(matmul)
     w_nk = _untransposed(_strip(weight))
     N, K = _static_shape(w_nk)
     dequant, G = _strip(w_nk), K
-    if _is(dequant, *_RESHAPES):  # e.g. [N, K/G, G] viewed [N, K]: the last dim is the group
+    if is_call(dequant, *_RESHAPES):  # e.g. [N, K/G, G] viewed [N, K]: the last dim is the group
         source_shape = _static_shape(dequant.args[0])
         G = source_shape[-1] if source_shape else 0
-        if not G or K % G or _val(dequant.args[0]).numel() != N * K:
+        if not G or K % G or tensor_value(dequant.args[0]).numel() != N * K:
             raise NoMatch("weight_view_not_grouping_input_columns")
         dequant = _strip(dequant.args[0])
     shape = _static_shape(dequant)
@@ -162,16 +161,16 @@ def _unfrozen_int8(gm: fx.GraphModule, matmul: fx.Node, operands: tuple, shape: 
     made fp32 [N, 1] at each call (N values); any other packing must be converted at compile time."""
     x, integers, scale, zero, bias = operands
     per_channel_scale = scale is None or not isinstance(scale, fx.Node) or (
-        _val(scale).dim() <= 2 and (_val(scale).dim() == 0 or _val(scale).shape[-1] == 1))
-    if not (integers.op == "placeholder" and _val(integers).dtype == torch.int8 and shape == (N, K)
-            and _val(integers).stride() == (K, 1) and zero is None and per_channel_scale):
+        tensor_value(scale).dim() <= 2 and (tensor_value(scale).dim() == 0 or tensor_value(scale).shape[-1] == 1))
+    if not (integers.op == "placeholder" and tensor_value(integers).dtype == torch.int8 and shape == (N, K)
+            and tensor_value(integers).stride() == (K, 1) and zero is None and per_channel_scale):
         raise NoMatch("weights_not_frozen")  # the packing is known only at run time
     if isinstance(scale, fx.Node):
         as_fp32 = _call(gm, matmul, prims.convert_element_type.default, scale, torch.float32)
         expanded = _call(gm, matmul, aten.expand.default, as_fp32, [N, 1])
         scales = _call(gm, matmul, aten.clone.default, expanded, memory_format=torch.contiguous_format)
     else:
-        device = _val(integers).device
+        device = tensor_value(integers).device
         scales = _constant_node(gm, matmul, "_quantized_scales",
                                 torch.full((N, 1), 1.0 if scale is None else float(scale), device=device))
     return (x, integers, scales, None, bias, 8, -1), "int8_per_channel"
@@ -182,7 +181,7 @@ def _call(gm: fx.GraphModule, before: fx.Node, target, *args, **kwargs) -> fx.No
     with gm.graph.inserting_before(before):
         node = gm.graph.call_function(target, args, kwargs)
     fake_args, fake_kwargs = tree_map(lambda a: a.meta["val"] if isinstance(a, fx.Node) else a, (args, kwargs))
-    with _val(before).fake_mode:
+    with tensor_value(before).fake_mode:
         node.meta["val"] = target(*fake_args, **fake_kwargs)
     return node
 
@@ -193,9 +192,9 @@ def _reaches_integer_cast(node, depth: int = 12) -> bool:
     """Whether `node` is computed (through views, casts and arithmetic) from an int -> float cast."""
     if depth == 0 or not isinstance(node, fx.Node) or node.op != "call_function":
         return False
-    if _is(node, *_CASTS) and _is_float(node) and _is_integer(node.args[0]):
+    if is_call(node, *_CASTS) and _is_float(node) and _is_integer(node.args[0]):
         return True
-    if not _is(node, *_CASTS, *_COPIES, *_RESHAPES, *_TRANSPOSES, aten.mul.Tensor, aten.sub.Tensor,
+    if not is_call(node, *_CASTS, *_COPIES, *_RESHAPES, *_TRANSPOSES, aten.mul.Tensor, aten.sub.Tensor,
                aten.add.Tensor, aten.div.Tensor, aten.unsqueeze.default, aten.expand.default):
         return False
     return any(_reaches_integer_cast(a, depth - 1) for a in node.all_input_nodes)
@@ -206,21 +205,21 @@ def _dequantization(node: fx.Node):
     `(float(V) - Z) * S` and the forms without S, without Z, with `+ Z` (sign -1), or with V
     reshaped after its cast."""
     scale = None
-    if _is(node, aten.mul.Tensor):
+    if is_call(node, aten.mul.Tensor):
         value, scale = _split_operands(node, "scale")
         node = _strip(value)
     zero = None
-    if _is(node, aten.sub.Tensor) and len(node.args) == 2 and not node.kwargs and _reaches_integer_cast(node.args[0]):
+    if is_call(node, aten.sub.Tensor) and len(node.args) == 2 and not node.kwargs and _reaches_integer_cast(node.args[0]):
         zero, node = (node.args[1], 1.0), _strip(node.args[0])
-    elif _is(node, aten.add.Tensor) and len(node.args) == 2 and not node.kwargs:
+    elif is_call(node, aten.add.Tensor) and len(node.args) == 2 and not node.kwargs:
         value, offset = _split_operands(node, "zero_point")
         zero, node = (offset, -1.0), _strip(value)
-    if _is(node, aten.mul.Tensor, aten.div.Tensor):
+    if is_call(node, aten.mul.Tensor, aten.div.Tensor):
         raise NoMatch("scale_applied_before_zero_point")  # q * s + m: a zero point -m/s is not exact
     top = node
-    while _is(node, *_RESHAPES):  # views keep the row-major order: V is reshaped the same way below
+    while is_call(node, *_RESHAPES):  # views keep the row-major order: V is reshaped the same way below
         node = _strip(node.args[0])
-    if not (_is(node, *_CASTS) and _is_integer(node.args[0])):
+    if not (is_call(node, *_CASTS) and _is_integer(node.args[0])):
         raise NoMatch("dequantization_form_not_recognized")
     return node.args[0], scale, zero, top
 
@@ -327,26 +326,26 @@ def _evaluate(node, cache: dict) -> torch.Tensor:
 def _bias(matmul: fx.Node):
     if matmul.target is aten.mm.default:
         return None
-    bias, out = matmul.args[0], _val(matmul)
+    bias, out = matmul.args[0], tensor_value(matmul)
     if matmul.kwargs.get("beta", 1) != 1 or matmul.kwargs.get("alpha", 1) != 1 or len(matmul.args) > 3:
         raise NoMatch("addmm_scaled")
-    if not isinstance(bias, fx.Node) or _static_shape(bias) != (out.shape[1],) or _val(bias).dtype != out.dtype:
+    if not isinstance(bias, fx.Node) or _static_shape(bias) != (out.shape[1],) or tensor_value(bias).dtype != out.dtype:
         raise NoMatch("addmm_bias_not_one_per_output_channel")
     return bias
 
 
 def _untransposed(node) -> fx.Node:
     """W [N, K] of the matmul's weight operand t(W) ([K, N])."""
-    if _is(node, aten.t.default) or (_is(node, aten.transpose.int) and sorted(d % 2 for d in node.args[1:]) == [0, 1]):
+    if is_call(node, aten.t.default) or (is_call(node, aten.transpose.int) and sorted(d % 2 for d in node.args[1:]) == [0, 1]):
         return node.args[0]
-    if _is(node, aten.permute.default) and list(node.args[1]) == [1, 0]:
+    if is_call(node, aten.permute.default) and list(node.args[1]) == [1, 0]:
         return node.args[0]
     raise NoMatch("weight_not_stored_output_channel_first")  # x @ W with W [K, N]
 
 
 def _strip(node):
     """Past float -> float casts and copies that keep the values."""
-    while (_is(node, *_CASTS) and _is_float(node) and _is_float(node.args[0])) or _is(node, *_COPIES):
+    while (is_call(node, *_CASTS) and _is_float(node) and _is_float(node.args[0])) or is_call(node, *_COPIES):
         node = node.args[0]
     return node
 
@@ -364,7 +363,7 @@ def _module_path(node: fx.Node) -> str:
 
 
 def _static_shape(node) -> tuple:
-    shape = _shape(node)
+    shape = tensor_shape(node)
     if not all(isinstance(d, int) for d in shape):
         raise NoMatch("symbolic_weight_shape")
     return shape
@@ -372,9 +371,9 @@ def _static_shape(node) -> tuple:
 
 def _is_integer(node) -> bool:
     return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), torch.Tensor) and \
-        not _val(node).dtype.is_floating_point and not _val(node).dtype.is_complex and _val(node).dtype != torch.bool
+        not tensor_value(node).dtype.is_floating_point and not tensor_value(node).dtype.is_complex and tensor_value(node).dtype != torch.bool
 
 
 def _is_float(node) -> bool:
     return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), torch.Tensor) and \
-        _val(node).dtype.is_floating_point
+        tensor_value(node).dtype.is_floating_point
