@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.fx as fx
@@ -24,6 +24,9 @@ from fusecc.debug.dump import NoDump
 from fusecc.graph.node_kinds import is_mutated
 from fusecc.passes.pipeline import PassRecord, run_passes
 
+if TYPE_CHECKING:
+    from fusecc.codegen.wrapper import CompiledWrapper
+
 
 @dataclass
 class Lowered:
@@ -31,6 +34,32 @@ class Lowered:
     records: list[PassRecord] = field(default_factory=list)  # fusion's, for the pass table
     seconds: dict[str, float] = field(default_factory=dict)  # "codegen", "kernel precompile"
     summary: dict[str, int] = field(default_factory=dict)    # per call: kernel launches, extern calls, fallbacks
+    program: "Program | None" = None                          # what rebuilds `runner` (compile_cache)
+
+
+@dataclass
+class Program:
+    """What `runner_for` turns into the boxed call, in this process or a later one: the optimized
+    ATen graph (`graph`), or a wrapper's source, globals and launches (`wrapper`), plus how to run it."""
+    graph: fx.GraphModule | None = None
+    wrapper: "CompiledWrapper | None" = None
+    autotune: bool = False
+    cudagraphs: bool = False
+    mutated_inputs: list[int] = field(default_factory=list)
+    weight_inputs: list[bool] = field(default_factory=list)
+
+
+def runner_for(program: Program) -> Callable:
+    if program.graph is not None:
+        return with_kernel_autotuning(make_boxed_func(program.graph.forward), program.autotune)
+    call = with_kernel_autotuning(program.wrapper.call, program.autotune)
+    if program.cudagraphs:
+        from fusecc.codegen.cudagraphs import CUDAGraphRunner
+
+        # inside the CUDA-graph runner: a replay launches nothing, so it needs no scope
+        call = CUDAGraphRunner(call, mutated_inputs=program.mutated_inputs,
+                               persistent_inputs=[i for i, w in enumerate(program.weight_inputs) if w])
+    return call
 
 
 def wants_triton(options: FuseccOptions, example_inputs: list) -> bool:
@@ -62,8 +91,9 @@ def lower(gm: fx.GraphModule, options: FuseccOptions, dump: NoDump, example_inpu
           weight_inputs: list[bool]) -> Lowered:
     start = time.perf_counter()
     if not wants_triton(options, example_inputs):
-        runner = with_kernel_autotuning(make_boxed_func(gm.forward), options.autotune)
-        return Lowered(runner, seconds={"codegen": time.perf_counter() - start, "kernel precompile": 0.0})
+        program = Program(graph=gm, autotune=options.autotune)
+        return Lowered(runner_for(program), seconds={"codegen": time.perf_counter() - start, "kernel precompile": 0.0},
+                       program=program)
     from fusecc.codegen.wrapper import compile_wrapper
 
     # Before fusion: a fused kernel (call_module) that writes an input no longer shows as a write.
@@ -72,13 +102,10 @@ def lower(gm: fx.GraphModule, options: FuseccOptions, dump: NoDump, example_inpu
     records = run_passes(gm, [fusion], verify=options.verify, dump=dump)
     compiled = compile_wrapper(gm, check_kernels=options.check_kernels,
                                emulate_precision_casts=options.emulate_precision_casts)
-    # inside the CUDA-graph runner: a replay launches nothing, so it needs no scope
-    call = with_kernel_autotuning(compiled.call, options.autotune)
-    if options.cudagraphs and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
-        from fusecc.codegen.cudagraphs import CUDAGraphRunner
-
-        call = CUDAGraphRunner(call, mutated_inputs=mutated_inputs,
-                               persistent_inputs=[i for i, w in enumerate(weight_inputs) if w])
+    cudagraphs = options.cudagraphs and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+    program = Program(wrapper=compiled, autotune=options.autotune, cudagraphs=cudagraphs,
+                      mutated_inputs=mutated_inputs, weight_inputs=list(weight_inputs))
+    call = runner_for(program)
     dump.write_text("wrapper.py", compiled.source)
     for group_name, ks in compiled.kernels.items():
         dump.write_file(f"kernels/{group_name}.py", f"# {group_name}: Triton kernel {ks.name}\n{ks.source}")
@@ -95,4 +122,4 @@ def lower(gm: fx.GraphModule, options: FuseccOptions, dump: NoDump, example_inpu
                "kernel precompile": compiled.precompile_seconds}
     summary = {"kernel_launches": compiled.launches_per_call, "extern_calls": compiled.extern_calls_per_call,
                "codegen_fallbacks": len(compiled.fallbacks)}
-    return Lowered(call, records, seconds, summary)
+    return Lowered(call, records, seconds, summary, program)

@@ -1,0 +1,135 @@
+"""How the constants of a frozen graph were computed from the weights, so that a process loading
+the compiled graph recomputes them from its own weights instead of reading gigabytes from disk.
+
+With freeze=True, constant folding and horizontal matmul fusion turn weights into new constants
+(`_folded3 = clone(permute(w))`, `_hfused0 = cat([wq.t(), wk.t(), wv.t()])`). While the passes
+run, `ConstantLineage` watches every ATen op on real tensors; an op reading a weight, or a
+tensor computed from one, is recorded as a step. Afterwards each constant of the graph is either
+
+    InputView(position, size, stride, offset)   a view of the weight the graph takes at `position`
+    Derived(step, index)                         output `index` of a recorded op over such sources
+    None                                         unexplained: stored by value (artifact.py)
+
+Recipes are small Python objects (ops by name, shapes): no tensor data, except small literals.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from fusecc.compile_cache.tensor_bytes import TensorBytes
+
+# a tensor argument that is not derived from a weight (a scale, a mask) is kept by value up to this
+MAX_LITERAL_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class InputView:
+    position: int
+    size: tuple
+    stride: tuple
+    offset: int  # storage offset relative to the input's own
+
+
+@dataclass(eq=False)
+class Step:
+    op: tuple            # (namespace, name, overload) of the ATen op
+    args: Any            # (args, kwargs) with tensors replaced by InputView / Derived / Literal
+    outputs: int = 1
+
+
+@dataclass(frozen=True, eq=False)
+class Derived:
+    step: Step
+    index: int
+
+
+@dataclass(frozen=True, eq=False)
+class Literal:
+    value: TensorBytes
+
+
+def op_key(op: torch._ops.OpOverload) -> tuple:
+    return (op.namespace, op._opname, op._overloadname)
+
+
+def resolve_op(key: tuple) -> torch._ops.OpOverload:
+    namespace, name, overload = key
+    return getattr(getattr(getattr(torch.ops, namespace), name), overload)
+
+
+class ConstantLineage(TorchDispatchMode):
+    def __init__(self, frozen: dict[int, torch.Tensor]):
+        super().__init__()
+        # storage address -> (graph input position, the input)
+        self.roots = {t.untyped_storage().data_ptr(): (pos, t) for pos, t in frozen.items()}
+        self.recipes: dict[int, tuple[weakref.ref, Derived]] = {}
+
+    def source_of(self, t: torch.Tensor):
+        """InputView, Derived, or None for a real tensor."""
+        entry = self.recipes.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        if is_fake(t) or t.is_meta:
+            return None
+        root = self.roots.get(t.untyped_storage().data_ptr())
+        if root is None:
+            return None
+        position, base = root
+        if t.dtype != base.dtype:
+            return None
+        return InputView(position, tuple(t.shape), tuple(t.stride()), t.storage_offset() - base.storage_offset())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not isinstance(func, torch._ops.OpOverload):
+            return out
+        flat, spec = tree_flatten((args, kwargs))
+        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        if not tensors or any(is_fake(t) for t in tensors):
+            return out
+        if func._schema.is_mutable:
+            for t in tensors:  # a recorded value changed in place: its recipe no longer holds
+                self.recipes.pop(id(t), None)
+            return out
+        sources = [self.source_of(a) if isinstance(a, torch.Tensor) else a for a in flat]
+        if not any(isinstance(s, (InputView, Derived)) for s, a in zip(sources, flat) if isinstance(a, torch.Tensor)):
+            return out
+        mapped = []
+        for a, s in zip(flat, sources):
+            if isinstance(a, torch.Tensor) and s is None:
+                if a.numel() * a.element_size() > MAX_LITERAL_BYTES:
+                    return out  # not reproducible cheaply: the result stays unexplained
+                s = Literal(TensorBytes.pack(a))
+            mapped.append(s)
+        results = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        step = Step(op_key(func), tree_unflatten(mapped, spec), len(results))
+        for index, o in enumerate(results):
+            self.recipes[id(o)] = (weakref.ref(o), Derived(step, index))
+        return out
+
+
+def evaluate(source, inputs: list, memo: dict) -> torch.Tensor:
+    """The tensor a recipe describes, computed from the graph's inputs of this process."""
+    if isinstance(source, InputView):
+        base = inputs[source.position]
+        return base.as_strided(source.size, source.stride, base.storage_offset() + source.offset)
+    if isinstance(source, Literal):
+        return source.value.unpack()
+    if isinstance(source, Derived):
+        step = source.step
+        if id(step) not in memo:
+            args, kwargs = tree_map(lambda s: evaluate(s, inputs, memo)
+                                    if isinstance(s, (InputView, Derived, Literal)) else s, step.args)
+            result = resolve_op(step.op)(*args, **kwargs)
+            memo[id(step)] = [o for o in tree_flatten(result)[0] if isinstance(o, torch.Tensor)]
+        return memo[id(step)][source.index]
+    raise TypeError(f"not a constant recipe: {source!r}")
