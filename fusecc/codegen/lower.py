@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.fx as fx
-from torch._functorch.aot_autograd import make_boxed_func
 
 from fusecc.codegen.fusion import Fusion
+from fusecc.codegen.program import Program, runner_for, with_kernel_autotuning  # noqa: F401 (re-exported)
 from fusecc.config import FuseccOptions
 from fusecc.debug.dump import NoDump
 from fusecc.graph.node_kinds import is_mutated
 from fusecc.passes.pipeline import PassRecord, run_passes
-
-if TYPE_CHECKING:
-    from fusecc.codegen.wrapper import CompiledWrapper
 
 
 @dataclass
@@ -34,32 +31,7 @@ class Lowered:
     records: list[PassRecord] = field(default_factory=list)  # fusion's, for the pass table
     seconds: dict[str, float] = field(default_factory=dict)  # "codegen", "kernel precompile"
     summary: dict[str, int] = field(default_factory=dict)    # per call: kernel launches, extern calls, fallbacks
-    program: "Program | None" = None                          # what rebuilds `runner` (compile_cache)
-
-
-@dataclass
-class Program:
-    """What `runner_for` turns into the boxed call, in this process or a later one: the optimized
-    ATen graph (`graph`), or a wrapper's source, globals and launches (`wrapper`), plus how to run it."""
-    graph: fx.GraphModule | None = None
-    wrapper: "CompiledWrapper | None" = None
-    autotune: bool = False
-    cudagraphs: bool = False
-    mutated_inputs: list[int] = field(default_factory=list)
-    weight_inputs: list[bool] = field(default_factory=list)
-
-
-def runner_for(program: Program) -> Callable:
-    if program.graph is not None:
-        return with_kernel_autotuning(make_boxed_func(program.graph.forward), program.autotune)
-    call = with_kernel_autotuning(program.wrapper.call, program.autotune)
-    if program.cudagraphs:
-        from fusecc.codegen.cudagraphs import CUDAGraphRunner
-
-        # inside the CUDA-graph runner: a replay launches nothing, so it needs no scope
-        call = CUDAGraphRunner(call, mutated_inputs=program.mutated_inputs,
-                               persistent_inputs=[i for i, w in enumerate(program.weight_inputs) if w])
-    return call
+    program: Program | None = None                            # what rebuilds `runner` (compile_cache)
 
 
 def wants_triton(options: FuseccOptions, example_inputs: list) -> bool:
@@ -70,21 +42,6 @@ def wants_triton(options: FuseccOptions, example_inputs: list) -> bool:
     # "auto": generated kernels for CUDA graphs. CPU graphs run as ATen: Triton reaches the CPU
     # only through its (slow) interpreter, which tests request explicitly with codegen="triton".
     return any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
-
-
-def with_kernel_autotuning(runner: Callable, enabled: bool) -> Callable:
-    """Run a compiled graph (boxed call) with the attention kernels' config search on or off, as
-    the graph's `autotune` option says (off by default: a hand-picked tile config per shape class,
-    no seconds of compiling and timing the alternatives on the first call; mode="max-autotune"
-    turns it on)."""
-    from fusecc.kernels.attention_tile import kernel_autotuning
-
-    def call(args):
-        with kernel_autotuning(enabled):
-            return runner(args)
-
-    call._boxed_call = True
-    return call
 
 
 def lower(gm: fx.GraphModule, options: FuseccOptions, dump: NoDump, example_inputs: list,

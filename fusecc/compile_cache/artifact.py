@@ -114,7 +114,7 @@ class GraphArtifact:
 
     def load(self, args: list) -> Callable:
         """The boxed runner, its constants computed from this first call's `args`."""
-        from fusecc.codegen.lower import runner_for
+        from fusecc.codegen.program import runner_for
         from fusecc.freeze import FrozenWeightsCheck
 
         state = _load_pickled(self.program, self.sources, self.values, args)
@@ -172,6 +172,8 @@ def _dumps_with_sources(obj, frozen: dict, lineage: Optional[ConstantLineage]) -
 
 
 def _load_pickled(data: bytes, sources: list, values: dict, args):
+    import fusecc.ops  # noqa: F401  (registers the torch.ops.fusecc.* a stored graph calls)
+
     memo: dict = {}
     tensors = [values[slot].unpack() if source is None else evaluate(source, args, memo)
                for slot, source in enumerate(sources)]
@@ -180,7 +182,7 @@ def _load_pickled(data: bytes, sources: list, values: dict, args):
 
 def _rebuild_program(state: dict):
     from fusecc.codegen.kernel_cache import default_cache_dir, kernel_cache
-    from fusecc.codegen.lower import Program
+    from fusecc.codegen.program import Program
     from fusecc.codegen.wrapper import CompiledWrapper, load_wrapper
 
     wrapper = None
