@@ -74,18 +74,17 @@ class ConstantLineage(TorchDispatchMode):
 
     def source_of(self, t: torch.Tensor):
         """InputView, Derived, or None for a real tensor."""
+        if is_fake(t) or t.is_meta:
+            return None
+        # a view of a weight (the weight itself, its transpose, a slice): exactly an as_strided
+        root = self.roots.get(t.untyped_storage().data_ptr())
+        if root is not None and t.dtype == root[1].dtype:
+            position, base = root
+            return InputView(position, tuple(t.shape), tuple(t.stride()), t.storage_offset() - base.storage_offset())
         entry = self.recipes.get(id(t))
         if entry is not None and entry[0]() is t:
             return entry[1]
-        if is_fake(t) or t.is_meta:
-            return None
-        root = self.roots.get(t.untyped_storage().data_ptr())
-        if root is None:
-            return None
-        position, base = root
-        if t.dtype != base.dtype:
-            return None
-        return InputView(position, tuple(t.shape), tuple(t.stride()), t.storage_offset() - base.storage_offset())
+        return None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -1,0 +1,77 @@
+"""One process of a warm-start test: compile a tiny Llama's forward, run it once, report as JSON.
+
+    python -m tests.compile_cache.child aot|backend|engine OPTIONS_JSON
+
+aot: fusecc.compile_cache.aot_compile; backend: torch.compile(backend="fusecc"); engine: LLM().
+The report: the first call's seconds (compile or load included), the largest difference from the
+eager model, fusecc's counters and Dynamo's (torch._dynamo.utils.counters), so the parent can
+tell what this process traced and generated.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def step(model, input_ids):
+    return model(input_ids).logits
+
+
+def tiny_llama():
+    import torch
+
+    from tests.runtime.hf_checkpoints import tiny_config
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config("llama")).eval()
+
+
+def run_compiled(how: str, options: dict) -> dict:
+    import torch
+
+    model = tiny_llama()
+    input_ids = torch.tensor([[5, 9, 3, 17, 42, 8, 11, 2]])
+    other_ids = torch.tensor([[7, 1, 30, 4, 99, 6, 12, 13]])
+    with torch.no_grad():
+        start = time.perf_counter()
+        if how == "aot":
+            from fusecc.compile_cache import aot_compile
+
+            compiled = aot_compile(step, (model, input_ids), options=options)
+        else:
+            compiled = torch.compile(step, backend="fusecc", options=options)
+        logits = compiled(model, input_ids)
+        first_call = time.perf_counter() - start
+        again = compiled(model, other_ids)
+        diff = max((logits - step(model, input_ids)).abs().max().item(),
+                   (again - step(model, other_ids)).abs().max().item())
+    return {"first_call_s": first_call, "max_abs_diff": diff}
+
+
+def run_engine() -> dict:
+    from fusecc import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM()
+    ready = time.perf_counter() - start
+    outputs = llm.generate(["w3 w4 w5", "w6 w7 w8 w9 w10", "w11"], SamplingParams(temperature=0, max_tokens=6))
+    return {"ready_s": ready, "tokens": [o.outputs[0].token_ids for o in outputs]}
+
+
+def main() -> None:
+    how, options = sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+    report = run_engine() if how == "engine" else run_compiled(how, options)
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    from fusecc.compile_cache import counters
+
+    report["fusecc"] = dict(counters)
+    report["dynamo"] = {group: dict(values) for group, values in dynamo_counters.items() if values}
+    print("REPORT " + json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

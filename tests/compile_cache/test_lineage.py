@@ -1,0 +1,28 @@
+"""Frozen constants are recomputed from the loading process's weights, by the ops that made them."""
+
+import torch
+
+from fusecc.compile_cache.lineage import ConstantLineage, Derived, InputView, evaluate
+
+
+def test_concatenated_transposed_weights_are_recomputed_from_new_weights():
+    wq, wk, scale = torch.randn(6, 4), torch.randn(2, 4), torch.tensor(3.0)
+    with ConstantLineage({1: wq, 3: wk}) as lineage:
+        fused = torch.cat([wq.t(), wk.t()], 1).contiguous() * scale   # [4, 8]
+        view = wq[2:]                                                 # a view: no new storage
+    assert isinstance(lineage.source_of(fused), Derived)
+    assert isinstance(lineage.source_of(view), InputView)
+    new_q, new_k = torch.randn(6, 4), torch.randn(2, 4)
+    inputs = [None, new_q, None, new_k]
+    torch.testing.assert_close(evaluate(lineage.source_of(fused), inputs, {}), torch.cat([new_q.t(), new_k.t()], 1) * 3.0)
+    torch.testing.assert_close(evaluate(lineage.source_of(view), inputs, {}), new_q[2:])
+
+
+def test_values_not_derived_from_weights_have_no_recipe():
+    weight = torch.randn(4)
+    with ConstantLineage({0: weight}) as lineage:
+        table = torch.arange(8.0).cos()
+        changed = weight * 2
+        changed.add_(1)  # mutated after it was recorded: its recipe no longer holds
+    assert lineage.source_of(table) is None
+    assert lineage.source_of(changed) is None
