@@ -1,6 +1,6 @@
 """One process of a warm-start test: compile a tiny Llama's forward, run it once, report as JSON.
 
-    python -m tests.compile_cache.child aot|backend|engine OPTIONS_JSON
+    python -m tests.compile_cache.child aot|backend|engine OPTIONS_JSON     (CHILD_DEVICE=cuda: on the GPU)
 
 aot: fusecc.compile_cache.aot_compile; backend: torch.compile(backend="fusecc"); engine: LLM().
 The report: the first call's seconds (compile or load included), the largest difference from the
@@ -30,11 +30,14 @@ def tiny_llama():
 
 
 def run_compiled(how: str, options: dict) -> dict:
+    import os
+
     import torch
 
-    model = tiny_llama()
-    input_ids = torch.tensor([[5, 9, 3, 17, 42, 8, 11, 2]])
-    other_ids = torch.tensor([[7, 1, 30, 4, 99, 6, 12, 13]])
+    device = os.environ.get("CHILD_DEVICE", "cpu")
+    model = tiny_llama().to(device)
+    input_ids = torch.tensor([[5, 9, 3, 17, 42, 8, 11, 2]], device=device)
+    other_ids = torch.tensor([[7, 1, 30, 4, 99, 6, 12, 13]], device=device)
     with torch.no_grad():
         start = time.perf_counter()
         if how == "aot":
@@ -43,9 +46,11 @@ def run_compiled(how: str, options: dict) -> dict:
             compiled = aot_compile(step, (model, input_ids), options=options)
         else:
             compiled = torch.compile(step, backend="fusecc", options=options)
-        logits = compiled(model, input_ids)
+        logits = compiled(model, input_ids).clone()
+        if device == "cuda":
+            torch.cuda.synchronize()
         first_call = time.perf_counter() - start
-        again = compiled(model, other_ids)
+        again = compiled(model, other_ids).clone()  # under cudagraphs: the call that records and replays
         diff = max((logits - step(model, input_ids)).abs().max().item(),
                    (again - step(model, other_ids)).abs().max().item())
     return {"first_call_s": first_call, "max_abs_diff": diff}

@@ -39,3 +39,17 @@ def test_torch_compile_skips_aot_autograd_and_passes_when_warm(tmp_path):
     assert "aot_autograd" not in warm["dynamo"], warm["dynamo"]
     for report in (cold, warm):
         assert report["max_abs_diff"] < 1e-5, report
+
+
+@pytest.mark.gpu
+def test_gpu_warm_start_loads_generated_kernels_under_cuda_graphs(tmp_path):
+    """On the GPU the stored graph is the generated wrapper and its Triton kernels, replayed from a
+    CUDA graph: loaded in a fresh process, nothing traced, same logits as eager."""
+    options = {"freeze": True, "cudagraphs": True, "strict": True}
+    cold, _ = run_child(tmp_path, "aot", options, CHILD_DEVICE="cuda")
+    assert cold["fusecc"].get("function_stores") == 1 and list((tmp_path / "kernels").glob("*.py")), cold
+    warm, _ = run_child(tmp_path, "aot", options, CHILD_DEVICE="cuda")
+    assert warm["fusecc"] == {"function_hits": 1} and warm["dynamo"] == {}, warm
+    for report in (cold, warm):
+        assert report["max_abs_diff"] < 1e-4, report
+    assert warm["first_call_s"] <= 0.3 * cold["first_call_s"], (warm["first_call_s"], cold["first_call_s"])
