@@ -161,6 +161,8 @@ def _dumps_with_sources(obj, frozen: dict, lineage: Optional[ConstantLineage]) -
     sources, by_value, stored_bytes = [], {}, 0
     for slot, tensor in enumerate(tensors):
         source = lineage.source_of(tensor) if tensor.device.type != "meta" else None
+        if source is None and lineage.is_tainted(tensor):
+            raise NotCacheable("a constant is computed from the weights by an op that cannot be replayed")
         if source is None:
             stored_bytes += tensor.numel() * tensor.element_size()
             by_value[slot] = TensorBytes.pack(tensor)

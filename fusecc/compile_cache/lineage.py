@@ -8,7 +8,10 @@ tensor computed from one, is recorded as a step. Afterwards each constant of the
 
     InputView(position, size, stride, offset)   a view of the weight the graph takes at `position`
     Derived(step, index)                         output `index` of a recorded op over such sources
-    None                                         unexplained: stored by value (artifact.py)
+    None                                         not from the weights: stored by value (artifact.py)
+
+and a constant computed from the weights by something that cannot be replayed (an in-place op, a
+large tensor that is not a weight) is "tainted": its graph is not stored at all.
 
 Recipes are small Python objects (ops by name, shapes): no tensor data, except small literals.
 """
@@ -71,6 +74,9 @@ class ConstantLineage(TorchDispatchMode):
         # storage address -> (graph input position, the input)
         self.roots = {t.untyped_storage().data_ptr(): (pos, t) for pos, t in frozen.items()}
         self.recipes: dict[int, tuple[weakref.ref, Derived]] = {}
+        # computed from the weights by something not recorded (an in-place op, a large literal):
+        # such a constant can be neither recomputed nor stored by value (it would be stale)
+        self.tainted: dict[int, weakref.ref] = {}
 
     def source_of(self, t: torch.Tensor):
         """InputView, Derived, or None for a real tensor."""
@@ -86,6 +92,13 @@ class ConstantLineage(TorchDispatchMode):
             return entry[1]
         return None
 
+    def is_tainted(self, t: torch.Tensor) -> bool:
+        ref = self.tainted.get(id(t))
+        return ref is not None and ref() is t
+
+    def _taint(self, t: torch.Tensor) -> None:
+        self.tainted[id(t)] = weakref.ref(t)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -95,21 +108,27 @@ class ConstantLineage(TorchDispatchMode):
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
         if not tensors or any(is_fake(t) for t in tensors):
             return out
+        results = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        sources = [self.source_of(a) if isinstance(a, torch.Tensor) else a for a in flat]
+        from_weights = any(isinstance(s, (InputView, Derived)) or (isinstance(a, torch.Tensor) and self.is_tainted(a))
+                           for s, a in zip(sources, flat))
         if func._schema.is_mutable:
             for t in tensors:  # a recorded value changed in place: its recipe no longer holds
                 self.recipes.pop(id(t), None)
+                if from_weights:
+                    self._taint(t)
             return out
-        sources = [self.source_of(a) if isinstance(a, torch.Tensor) else a for a in flat]
-        if not any(isinstance(s, (InputView, Derived)) for s, a in zip(sources, flat) if isinstance(a, torch.Tensor)):
+        if not from_weights:
             return out
         mapped = []
         for a, s in zip(flat, sources):
             if isinstance(a, torch.Tensor) and s is None:
-                if a.numel() * a.element_size() > MAX_LITERAL_BYTES:
-                    return out  # not reproducible cheaply: the result stays unexplained
+                if self.is_tainted(a) or a.numel() * a.element_size() > MAX_LITERAL_BYTES:
+                    for o in results:  # not reproducible cheaply
+                        self._taint(o)
+                    return out
                 s = Literal(TensorBytes.pack(a))
             mapped.append(s)
-        results = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         step = Step(op_key(func), tree_unflatten(mapped, spec), len(results))
         for index, o in enumerate(results):
             self.recipes[id(o)] = (weakref.ref(o), Derived(step, index))

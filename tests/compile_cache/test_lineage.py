@@ -22,7 +22,18 @@ def test_values_not_derived_from_weights_have_no_recipe():
     weight = torch.randn(4)
     with ConstantLineage({0: weight}) as lineage:
         table = torch.arange(8.0).cos()
+    assert lineage.source_of(table) is None and not lineage.is_tainted(table)
+
+
+def test_weight_values_written_in_place_are_tainted_not_stored():
+    """A recipe cannot replay an in-place write: the result must not be stored by value either
+    (it would hold this process's weights), so it is marked and its graph is not stored."""
+    weight = torch.randn(4)
+    with ConstantLineage({0: weight}) as lineage:
         changed = weight * 2
-        changed.add_(1)  # mutated after it was recorded: its recipe no longer holds
-    assert lineage.source_of(table) is None
-    assert lineage.source_of(changed) is None
+        changed.add_(1)                  # mutated after it was recorded
+        buffer = torch.empty(4)
+        buffer.copy_(weight)             # filled from a weight in place
+        derived = buffer + 1             # and what is computed from it
+    for t in (changed, buffer, derived):
+        assert lineage.source_of(t) is None and lineage.is_tainted(t)
