@@ -12,10 +12,11 @@ graph. The entry lives in `$FUSECC_CACHE_DIR/functions/<key>.fcc`.
 
 The key holds the function's code (its source file), the classes and configs of the modules
 passed to it, the inputs' shapes/dtypes/devices, the options, fusecc's own source and the
-versions. Guards kept: tensor metadata, dynamic-shape relations and global state (grad mode,
-autocast), as vLLM keeps; guards on Python objects (a module's attributes, globals) are dropped,
-so a function whose behaviour depends on something outside the key must not use this (as with
-vLLM's compiled models: the promise is that the model's code and config decide its graph).
+versions. Guards kept: tensor metadata, dynamic-shape relations, global state (grad mode,
+autocast) and the values of Python arguments and attributes; a call they reject runs through
+plain torch.compile. Guards on object identities (the model, its functions) and on globals cannot
+be serialized and are dropped, so a function whose behaviour depends on something outside the key
+must not use this (as with vLLM's compiled models: the model's code and config decide its graph).
 
 Where torch has no AOT compile, or the function cannot be captured whole or stored, this logs why
 and returns plain `torch.compile(fn, backend="fusecc")` (whose graphs the backend still caches).
@@ -43,10 +44,44 @@ from fusecc.compile_cache.store import discard, read_entry, write_entry
 log = logging.getLogger("fusecc.compile_cache")
 
 
-def portable_guards(guard_entries) -> list[bool]:
-    """Keep the guards that survive serialization and say what the graph was compiled for."""
-    return [g.guard_type in ("GLOBAL_STATE", "SHAPE_ENV") or (g.guard_type == "TENSOR_MATCH" and not g.is_global)
-            for g in guard_entries]
+# guard kinds torch cannot serialize (CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES):
+# identities of Python objects (the model, its functions) that a new process cannot have
+_UNSERIALIZABLE = ("DICT_VERSION", "NN_MODULE", "ID_MATCH", "FUNCTION_MATCH", "CLASS_MATCH", "MODULE_MATCH",
+                   "CLOSURE_MATCH", "WEAKREF_ALIVE")
+
+
+def serializable_guards(guard_entries) -> list[bool]:
+    """Keep every guard a new process can check: tensor metadata, dynamic-shape relations, global
+    state (grad mode, autocast), and the values of Python arguments and attributes (a flag that
+    selects another graph); drop object identities and globals (the key holds the code instead)."""
+    keep = []
+    for g in guard_entries:
+        kinds = (g.guard_type, *(getattr(g, "derived_guard_types", None) or ()))
+        unserializable = any(kind in _UNSERIALIZABLE for kind in kinds) or \
+            getattr(getattr(g, "orig_guard", None), "_unserializable", False)
+        keep.append(g.guard_type in ("GLOBAL_STATE", "SHAPE_ENV") or (not g.is_global and not unserializable))
+    return keep
+
+
+class GuardedFunction:
+    """A loaded (or just compiled) function that checks its guards itself: a call they reject (an
+    input of another shape class, another value of a Python flag) runs through plain
+    torch.compile(backend="fusecc") instead of raising, as torch's loaded function would."""
+
+    def __init__(self, compiled, fallback: Callable[[], Callable]):
+        self.compiled = compiled
+        self._make_fallback = fallback
+        self._fallback = None
+        compiled.disable_guard_check()
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled.guard_check(*args, **kwargs):
+            return self.compiled(*args, **kwargs)
+        if self._fallback is None:
+            log.warning("fusecc: a call does not match the guards of the ahead-of-time compiled function; "
+                        "compiling it with torch.compile")
+            self._fallback = self._make_fallback()
+        return self._fallback(*args, **kwargs)
 
 
 def aot_compile(fn: Callable, args: tuple, kwargs: Optional[dict] = None, *, options: Optional[dict] = None,
@@ -59,21 +94,24 @@ def aot_compile(fn: Callable, args: tuple, kwargs: Optional[dict] = None, *, opt
         return torch.compile(fn, backend="fusecc", mode=mode, dynamic=dynamic, options=options)
     from fusecc.compile_cache.graph_cache import cache_enabled
 
+    def plain():
+        return torch.compile(fn, backend="fusecc", mode=mode, dynamic=dynamic, options=options)
+
     key = function_key(fn, args, kwargs, options, mode, dynamic)
     if cache_enabled():
         loaded = _load(key, fn)
         if loaded is not None:
-            return loaded
+            return GuardedFunction(loaded, plain)
     counters["function_misses"] += 1
     try:
         compiled = _compile(fn, args, kwargs, options, mode, dynamic)
     except Exception as exc:  # a graph break, an unstorable graph or guard: compile it the usual way
         log.warning("fusecc: %s cannot be compiled ahead of time (%s: %s); using torch.compile",
                     getattr(fn, "__qualname__", fn), type(exc).__name__, _first_line(exc))
-        return torch.compile(fn, backend="fusecc", mode=mode, dynamic=dynamic, options=options)
+        return plain()
     if cache_enabled():
         _store(key, compiled, f"function {getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}")
-    return compiled
+    return GuardedFunction(compiled, plain)
 
 
 def function_key(fn: Callable, args: tuple, kwargs: dict, options: dict, mode, dynamic) -> str:
@@ -135,7 +173,7 @@ def _missing_torch_support() -> Optional[str]:
 def _compile(fn, args, kwargs, options, mode, dynamic):
     with torch._dynamo.config.patch(enable_aot_compile=True):
         compiled = torch.compile(fn, backend="fusecc", fullgraph=True, mode=mode, dynamic=dynamic,
-                                 options={**options, "guard_filter_fn": portable_guards})
+                                 options={**options, "guard_filter_fn": serializable_guards})
         return compiled.aot_compile((tuple(args), kwargs))
 
 
