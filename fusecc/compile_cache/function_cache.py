@@ -43,6 +43,10 @@ from fusecc.compile_cache.store import discard, read_entry, write_entry
 
 log = logging.getLogger("fusecc.compile_cache")
 
+# the entry of a function that cannot be compiled ahead of time (its next process goes straight to
+# torch.compile instead of tracing it once more in vain)
+NOT_COMPILABLE = b""
+
 
 # guard kinds torch cannot serialize (CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES):
 # identities of Python objects (the model, its functions) that a new process cannot have
@@ -88,30 +92,49 @@ def aot_compile(fn: Callable, args: tuple, kwargs: Optional[dict] = None, *, opt
                 mode: Optional[str] = None, dynamic: Optional[bool] = None) -> Callable:
     kwargs = dict(kwargs or {})
     options = dict(options or {})
-    missing = _missing_torch_support()
+    missing = missing_torch_support()
     if missing:
         log.warning("fusecc: %s; using torch.compile (Dynamo traces in every process)", missing)
         return torch.compile(fn, backend="fusecc", mode=mode, dynamic=dynamic, options=options)
-    from fusecc.compile_cache.graph_cache import cache_enabled
-
     def plain():
         return torch.compile(fn, backend="fusecc", mode=mode, dynamic=dynamic, options=options)
 
+    compiled = load_or_compile(fn, args, kwargs, options=options, mode=mode, dynamic=dynamic)
+    return GuardedFunction(compiled, plain) if compiled is not None else plain()
+
+
+def load_or_compile(fn: Callable, args: tuple, kwargs: dict, *, options: dict, mode: Optional[str] = None,
+                    dynamic: Optional[bool] = None):
+    """torch's AOTCompiledFunction for `fn` at this example: loaded from the cache, or compiled (and
+    stored); None (with a warning saying why) where it cannot be compiled ahead of time. It
+    raises on a call its guards reject unless `disable_guard_check()` (check `guard_check` first)."""
+    from fusecc.compile_cache.graph_cache import cache_enabled
+
+    if not cache_enabled():  # nothing to store it in: compiling ahead of time would gain nothing
+        return None
     key = function_key(fn, args, kwargs, options, mode, dynamic)
-    if cache_enabled():
-        loaded = _load(key, fn)
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+    payload = read_entry(functions_dir(), key)
+    if payload == NOT_COMPILABLE:  # an earlier process found out: do not trace it in vain again
+        counters["function_hits_not_compilable"] += 1
+        return None
+    if payload is not None:
+        loaded = _load(key, fn, payload)
         if loaded is not None:
-            return GuardedFunction(loaded, plain)
+            return loaded
     counters["function_misses"] += 1
     try:
         compiled = _compile(fn, args, kwargs, options, mode, dynamic)
     except Exception as exc:  # a graph break, an unstorable graph or guard: compile it the usual way
-        log.warning("fusecc: %s cannot be compiled ahead of time (%s: %s); using torch.compile",
-                    getattr(fn, "__qualname__", fn), type(exc).__name__, _first_line(exc))
-        return plain()
-    if cache_enabled():
-        _store(key, compiled, f"function {getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}")
-    return GuardedFunction(compiled, plain)
+        why = f"{type(exc).__name__}: {_first_line(exc)}"
+        log.warning("fusecc: %s cannot be compiled ahead of time (%s); using torch.compile", name, why)
+        try:
+            write_entry(functions_dir(), key, NOT_COMPILABLE, f"not compilable ahead of time: {name}: {why}"[:300])
+        except OSError:
+            pass
+        return None
+    _store(key, compiled, f"function {name}")
+    return compiled
 
 
 def function_key(fn: Callable, args: tuple, kwargs: dict, options: dict, mode, dynamic) -> str:
@@ -158,11 +181,17 @@ def _file_hash(obj) -> str:
         return f"no source: {getattr(obj, '__qualname__', repr(obj))}"
 
 
-def _missing_torch_support() -> Optional[str]:
+def missing_torch_support() -> Optional[str]:
     if not hasattr(torch._dynamo.config, "enable_aot_compile"):
         return f"torch {torch.__version__} has no AOT compile (torch._dynamo.config.enable_aot_compile)"
     if not hasattr(torch.compiler, "load_compiled_function"):
         return f"torch {torch.__version__} has no torch.compiler.load_compiled_function"
+    from torch._dynamo import aot_compile as dynamo_aot_compile
+
+    compiled_type = getattr(dynamo_aot_compile, "AOTCompiledFunction", None)
+    if not all(hasattr(compiled_type, name) for name in ("guard_check", "disable_guard_check",
+                                                           "save_compiled_function")):
+        return f"torch {torch.__version__}'s AOTCompiledFunction lacks guard_check/save_compiled_function"
     from fusecc.compile_cache.compiled_graph import HAS_SERIALIZABLE_CALLABLE
 
     if not HAS_SERIALIZABLE_CALLABLE:
@@ -177,10 +206,7 @@ def _compile(fn, args, kwargs, options, mode, dynamic):
         return compiled.aot_compile((tuple(args), kwargs))
 
 
-def _load(key: str, fn: Callable):
-    payload = read_entry(functions_dir(), key)
-    if payload is None:
-        return None
+def _load(key: str, fn: Callable, payload: bytes):
     try:
         loaded = torch.compiler.load_compiled_function(io.BytesIO(payload), f_globals=_globals_of(fn))
     except Exception as exc:  # another torch or fusecc wrote it, or it no longer loads

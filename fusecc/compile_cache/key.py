@@ -11,6 +11,7 @@ when frozen, recomputes its constants from them on the first call (see artifact.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import platform
@@ -73,7 +74,16 @@ def describe_value(value: Any) -> Any:
                 isinstance(value, torch.nn.Parameter))
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return (type(value).__name__, str(value.node.expr))
-    return (type(value).__name__, repr(value))
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return (type(value).__name__, repr(value))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, [describe_value(v) for v in value])
+    if isinstance(value, dict):
+        return ("dict", [(repr(k), describe_value(v)) for k, v in value.items()])
+    if dataclasses.is_dataclass(value):  # e.g. attention metadata: its fields, tensors by metadata
+        return (type(value).__qualname__, [(f.name, describe_value(getattr(value, f.name)))
+                                           for f in dataclasses.fields(value)])
+    return (type(value).__module__, type(value).__qualname__)  # never its repr: it may hold values
 
 
 def digest(parts: Iterable[Any]) -> str:

@@ -45,7 +45,7 @@ def test_a_call_its_guards_reject_is_compiled_normally_and_correct(compile_cache
 
 
 def test_without_torch_support_it_logs_why_and_uses_torch_compile(compile_cache, monkeypatch, caplog):
-    monkeypatch.setattr(function_cache, "_missing_torch_support", lambda: "torch 2.x has no AOT compile")
+    monkeypatch.setattr(function_cache, "missing_torch_support", lambda: "torch 2.x has no AOT compile")
     model, x = TwoLayers(), torch.randn(2, 16)
     with caplog.at_level(logging.WARNING, logger="fusecc.compile_cache"), torch.no_grad():
         step = aot_compile(scaled, (model, x, True))
