@@ -1,8 +1,8 @@
 """One process of a warm-start test: compile a tiny Llama's forward, run it once, report as JSON.
 
-    python -m tests.compile_cache.child aot|backend|engine OPTIONS_JSON     (CHILD_DEVICE=cuda: on the GPU)
+    python -m tests.compile_cache.child aot|backend OPTIONS_JSON     (CHILD_DEVICE=cuda: on the GPU)
 
-aot: fusecc.compile_cache.aot_compile; backend: torch.compile(backend="fusecc"); engine: LLM().
+aot: fusecc.compile_cache.aot_compile; backend: torch.compile(backend="fusecc").
 The report: the first call's seconds (compile or load included), the largest difference from the
 eager model, fusecc's counters and Dynamo's (torch._dynamo.utils.counters), so the parent can
 tell what this process traced and generated.
@@ -56,19 +56,9 @@ def run_compiled(how: str, options: dict) -> dict:
     return {"first_call_s": first_call, "max_abs_diff": diff}
 
 
-def run_engine() -> dict:
-    from fusecc import LLM, SamplingParams
-
-    start = time.perf_counter()
-    llm = LLM()
-    ready = time.perf_counter() - start
-    outputs = llm.generate(["w3 w4 w5", "w6 w7 w8 w9 w10", "w11"], SamplingParams(temperature=0, max_tokens=6))
-    return {"ready_s": ready, "tokens": [o.outputs[0].token_ids for o in outputs]}
-
-
 def main() -> None:
     how, options = sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
-    report = run_engine() if how == "engine" else run_compiled(how, options)
+    report = run_compiled(how, options)
     from torch._dynamo.utils import counters as dynamo_counters
 
     from fusecc.compile_cache import counters
