@@ -2,7 +2,7 @@
 
 A hit skips AOTAutograd, fusecc's passes and code generation: the backend returns the stored
 program (artifact.py), built with the first call's inputs. Dynamo still traces the Python code
-(it must, to find the graph and its guards); fusecc.aot_compile (function_cache.py) skips that too.
+(it must, to find the graph and its guards); fusecc.compile_cache.aot_compile (function_cache.py) skips that too.
 
 Off when FUSECC_DISABLE_COMPILE_CACHE=1 or torch.compiler.config.force_disable_caches is set.
 Reads are skipped while dumping (a dump shows the passes running), writes are not.
