@@ -6,6 +6,9 @@ Registered under the `torch_dynamo_backends` entry-point group, so
 
 works without importing fusecc first. See config.py for the options.
 
+A graph compiled before (by this or an earlier process) is loaded from the compile cache instead
+(fusecc/compile_cache/): the key is taken on the Dynamo graph, so a hit skips everything below.
+
 AOTAutograd hands `InferenceCompiler` the ATen inference graph, which runs three stages in one
 direction, each timing itself: freeze (weights -> constants, with `freeze`), optimize (the pass
 pipeline, fusecc/passes/), lower (fusion + Triton kernels + wrapper, or the ATen graph as it
@@ -31,8 +34,8 @@ from fusecc.capture import capture_aten, keep_sdpa_whole
 from fusecc.codegen.lower import Program, lower
 from fusecc.compile_cache.artifact import GraphArtifact, NotCacheable, build_artifact
 from fusecc.compile_cache.calling_convention import convention_problem
-from fusecc.compile_cache.graph_cache import cache_enabled, load_graph, options_factors, store_graph
 from fusecc.compile_cache.compiled_graph import FuseccCompiledGraph
+from fusecc.compile_cache.graph_cache import cache_enabled, load_graph, options_factors, store_graph
 from fusecc.compile_cache.key import graph_key
 from fusecc.compile_cache.lineage import ConstantLineage
 from fusecc.compile_cache.stats import counters
@@ -46,6 +49,7 @@ from fusecc.passes.pipeline import PassRecord
 from fusecc.triton_support import has_triton_driver
 
 log = logging.getLogger("fusecc.compile_cache")
+
 
 class FuseccOptionError(ShortenTraceback, TypeError, ValueError):
     """A mistake in how the backend was asked for (an unknown or badly typed option). Dynamo
@@ -87,7 +91,6 @@ def fusecc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> C
     if key is not None and not dump.enabled:
         cached = load_graph(key, example_inputs)
         if cached is not None:
-            dump.discard()
             return cached
     try:
         num_sdpa = keep_sdpa_whole(gm)

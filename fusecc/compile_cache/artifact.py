@@ -137,7 +137,8 @@ def build_artifact(program, frozen: dict[int, torch.Tensor], unfrozen: Optional[
     launches = []
     if program.wrapper is not None:
         wrapper = program.wrapper
-        kernel_of = {id(wrapper.namespace[name]): ks for name, ks in wrapper.kernels.items() if name in wrapper.namespace}
+        kernel_of = {id(wrapper.namespace[name]): ks for name, ks in wrapper.kernels.items()
+                     if name in wrapper.namespace}
         state["source"] = wrapper.source
         state["namespace"] = {name: KernelRef(kernel_of[id(value)]) if id(value) in kernel_of else value
                               for name, value in wrapper.namespace.items()}

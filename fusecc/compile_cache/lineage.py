@@ -19,7 +19,7 @@ Recipes are small Python objects (ops by name, shapes): no tensor data, except s
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch

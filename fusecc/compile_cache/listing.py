@@ -15,7 +15,8 @@ def describe_cache() -> str:
         for entry in list_entries(directory):
             total += entry.size
             age = _age(time.time() - entry.created)
-            lines.append(f"  {kind:<8} {entry.key[:16]}  {entry.size / 1024:9.1f} KiB  {age:>9} ago  {entry.description}")
+            lines.append(f"  {kind:<8} {entry.key[:16]}  {entry.size / 1024:9.1f} KiB  {age:>9} ago  "
+                         f"{entry.description}")
     kernels = sorted(kernels_dir().glob("*.py")) if kernels_dir().is_dir() else []
     kernel_bytes = sum(p.stat().st_size for p in kernels)
     lines.append(f"  {len(kernels)} generated kernel sources ({kernel_bytes / 1024:.1f} KiB) in {kernels_dir()}")

@@ -3,7 +3,8 @@
 
     <root>/kernels/<kernel name>.py        generated Triton sources (codegen/kernel_cache.py)
     <root>/graphs/<key>.fcc                compiled graphs: skip AOTAutograd, passes and codegen
-    <root>/functions/<key>.fcc             whole functions (compile_cache.aot_compile, the runtime's forward): skip Dynamo too
+    <root>/functions/<key>.fcc             whole functions (compile_cache.aot_compile, the runtime's
+                                           forward): skip Dynamo too
 
 Triton keeps the kernels' binaries in its own cache (`$TRITON_CACHE_DIR`, ~/.triton/cache).
 """

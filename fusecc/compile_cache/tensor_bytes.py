@@ -27,7 +27,9 @@ class TensorBytes:
         return TensorBytes(t.dtype, tuple(t.shape), tuple(t.stride()), str(t.device), data)
 
     def unpack(self) -> torch.Tensor:
-        flat = torch.frombuffer(bytearray(self.data), dtype=torch.uint8) if self.data else torch.empty(0, dtype=torch.uint8)
-        dense = flat.view(self.dtype).reshape(self.shape) if self.data else torch.empty(self.shape, dtype=self.dtype)
+        if self.data:
+            dense = torch.frombuffer(bytearray(self.data), dtype=torch.uint8).view(self.dtype).reshape(self.shape)
+        else:
+            dense = torch.empty(self.shape, dtype=self.dtype)
         out = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
         return out.copy_(dense)
