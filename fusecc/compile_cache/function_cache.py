@@ -165,7 +165,7 @@ def _code_identity(fn: Callable) -> tuple:
 def _module_identity(module: torch.nn.Module) -> tuple:
     """A module's class, the source files of its classes and their submodules' classes, its config
     and the shapes/dtypes of its parameters and buffers."""
-    files = sorted({_file_hash(type(m)) for m in module.modules()})
+    files = sorted({_file_hash(cls) for cls in {type(m) for m in module.modules()}})
     tensors = [(name, describe_value(t)) for name, t in list(module.named_parameters()) + list(module.named_buffers())]
     config = getattr(module, "config", None)
     return (type(module).__qualname__, files, repr(config.to_dict() if hasattr(config, "to_dict") else config),
