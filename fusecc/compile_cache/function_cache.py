@@ -114,7 +114,10 @@ def load_or_compile(fn: Callable, args: tuple, kwargs: dict, *, options: dict, m
         return None
     key = function_key(fn, args, kwargs, options, mode, dynamic)
     name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
-    payload = read_entry(functions_dir(), key)
+    from fusecc.config import FuseccOptions
+
+    dumping = bool(FuseccOptions.from_sources(mode=mode, options=options).dump_dir)
+    payload = None if dumping else read_entry(functions_dir(), key)  # a dump shows the compilation
     if payload == NOT_COMPILABLE:  # an earlier process found out: do not trace it in vain again
         counters["function_hits_not_compilable"] += 1
         return None
