@@ -18,6 +18,7 @@ does before /health answers 200), cold and warm: process start to the first toke
 excluded, and the first request after start-up against the median of the next ten.
 
     python -m benchmarks.compile_time --shapes 1b,8b --serve --out benchmarks/results/compile_time.json
+    python -m benchmarks.compile_time --shapes 8b --rows "" --serve --out ...   # the engine's start-up only
     python -m benchmarks.compile_time --smoke --out /tmp/compile_time.json     # CPU, tiny shape
 """
 
@@ -222,7 +223,10 @@ def main() -> int:
 
     device = "cpu" if args.smoke else "cuda"
     shapes = ["tiny"] if args.smoke else args.shapes.split(",")
-    rows = ["aot_eager", "fusecc", "fusecc_aot"] if args.smoke else args.rows.split(",")
+    rows = ["aot_eager", "fusecc", "fusecc_aot"] if args.smoke else [r for r in args.rows.split(",") if r]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     try:
         import triton
 
@@ -234,7 +238,7 @@ def main() -> int:
               "command": "python -m benchmarks.compile_time " + " ".join(sys.argv[1:]),
               "what": "first_call_s: compile call to the first decode step's logits, each row in a fresh process; "
                       "warm rows reuse the cache folders of their cold row", "configurations": []}
-    for shape in shapes:
+    for shape in shapes if rows else []:
         report["configurations"].append(bench_shape(shape, args.batch, device, rows))
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
