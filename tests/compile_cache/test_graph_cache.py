@@ -96,19 +96,21 @@ def test_disabled_cache_reads_and_writes_nothing(compile_cache, monkeypatch):
     assert not graphs_dir().exists() and counters["graph_stores"] == 0 and counters["aten_traces"] == 1
 
 
-def test_engine_restart_loads_its_graphs(compile_cache):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_engine_restart_loads_its_graphs(compile_cache, device):
     """LLM() compiles its forward graph by graph ahead of time (size-oblivious on CPU: one per step
-    kind, whatever the batch); a second engine loads them all, traces nothing, and generates the
-    same tokens."""
+    kind, whatever the batch; on CUDA one per specialised shape class, CUDA graphs captured over
+    them); a second engine loads them all, traces nothing, and generates the same tokens."""
     from torch._dynamo.utils import counters as dynamo_counters
 
     from fusecc import LLM, SamplingParams
 
     prompts, params = ["w3 w4 w5", "w6 w7 w8 w9 w10", "w11"], SamplingParams(temperature=0, max_tokens=6)
-    engine_args = dict(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    engine_args = dict(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64, device=device)
     first = [o.outputs[0].token_ids for o in LLM(**engine_args).generate(prompts, params)]
     stored = counters["function_stores"]
-    assert stored == 2 and counters["aten_traces"] == counters["graph_stores"] == stored, dict(counters)
+    assert (stored == 2 if device == "cpu" else stored >= 2), dict(counters)
+    assert counters["aten_traces"] == counters["graph_stores"] == stored, dict(counters)
     torch._dynamo.reset()
     counters.clear()
     dynamo_counters.clear()
