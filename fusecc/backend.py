@@ -279,6 +279,8 @@ class InferenceCompiler:
                 return build_artifact(c.program, c.frozen, c.unfrozen, c.lineage, self.options.strict)
             except NotCacheable as exc:
                 problem = str(exc)
+            except Exception as exc:  # storing is optional: the compiled graph runs regardless
+                problem = f"{type(exc).__name__}: {exc}"
         counters["graph_uncacheable"] += 1
         log.info("fusecc: compiled graph not stored: %s", problem)
         self.dump.note(f"not stored in the compile cache: {problem}", kind="cache")

@@ -102,12 +102,21 @@ class ConstantLineage(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        try:
+            self._record(func, args, kwargs, out)
+        except Exception:  # recording is bookkeeping: it must never fail the compilation
+            for o in tree_flatten(out)[0]:
+                if isinstance(o, torch.Tensor):
+                    self._taint(o)
+        return out
+
+    def _record(self, func, args, kwargs, out) -> None:
         if not isinstance(func, torch._ops.OpOverload):
-            return out
+            return
         flat, spec = tree_flatten((args, kwargs))
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
         if not tensors or any(is_fake(t) for t in tensors):
-            return out
+            return
         results = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         sources = [self.source_of(a) if isinstance(a, torch.Tensor) else a for a in flat]
         from_weights = any(isinstance(s, (InputView, Derived)) or (isinstance(a, torch.Tensor) and self.is_tainted(a))
@@ -117,22 +126,22 @@ class ConstantLineage(TorchDispatchMode):
                 self.recipes.pop(id(t), None)
                 if from_weights:
                     self._taint(t)
-            return out
+            return
         if not from_weights:
-            return out
+            return
         mapped = []
         for a, s in zip(flat, sources):
             if isinstance(a, torch.Tensor) and s is None:
                 if self.is_tainted(a) or a.numel() * a.element_size() > MAX_LITERAL_BYTES:
                     for o in results:  # not reproducible cheaply
                         self._taint(o)
-                    return out
+                    return
                 s = Literal(TensorBytes.pack(a))
             mapped.append(s)
         step = Step(op_key(func), tree_unflatten(mapped, spec), len(results))
         for index, o in enumerate(results):
             self.recipes[id(o)] = (weakref.ref(o), Derived(step, index))
-        return out
+        return
 
 
 def evaluate(source, inputs: list, memo: dict) -> torch.Tensor:
