@@ -141,7 +141,6 @@ class ConstantLineage(TorchDispatchMode):
         step = Step(op_key(func), tree_unflatten(mapped, spec), len(results))
         for index, o in enumerate(results):
             self.recipes[id(o)] = (weakref.ref(o), Derived(step, index))
-        return
 
 
 def evaluate(source, inputs: list, memo: dict) -> torch.Tensor:
