@@ -6,6 +6,9 @@ Registered under the `torch_dynamo_backends` entry-point group, so
 
 works without importing fusecc first. See config.py for the options.
 
+A graph compiled before (by this or an earlier process) is loaded from the compile cache instead
+(fusecc/compile_cache/): the key is taken on the Dynamo graph, so a hit skips everything below.
+
 AOTAutograd hands `InferenceCompiler` the ATen inference graph, which runs three stages in one
 direction, each timing itself: freeze (weights -> constants, with `freeze`), optimize (the pass
 pipeline, fusecc/passes/), lower (fusion + Triton kernels + wrapper, or the ATen graph as it
@@ -14,6 +17,8 @@ is; fusecc/codegen/). Every stage writes to the graph's dump, which does nothing
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +31,14 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from fusecc.capture import capture_aten, keep_sdpa_whole
-from fusecc.codegen.lower import lower
+from fusecc.codegen.lower import Program, lower
+from fusecc.compile_cache.artifact import GraphArtifact, NotCacheable, build_artifact
+from fusecc.compile_cache.calling_convention import convention_problem
+from fusecc.compile_cache.compiled_graph import FuseccCompiledGraph
+from fusecc.compile_cache.graph_cache import cache_enabled, load_graph, options_factors, store_graph
+from fusecc.compile_cache.key import graph_key
+from fusecc.compile_cache.lineage import ConstantLineage
+from fusecc.compile_cache.stats import counters
 from fusecc.config import FuseccOptions
 from fusecc.debug.dump import GraphDump, NoDump
 from fusecc.debug.report import CompileReport
@@ -35,6 +47,8 @@ from fusecc.graph.op_counts import count_ops, op_histogram
 from fusecc.passes import build_pipeline, run_passes
 from fusecc.passes.pipeline import PassRecord
 from fusecc.triton_support import has_triton_driver
+
+log = logging.getLogger("fusecc.compile_cache")
 
 
 class FuseccOptionError(ShortenTraceback, TypeError, ValueError):
@@ -72,10 +86,24 @@ def fusecc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> C
         is_weight_input(node, ex)
         for node, ex in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)
     ]
+    counters["backend_calls"] += 1
+    key = _cache_key(gm, example_inputs, weight_flags, options)
+    if key is not None and not dump.enabled:
+        cached = load_graph(key, example_inputs)
+        if cached is not None:
+            return cached
     try:
         num_sdpa = keep_sdpa_whole(gm)
-        compiler = InferenceCompiler(options, dump, list(example_inputs), weight_flags, num_sdpa)
-        return capture_aten(gm, list(example_inputs), compiler)
+        compiler = InferenceCompiler(options, dump, list(example_inputs), weight_flags, num_sdpa,
+                                     record_artifact=key is not None)
+        with _no_aot_autograd_cache():
+            runner = capture_aten(gm, list(example_inputs), compiler)
+        if compiler.artifact is None:
+            return runner
+        store_graph(key, compiler.artifact, f"{len(gm.graph.nodes)} Dynamo nodes, {len(example_inputs)} inputs, "
+                                            f"{_device_summary(example_inputs)}, mode={options.mode}, "
+                                            f"freeze={options.freeze}, codegen={options.codegen}")
+        return FuseccCompiledGraph(compiler.artifact, runner)
     except Exception as exc:
         if _is_dynamo_control_flow(exc):
             # Not a failure: Dynamo asks to re-trace the frame (e.g. to specialize a float
@@ -91,6 +119,31 @@ def fusecc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> C
         dump.write_text("error.txt", f"{type(exc).__name__}: {exc}\n")
         _write_unoptimized_report(dump, gm, example_inputs, options, start)
         return gm.forward
+
+
+def _cache_key(gm: fx.GraphModule, example_inputs: list, weight_flags: list, options: FuseccOptions) -> str | None:
+    if not cache_enabled():
+        return None
+    device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), None)
+    try:
+        return graph_key(gm, example_inputs, weight_flags, options_factors(options), device)
+    except Exception as exc:  # a graph we cannot describe is compiled every time, as without a cache
+        log.info("fusecc: no cache key for this graph: %s: %s", type(exc).__name__, exc)
+        return None
+
+
+def _device_summary(example_inputs: list) -> str:
+    return next((str(x.device) for x in example_inputs if isinstance(x, torch.Tensor)), "no tensors")
+
+
+def _no_aot_autograd_cache():
+    """torch's AOT compile (`.aot_compile`) asks AOTAutograd to use and insist on its own cache,
+    which holds only Inductor's output; fusecc stores its compiled graphs itself."""
+    import torch._functorch.config as functorch_config
+
+    settings = {name: False for name in ("strict_autograd_cache", "force_autograd_cache", "bundled_autograd_cache")
+                if hasattr(functorch_config, name)}
+    return functorch_config.patch(settings) if settings else contextlib.nullcontext()
 
 
 def _options(kwargs: dict, example_inputs: list) -> FuseccOptions:
@@ -142,20 +195,25 @@ class _Compilation:
     records: list[PassRecord] = field(default_factory=list)
     runner: Callable | None = None
     codegen_summary: dict = field(default_factory=dict)
+    program: Program | None = None            # what rebuilds the runner (stored by compile_cache)
+    lineage: ConstantLineage | None = None    # how frozen constants derive from the weights
 
 
 class InferenceCompiler:
     """Called by AOTAutograd with the ATen inference graph; returns what runs it."""
 
     def __init__(self, options: FuseccOptions, dump: NoDump, dynamo_inputs: list, weight_flags: list,
-                 num_sdpa: int):
+                 num_sdpa: int, record_artifact: bool = False):
         self.options = options
         self.dump = dump
         self.dynamo_inputs = dynamo_inputs
         self.weight_flags = weight_flags
         self.num_sdpa = num_sdpa
+        self.record_artifact = record_artifact
+        self.artifact: GraphArtifact | None = None  # set when the compiled graph can be stored
 
     def __call__(self, aten_gm: fx.GraphModule, fake_inputs: list) -> Callable:
+        counters["aten_traces"] += 1
         # AOTAutograd calls us inside its fake mode; freezing and folding handle real tensors.
         with unset_fake_temporarily():
             return self._compile(aten_gm, fake_inputs)
@@ -174,9 +232,15 @@ class InferenceCompiler:
             weight_inputs = [False] * len(fake_inputs)  # cannot map inputs: treat none as weights
         c = _Compilation(aten_gm, fake_inputs, weight_inputs, params_flat)
         phase_seconds: dict[str, float] = {}
-        for stage in (self._freeze, self._optimize, self._lower):
-            phase_seconds.update(stage(c))
+        phase_seconds.update(self._freeze(c))
+        if self.record_artifact and c.frozen:
+            c.lineage = ConstantLineage(c.frozen)
+        with c.lineage if c.lineage is not None else contextlib.nullcontext():
+            for stage in (self._optimize, self._lower):
+                phase_seconds.update(stage(c))
         runner = FrozenWeightsCheck(c.runner, c.frozen, c.unfrozen, self.options.strict) if c.frozen else c.runner
+        if self.record_artifact:
+            self.artifact = self._artifact(c)
         seconds = time.perf_counter() - start
         if self.dump.enabled:
             phase_seconds["of which dump writing"] = self.dump.seconds - dump_seconds_before
@@ -205,9 +269,27 @@ class InferenceCompiler:
                                 verify=self.options.verify, dump=self.dump)
         return {"passes": time.perf_counter() - start}
 
+    def _artifact(self, c: _Compilation) -> GraphArtifact | None:
+        num_inputs = len(c.gm.graph.find_nodes(op="placeholder"))
+        problem = convention_problem(num_inputs, len(self.dynamo_inputs), c.params_flat)
+        if problem is None and c.program is None:
+            problem = "nothing to store"
+        if problem is None:
+            try:
+                return build_artifact(c.program, c.frozen, c.unfrozen, c.lineage, self.options.strict)
+            except NotCacheable as exc:
+                problem = str(exc)
+            except Exception as exc:  # storing is optional: the compiled graph runs regardless
+                problem = f"{type(exc).__name__}: {exc}"
+        counters["graph_uncacheable"] += 1
+        log.info("fusecc: compiled graph not stored: %s", problem)
+        self.dump.note(f"not stored in the compile cache: {problem}", kind="cache")
+        return None
+
     def _lower(self, c: _Compilation) -> dict[str, float]:
+        counters["codegen_runs"] += 1
         lowered = lower(c.gm, self.options, self.dump, c.fake_inputs, c.weight_inputs)
-        c.runner, c.codegen_summary = lowered.runner, lowered.summary
+        c.runner, c.codegen_summary, c.program = lowered.runner, lowered.summary, lowered.program
         c.records += lowered.records
         return lowered.seconds
 

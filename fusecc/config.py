@@ -24,10 +24,11 @@ _MODE_FLAGS: dict[str, dict[str, bool]] = {
     "max-autotune": {"cudagraphs": True, "autotune": True},
     "max-autotune-no-cudagraphs": {"autotune": True},
 }
-# FUSECC_* variables that are not backend options: the runtime's kernel cache and default model,
-# the server's API key, and test hooks. Any other FUSECC_* name is a typo of an option and warns.
-OTHER_ENVIRONMENT_VARIABLES = ("FUSECC_CACHE_DIR", "FUSECC_API_KEY", "FUSECC_DEFAULT_MODEL", "FUSECC_FAKE_TOKEN_DELAY",
-                               "FUSECC_UPDATE_GOLDEN")
+# FUSECC_* variables that are not backend options: the compile cache (its folder, and a switch to
+# turn it off: fusecc/compile_cache/), the runtime's default model, the server's API key, and test
+# hooks. Any other FUSECC_* name is a typo of an option and warns.
+OTHER_ENVIRONMENT_VARIABLES = ("FUSECC_CACHE_DIR", "FUSECC_DISABLE_COMPILE_CACHE", "FUSECC_API_KEY",
+                               "FUSECC_DEFAULT_MODEL", "FUSECC_FAKE_TOKEN_DELAY", "FUSECC_UPDATE_GOLDEN")
 
 
 @dataclass

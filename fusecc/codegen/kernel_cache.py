@@ -2,7 +2,7 @@
 
 A kernel's name and file are derived from the sha256 of its source, so the 32 identical
 layers of a model produce one kernel, compiled once. Sources persist under
-`$FUSECC_CACHE_DIR` (default `~/.cache/fusecc/kernels`); Triton's own cache keys compiled
+`$FUSECC_CACHE_DIR/kernels` (default `~/.cache/fusecc/kernels`); Triton's own cache keys compiled
 binaries by source, so a second process gets both without recompiling.
 """
 
@@ -47,10 +47,9 @@ class KernelCache:
 
 
 def default_cache_dir() -> Path:
-    configured = os.environ.get("FUSECC_CACHE_DIR")
-    if configured:
-        return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fusecc" / "kernels"
+    from fusecc.compile_cache.location import kernels_dir
+
+    return kernels_dir()
 
 
 @functools.lru_cache(maxsize=None)

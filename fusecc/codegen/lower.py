@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
-from torch._functorch.aot_autograd import make_boxed_func
 
 from fusecc.codegen.fusion import Fusion
+from fusecc.codegen.program import Program, runner_for, with_kernel_autotuning  # noqa: F401 (re-exported)
 from fusecc.config import FuseccOptions
 from fusecc.debug.dump import NoDump
 from fusecc.graph.node_kinds import is_mutated
@@ -31,6 +31,7 @@ class Lowered:
     records: list[PassRecord] = field(default_factory=list)  # fusion's, for the pass table
     seconds: dict[str, float] = field(default_factory=dict)  # "codegen", "kernel precompile"
     summary: dict[str, int] = field(default_factory=dict)    # per call: kernel launches, extern calls, fallbacks
+    program: Program | None = None                            # what rebuilds `runner` (compile_cache)
 
 
 def wants_triton(options: FuseccOptions, example_inputs: list) -> bool:
@@ -43,27 +44,13 @@ def wants_triton(options: FuseccOptions, example_inputs: list) -> bool:
     return any(isinstance(x, torch.Tensor) and x.device.type == "cuda" for x in example_inputs)
 
 
-def with_kernel_autotuning(runner: Callable, enabled: bool) -> Callable:
-    """Run a compiled graph (boxed call) with the attention kernels' config search on or off, as
-    the graph's `autotune` option says (off by default: a hand-picked tile config per shape class,
-    no seconds of compiling and timing the alternatives on the first call; mode="max-autotune"
-    turns it on)."""
-    from fusecc.kernels.attention_tile import kernel_autotuning
-
-    def call(args):
-        with kernel_autotuning(enabled):
-            return runner(args)
-
-    call._boxed_call = True
-    return call
-
-
 def lower(gm: fx.GraphModule, options: FuseccOptions, dump: NoDump, example_inputs: list,
           weight_inputs: list[bool]) -> Lowered:
     start = time.perf_counter()
     if not wants_triton(options, example_inputs):
-        runner = with_kernel_autotuning(make_boxed_func(gm.forward), options.autotune)
-        return Lowered(runner, seconds={"codegen": time.perf_counter() - start, "kernel precompile": 0.0})
+        program = Program(graph=gm, autotune=options.autotune)
+        return Lowered(runner_for(program), seconds={"codegen": time.perf_counter() - start, "kernel precompile": 0.0},
+                       program=program)
     from fusecc.codegen.wrapper import compile_wrapper
 
     # Before fusion: a fused kernel (call_module) that writes an input no longer shows as a write.
@@ -72,13 +59,10 @@ def lower(gm: fx.GraphModule, options: FuseccOptions, dump: NoDump, example_inpu
     records = run_passes(gm, [fusion], verify=options.verify, dump=dump)
     compiled = compile_wrapper(gm, check_kernels=options.check_kernels,
                                emulate_precision_casts=options.emulate_precision_casts)
-    # inside the CUDA-graph runner: a replay launches nothing, so it needs no scope
-    call = with_kernel_autotuning(compiled.call, options.autotune)
-    if options.cudagraphs and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
-        from fusecc.codegen.cudagraphs import CUDAGraphRunner
-
-        call = CUDAGraphRunner(call, mutated_inputs=mutated_inputs,
-                               persistent_inputs=[i for i, w in enumerate(weight_inputs) if w])
+    cudagraphs = options.cudagraphs and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+    program = Program(wrapper=compiled, autotune=options.autotune, cudagraphs=cudagraphs,
+                      mutated_inputs=mutated_inputs, weight_inputs=list(weight_inputs))
+    call = runner_for(program)
     dump.write_text("wrapper.py", compiled.source)
     for group_name, ks in compiled.kernels.items():
         dump.write_file(f"kernels/{group_name}.py", f"# {group_name}: Triton kernel {ks.name}\n{ks.source}")
@@ -95,4 +79,4 @@ def lower(gm: fx.GraphModule, options: FuseccOptions, dump: NoDump, example_inpu
                "kernel precompile": compiled.precompile_seconds}
     summary = {"kernel_launches": compiled.launches_per_call, "extern_calls": compiled.extern_calls_per_call,
                "codegen_fallbacks": len(compiled.fallbacks)}
-    return Lowered(call, records, seconds, summary)
+    return Lowered(call, records, seconds, summary, program)

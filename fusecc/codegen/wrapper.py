@@ -49,6 +49,25 @@ class CompiledWrapper:
     extern_calls_per_call: int = 0
     precompiled: int = 0             # distinct kernels compiled before the first call
     precompile_seconds: float = 0.0
+    # what load_wrapper needs to rebuild `call` in another process (compile_cache/artifact.py):
+    # the globals the source reads beyond base_globals(), and the kernel launches to precompile
+    namespace: dict[str, Any] = field(default_factory=dict, repr=False)
+    launch_examples: list[KernelLaunch] = field(default_factory=list, repr=False)
+
+
+def base_globals() -> dict[str, Any]:
+    """The globals every generated wrapper reads."""
+    return {"torch": torch, "device": torch.device, "empty_strided": torch.empty_strided,
+            "check_kernel": check_kernel, "fit_strides": fit_strides}
+
+
+def load_wrapper(source: str, namespace: dict[str, Any]) -> Callable:
+    """The boxed call function of a wrapper's source, with its globals."""
+    scope = {**base_globals(), **namespace}
+    exec(compile(source, "<fusecc-wrapper>", "exec"), scope)
+    call = scope["call"]
+    call._boxed_call = True
+    return call
 
 
 def compile_wrapper(gm: fx.GraphModule, cache_dir: Optional[str] = None, check_kernels: bool = False,
@@ -93,9 +112,7 @@ class _WrapperWriter:
         self.check_kernels = check_kernels
         self.cache = kernel_cache(cache_dir)
         self.lines: list[str] = []
-        self.globals: dict[str, Any] = {"torch": torch, "device": torch.device,
-                                        "empty_strided": torch.empty_strided, "check_kernel": check_kernel,
-                                        "fit_strides": fit_strides}
+        self.globals: dict[str, Any] = base_globals()
         self.symbol_source: dict[sympy.Symbol, str] = {}
         self.symbol_hint: dict[sympy.Symbol, int] = {}  # example values, for precompiling
         self.launch_examples: list[KernelLaunch] = []
@@ -320,17 +337,17 @@ class _WrapperWriter:
                 self.lines.append(f"del {', '.join(sorted(set(dead)))}")
         body = "\n".join("    " + line for line in header + self.lines)
         source = f"def call(args):\n{body}\n"
-        namespace = dict(self.globals)
-        exec(compile(source, "<fusecc-wrapper>", "exec"), namespace)
-        call = namespace["call"]
-        call._boxed_call = True
+        base = base_globals()
+        namespace = {name: value for name, value in self.globals.items() if name not in base}
+        call = load_wrapper(source, namespace)
         precompiled, precompile_start = 0, time.perf_counter()
         if _is_cuda_graph(placeholders):
             precompiled = precompile(self.launch_examples)
         return CompiledWrapper(call=call, source=_documented(source, self.kernels), kernels=self.kernels,
                                fallbacks=self.fallbacks, launches_per_call=self.launches,
                                extern_calls_per_call=self.externs, precompiled=precompiled,
-                               precompile_seconds=time.perf_counter() - precompile_start)
+                               precompile_seconds=time.perf_counter() - precompile_start,
+                               namespace=namespace, launch_examples=self.launch_examples)
 
 
 def _read_by_kernel(node: fx.Node) -> bool:

@@ -84,9 +84,13 @@ def compile_forward(model, size_oblivious: bool, **options):
     import torch._dynamo.config as dynamo_config
     import torch.fx.experimental._config as fx_config
 
+    from fusecc.compile_cache.precompiled_forward import PrecompiledForward
+
     shape_settings = {"use_duck_shape": False, **({"backed_size_oblivious": True} if size_oblivious else {})}
-    fn = torch.compile(model, backend="fusecc", dynamic=True,
-                       options={"freeze": True, "autotune": autotune_enabled(), **options})
+    options = {"freeze": True, "autotune": autotune_enabled(), **options}
+    # each graph compiled ahead of time and stored, so a restart traces nothing (compile_cache/)
+    fn = PrecompiledForward(model, options, torch.compile(model, backend="fusecc", dynamic=True, options=options),
+                            max_graphs=RECOMPILE_LIMIT)
     # made once: each config.patch() call defines a class, per step that would be run-time overhead
     with_settings = fx_config.patch(shape_settings)
     with_dynamo_settings = dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT, specialize_float=True)
