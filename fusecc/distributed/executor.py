@@ -1,0 +1,200 @@
+"""The engine's side of tensor parallelism: it schedules, the ranks run the model.
+
+    runner = make_executor(model_path, config, dtype, device)   # in LLMEngine.from_engine_args
+    runner.config, runner.vocab_size                             # as a ModelRunner's
+    sampled = runner.execute(scheduler_output, eos_ids)         # rank 0's SamplerOutput
+
+Two ways to get the ranks:
+- MultiprocExecutor (a plain `LLM(..., tensor_parallel_size=N)` / `fusecc-serve`): the engine
+  process spawns N worker processes (spawn method), ranks 0..N-1 of a fresh process group over
+  tcp://127.0.0.1, one GPU each; the engine process is no rank, so a collective that fails or
+  NCCL's watchdog aborting a rank never takes the engine down with it. Steps go to rank 0 over a
+  Pipe; rank 0 broadcasts them to the others (fusecc/distributed/worker.py).
+- DriverExecutor (under torchrun, one or several machines): every torchrun process runs the same
+  command; rank 0's process is the engine and runs rank 0 itself, the others become workers inside
+  `make_executor` and exit when rank 0 stops.
+
+Faults (MultiprocExecutor): while waiting for rank 0's answer the engine polls every worker; a
+worker that exited, reported an error, or a step not answered within `step_timeout_s` stops every
+worker (SIGTERM, then SIGKILL after STOP_GRACE_S) and raises WorkerFailedError, which fails the
+engine's step (and so every open request; the server's /health answers 503). Workers ignore
+SIGINT (Ctrl-C is the engine's: its exit stops them) and exit when the engine process dies.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import time
+import weakref
+
+import torch
+
+from fusecc.distributed import worker as worker_mod
+from fusecc.distributed.state import DEFAULT_TIMEOUT_S, init_distributed, torchrun_env
+from fusecc.runtime.config import EngineConfig
+
+STOP_GRACE_S = 5.0
+POLL_S = 0.1
+DEFAULT_STEP_TIMEOUT_S = 300.0  # a step may compile a new shape; a hang is reported after this
+DEFAULT_START_TIMEOUT_S = 1800.0  # load + compile + warm-up + CUDA graphs of a 70B shard
+
+
+class WorkerFailedError(RuntimeError):
+    """A tensor-parallel worker died, failed or hung; every worker has been stopped."""
+
+
+def check_tp_model(model, gguf_path, hf_config, config: EngineConfig) -> None:
+    """ValueError at start for what tensor parallelism does not cover."""
+    if config.tensor_parallel_size == 1:
+        return
+    from fusecc.runtime.models.registry import resolve_model_impl
+
+    if model is None or gguf_path is not None:
+        raise ValueError("tensor_parallel_size > 1 needs a Hugging Face checkpoint folder (not a GGUF file or "
+                         "the default model)")
+    if resolve_model_impl(hf_config, config.model_impl) != "fusecc":
+        raise ValueError("tensor_parallel_size > 1 supports fusecc's native models only (model_impl='fusecc')")
+    heads = hf_config.num_attention_heads
+    if heads % config.tensor_parallel_size:
+        raise ValueError(f"num_attention_heads={heads} is not divisible by tensor_parallel_size="
+                         f"{config.tensor_parallel_size}")
+
+
+def make_executor(model_path: str, config: EngineConfig, dtype: torch.dtype, device: torch.device):
+    if torchrun_env():
+        return DriverExecutor(str(model_path), config, dtype, device)
+    return MultiprocExecutor(str(model_path), config, dtype, device)
+
+
+class MultiprocExecutor:
+    def __init__(self, model_path: str, config: EngineConfig, dtype: torch.dtype, device: torch.device,
+                 step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S, start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+                 collective_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        world = config.tensor_parallel_size
+        if device.type == "cuda" and torch.cuda.device_count() < world:
+            raise ValueError(f"tensor_parallel_size={world} but only {torch.cuda.device_count()} GPUs are visible")
+        ctx = multiprocessing.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        self.step_timeout_s = step_timeout_s
+        self.procs, self.conns = [], []
+        self._pending: dict[int, list] = {rank: [] for rank in range(world)}
+        # stops the workers when the executor is collected or the interpreter exits (Ctrl-C included)
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
+        for rank in range(world):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=worker_mod.worker_main, name=f"fusecc-tp-rank{rank}",
+                               args=(rank, world, init_method, model_path, config, dtype, device.type, theirs,
+                                     collective_timeout_s, os.getpid()))
+            proc.start()
+            theirs.close()
+            self.procs.append(proc)
+            self.conns.append(ours)
+        ready = [self._receive(rank, start_timeout_s, "start") for rank in range(world)]
+        self.config, info = ready[0][1], ready[0][2]
+        self.device, self.dtype = torch.device(info["device"]), info["dtype"]
+        self.vocab_size = _vocab_size(model_path)
+        self.num_graph_replays = 0
+
+    def execute(self, out, eos_token_ids=()):
+        if not self._finalizer.alive:
+            raise WorkerFailedError("the tensor-parallel workers were stopped")
+        try:
+            self.conns[0].send(("step", out, tuple(eos_token_ids)))
+        except OSError as exc:
+            self._fail(f"rank 0 is gone ({exc})")
+        _, sampled, self.num_graph_replays = self._receive(0, self.step_timeout_s, "step")
+        return sampled
+
+    def shutdown(self) -> None:
+        if self._finalizer.alive:
+            try:
+                self.conns[0].send(("stop",))
+            except OSError:
+                pass
+            self._finalizer()
+
+    def _receive(self, rank: int, timeout_s: float, what: str):
+        """The next message of `rank`, watching every worker meanwhile (an error message or an
+        exit of any rank fails; others' regular messages wait in _pending)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self._pending[rank]:
+                return self._pending[rank].pop(0)
+            self.conns[rank].poll(POLL_S)
+            for r, (proc, conn) in enumerate(zip(self.procs, self.conns)):
+                while conn.poll(0):
+                    try:
+                        message = conn.recv()
+                    except EOFError:
+                        break
+                    if message[0] == "error":
+                        self._fail(f"tensor-parallel worker failed during {what}: {message[1]}")
+                    self._pending[r].append(message)
+                if proc.exitcode is not None and not self._pending[rank]:
+                    self._fail(f"tensor-parallel worker rank {r} (pid {proc.pid}) exited with code {proc.exitcode} "
+                               f"during {what}")
+            if not self._pending[rank] and time.monotonic() > deadline:
+                self._fail(f"tensor-parallel rank {rank} did not answer the {what} within {timeout_s:.0f} s "
+                           f"(hung worker?)")
+
+    def _fail(self, message: str):
+        self._finalizer()
+        raise WorkerFailedError(message + "; all workers were stopped")
+
+
+def _stop(procs: list, conns: list) -> None:
+    deadline = time.monotonic() + STOP_GRACE_S
+    for proc in procs:  # those that got ("stop",) exit on their own
+        proc.join(max(0.0, deadline - time.monotonic()) if proc is procs[0] else 0)
+    for proc in procs:
+        if proc.exitcode is None:
+            proc.terminate()
+    for proc in procs:
+        proc.join(max(0.5, deadline - time.monotonic()))
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+    for conn in conns:
+        conn.close()
+
+
+class DriverExecutor:
+    """Under torchrun: this process is one rank. Rank 0 returns as the engine's runner; the other
+    ranks follow rank 0's steps here and exit the process when it stops."""
+
+    def __init__(self, model_path: str, config: EngineConfig, dtype: torch.dtype, device: torch.device) -> None:
+        tp = init_distributed(world_size=config.tensor_parallel_size, device=device)
+        self.worker = worker_mod.Worker(model_path, config, dtype, tp)
+        if tp.rank != 0:
+            worker_mod.follow_steps(self.worker)
+            raise SystemExit(0)
+        self.config, self.vocab_size = self.worker.config, _vocab_size(model_path)
+        self.device, self.dtype = tp.device, dtype
+        self._finalizer = weakref.finalize(self, worker_mod.stop_followers, tp)
+
+    @property
+    def num_graph_replays(self) -> int:
+        return self.worker.runner.num_graph_replays
+
+    def execute(self, out, eos_token_ids=()):
+        try:
+            return worker_mod.drive_step(self.worker, out, eos_token_ids)
+        except RuntimeError as exc:  # a collective with a dead or hung peer
+            raise WorkerFailedError(f"tensor-parallel step failed: {exc}") from exc
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+
+def _vocab_size(model_path: str) -> int:
+    from fusecc.runtime.loader import load_config
+
+    return load_config(model_path).vocab_size
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
