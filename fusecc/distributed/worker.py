@@ -106,6 +106,8 @@ def worker_main(rank: int, world_size: int, init_method: str, model_path: str, c
     config, info) once loaded, or ("error", text) on any failure; rank 0 then receives ("step",
     out, eos_ids) and answers ("ok", sampled, num_graph_replays), until ("stop",)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's to handle: it stops us
+    if device == "cpu":  # the ranks share the machine's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     _exit_with_parent(parent_pid)
     code = 0
     try:
