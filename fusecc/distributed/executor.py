@@ -123,25 +123,36 @@ class MultiprocExecutor:
             if self._pending[rank]:
                 return self._pending[rank].pop(0)
             self.conns[rank].poll(POLL_S)
-            for r, (proc, conn) in enumerate(zip(self.procs, self.conns)):
+            errors = {}
+            for r, conn in enumerate(self.conns):
                 while conn.poll(0):
                     try:
                         message = conn.recv()
                     except EOFError:
                         break
                     if message[0] == "error":
-                        self._fail(f"tensor-parallel worker failed during {what}: {message[1]}")
-                    self._pending[r].append(message)
-                if proc.exitcode is not None and not self._pending[rank]:
-                    self._fail(f"tensor-parallel worker rank {r} (pid {proc.pid}) exited with code {proc.exitcode} "
-                               f"during {what}")
+                        errors[r] = message[1]
+                    else:
+                        self._pending[r].append(message)
+            dead = {r: p for r, p in enumerate(self.procs) if p.exitcode is not None}
+            if errors or (dead and not self._pending[rank]):
+                self._fail(*_failure_report(what, dead, errors))
             if not self._pending[rank] and time.monotonic() > deadline:
                 self._fail(f"tensor-parallel rank {rank} did not answer the {what} within {timeout_s:.0f} s "
                            f"(hung worker?)")
 
-    def _fail(self, message: str):
+    def _fail(self, message: str, details: str = ""):
         self._finalizer()
-        raise WorkerFailedError(message + "; all workers were stopped")
+        raise WorkerFailedError(f"{message}; all workers were stopped{details}")
+
+
+def _failure_report(what: str, dead: dict, errors: dict) -> tuple[str, str]:
+    """One line naming the cause (a rank that exited comes first: the others' errors are usually
+    its peers losing their connection to it), then the ranks' tracebacks."""
+    causes = [f"rank {r} (pid {p.pid}) exited with code {p.exitcode}" for r, p in dead.items()]
+    causes += [f"rank {r} failed: {text.strip().splitlines()[-1]}" for r, text in errors.items() if r not in dead]
+    details = "".join(f"\n--- {text}" for text in errors.values())
+    return f"tensor-parallel worker failure during {what}: {'; '.join(causes)}", details
 
 
 def _stop(procs: list, conns: list) -> None:
