@@ -64,7 +64,7 @@ def check_tp_model(model, gguf_path, hf_config, config: EngineConfig) -> None:
 
 def make_executor(model_path: str, config: EngineConfig, dtype: torch.dtype, device: torch.device):
     if torchrun_env():
-        return DriverExecutor(str(model_path), config, dtype, device)
+        return DriverExecutor.from_checkpoint(str(model_path), config, dtype, device)
     return MultiprocExecutor(str(model_path), config, dtype, device)
 
 
@@ -108,9 +108,13 @@ class MultiprocExecutor:
         return sampled
 
     def shutdown(self) -> None:
+        """Stop the workers: rank 0 tells the others, all leave the process group; any still
+        running after STOP_GRACE_S are killed."""
         if self._finalizer.alive:
             try:
                 self.conns[0].send(("stop",))
+                for proc in self.procs:
+                    proc.join(STOP_GRACE_S)
             except OSError:
                 pass
             self._finalizer()
@@ -156,14 +160,13 @@ def _failure_report(what: str, dead: dict, errors: dict) -> tuple[str, str]:
 
 
 def _stop(procs: list, conns: list) -> None:
-    deadline = time.monotonic() + STOP_GRACE_S
-    for proc in procs:  # those that got ("stop",) exit on their own
-        proc.join(max(0.0, deadline - time.monotonic()) if proc is procs[0] else 0)
+    """SIGTERM every worker still running, SIGKILL those left after STOP_GRACE_S, reap all."""
     for proc in procs:
         if proc.exitcode is None:
             proc.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
     for proc in procs:
-        proc.join(max(0.5, deadline - time.monotonic()))
+        proc.join(max(0.1, deadline - time.monotonic()))
         if proc.exitcode is None:
             proc.kill()
             proc.join()
@@ -172,18 +175,25 @@ def _stop(procs: list, conns: list) -> None:
 
 
 class DriverExecutor:
-    """Under torchrun: this process is one rank. Rank 0 returns as the engine's runner; the other
-    ranks follow rank 0's steps here and exit the process when it stops."""
+    """Under torchrun: this process is one rank (`worker`). Rank 0 is the engine's runner."""
 
-    def __init__(self, model_path: str, config: EngineConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, worker: worker_mod.Worker, vocab_size: int) -> None:
+        assert worker.tp.rank == 0, "ranks > 0 run worker.follow_steps"
+        self.worker, self.config, self.vocab_size = worker, worker.config, vocab_size
+        self.device, self.dtype = worker.tp.device, worker.runner.dtype
+        self._finalizer = weakref.finalize(self, worker_mod.stop_followers, worker.tp)
+
+    @classmethod
+    def from_checkpoint(cls, model_path: str, config: EngineConfig, dtype: torch.dtype,
+                        device: torch.device) -> "DriverExecutor":
+        """Rank 0 returns the executor; the other ranks follow rank 0's steps here and exit the
+        process (SystemExit(0)) when it stops."""
         tp = init_distributed(world_size=config.tensor_parallel_size, device=device)
-        self.worker = worker_mod.Worker(model_path, config, dtype, tp)
+        worker = worker_mod.Worker.from_checkpoint(model_path, config, dtype, tp)
         if tp.rank != 0:
-            worker_mod.follow_steps(self.worker)
+            worker_mod.follow_steps(worker)
             raise SystemExit(0)
-        self.config, self.vocab_size = self.worker.config, _vocab_size(model_path)
-        self.device, self.dtype = tp.device, dtype
-        self._finalizer = weakref.finalize(self, worker_mod.stop_followers, tp)
+        return cls(worker, _vocab_size(model_path))
 
     @property
     def num_graph_replays(self) -> int:

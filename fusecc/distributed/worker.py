@@ -4,7 +4,7 @@ to the other ranks over the gloo control group (broadcast_object_list), and ever
 same ModelRunner.execute on it. The logits are all-gathered (distributed/vocab.py), so every rank
 samples the same tokens from the same seeded generators; rank 0's are the ones returned.
 
-    worker = Worker(model_path, config, dtype, tp)          # load the shard, compile, warm up
+    worker = Worker.from_checkpoint(path, config, dtype, tp)  # load the shard, compile, warm up
     sampled = drive_step(worker, out, eos_ids)               # rank 0
     follow_steps(worker)                                     # ranks > 0, until rank 0 stops
     stop_followers(worker.tp)                                # rank 0, at shutdown
@@ -32,22 +32,28 @@ PARENT_POLL_S = 1.0
 
 
 class Worker:
-    def __init__(self, model_path: str, config: EngineConfig, dtype: torch.dtype, tp: TPGroup) -> None:
-        from fusecc.distributed.sharding import build_sharded_model
-        from fusecc.runtime.loader import iter_weights, load_config
+    def __init__(self, model, config: EngineConfig, tp: TPGroup) -> None:
+        """model: this rank's shard (fusecc/distributed/sharding.py), on tp.device."""
         from fusecc.runtime.model_runner import ModelRunner
-        from fusecc.runtime.models.registry import model_class
 
         self.tp = tp
-        hf_config = load_config(model_path)
-        model = build_sharded_model(model_class(hf_config), hf_config, dtype, tp.device, config.max_model_len,
-                                    iter_weights(model_path), tp)
         self.runner = ModelRunner(model, config)
         # Each rank sized its own pool (CUDA: from its free memory); the engine schedules the
         # smallest, which every rank holds.
         blocks = torch.tensor([self.runner.config.num_kv_blocks])
         dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=tp.cpu_group)
         self.config = dataclasses.replace(self.runner.config, num_kv_blocks=int(blocks.item()))
+
+    @classmethod
+    def from_checkpoint(cls, model_path: str, config: EngineConfig, dtype: torch.dtype, tp: TPGroup) -> "Worker":
+        from fusecc.distributed.sharding import build_sharded_model
+        from fusecc.runtime.loader import iter_weights, load_config
+        from fusecc.runtime.models.registry import model_class
+
+        hf_config = load_config(model_path)
+        model = build_sharded_model(model_class(hf_config), hf_config, dtype, tp.device, config.max_model_len,
+                                    iter_weights(model_path), tp)
+        return cls(model, config, tp)
 
     def execute(self, out, eos_token_ids):
         return self.runner.execute(out, eos_token_ids)
@@ -113,7 +119,7 @@ def worker_main(rank: int, world_size: int, init_method: str, model_path: str, c
     try:
         tp = init_distributed(world_size=world_size, rank=rank, init_method=init_method, device=device,
                               timeout_s=timeout_s)
-        worker = Worker(model_path, config, dtype, tp)
+        worker = Worker.from_checkpoint(model_path, config, dtype, tp)
         conn.send(("ready", worker.config, {"device": str(tp.device), "dtype": dtype}))
         if rank != 0:
             follow_steps(worker)
