@@ -32,6 +32,7 @@ import weakref
 import torch
 
 from fusecc.distributed import worker as worker_mod
+from fusecc.distributed.shard import shard_range
 from fusecc.distributed.state import DEFAULT_TIMEOUT_S, init_distributed, torchrun_env
 from fusecc.runtime.config import EngineConfig
 
@@ -56,10 +57,14 @@ def check_tp_model(model, gguf_path, hf_config, config: EngineConfig) -> None:
                          "the default model)")
     if resolve_model_impl(hf_config, config.model_impl) != "fusecc":
         raise ValueError("tensor_parallel_size > 1 supports fusecc's native models only (model_impl='fusecc')")
+    if config.quantization is not None:
+        raise ValueError("tensor_parallel_size > 1 with quantization is not supported yet")
+    world = config.tensor_parallel_size
     heads = hf_config.num_attention_heads
-    if heads % config.tensor_parallel_size:
-        raise ValueError(f"num_attention_heads={heads} is not divisible by tensor_parallel_size="
-                         f"{config.tensor_parallel_size}")
+    if heads % world:
+        raise ValueError(f"num_attention_heads={heads} is not divisible by tensor_parallel_size={world}")
+    shard_range(getattr(hf_config, "num_key_value_heads", None) or heads, 0, world, "num_key_value_heads")
+    shard_range(hf_config.intermediate_size, 0, world, "intermediate_size")
 
 
 def make_executor(model_path: str, config: EngineConfig, dtype: torch.dtype, device: torch.device):

@@ -54,6 +54,16 @@ def reference(checkpoint):
     return LLMEngine.from_engine_args(checkpoint, **ENGINE)
 
 
+@pytest.mark.parametrize("model, size, message", [
+    ("checkpoint", 3, "num_attention_heads=4 is not divisible by tensor_parallel_size=3"),
+    ("checkpoint", 8, "num_attention_heads=4 is not divisible by tensor_parallel_size=8"),
+    (None, 2, "needs a Hugging Face checkpoint folder"),
+])
+def test_what_cannot_be_sharded_is_refused_before_any_worker_starts(checkpoint, model, size, message):
+    with pytest.raises(ValueError, match=message):
+        LLMEngine.from_engine_args(checkpoint if model else None, tensor_parallel_size=size, **ENGINE)
+
+
 def assert_all_stopped(executor):
     for proc in executor.procs:
         assert proc.exitcode is not None, proc
