@@ -23,6 +23,7 @@ SIGINT (Ctrl-C is the engine's: its exit stops them) and exit when the engine pr
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import socket
@@ -35,6 +36,8 @@ from fusecc.distributed import worker as worker_mod
 from fusecc.distributed.shard import shard_range
 from fusecc.distributed.state import DEFAULT_TIMEOUT_S, init_distributed, torchrun_env
 from fusecc.runtime.config import EngineConfig
+
+logger = logging.getLogger(__name__)
 
 STOP_GRACE_S = 5.0
 POLL_S = 0.1
@@ -151,15 +154,19 @@ class MultiprocExecutor:
                            f"(hung worker?)")
 
     def _fail(self, message: str, details: str = ""):
+        """Stop every worker and raise; the ranks' tracebacks go to the log, not the message (it
+        is what /health and each open request report)."""
         self._finalizer()
-        raise WorkerFailedError(f"{message}; all workers were stopped{details}")
+        if details:
+            logger.error("%s; the workers' tracebacks:%s", message, details)
+        raise WorkerFailedError(f"{message}; all workers were stopped")
 
 
 def _failure_report(what: str, dead: dict, errors: dict) -> tuple[str, str]:
-    """One line naming the cause (a rank that exited comes first: the others' errors are usually
-    its peers losing their connection to it), then the ranks' tracebacks."""
+    """(One line naming the cause: a rank that exited comes first, the others' errors are usually
+    its peers losing their connection to it; the ranks' tracebacks.)"""
     causes = [f"rank {r} (pid {p.pid}) exited with code {p.exitcode}" for r, p in dead.items()]
-    causes += [f"rank {r} failed: {text.strip().splitlines()[-1]}" for r, text in errors.items() if r not in dead]
+    causes += [f"rank {r} failed: {text.strip().splitlines()[-1][:300]}" for r, text in errors.items() if r not in dead]
     details = "".join(f"\n--- {text}" for text in errors.values())
     return f"tensor-parallel worker failure during {what}: {'; '.join(causes)}", details
 
