@@ -6,7 +6,9 @@ One spawn of 2 ranks runs both checks (each process start costs seconds):
   prefill and a decode step equal the unsharded fusecc model's (fp32);
 - a TP MLP block (column-parallel gate_up, row-parallel down with its all-reduce, residual add and
   RMSNorm after it) compiled with fusecc's Triton codegen (interpreter) matches a float64 eager
-  reference of the unsharded block, and every functional collective survives the passes.
+  reference of the unsharded block, and every functional collective survives the passes;
+- a user's transformers Llama sharded with `tp_plan="auto"` (DTensor), compiled with fusecc, matches
+  its eager run (which matches the unsharded model), its collectives traced into the graph.
 """
 
 import json
@@ -100,17 +102,34 @@ def _compiled_block(tp, dump_dir):
     return [(a.to(d) - b).abs().max().item() for a, b in zip(got, ref)], report
 
 
+def _transformers_tp_plan(tp, path, dump_dir):
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    os.environ.update(RANK=str(tp.rank), WORLD_SIZE=str(tp.size), LOCAL_RANK=str(tp.rank))  # what transformers reads
+    sharded = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32).eval()
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager, reference = sharded(ids).logits, full(ids).logits
+        compiled = torch.compile(sharded, backend="fusecc", options={"dump_dir": dump_dir})(ids).logits
+    report = json.loads(next(__import__("pathlib").Path(dump_dir).glob("*/report.json")).read_text())
+    return (eager - reference).abs().max().item(), (compiled - eager).abs().max().item(), report
+
+
 def _rank_body(tp, paths, dump_root):
-    return _compare_families(tp, paths), _compiled_block(tp, f"{dump_root}/rank{tp.rank}")
+    return (_compare_families(tp, paths), _compiled_block(tp, f"{dump_root}/rank{tp.rank}"),
+            _transformers_tp_plan(tp, paths["llama"], f"{dump_root}/hf{tp.rank}"))
 
 
-def test_two_ranks_match_the_unsharded_models_and_compiled_block(tmp_path):
+def test_two_ranks_match_the_unsharded_models_compiled_block_and_transformers_tp_plan(tmp_path):
     paths = {}
     for arch in ARCHS:
         paths[arch] = str(tmp_path / arch)
         save_tiny_checkpoint(arch, tmp_path / arch)
     results = run_ranks(_rank_body, world=2, args=(paths, str(tmp_path / "dump")))
-    for rank, (family_diffs, (block_diffs, report)) in enumerate(results):
+    for rank, (family_diffs, (block_diffs, report), (hf_sharded, hf_compiled, hf_report)) in enumerate(results):
         assert set(family_diffs) == set(ARCHS)
         for arch, diff in family_diffs.items():
             assert diff < 2e-5, (rank, arch, diff)
@@ -120,4 +139,7 @@ def test_two_ranks_match_the_unsharded_models_and_compiled_block(tmp_path):
             assert before.get(op, 0) == 1 and after.get(op, 0) == 1, (op, before, after)
         # the residual add and the RMSNorm after the all-reduce ran in generated kernels
         assert not {"aten.add", "aten.rsqrt", "aten.mean"} & set(after) and report["codegen"]["kernel_launches"] >= 1
+        assert hf_sharded < 1e-4 and hf_compiled < 1e-5, (rank, hf_sharded, hf_compiled)
+        hf_ops = hf_report["op_histogram_final"]
+        assert hf_report["status"] == "compiled" and hf_ops.get("_c10d_functional.all_reduce", 0) >= 4, hf_ops
 
