@@ -135,7 +135,8 @@ def all_reduce_figures(tp, hidden: int, dtype: torch.dtype, smoke: bool) -> list
         sync(tp.device)
         t = (time.perf_counter() - start) / iters
         n = tp.size
-        out.append({"bytes": size, "latency_us": 1e6 * t, "bus_gb_s": 2 * (n - 1) / n * size / t / 1e9 if n > 1 else None})
+        bus = 2 * (n - 1) / n * size / t / 1e9 if n > 1 else None
+        out.append({"bytes": size, "latency_us": 1e6 * t, "bus_gb_s": bus})
     return out
 
 
@@ -157,7 +158,8 @@ def run_shape(shape: str, tp, args, report: dict, save) -> None:
         prompts = [p[:24] for p in prompts]
     output = args.output_len
     max_model_len = max(max(len(p) for p in prompts), DECODE_PROMPT) + max(output, DECODE_TOKENS) + 8
-    entry = {"shape": shape, "world_size": tp.size, "dtype": str(dtype), "weight_gib": weight_bytes(config, dtype) / 2**30}
+    entry = {"shape": shape, "world_size": tp.size, "dtype": str(dtype),
+             "weight_gib": weight_bytes(config, dtype) / 2**30}
     if not args.skip_baseline:  # the plain engine on rank 0's device, the others wait
         if tp.rank == 0:
             model = build_model(LlamaForCausalLM, config, dtype, tp.device, max_model_len, None)
@@ -165,6 +167,7 @@ def run_shape(shape: str, tp, args, report: dict, save) -> None:
             engine = LLMEngine(model, ByteTokenizer(), engine_config(args, max_model_len, 1), model_name=shape)
             entry["baseline_plain_engine"] = measure(engine, config.vocab_size, prompts, output, tp.device)
             engine = model = None
+            torch._dynamo.reset()  # its caches hold the compiled graph and with it the frozen weights
             gc.collect()
             if tp.device.type == "cuda":
                 torch.cuda.empty_cache()

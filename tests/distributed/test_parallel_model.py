@@ -96,7 +96,8 @@ def _compiled_block(tp, dump_dir):
     with torch.no_grad():
         got = compiled(x, res)
     d = torch.float64
-    h = res.to(d) + (nn.functional.silu(x.to(d) @ gate.to(d).T) * (x.to(d) @ up.to(d).T)) @ down.to(d).T + down_bias.to(d)
+    xd = x.to(d)
+    h = res.to(d) + (nn.functional.silu(xd @ gate.to(d).T) * (xd @ up.to(d).T)) @ down.to(d).T + down_bias.to(d)
     ref = (norm_w.to(d) * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)), h)
     report = json.loads(next(__import__("pathlib").Path(dump_dir).glob("*/report.json")).read_text())
     return [(a.to(d) - b).abs().max().item() for a, b in zip(got, ref)], report

@@ -81,7 +81,8 @@ def test_two_ranks_match_one_rank_then_a_killed_worker_fails_the_engine(checkpoi
     engine.step()
     start = time.monotonic()
     os.kill(engine.runner.procs[1].pid, signal.SIGKILL)
-    with pytest.raises(WorkerFailedError, match=r"during step: rank 1 \(pid \d+\) exited with code -9;.*all workers were stopped"):
+    cause = r"during step: rank 1 \(pid \d+\) exited with code -9;.*all workers were stopped"
+    with pytest.raises(WorkerFailedError, match=cause):
         while engine.has_unfinished_requests():
             engine.step()
     assert time.monotonic() - start < 60
