@@ -6,6 +6,7 @@
     linear.py      ColumnParallelLinear (stacked parts: qkv, gate_up), RowParallelLinear
     vocab.py       VocabParallelEmbedding, ParallelLMHead
     sharding.py    shard_model: a built Llama-family model -> its rank's shard, loading HF tensors
+    step_codec.py  a step as the changes since the last one (what the ranks receive), and back
     worker.py      one rank: builds its shard and ModelRunner, runs the steps rank 0 broadcasts
     executor.py    the engine's side: spawns the workers (or drives them under torchrun), faults
 """

@@ -9,7 +9,8 @@ Two ways to get the ranks:
   process spawns N worker processes (spawn method), ranks 0..N-1 of a fresh process group over
   tcp://127.0.0.1, one GPU each; the engine process is no rank, so a collective that fails or
   NCCL's watchdog aborting a rank never takes the engine down with it. Steps go to rank 0 over a
-  Pipe; rank 0 broadcasts them to the others (fusecc/distributed/worker.py).
+  Pipe, encoded as changes since the last step (step_codec.py); rank 0 broadcasts them to the
+  others (fusecc/distributed/worker.py).
 - DriverExecutor (under torchrun, one or several machines): every torchrun process runs the same
   command; rank 0's process is the engine and runs rank 0 itself, the others become workers inside
   `make_executor` and exit when rank 0 stops.
@@ -35,6 +36,7 @@ import torch
 from fusecc.distributed import worker as worker_mod
 from fusecc.distributed.shard import shard_range
 from fusecc.distributed.state import DEFAULT_TIMEOUT_S, init_distributed, torchrun_env
+from fusecc.distributed.step_codec import StepEncoder
 from fusecc.runtime.config import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class MultiprocExecutor:
         ctx = multiprocessing.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         self.step_timeout_s = step_timeout_s
+        self._encoder = StepEncoder()
         self.procs, self.conns = [], []
         self._pending: dict[int, list] = {rank: [] for rank in range(world)}
         # stops the workers when the executor is collected or the interpreter exits (Ctrl-C included)
@@ -109,7 +112,7 @@ class MultiprocExecutor:
         if not self._finalizer.alive:
             raise WorkerFailedError("the tensor-parallel workers were stopped")
         try:
-            self.conns[0].send(("step", out, tuple(eos_token_ids)))
+            self.conns[0].send(("step", self._encoder.encode(out, eos_token_ids)))
         except OSError as exc:
             self._fail(f"rank 0 is gone ({exc})")
         _, sampled, self.num_graph_replays = self._receive(0, self.step_timeout_s, "step")
@@ -192,6 +195,7 @@ class DriverExecutor:
     def __init__(self, worker: worker_mod.Worker, vocab_size: int) -> None:
         assert worker.tp.rank == 0, "ranks > 0 run worker.follow_steps"
         self.worker, self.config, self.vocab_size = worker, worker.config, vocab_size
+        self._encoder = StepEncoder()
         self.device, self.dtype = worker.tp.device, worker.runner.dtype
         self._finalizer = weakref.finalize(self, worker_mod.stop_followers, worker.tp)
 
@@ -212,8 +216,9 @@ class DriverExecutor:
         return self.worker.runner.num_graph_replays
 
     def execute(self, out, eos_token_ids=()):
-        try:
-            return worker_mod.drive_step(self.worker, out, eos_token_ids)
+        try:  # the others get the encoded step; this rank runs the scheduler's own objects
+            worker_mod.broadcast_step(self.worker.tp, self._encoder.encode(out, eos_token_ids))
+            return self.worker.runner.execute(out, eos_token_ids)
         except RuntimeError as exc:  # a collective with a dead or hung peer
             raise WorkerFailedError(f"tensor-parallel step failed: {exc}") from exc
 

@@ -1,11 +1,11 @@
 """One tensor-parallel rank: its model shard, its ModelRunner (KV pool of its own heads), and the
-step loop. Rank 0 drives: it receives each step (a SchedulerOutput) from the engine, broadcasts it
-to the other ranks over the gloo control group (broadcast_object_list), and every rank runs the
-same ModelRunner.execute on it. The logits are all-gathered (distributed/vocab.py), so every rank
+step loop. Rank 0 drives: it receives each step (a SchedulerOutput, encoded by step_codec.py) from the
+engine, broadcasts it to the other ranks over the gloo control group (broadcast_object_list), and
+every rank decodes it and runs the same ModelRunner.execute on it. The logits are all-gathered (distributed/vocab.py), so every rank
 samples the same tokens from the same seeded generators; rank 0's are the ones returned.
 
     worker = Worker.from_checkpoint(path, config, dtype, tp)  # load the shard, compile, warm up
-    sampled = drive_step(worker, out, eos_ids)               # rank 0
+    sampled = drive_step(worker, message)                    # rank 0 (message: step_codec's encoding)
     follow_steps(worker)                                     # ranks > 0, until rank 0 stops
     stop_followers(worker.tp)                                # rank 0, at shutdown
 
@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from fusecc.distributed.state import TPGroup, destroy_distributed, init_distributed
+from fusecc.distributed.step_codec import StepDecoder
 from fusecc.runtime.config import EngineConfig
 
 PARENT_POLL_S = 1.0
@@ -38,6 +39,7 @@ class Worker:
 
         self.tp = tp
         self.runner = ModelRunner(model, config)
+        self.decoder = StepDecoder()
         # Each rank sized its own pool (CUDA: from its free memory); the engine schedules the
         # smallest, which every rank holds.
         blocks = torch.tensor([self.runner.config.num_kv_blocks])
@@ -55,7 +57,9 @@ class Worker:
                                     iter_weights(model_path), tp)
         return cls(model, config, tp)
 
-    def execute(self, out, eos_token_ids):
+    def run(self, message):
+        """One step from its encoded message (fusecc/distributed/step_codec.py)."""
+        out, eos_token_ids = self.decoder.decode(message)
         return self.runner.execute(out, eos_token_ids)
 
 
@@ -65,16 +69,21 @@ def _broadcast(tp: TPGroup, message):
     return objs[0]
 
 
-def drive_step(worker: Worker, out, eos_token_ids):
+def drive_step(worker: Worker, message):
     """Rank 0: send the step to the other ranks, then run it here too."""
-    _broadcast(worker.tp, (out, tuple(eos_token_ids)))
-    return worker.execute(out, eos_token_ids)
+    _broadcast(worker.tp, message)
+    return worker.run(message)
 
 
 def follow_steps(worker: Worker) -> None:
     """Ranks > 0: run every step rank 0 broadcasts, until it broadcasts None (shutdown)."""
     while (message := _broadcast(worker.tp, None)) is not None:
-        worker.execute(*message)
+        worker.run(message)
+
+
+def broadcast_step(tp: TPGroup, message) -> None:
+    """Rank 0 when it runs the step itself from the scheduler's own objects (under torchrun)."""
+    _broadcast(tp, message)
 
 
 def stop_followers(tp: TPGroup) -> None:
@@ -129,8 +138,7 @@ def worker_main(rank: int, world_size: int, init_method: str, model_path: str, c
             if message[0] == "stop":
                 stop_followers(tp)
                 return
-            _, out, eos = message
-            sampled = drive_step(worker, out, eos)
+            sampled = drive_step(worker, message[1])
             conn.send(("ok", to_cpu(sampled), worker.runner.num_graph_replays))
     except EOFError:  # the engine closed its end: nothing to report to
         code = 1
