@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 STOP_GRACE_S = 5.0
 POLL_S = 0.1
+EXIT_GRACE_S = 2.0
 DEFAULT_STEP_TIMEOUT_S = 300.0  # a step may compile a new shape; a hang is reported after this
 DEFAULT_START_TIMEOUT_S = 1800.0  # load + compile + warm-up + CUDA graphs of a 70B shard
 
@@ -149,12 +150,22 @@ class MultiprocExecutor:
                         errors[r] = message[1]
                     else:
                         self._pending[r].append(message)
-            dead = {r: p for r, p in enumerate(self.procs) if p.exitcode is not None}
+            dead = self._dead(grace_s=EXIT_GRACE_S if errors else 0.0)
             if errors or (dead and not self._pending[rank]):
                 self._fail(*_failure_report(what, dead, errors))
             if not self._pending[rank] and time.monotonic() > deadline:
                 self._fail(f"tensor-parallel rank {rank} did not answer the {what} within {timeout_s:.0f} s "
                            f"(hung worker?)")
+
+    def _dead(self, grace_s: float) -> dict:
+        """Workers that have exited. With a grace: a peer's error ("connection reset") can come
+        before the exit of the rank that caused it is visible; wait a little to name that one."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            dead = {r: p for r, p in enumerate(self.procs) if p.exitcode is not None}
+            if dead or time.monotonic() >= deadline:
+                return dead
+            time.sleep(POLL_S / 10)
 
     def _fail(self, message: str, details: str = ""):
         """Stop every worker and raise; the ranks' tracebacks go to the log, not the message (it
