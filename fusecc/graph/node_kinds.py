@@ -3,7 +3,10 @@
 One place for these questions so that every pass answers them the same way:
 - impure: mutates something, asserts, or is otherwise observable — never removed or merged;
 - random: draws from an RNG — never merged (two draws differ) nor folded;
-- view: returns an alias of an input — matters for aliasing checks and folding.
+- view: returns an alias of an input — matters for aliasing checks and folding;
+- collective: a functional collective (`_c10d_functional.all_reduce`, `wait_tensor`, ...) — impure:
+  every rank must issue the same collectives in the same order, so none is removed (even when
+  its result is unused), merged with a twin, folded or moved; it does not write its inputs.
 """
 
 from __future__ import annotations
@@ -37,6 +40,13 @@ def is_random(node: fx.Node) -> bool:
     return False
 
 
+_COLLECTIVE_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd")
+
+
+def is_collective(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "namespace", None) in _COLLECTIVE_NAMESPACES
+
+
 def is_impure(node: fx.Node) -> bool:
     """True if removing, merging or moving the node could change observable behaviour."""
     if node.op in ("placeholder", "output"):
@@ -45,7 +55,7 @@ def is_impure(node: fx.Node) -> bool:
         # call_module / call_method: we do not know what they do.
         return node.op != "get_attr"
     target = node.target
-    if target in _SIDE_EFFECT_OPS:
+    if target in _SIDE_EFFECT_OPS or is_collective(node):
         return True
     if is_op_overload(target):
         if target._schema.is_mutable:
@@ -58,7 +68,8 @@ def is_impure(node: fx.Node) -> bool:
 
 def may_write(node: fx.Node) -> bool:
     """True if the node may write to a tensor: impure calls other than asserts and prints."""
-    return node.op == "call_function" and is_impure(node) and node.target not in _SIDE_EFFECT_OPS
+    return (node.op == "call_function" and is_impure(node) and node.target not in _SIDE_EFFECT_OPS
+            and not is_collective(node))
 
 
 def is_pure(node: fx.Node) -> bool:

@@ -79,7 +79,9 @@ class EngineConfig:
     max_waiting: int = _f(4096, "Admission control: a request that would make more than this many sequences wait "
                                 "is refused with SchedulerFullError (the server answers HTTP 429).")
     # --- placeholders for later issues (vLLM's names): other values are refused -----------------
-    tensor_parallel_size: int = _f(1, "GPUs to shard the model over (not supported yet: 1).")
+    tensor_parallel_size: int = _f(1, "GPUs (processes) to shard the model over: one worker process per rank, "
+                                      "Megatron-style tensor parallelism (native Llama-family models; see the "
+                                      "README's 'Tensor parallelism').")
     kv_cache_dtype: str = _f("auto", "KV cache dtype (not supported yet: auto = the model's dtype).")
     speculative_config: str | dict | None = _f(None, "Speculative decoding configuration, a dict or JSON "
                                                      "(not supported yet: None).")
@@ -117,11 +119,12 @@ class EngineConfig:
         _require(self.max_waiting >= 1, "max_waiting", self.max_waiting, "must be >= 1")
         _require(self.quantization is None or self.quantization in QUANTIZATION_METHODS, "quantization",
                  self.quantization, f"must be one of {', '.join(QUANTIZATION_METHODS)} or None")
+        _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, "must be >= 1")
 
     def check_supported(self) -> None:
         """The placeholders' non-default values: refused when an engine is built (not on
         construction, so that a config can be described and printed whatever it holds)."""
-        for name in ("tensor_parallel_size", "kv_cache_dtype", "speculative_config"):
+        for name in ("kv_cache_dtype", "speculative_config"):
             default = _defaults()[name]
             if getattr(self, name) != default:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported yet (only {default!r})")

@@ -42,10 +42,12 @@ from fusecc.runtime.sequence import Sequence
 
 class LLMEngine:
     def __init__(self, model, tokenizer, config: EngineConfig, *, eos_token_ids=(), model_name: str = "",
-                 device=None, enforce_eager: bool | None = None) -> None:
+                 device=None, enforce_eager: bool | None = None, runner=None) -> None:
         """model: a fusecc model (fusecc/runtime/models) already on its device; config.device and
         config.enforce_eager say how to run it. `device` / `enforce_eager`, when given, override
-        those two fields (the signature before they were EngineConfig fields)."""
+        those two fields (the signature before they were EngineConfig fields). runner: what runs
+        the steps instead of a ModelRunner of `model` (tensor parallelism's executor, which holds
+        the model in its workers; model is then None)."""
         if device is not None:
             config = dataclasses.replace(config, device=str(device))
         if enforce_eager is not None:
@@ -53,7 +55,7 @@ class LLMEngine:
         config.check_supported()
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.runner = ModelRunner(model, config)
+        self.runner = runner if runner is not None else ModelRunner(model, config)
         self.config = self.runner.config
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_manager = BlockManager(self.config.num_kv_blocks, self.config.block_size,
@@ -99,6 +101,11 @@ class LLMEngine:
             hf_config = loader.load_config(model)
         config = _fit_max_model_len(config, max_context_len(hf_config))
         dtype = loader.resolve_dtype(config.dtype, hf_config, device)
+        tensor_parallel = config.tensor_parallel_size > 1  # the workers load the shards, this process none
+        if tensor_parallel:
+            from fusecc.distributed.executor import check_tp_model
+
+            check_tp_model(model, gguf_path, hf_config, config)
         if model is None:
             from fusecc.runtime.byte_tokenizer import ByteTokenizer
             from fusecc.runtime.default_model import DEFAULT_MODEL_NAME, build_default_model
@@ -114,14 +121,20 @@ class LLMEngine:
             if config.generation_config == "auto":
                 defaults = checkpoint.generation_defaults()
         else:
-            net = loader.load_model(model, dtype, device, config.max_model_len, config=hf_config,
-                                    model_impl=config.model_impl, quantization=config.quantization)
+            net = None if tensor_parallel else loader.load_model(
+                model, dtype, device, config.max_model_len, config=hf_config, model_impl=config.model_impl,
+                quantization=config.quantization)
             tokenizer = loader.load_tokenizer(config.tokenizer or model)
             name = str(model)
             eos = loader.eos_token_ids(model, hf_config, tokenizer)
         if model is None or gguf_path is not None:  # the folder loader quantizes while loading
             loader.quantize_loaded(net, config.quantization, hf_config)
-        engine = cls(net, tokenizer, config, eos_token_ids=eos, model_name=name)
+        runner = None
+        if tensor_parallel:
+            from fusecc.distributed.executor import make_executor
+
+            runner = make_executor(model, config, dtype, device)
+        engine = cls(net, tokenizer, config, eos_token_ids=eos, model_name=name, runner=runner)
         engine.generation_defaults = defaults
         return engine
 

@@ -194,7 +194,7 @@ def test_serve_cli_rejects_bad_arguments_before_building_the_engine(args, messag
     # EngineConfig's checks run while parsing: usage errors, before the socket or the model
     (["--dtype", "bogus"], "dtype must be one of"),
     (["--max-model-len", "0"], "max_model_len must be"),
-    (["--tensor-parallel-size", "2"], "tensor_parallel_size=2 is not supported yet"),
+    (["--tensor-parallel-size", "0"], "tensor_parallel_size must be >= 1"),
     (["--quantization", "q3"], "quantization must be one of int8, int4, fp8, awq, gptq or None"),
     (["--kv-cache-dtype", "fp8"], "kv_cache_dtype='fp8' is not supported yet"),
     (["--speculative-config", '{"method": "ngram"}'], "speculative_config="),

@@ -1,0 +1,82 @@
+"""Megatron-style parallel linears. Each takes the full Hugging Face tensor in `weight_loader`
+and keeps its rank's rows (shard.py's rule); the model's forward runs on the local shard.
+
+    qkv = ColumnParallelLinear(hidden, [(q_heads, D), (kv_heads, D), (kv_heads, D)], bias, tp)
+    qkv.weight_loader(qkv.weight, hf_k_proj_weight, part=1)   # [kv_heads * D, hidden] -> rank's rows
+    q, k, v = qkv(x).split(qkv.local_sizes, dim=-1)           # [T, local q | local k | local v]
+    o = RowParallelLinear(q_heads, D, hidden, bias, tp)       # x: [T, local q heads * D] -> [T, hidden]
+
+Column-parallel: W [out, in] split by output rows, no communication (the output stays sharded;
+a stacked layer shards each part separately, so every rank gets its own q, k and v heads and its
+own gate and up rows, not a slice of the concatenation). Row-parallel: W split by input columns,
+the partial products are summed by an all-reduce, and the bias is added once, after it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fusecc.distributed.collectives import all_reduce
+from fusecc.distributed.shard import shard_for_rank, shard_range
+from fusecc.distributed.state import TPGroup
+
+
+class ColumnParallelLinear(nn.Module):
+    def __init__(self, input_size: int, parts: list[tuple[int, int]], bias: bool, tp: TPGroup,
+                 dtype: torch.dtype | None = None, device=None) -> None:
+        """parts: (units, rows per unit) of each stacked part, e.g. [(intermediate, 1)] * 2 for
+        gate_up or heads of head_dim rows for qkv; a single part is a plain column-parallel linear."""
+        super().__init__()
+        self.tp, self.parts = tp, list(parts)
+        self.local_sizes = [shard_range(units, tp.rank, tp.size, "heads" if unit > 1 else "rows")[1] * unit
+                            for units, unit in self.parts]
+        self.offsets = [sum(self.local_sizes[:i]) for i in range(len(self.parts))]
+        kw = dict(dtype=dtype, device=device)
+        self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), input_size, **kw), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(sum(self.local_sizes), **kw), requires_grad=False) if bias else None
+        for p in self.parameters():
+            p.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, full: torch.Tensor, part: int = 0) -> None:
+        """full: the checkpoint tensor of part `part` ([units * unit, in] or its bias [units * unit])."""
+        units, unit = self.parts[part]
+        if full.shape[0] != units * unit or (param.dim() == 2 and full.shape[1:] != param.shape[1:]):
+            raise ValueError(f"checkpoint tensor of shape {tuple(full.shape)} does not fit part {part} "
+                             f"({units} x {unit} rows of {tuple(param.shape[1:])})")
+        rows = shard_for_rank(full, 0, self.tp.rank, self.tp.size, unit)
+        param.data.narrow(0, self.offsets[part], self.local_sizes[part]).copy_(rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, in] (replicated) -> [T, sum(local_sizes)] (this rank's columns)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    def __init__(self, input_units: int, unit: int, output_size: int, bias: bool, tp: TPGroup,
+                 dtype: torch.dtype | None = None, device=None) -> None:
+        """The input dimension is `input_units` units of `unit` columns (q heads of head_dim for
+        o_proj, single columns for down_proj), sharded like the column-parallel layer before it."""
+        super().__init__()
+        self.tp, self.unit = tp, unit
+        local = shard_range(input_units, tp.rank, tp.size, "heads" if unit > 1 else "rows")[1] * unit
+        kw = dict(dtype=dtype, device=device)
+        self.weight = nn.Parameter(torch.empty(output_size, local, **kw), requires_grad=False)
+        # the full bias on every rank, added after the all-reduce (so once, not world times)
+        self.bias = nn.Parameter(torch.empty(output_size, **kw), requires_grad=False) if bias else None
+        for p in self.parameters():
+            p.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, full: torch.Tensor, part: int = 0) -> None:
+        if param is self.bias:
+            param.data.copy_(full)
+            return
+        if full.dim() != 2 or full.shape[0] != param.shape[0]:
+            raise ValueError(f"checkpoint tensor of shape {tuple(full.shape)} does not fit a row-parallel "
+                             f"weight of {param.shape[0]} rows")
+        param.data.copy_(shard_for_rank(full, 1, self.tp.rank, self.tp.size, self.unit))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, local in] -> partial [T, out] -> summed over ranks
+        y = all_reduce(nn.functional.linear(x, self.weight), self.tp.group_name)
+        return y if self.bias is None else y + self.bias

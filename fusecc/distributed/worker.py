@@ -1,0 +1,157 @@
+"""One tensor-parallel rank: its model shard, its ModelRunner (KV pool of its own heads), and the
+step loop. Rank 0 drives: it receives each step (a SchedulerOutput, encoded by step_codec.py) from the
+engine, broadcasts it to the other ranks over the gloo control group (broadcast_object_list), and
+every rank decodes it and runs the same ModelRunner.execute on it. The logits are all-gathered (distributed/vocab.py), so every rank
+samples the same tokens from the same seeded generators; rank 0's are the ones returned.
+
+    worker = Worker.from_checkpoint(path, config, dtype, tp)  # load the shard, compile, warm up
+    sampled = drive_step(worker, message)                    # rank 0 (message: step_codec's encoding)
+    follow_steps(worker)                                     # ranks > 0, until rank 0 stops
+    stop_followers(worker.tp)                                # rank 0, at shutdown
+
+`worker_main` is the entry of a process spawned by fusecc/distributed/executor.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from fusecc.distributed.state import TPGroup, destroy_distributed, init_distributed
+from fusecc.distributed.step_codec import StepDecoder
+from fusecc.runtime.config import EngineConfig
+
+PARENT_POLL_S = 1.0
+
+
+class Worker:
+    def __init__(self, model, config: EngineConfig, tp: TPGroup) -> None:
+        """model: this rank's shard (fusecc/distributed/sharding.py), on tp.device."""
+        from fusecc.runtime.model_runner import ModelRunner
+
+        self.tp = tp
+        self.runner = ModelRunner(model, config)
+        self.decoder = StepDecoder()
+        # Each rank sized its own pool (CUDA: from its free memory); the engine schedules the
+        # smallest, which every rank holds.
+        blocks = torch.tensor([self.runner.config.num_kv_blocks])
+        dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=tp.cpu_group)
+        self.config = dataclasses.replace(self.runner.config, num_kv_blocks=int(blocks.item()))
+
+    @classmethod
+    def from_checkpoint(cls, model_path: str, config: EngineConfig, dtype: torch.dtype, tp: TPGroup) -> "Worker":
+        from fusecc.distributed.sharding import build_sharded_model
+        from fusecc.runtime.loader import iter_weights, load_config
+        from fusecc.runtime.models.registry import model_class
+
+        hf_config = load_config(model_path)
+        model = build_sharded_model(model_class(hf_config), hf_config, dtype, tp.device, config.max_model_len,
+                                    iter_weights(model_path), tp)
+        return cls(model, config, tp)
+
+    def run(self, message):
+        """One step from its encoded message (fusecc/distributed/step_codec.py)."""
+        out, eos_token_ids = self.decoder.decode(message)
+        return self.runner.execute(out, eos_token_ids)
+
+
+def _broadcast(tp: TPGroup, message):
+    objs = [message]
+    dist.broadcast_object_list(objs, src=0, group=tp.cpu_group)
+    return objs[0]
+
+
+def drive_step(worker: Worker, message):
+    """Rank 0: send the step to the other ranks, then run it here too."""
+    _broadcast(worker.tp, message)
+    return worker.run(message)
+
+
+def follow_steps(worker: Worker) -> None:
+    """Ranks > 0: run every step rank 0 broadcasts, until it broadcasts None (shutdown)."""
+    while (message := _broadcast(worker.tp, None)) is not None:
+        worker.run(message)
+
+
+def broadcast_step(tp: TPGroup, message) -> None:
+    """Rank 0 when it runs the step itself from the scheduler's own objects (under torchrun)."""
+    _broadcast(tp, message)
+
+
+def stop_followers(tp: TPGroup) -> None:
+    _broadcast(tp, None)
+
+
+def to_cpu(obj):
+    """Tensors inside (dataclasses, lists, tuples, dicts) moved to the CPU, to cross a pipe."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: to_cpu(getattr(obj, f.name))
+                                           for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    return obj
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A worker whose engine process died (SIGKILL, crash) exits instead of waiting in a collective."""
+    def watch():
+        while True:
+            time.sleep(PARENT_POLL_S)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="fusecc-parent-watch").start()
+
+
+def worker_main(rank: int, world_size: int, init_method: str, model_path: str, config: EngineConfig,
+                dtype: torch.dtype, device: str, conn, timeout_s: float, parent_pid: int) -> None:
+    """A spawned rank. Messages on `conn` (a Pipe to the engine): this process sends ("ready",
+    config, info) once loaded, or ("error", text) on any failure; rank 0 then receives ("step",
+    out, eos_ids) and answers ("ok", sampled, num_graph_replays), until ("stop",)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's to handle: it stops us
+    if device == "cpu":  # the ranks share the machine's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    _exit_with_parent(parent_pid)
+    code = 0
+    try:
+        tp = init_distributed(world_size=world_size, rank=rank, init_method=init_method, device=device,
+                              timeout_s=timeout_s)
+        worker = Worker.from_checkpoint(model_path, config, dtype, tp)
+        conn.send(("ready", worker.config, {"device": str(tp.device), "dtype": dtype}))
+        if rank != 0:
+            follow_steps(worker)
+            return
+        while True:
+            message = conn.recv()
+            if message[0] == "stop":
+                stop_followers(tp)
+                return
+            sampled = drive_step(worker, message[1])
+            conn.send(("ok", to_cpu(sampled), worker.runner.num_graph_replays))
+    except EOFError:  # the engine closed its end: nothing to report to
+        code = 1
+    except BaseException:
+        code = 1
+        try:
+            conn.send(("error", f"rank {rank}: {traceback.format_exc()}"))
+        except OSError:
+            pass
+    finally:
+        if code == 0:
+            destroy_distributed()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    if code:
+        os._exit(code)  # skip destroy: a peer may be dead, and the engine stops the others
