@@ -115,6 +115,9 @@ class ModelRunner:
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
         self.sampler = Sampler(seed=config.seed)
         self.prompt_logprobs = PromptLogprobsPlanner()
+        # Speculative decoding (fusecc/runtime/spec_decode/speculator.py) sets it: a step that
+        # verifies drafts samples its rows with verify_drafts(logits, entries, eos) instead.
+        self.verify_drafts = None
         # Two rows per schedulable sequence: rows of finished sequences are recycled in bulk.
         self._tables = BlockTableMirror(2 * config.max_num_seqs, self.max_blocks_per_seq)
         self.num_graph_replays = 0
@@ -158,6 +161,10 @@ class ModelRunner:
         if inputs.sample_rows is not None:
             hidden = hidden[self._device(inputs.sample_rows, torch.int64)]
         logits = self.model.compute_logits(hidden)
+        if inputs.num_spec_tokens:
+            out = self.verify_drafts(logits, entries, eos_token_ids)
+            out.prompt_logprobs = prompt_logprobs
+            return out
         md = SamplingMetadata.build([e.seq for e in entries if e.do_sample], vocab_size=self.vocab_size,
                                     device=self.device, eos_token_ids=eos_token_ids)
         out = self.sampler(logits, md)
