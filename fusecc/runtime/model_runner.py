@@ -118,6 +118,7 @@ class ModelRunner:
         # Speculative decoding (fusecc/runtime/spec_decode/speculator.py) sets it: a step that
         # verifies drafts samples its rows with verify_drafts(logits, entries, eos) instead.
         self.verify_drafts = None
+        self.verify_graphs = None  # and, on CUDA, the CUDA graphs of verification steps
         # Two rows per schedulable sequence: rows of finished sequences are recycled in bulk.
         self._tables = BlockTableMirror(2 * config.max_num_seqs, self.max_blocks_per_seq)
         self.num_graph_replays = 0
@@ -141,6 +142,8 @@ class ModelRunner:
         if inputs.decode_only and inputs.num_seqs in self._bucket_of:
             hidden = self._replay(inputs)
             self.num_graph_replays += 1
+        elif inputs.num_spec_tokens and self.verify_graphs is not None and self.verify_graphs.fits(entries):
+            hidden = self.verify_graphs.replay(entries, inputs)  # fusecc/runtime/spec_decode/verify_graphs.py
         else:
             md = AttentionMetadata(
                 slot_mapping=self._device(inputs.slot_mapping, torch.int64),

@@ -215,3 +215,32 @@ def test_counters_in_stats_and_metrics(checkpoints):
     body = ServerMetrics(engine).render().decode()
     assert "fusecc_spec_decode_num_accepted_tokens_total 6.0" in body
     assert "fusecc_spec_decode_mean_accepted_length 4.0" in body
+
+
+class _EagerCall:
+    """CapturedCall's stand-in on CPU: 'replay' reruns the call on the same static buffers."""
+
+    def __init__(self, fn, args, pool=None):
+        self.fn, self.args = fn, args
+
+    def replay(self):
+        return self.fn(*self.args)
+
+
+@pytest.mark.parametrize("method", ["ngram", "self_draft"])
+def test_padded_verification_graph_inputs_give_identical_greedy(checkpoints, method, monkeypatch):
+    """VerifyGraphs' padding (k + 1 rows per sequence, bucketed batch, wider block tables) run
+    eagerly on CPU: n-gram proposals of varying length and empty bucket slots."""
+    from fusecc.runtime.spec_decode import verify_graphs
+
+    monkeypatch.setattr(verify_graphs, "CapturedCall", _EagerCall)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    target = str(checkpoints[0])
+    ps = [p + " " + p for p in prompts(5, seed=8, min_len=5, max_len=20)]
+    requests = [(str(i), p, GREEDY) for i, p in enumerate(ps)]
+    base = run_engine(LLMEngine.from_engine_args(target, **TIGHT), requests)
+    engine = LLMEngine.from_engine_args(target, speculative_config=methods(checkpoints)[method], **TIGHT)
+    engine.runner.verify_graphs = verify_graphs.VerifyGraphs(engine.runner, 3, max_batch=4)
+    same_outputs(run_checked(engine, requests), base)
+    assert engine.runner.verify_graphs.num_replays > 0
