@@ -19,15 +19,23 @@ from fusecc.runtime.spec_decode.draft_proposer import DraftModelProposer, LayerS
 def build_model_proposer(cfg: SpeculativeConfig, engine_config, runner, block_manager, tokenizer) -> DraftModelProposer:
     if cfg.method == "layer_skip":
         model = LayerSkipModel(runner.model, cfg.num_layers)
-        return DraftModelProposer(model, _forward(model, engine_config, runner), runner.kv_caches[:cfg.num_layers],
-                                  block_manager, shares_target_kv=True, seed=engine_config.seed)
-    model = load_draft_model(cfg.model, engine_config, runner, tokenizer)
-    kv_heads, head_dim = model.kv_shape
-    shape = (engine_config.num_kv_blocks, engine_config.block_size, kv_heads, head_dim)
-    caches = [(torch.zeros(shape, dtype=runner.dtype, device=runner.device),
-               torch.zeros(shape, dtype=runner.dtype, device=runner.device)) for _ in model.model.layers]
-    return DraftModelProposer(model, _forward(model, engine_config, runner), caches, block_manager,
-                              shares_target_kv=False, seed=engine_config.seed)
+        proposer = DraftModelProposer(model, _forward(model, engine_config, runner),
+                                      runner.kv_caches[:cfg.num_layers], block_manager, shares_target_kv=True,
+                                      seed=engine_config.seed)
+    else:
+        model = load_draft_model(cfg.model, engine_config, runner, tokenizer)
+        kv_heads, head_dim = model.kv_shape
+        shape = (engine_config.num_kv_blocks, engine_config.block_size, kv_heads, head_dim)
+        caches = [(torch.zeros(shape, dtype=runner.dtype, device=runner.device),
+                   torch.zeros(shape, dtype=runner.dtype, device=runner.device)) for _ in model.model.layers]
+        proposer = DraftModelProposer(model, _forward(model, engine_config, runner), caches, block_manager,
+                                      shares_target_kv=False, seed=engine_config.seed)
+    if runner.device.type == "cuda" and not engine_config.enforce_eager:
+        from fusecc.runtime.spec_decode.verify_graphs import StepGraphs
+
+        # the draft's decode-shaped steps (all of layer_skip's) replay CUDA graphs
+        proposer.graphs = StepGraphs(proposer.forward, proposer.kv_caches, runner, 1, cfg.disable_by_batch_size)
+    return proposer
 
 
 def load_draft_model(path: str, engine_config, runner, tokenizer):

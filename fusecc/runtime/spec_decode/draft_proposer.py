@@ -74,6 +74,8 @@ class DraftModelProposer:
         self.vocab_size = model.config.vocab_size
         self.device = kv_caches[0][0].device
         self.sampler = Sampler(seed=None if seed is None else seed + 1)
+        # CUDA graphs of the draft's decode-shaped steps (verify_graphs.StepGraphs, q = 1), set on CUDA
+        self.graphs = None
         # seq -> (the block table list its draft KV was written under, end of the positions written)
         self._written: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -134,14 +136,11 @@ class DraftModelProposer:
             table = e.seq.block_table[:width]
             tables[r, :len(table)] = torch.tensor(table, dtype=torch.int32)
         decode_only = len(tokens) == len(sub)
-        md = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev), block_tables=tables.to(dev),
-            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])), decode_only=decode_only,
-            num_decodes=len(sub) if decode_only else 0)
-        hidden = self.forward(torch.tensor(tokens, dtype=torch.int64, device=dev),
-                              torch.tensor(positions, dtype=torch.int64, device=dev), self.kv_caches, md)
+        graphs = self.graphs
+        if decode_only and graphs is not None and len(sub) <= graphs.max_batch:
+            hidden = graphs.run(tokens, positions, slots, ctx, tables)[:len(sub)]
+        else:
+            hidden = self._eager_forward(tokens, positions, slots, ctx, cu, tables, decode_only, len(sub))
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.int64, device=dev)])
         rows = [DraftRow(e.seq, drafts[j]) for e, j in zip(sub, index)]
         smd = SamplingMetadata.build(rows, vocab_size=self.vocab_size, device=dev, eos_token_ids=eos_token_ids)
@@ -161,3 +160,14 @@ class DraftModelProposer:
                         probs[j].append(q[r])
         for r, j in enumerate(index):
             drafts[j].append(int(chosen[r]))
+
+    def _eager_forward(self, tokens, positions, slots, ctx, cu, tables, decode_only: bool, num_seqs: int):
+        dev = self.device
+        md = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev), block_tables=tables.to(dev),
+            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])), decode_only=decode_only,
+            num_decodes=num_seqs if decode_only else 0)
+        return self.forward(torch.tensor(tokens, dtype=torch.int64, device=dev),
+                            torch.tensor(positions, dtype=torch.int64, device=dev), self.kv_caches, md)

@@ -1,4 +1,5 @@
-"""CUDA graphs of verification steps: b sequences x (k + 1) query tokens, one graph per batch bucket.
+"""CUDA graphs of verification steps (b sequences x (k + 1) query tokens, one graph per batch bucket)
+and of draft decode steps (StepGraphs with q = 1 over a draft's forward and KV pool).
 
 The decode graphs (model_runner.py) cannot serve a verification: they bake in one query token per
 sequence and the decode attention kernel (decode_only=True, max_seqlen_q=1). A verification step
@@ -30,16 +31,19 @@ from fusecc.runtime.models.attention import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 
-class VerifyGraphs:
-    def __init__(self, runner, k: int, max_batch: int) -> None:
+class StepGraphs:
+    """CUDA graphs of `forward` on b sequences x q query tokens each (b a bucket up to max_batch).
+    q = 1 runs the decode kernel (decode_only), q > 1 the paged prefill kernel."""
+
+    def __init__(self, forward, kv_caches: list, runner, q: int, max_batch: int, extra_blocks: int = 0) -> None:
         from fusecc.runtime.model_runner import graph_buckets
 
-        self.runner, self.k = runner, k
+        self.forward, self.kv_caches, self.runner, self.q = forward, kv_caches, runner, q
         self.buckets = graph_buckets(min(max_batch, runner.config.max_num_seqs))
         self.max_batch = self.buckets[-1]
         self.num_replays = 0
-        n, q, dev = self.max_batch, k + 1, runner.device
-        self.width = runner.max_blocks_per_seq + cdiv(k, runner.config.block_size) + 1
+        n, dev = self.max_batch, runner.device
+        self.width = runner.max_blocks_per_seq + extra_blocks
         with torch.inference_mode():  # as execute()'s inputs: a compiled graph guards on dispatch keys
             self.static = dict(
                 input_ids=torch.zeros(n * q, dtype=torch.int64, device=dev),
@@ -54,18 +58,47 @@ class VerifyGraphs:
             for b in reversed(self.buckets):
                 args = self._args(b)
                 for _ in range(2):  # compile / autotune outside the capture
-                    runner.forward(*args)
-                self.graphs[b] = CapturedCall(runner.forward, args, pool)
+                    forward(*args)
+                self.graphs[b] = CapturedCall(forward, args, pool)
             torch.cuda.synchronize()
-        logger.info("captured %d verification CUDA graphs (k=%d) in %.1f s", len(self.buckets), k,
+        logger.info("captured %d CUDA graphs of %d-token steps in %.1f s", len(self.buckets), q,
                     time.perf_counter() - start)
 
     def _args(self, b: int) -> tuple:
-        s, q = self.static, self.k + 1
+        s, q = self.static, self.q
         md = AttentionMetadata(slot_mapping=s["slots"][:b * q], block_tables=s["block_tables"][:b],
                                context_lens=s["context_lens"][:b], cu_seqlens_q=s["cu"][:b + 1],
-                               max_seqlen_q=q, decode_only=False, num_decodes=b)
-        return (s["input_ids"][:b * q], s["positions"][:b * q], self.runner.kv_caches, md)
+                               max_seqlen_q=q, decode_only=q == 1, num_decodes=b)
+        return (s["input_ids"][:b * q], s["positions"][:b * q], self.kv_caches, md)
+
+    def run(self, ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
+            block_tables: torch.Tensor) -> torch.Tensor:
+        """Replay on B = len(context_lens) sequences of q tokens each (lists of B * q; block_tables
+        [B, width'] CPU int32); returns the bucket's hidden states [b * q, hidden] (valid until
+        the next replay)."""
+        B, q = len(context_lens), self.q
+        b = next(x for x in self.buckets if x >= B)
+        empty = (b - B) * q
+        dev = self.runner._device
+        packed = dev(ids + [0] * empty + positions + [0] * empty + slots + [-1] * empty + context_lens
+                     + [0] * (b - B), torch.int64)
+        s, T = self.static, b * q
+        s["input_ids"][:T].copy_(packed[:T])
+        s["positions"][:T].copy_(packed[T:2 * T])
+        s["slots"][:T].copy_(packed[2 * T:3 * T])
+        s["context_lens"][:b].copy_(packed[3 * T:])
+        tables = dev(block_tables, torch.int32)
+        s["block_tables"][:B].zero_()
+        s["block_tables"][:B, :tables.shape[1]].copy_(tables)
+        self.num_replays += 1
+        return self.graphs[b].replay()
+
+
+class VerifyGraphs(StepGraphs):
+    def __init__(self, runner, k: int, max_batch: int) -> None:
+        self.k = k
+        super().__init__(runner.forward, runner.kv_caches, runner, k + 1, max_batch,
+                         extra_blocks=cdiv(k, runner.config.block_size) + 1)
 
     def fits(self, entries: list) -> bool:
         return len(entries) <= self.max_batch and all(
@@ -73,8 +106,7 @@ class VerifyGraphs:
 
     def replay(self, entries: list, inputs: StepInputs) -> torch.Tensor:
         """The step's hidden states [T, hidden] in the flat layout of `inputs` (T = its tokens)."""
-        B, q = len(entries), self.k + 1
-        b = next(x for x in self.buckets if x >= B)
+        q = self.q
         ids, pos, slots, ctx, rows = [], [], [], [], []
         for i, e in enumerate(entries):
             n = e.num_new_tokens  # 1 + its drafts
@@ -86,17 +118,5 @@ class VerifyGraphs:
             slots += inputs.slot_mapping[lo:lo + n] + [-1] * pad
             ctx.append(e.start + q)
             rows += range(i * q, i * q + n)
-        empty = (b - B) * q
-        dev = self.runner._device
-        packed = dev(ids + [0] * empty + pos + [0] * empty + slots + [-1] * empty + ctx + [0] * (b - B), torch.int64)
-        s, T = self.static, b * q
-        s["input_ids"][:T].copy_(packed[:T])
-        s["positions"][:T].copy_(packed[T:2 * T])
-        s["slots"][:T].copy_(packed[2 * T:3 * T])
-        s["context_lens"][:b].copy_(packed[3 * T:])
-        tables = dev(inputs.block_tables, torch.int32)
-        s["block_tables"][:B].zero_()
-        s["block_tables"][:B, :tables.shape[1]].copy_(tables)
-        hidden = self.graphs[b].replay()
-        self.num_replays += 1
-        return hidden[dev(rows, torch.int64)]
+        hidden = self.run(ids, pos, slots, ctx, inputs.block_tables)
+        return hidden[self.runner._device(rows, torch.int64)]

@@ -242,5 +242,10 @@ def test_padded_verification_graph_inputs_give_identical_greedy(checkpoints, met
     base = run_engine(LLMEngine.from_engine_args(target, **TIGHT), requests)
     engine = LLMEngine.from_engine_args(target, speculative_config=methods(checkpoints)[method], **TIGHT)
     engine.runner.verify_graphs = verify_graphs.VerifyGraphs(engine.runner, 3, max_batch=4)
+    proposer = engine.speculator.proposer
+    if method == "self_draft":  # and the draft's decode steps through StepGraphs(q=1)
+        proposer.graphs = verify_graphs.StepGraphs(proposer.forward, proposer.kv_caches, engine.runner, 1, 4)
     same_outputs(run_checked(engine, requests), base)
     assert engine.runner.verify_graphs.num_replays > 0
+    if method == "self_draft":
+        assert proposer.graphs.num_replays > 0 and engine.stats().spec_decode.acceptance_rate == 1.0
