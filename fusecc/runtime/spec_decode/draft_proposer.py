@@ -34,6 +34,7 @@ from torch import nn
 from fusecc.runtime.input_batch import cdiv
 from fusecc.runtime.models.attention import AttentionMetadata
 from fusecc.runtime.sampler import Sampler, SamplingMetadata
+from fusecc.runtime.sequence import SequenceStatus
 from fusecc.runtime.spec_decode.rejection_sampler import DRAFT_SALT, DraftRow
 
 
@@ -101,10 +102,12 @@ class DraftModelProposer:
         tokens, positions, slots, ctx, cu = [], [], [], [], [0]
         for e in entries:
             c = e.start
-            dc = min(self.num_valid(e.seq), c)
+            # an abort between schedule() and now (another thread) frees the blocks: no catch-up then
+            running = e.seq.status is SequenceStatus.RUNNING
+            dc = min(self.num_valid(e.seq), c) if running else c
             tokens += e.seq.token_ids[dc:c + 1]
             positions += range(dc, c + 1)
-            slots += bm.slot_mapping(e.seq, dc, c + 1)
+            slots += (bm.slot_mapping(e.seq, dc, c) if dc < c else []) + [e.slot_mapping[0]]
             ctx.append(c + 1)
             cu.append(cu[-1] + c + 1 - dc)
         last_rows = [r - 1 for r in cu[1:]]
