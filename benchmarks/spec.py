@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,32; smoke 1,4)")
     args = parser.parse_args()
     args.device = "cpu" if args.smoke else args.device
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # intra-op threads on a shared 2-core machine cost more than they give
     args.max_tokens = args.max_tokens or (12 if args.smoke else 128)
     args.max_model_len = 1024
     args.num_kv_blocks = 256 if args.smoke else 4096  # 64k tokens: ~1.5 GB for SmolLM2's shape in bf16

@@ -22,6 +22,7 @@ def build_model_proposer(cfg: SpeculativeConfig, engine_config, runner, block_ma
         proposer = DraftModelProposer(model, _forward(model, engine_config, runner),
                                       runner.kv_caches[:cfg.num_layers], block_manager, shares_target_kv=True,
                                       seed=engine_config.seed)
+        proposer.draft_cost = cfg.num_layers / runner.num_layers
     else:
         model = load_draft_model(cfg.model, engine_config, runner, tokenizer)
         kv_heads, head_dim = model.kv_shape
@@ -30,6 +31,7 @@ def build_model_proposer(cfg: SpeculativeConfig, engine_config, runner, block_ma
                    torch.zeros(shape, dtype=runner.dtype, device=runner.device)) for _ in model.model.layers]
         proposer = DraftModelProposer(model, _forward(model, engine_config, runner), caches, block_manager,
                                       shares_target_kv=False, seed=engine_config.seed)
+        proposer.draft_cost = _num_params(model) / _num_params(runner.model)
     if runner.device.type == "cuda" and not engine_config.enforce_eager:
         from fusecc.runtime.spec_decode.verify_graphs import StepGraphs
 
@@ -61,6 +63,10 @@ def load_draft_model(path: str, engine_config, runner, tokenizer):
     if not hasattr(model, "kv_shape"):
         raise ValueError(f"speculative_config.model {path!r}: the draft needs a fusecc model class")
     return model
+
+
+def _num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def _vocab(tokenizer) -> dict | None:

@@ -70,6 +70,8 @@ class DraftModelProposer:
         """model: has compute_logits and config.vocab_size; forward: its (compiled) forward;
         kv_caches: the draft's per-layer (k, v) pools, [num_blocks, block_size, kv_heads, head_dim]."""
         self.model, self.forward, self.kv_caches = model, forward, kv_caches
+        # one draft step's cost in target forwards (the builder sets it: layers or parameters ratio)
+        self.draft_cost = 0.0
         self.block_manager = block_manager
         self.shares_target_kv = shares_target_kv
         self.vocab_size = model.config.vocab_size

@@ -22,8 +22,12 @@ When speculation runs (the rule, documented in the README):
 - only for decoding sequences (chunked prefills and recomputes never speculate);
 - not while more than `disable_by_batch_size` sequences decode (the forward is no longer memory-bound);
 - k per sequence is cut so that max_tokens and max_model_len are never overshot;
-- acceptance is watched as an exponential moving average over verification steps: below
-  MIN_ACCEPTANCE_RATE proposals pause for PAUSE_STEPS steps, then resume (a probe).
+- acceptance is watched as an exponential moving average over verification steps; a draft token
+  pays off when the chance it is accepted exceeds what it costs, in target forwards: drafting it
+  (0 for n-gram, L / layers for layer_skip, draft parameters / target parameters for a draft model)
+  plus verifying it (VERIFY_TOKEN_COST: an estimate, ~free while a small-batch GPU forward is
+  memory-bound, a sizeable fraction on a CPU). Below that rate proposals pause for PAUSE_STEPS
+  steps, then resume (a probe).
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from fusecc.runtime.spec_decode.config import SpeculativeConfig
 from fusecc.runtime.spec_decode.ngram_proposer import NgramProposer
 from fusecc.runtime.spec_decode.rejection_sampler import DraftGroup, RejectionSampler, SpecSamplerOutput
 
-MIN_ACCEPTANCE_RATE = 0.15
+# Cost of one more verified token, in target forwards (estimates: see the module docstring).
+VERIFY_TOKEN_COST = {"cuda": 0.05, "cpu": 0.35}
 PAUSE_STEPS = 64
 EMA_WEIGHT = 0.1  # of the newest verification step
 EMA_PRIOR = 0.5  # the moving average's start: ~12 verification steps that accept nothing pause proposals
@@ -72,6 +77,9 @@ class Speculator:
         self.stats = SpecDecodeStats()
         self._draft_probs: dict = {}
         self._ema = EMA_PRIOR
+        # the acceptance rate below which speculation costs more than it saves
+        self.min_acceptance_rate = min(0.9, getattr(proposer, "draft_cost", 0.0)
+                                       + VERIFY_TOKEN_COST.get(runner.device.type, 0.05))
         self._paused = 0
         runner.verify_drafts = self.verify
 
@@ -187,5 +195,5 @@ class Speculator:
             return
         rate = sum(n - 1 for n, e in zip(kept, entries) if e.spec_token_ids) / drafted
         self._ema = (1 - EMA_WEIGHT) * self._ema + EMA_WEIGHT * rate
-        if self._ema < MIN_ACCEPTANCE_RATE:
+        if self._ema < self.min_acceptance_rate:
             self._paused, self._ema = PAUSE_STEPS, EMA_PRIOR  # the probe after the pause starts afresh

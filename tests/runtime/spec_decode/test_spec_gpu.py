@@ -13,7 +13,7 @@ from tests.runtime.hf_checkpoints import prompts, run_engine, save_tiny_checkpoi
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["ngram", "layer_skip", "self_draft"])
 def test_cuda_speculation_is_greedy_identical_and_replays_verification_graphs(tmp_path, method, monkeypatch):
-    monkeypatch.setattr(speculator, "MIN_ACCEPTANCE_RATE", 0.0)
+    monkeypatch.setattr(speculator, "PAUSE_STEPS", 0)
     torch.backends.cuda.matmul.allow_tf32 = False
     save_tiny_checkpoint("llama", tmp_path)
     spec = {"ngram": {"method": "ngram", "num_speculative_tokens": 4},

@@ -39,7 +39,7 @@ def base():
                                   {"method": "layer_skip", "num_layers": 12, "num_speculative_tokens": 3}],
                          ids=["ngram", "layer_skip"])
 def test_smollm2_greedy_identical_with_speculation(base, spec, monkeypatch):
-    monkeypatch.setattr(speculator, "MIN_ACCEPTANCE_RATE", 0.0)
+    monkeypatch.setattr(speculator, "PAUSE_STEPS", 0)
     engine, requests, want = base
     # the same weights, a fresh KV pool and scheduler
     spec_engine = LLMEngine(engine.runner.model, engine.tokenizer,

@@ -37,7 +37,7 @@ def methods(checkpoints, k=3):
 @pytest.fixture(autouse=True)
 def never_pause(monkeypatch):
     # random models accept few drafts; the tests want every decode step to speculate
-    monkeypatch.setattr(speculator, "MIN_ACCEPTANCE_RATE", 0.0)
+    monkeypatch.setattr(speculator, "PAUSE_STEPS", 0)
 
 
 def run_checked(engine, requests) -> dict:
@@ -249,3 +249,25 @@ def test_padded_verification_graph_inputs_give_identical_greedy(checkpoints, met
     assert engine.runner.verify_graphs.num_replays > 0
     if method == "self_draft":
         assert proposer.graphs.num_replays > 0 and engine.stats().spec_decode.acceptance_rate == 1.0
+
+
+def test_speculation_turns_itself_down(checkpoints, monkeypatch):
+    """Off while more sequences decode than disable_by_batch_size; paused when acceptance is below
+    what a draft token costs (the other random model accepts almost nothing)."""
+    monkeypatch.setattr(speculator, "PAUSE_STEPS", 64)
+    target, _, other, _ = checkpoints
+    same_length = [" ".join(["w50 w51 w52"] * 4)] * 6
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 5}
+    engine = LLMEngine.from_engine_args(str(target), enforce_eager=True, max_model_len=128, speculative_config=ngram)
+    run_engine(engine, [(str(i), p, params) for i, p in enumerate(same_length)])
+    assert engine.stats().spec_decode.num_drafts == 0  # 6 decode together, always
+    run_engine(engine, [("one", same_length[0], params)])
+    assert engine.stats().spec_decode.num_drafts > 0
+    draft = {"model": str(other), "num_speculative_tokens": 3}
+    engine = LLMEngine.from_engine_args(str(target), enforce_eager=True, max_model_len=256, speculative_config=draft)
+    # a draft as large as the target costs a forward per token: the rate it needs is capped at 0.9
+    assert engine.speculator.min_acceptance_rate == 0.9
+    run_engine(engine, [("a", prompts(1, seed=9)[0], SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))])
+    s = engine.stats().spec_decode
+    assert s.num_paused_steps > 0 and s.num_drafts < 30
