@@ -11,8 +11,8 @@ A step is replayed when every entry is a decode verifying 0..k drafts (no prefil
 sequence is padded to k + 1 rows. Pad rows write nothing (slot -1) and sit after the real rows of
 their sequence, which by causality never read them; a pad row reuses its sequence's last real
 position (inside the rotary table). Context length is c + k + 1 for every sequence, so real row i
-sees positions <= c + i as in the unpadded step; padded sequences (rows of an empty bucket slot)
-get context length 0. The block tables are wider than max_blocks_per_seq by the blocks that k pad
+sees positions <= c + i as in the unpadded step; the rows of an empty bucket slot get context length
+k + 1 over a zero block table (valid reads of block 0, no fully masked row; their output is unused). The block tables are wider than max_blocks_per_seq by the blocks that k pad
 positions can reach, so a pad row's table lookup stays inside its own row (its reads are garbage
 that nothing uses). The real rows' hidden states are gathered back into the flat step layout.
 """
@@ -49,7 +49,7 @@ class StepGraphs:
                 input_ids=torch.zeros(n * q, dtype=torch.int64, device=dev),
                 positions=torch.zeros(n * q, dtype=torch.int64, device=dev),
                 slots=torch.full((n * q,), -1, dtype=torch.int64, device=dev),
-                context_lens=torch.zeros(n, dtype=torch.int32, device=dev),
+                context_lens=torch.full((n,), q, dtype=torch.int32, device=dev),
                 block_tables=torch.zeros((n, self.width), dtype=torch.int32, device=dev),
                 cu=torch.arange(n + 1, dtype=torch.int32, device=dev) * q)
             self.graphs: dict[int, CapturedCall] = {}
@@ -80,15 +80,16 @@ class StepGraphs:
         b = next(x for x in self.buckets if x >= B)
         empty = (b - B) * q
         dev = self.runner._device
-        packed = dev(ids + [0] * empty + positions + [0] * empty + slots + [-1] * empty + context_lens
-                     + [0] * (b - B), torch.int64)
+        # empty bucket slots: q tokens at positions 0..q-1 over a zero block table (block 0), writing nothing
+        packed = dev(ids + [0] * empty + positions + list(range(q)) * (b - B) + slots + [-1] * empty + context_lens
+                     + [q] * (b - B), torch.int64)
         s, T = self.static, b * q
         s["input_ids"][:T].copy_(packed[:T])
         s["positions"][:T].copy_(packed[T:2 * T])
         s["slots"][:T].copy_(packed[2 * T:3 * T])
         s["context_lens"][:b].copy_(packed[3 * T:])
         tables = dev(block_tables, torch.int32)
-        s["block_tables"][:B].zero_()
+        s["block_tables"][:b].zero_()
         s["block_tables"][:B, :tables.shape[1]].copy_(tables)
         self.num_replays += 1
         return self.graphs[b].replay()
