@@ -48,7 +48,7 @@ from fusecc.runtime.spec_decode.rejection_sampler import DraftGroup, RejectionSa
 VERIFY_TOKEN_COST = {"cuda": 0.05, "cpu": 0.35}
 PAUSE_STEPS = 64
 EMA_WEIGHT = 0.1  # of the newest verification step
-EMA_PRIOR = 0.5  # the moving average's start: ~12 verification steps that accept nothing pause proposals
+EMA_PRIOR = 1.0  # optimistic start: a method is judged on what it accepts, not on the prior
 
 
 @dataclass
