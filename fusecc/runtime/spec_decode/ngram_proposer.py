@@ -4,8 +4,9 @@
 
 The longest suffix of the tokens (max_n down to min_n tokens) that also occurs earlier is looked
 up; the k tokens that followed its most recent earlier occurrence with k tokens after it are the
-proposal (else those after its first occurrence: fewer than k). Rewriting, summarizing or editing a text the prompt holds
-repeats long spans of it, which is where this proposes well; it costs no forward pass.
+proposal (else those after its first occurrence: fewer than k; vLLM takes the first occurrence).
+Rewriting, summarizing or editing a text the prompt holds repeats long spans of it, which is where
+this proposes well; it costs no forward pass.
 
 Cost: one scan of the last `window` tokens per n (numpy compares), so a step costs
 O(batch x max_n x window) host work, bounded whatever the sequence length.
