@@ -188,6 +188,19 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = seq.num_cached_tokens = seq.num_hashed_blocks = 0
 
+    def release_unused_tail(self, seq: Sequence) -> None:
+        """Free the blocks of `seq` past those holding its computed positions (speculative
+        decoding appends blocks for draft tokens; rejected ones leave them unused). Such blocks
+        were appended for positions >= num_computed_tokens, so they are private and unhashed."""
+        keep = max(1, seq.num_blocks_needed(seq.num_computed_tokens))
+        table = seq.block_table
+        while len(table) > keep:
+            block = self.blocks[table.pop()]
+            assert block.ref_count == 1 and block.hash is None, (seq.request_id, block.block_id)
+            block.ref_count = 0
+            self._free[block.block_id] = None
+            self._free.move_to_end(block.block_id, last=False)
+
     def slot_mapping(self, seq: Sequence, start: int, end: int) -> list[int]:
         """Cache slot of each token position in [start, end) of `seq`."""
         bs, table = self.block_size, seq.block_table

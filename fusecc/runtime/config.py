@@ -83,8 +83,12 @@ class EngineConfig:
                                       "Megatron-style tensor parallelism (native Llama-family models; see the "
                                       "README's 'Tensor parallelism').")
     kv_cache_dtype: str = _f("auto", "KV cache dtype (not supported yet: auto = the model's dtype).")
-    speculative_config: str | dict | None = _f(None, "Speculative decoding configuration, a dict or JSON "
-                                                     "(not supported yet: None).")
+    speculative_config: str | dict | None = _f(None, "Speculative decoding (vLLM's keys), a dict or JSON, e.g. "
+                                                     "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4}', "
+                                                     "'{\"model\": DIR, \"num_speculative_tokens\": 3}' or "
+                                                     "'{\"method\": \"layer_skip\", \"num_layers\": 8, "
+                                                     "\"num_speculative_tokens\": 3}' "
+                                                     "(fusecc/runtime/spec_decode/config.py).")
 
     def __post_init__(self) -> None:
         hints = _field_types()
@@ -124,7 +128,13 @@ class EngineConfig:
     def check_supported(self) -> None:
         """The placeholders' non-default values: refused when an engine is built (not on
         construction, so that a config can be described and printed whatever it holds)."""
-        for name in ("kv_cache_dtype", "speculative_config"):
+        if self.speculative_config is not None:
+            from fusecc.runtime.spec_decode.config import SpeculativeConfig
+
+            SpeculativeConfig.parse(self.speculative_config)
+            if self.tensor_parallel_size > 1:
+                raise ValueError("speculative_config with tensor_parallel_size > 1 is not supported yet")
+        for name in ("kv_cache_dtype",):
             default = _defaults()[name]
             if getattr(self, name) != default:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported yet (only {default!r})")

@@ -38,6 +38,8 @@ from fusecc.runtime.request_inputs import bad_words_token_ids, check_token_ids, 
 from fusecc.runtime.sampling_params import SamplingParams
 from fusecc.runtime.scheduler import Scheduler
 from fusecc.runtime.sequence import Sequence
+from fusecc.runtime.spec_decode.rejection_sampler import SpecSamplerOutput
+from fusecc.runtime.spec_decode.speculator import Speculator
 
 
 class LLMEngine:
@@ -62,6 +64,7 @@ class LLMEngine:
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.outputs = OutputProcessor(tokenizer, self.eos_token_ids, self.config.max_model_len)
+        self.speculator = Speculator.build(self.config, self.runner, self.block_manager, tokenizer)
         self._lock = threading.RLock()
         self.prompt_tokens_total = 0
         self.step_timings = StepTimings()
@@ -199,18 +202,27 @@ class LLMEngine:
     # --- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        spec = self.speculator
         with self._lock:
+            if spec is not None:
+                spec.before_schedule(self.scheduler.running)
             out = self.scheduler.schedule()
             self.outputs.note_scheduled(out)
         t1 = time.perf_counter()
+        if spec is not None and not out.is_empty:  # model drafts: counted as execute time
+            spec.after_schedule(out, self.eos_token_ids)
         sampled = self.runner.execute(out, self.eos_token_ids) if not out.is_empty else None
         t2 = time.perf_counter()
-        token_ids = sampled.token_ids.tolist() if sampled is not None else []  # the step's only sync
+        verified = isinstance(sampled, SpecSamplerOutput)
+        token_ids = sampled.token_ids.tolist() if sampled is not None and not verified else []  # the step's only sync
         t3 = time.perf_counter()
         with self._lock:
-            self.scheduler.postprocess(out, token_ids)
-            for seq, stop in self.outputs.process_tokens(out, sampled, token_ids):
-                self.scheduler.finish(seq, stop.reason, stop.stop_reason)
+            if verified:  # drafts were verified: commit the accepted runs (spec_decode/speculator.py)
+                spec.commit(self.scheduler, self.outputs, out, sampled)
+            else:
+                self.scheduler.postprocess(out, token_ids)
+                for seq, stop in self.outputs.process_tokens(out, sampled, token_ids):
+                    self.scheduler.finish(seq, stop.reason, stop.stop_reason)
             outputs = self.outputs.make_outputs(self.scheduler.take_finished())
             if out.scheduled:
                 self._note_step(out.scheduled[-1].is_prefill, t0, t1, t2, t3, time.perf_counter())
@@ -241,7 +253,8 @@ class LLMEngine:
                 prefix_cache_hits=bm.stats.prefix_cache_hits, prompt_tokens_total=self.prompt_tokens_total,
                 generation_tokens_total=self.generation_tokens_total,
                 finished_by_reason=dict(s.stats.num_finished), peak_kv_cache_usage=bm.peak_usage,
-                num_kv_blocks=bm.num_blocks, step_timings=timings)
+                num_kv_blocks=bm.num_blocks, step_timings=timings,
+                spec_decode=None if self.speculator is None else dataclasses.replace(self.speculator.stats))
 
 
 def _fit_max_model_len(config: EngineConfig, model_limit: int) -> EngineConfig:

@@ -108,6 +108,8 @@ class StepInputs:
     max_seqlen_q: int
     decode_only: bool  # one new token per sequence (T == B)
     num_decodes: int  # entries that are decodes (they come first)
+    # draft tokens verified this step (speculative decoding); their entries sample 1 + drafts rows each
+    num_spec_tokens: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -117,6 +119,7 @@ class StepInputs:
 def prepare_inputs(entries: list[ScheduledSequence], mirror: BlockTableMirror, block_size: int) -> StepInputs:
     B = len(entries)
     assert B, "a step needs at least one scheduled sequence"
+    num_spec_tokens = 0
     if all(e.num_new_tokens == 1 for e in entries):
         # Decode-shaped step: one token per entry (decodes, and 1-token prompt chunks).
         positions = [e.start for e in entries]
@@ -134,11 +137,16 @@ def prepare_inputs(entries: list[ScheduledSequence], mirror: BlockTableMirror, b
         for e in entries:
             start, n = e.start, e.num_new_tokens
             end = start + n
-            token_ids += e.seq.token_ids[start:end]
             positions += range(start, end)
             slots += e.slot_mapping
             context_lens.append(end)
             cu.append(cu[-1] + n)
+            if e.spec_token_ids:  # a decode verifying drafts: the logits of all its tokens
+                token_ids += e.token_ids
+                sample_rows += range(cu[-2], cu[-1])
+                num_spec_tokens += len(e.spec_token_ids)
+                continue
+            token_ids += e.seq.token_ids[start:end]
             if e.do_sample:
                 sample_rows.append(cu[-1] - 1)
             if n > max_seqlen_q:
@@ -150,4 +158,4 @@ def prepare_inputs(entries: list[ScheduledSequence], mirror: BlockTableMirror, b
     return StepInputs(token_ids=token_ids, positions=positions, slot_mapping=slots, context_lens=context_lens,
                       cu_seqlens_q=cu, block_tables=block_tables, sample_rows=sample_rows, num_sampled=num_sampled,
                       max_seqlen_q=max_seqlen_q, decode_only=len(token_ids) == B,
-                      num_decodes=sum(not e.is_prefill for e in entries))
+                      num_decodes=sum(not e.is_prefill for e in entries), num_spec_tokens=num_spec_tokens)

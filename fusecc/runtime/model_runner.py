@@ -119,6 +119,10 @@ class ModelRunner:
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
         self.sampler = Sampler(seed=config.seed)
         self.prompt_logprobs = PromptLogprobsPlanner()
+        # Speculative decoding (fusecc/runtime/spec_decode/speculator.py) sets it: a step that
+        # verifies drafts samples its rows with verify_drafts(logits, entries, eos) instead.
+        self.verify_drafts = None
+        self.verify_graphs = None  # and, on CUDA, the CUDA graphs of verification steps
         # Two rows per schedulable sequence: rows of finished sequences are recycled in bulk.
         self._tables = BlockTableMirror(2 * config.max_num_seqs, self.max_blocks_per_seq)
         self.num_graph_replays = 0
@@ -142,6 +146,8 @@ class ModelRunner:
         if inputs.decode_only and inputs.num_seqs in self._bucket_of:
             hidden = self._replay(inputs)
             self.num_graph_replays += 1
+        elif inputs.num_spec_tokens and self.verify_graphs is not None and self.verify_graphs.fits(entries):
+            hidden = self.verify_graphs.replay(entries, inputs)  # fusecc/runtime/spec_decode/verify_graphs.py
         else:
             md = AttentionMetadata(
                 slot_mapping=self._device(inputs.slot_mapping, torch.int64),
@@ -162,6 +168,10 @@ class ModelRunner:
         if inputs.sample_rows is not None:
             hidden = hidden[self._device(inputs.sample_rows, torch.int64)]
         logits = self.model.compute_logits(hidden)
+        if inputs.num_spec_tokens:
+            out = self.verify_drafts(logits, entries, eos_token_ids)
+            out.prompt_logprobs = prompt_logprobs
+            return out
         md = SamplingMetadata.build([e.seq for e in entries if e.do_sample], vocab_size=self.vocab_size,
                                     device=self.device, eos_token_ids=eos_token_ids)
         out = self.sampler(logits, md)

@@ -98,3 +98,7 @@ class EngineStats:
     peak_kv_cache_usage: float = 0.0
     num_kv_blocks: int = 0
     step_timings: StepTimings = field(default_factory=StepTimings)
+    # speculative decoding's counters (fusecc/runtime/spec_decode/speculator.py SpecDecodeStats:
+    # num_drafts, num_draft_tokens, num_accepted_tokens, acceptance_rate, mean_accepted_length);
+    # None without speculative_config
+    spec_decode: object | None = None

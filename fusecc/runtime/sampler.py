@@ -192,18 +192,24 @@ class Sampler:
             token_ids = torch.where(md.greedy, greedy_tokens, sampled)
         out = SamplerOutput(token_ids=token_ids)
         if md.max_num_logprobs is not None:
-            if self.logprobs_mode == "raw":
-                source = raw.float()
-            elif md.all_greedy:
-                source = processed
-            else:  # greedy rows: the penalised logits, uncut, at temperature 1
-                source = torch.where(md.greedy[:, None], logits, processed)
-            lp = source.log_softmax(dim=-1)
-            out.logprobs = lp.gather(1, token_ids[:, None]).squeeze(1)
-            out.ranks = (lp > out.logprobs[:, None]).sum(dim=-1) + 1
-            if md.max_num_logprobs > 0:
-                out.top_logprobs, out.top_token_ids = lp.topk(md.max_num_logprobs, dim=-1)
+            self.add_logprobs(out, raw, logits, processed, md)
         return out
+
+    def add_logprobs(self, out: SamplerOutput, raw: torch.Tensor, penalized: torch.Tensor,
+                     processed: torch.Tensor, md: SamplingMetadata) -> None:
+        """Fill out.logprobs / ranks / top_* for out.token_ids (see logprobs_mode). raw: the
+        model's logits; penalized: after steps 0-2; processed: after step 4 (penalized when all greedy)."""
+        if self.logprobs_mode == "raw":
+            source = raw.float()
+        elif md.all_greedy:
+            source = processed
+        else:  # greedy rows: the penalised logits, uncut, at temperature 1
+            source = torch.where(md.greedy[:, None], penalized, processed)
+        lp = source.log_softmax(dim=-1)
+        out.logprobs = lp.gather(1, out.token_ids[:, None]).squeeze(1)
+        out.ranks = (lp > out.logprobs[:, None]).sum(dim=-1) + 1
+        if md.max_num_logprobs > 0:
+            out.top_logprobs, out.top_token_ids = lp.topk(md.max_num_logprobs, dim=-1)
 
     @staticmethod
     def penalize(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

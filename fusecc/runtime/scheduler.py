@@ -60,10 +60,14 @@ class ScheduledSequence:
     do_sample: bool
     # KV-cache slot for each new token (block_table[p // block_size] * block_size + p % block_size).
     slot_mapping: list[int]
+    # Draft tokens verified by this decode (speculative decoding): the new tokens are the last
+    # sampled token then these; logits of all of them are sampled. Empty for everything else.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def token_ids(self) -> list[int]:
-        return self.seq.token_ids[self.start:self.start + self.num_new_tokens]
+        known = self.num_new_tokens - len(self.spec_token_ids)
+        return self.seq.token_ids[self.start:self.start + known] + self.spec_token_ids
 
     @property
     def positions(self) -> range:
@@ -203,6 +207,12 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             if n == 0:
                 continue  # budget spent; it keeps its blocks and runs next step
+            spec = self._spec_tokens(seq, budget - n)
+            if spec and bm.can_append(seq, n + len(spec)):  # drafts are dropped before anyone is preempted
+                bm.append_slots(seq, n + len(spec))
+                entries[seq.seq_id] = self._entry(seq, n + len(spec), spec)
+                budget -= n + len(spec)
+                continue
             while not bm.can_append(seq, n):
                 victim = max(self.running, key=_order_key)
                 if victim.seq_id in entries:
@@ -284,14 +294,22 @@ class Scheduler:
             seq.last_token_time = now
 
     # --- internals ----------------------------------------------------------------------------
-    def _entry(self, seq: Sequence, n: int) -> ScheduledSequence:
+    @staticmethod
+    def _spec_tokens(seq: Sequence, budget_left: int) -> list[int]:
+        """The drafts a decode verifies this step (seq.spec_token_ids, cut to the budget left)."""
+        if not seq.spec_token_ids or seq.num_uncomputed_tokens != 1 or seq.num_tokens <= seq.num_prompt_tokens:
+            return []
+        return seq.spec_token_ids[:budget_left]
+
+    def _entry(self, seq: Sequence, n: int, spec: list[int] | None = None) -> ScheduledSequence:
         start = seq.num_computed_tokens
-        num_tokens = len(seq.token_ids)
+        num_tokens = len(seq.token_ids) + (len(spec) if spec else 0)
         do_sample = start + n == num_tokens
-        is_decode = n == 1 and do_sample and num_tokens > seq.num_prompt_tokens
+        is_decode = (n == 1 or bool(spec)) and do_sample and num_tokens > seq.num_prompt_tokens
         return ScheduledSequence(seq=seq, start=start, num_new_tokens=n, is_prefill=not is_decode,
                                  do_sample=do_sample,
-                                 slot_mapping=self.block_manager.slot_mapping(seq, start, start + n))
+                                 slot_mapping=self.block_manager.slot_mapping(seq, start, start + n),
+                                 spec_token_ids=list(spec) if spec else [])
 
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
         assert status.is_finished and not seq.is_finished

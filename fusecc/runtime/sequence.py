@@ -73,6 +73,9 @@ class Sequence:
     # Scheduler-assigned admission order; breaks arrival_time ties so ordering is total.
     seq_id: int = field(init=False, default=-1)
     num_preemptions: int = field(init=False, default=0)
+    # Draft tokens proposed to follow token_ids (speculative decoding, fusecc/runtime/spec_decode/):
+    # set before each schedule, verified by the step that schedules them, never part of token_ids.
+    spec_token_ids: list[int] = field(init=False, default_factory=list, repr=False)
     # Owned by BlockManager: chained hashes of the full token blocks of token_ids (content only,
     # independent of where they are cached), and how many leading blocks of block_table are
     # registered in (or were found in) the prefix cache.

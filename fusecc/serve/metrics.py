@@ -56,6 +56,20 @@ class _EngineStatsCollector(Collector):
         for reason in sorted(set(s.finished_by_reason) | {"stop", "length", "abort"}):
             finished.add_metric([reason], s.finished_by_reason.get(reason, 0))
         yield finished
+        spec = getattr(s, "spec_decode", None)
+        if spec is not None:  # speculative decoding (vLLM's spec_decode_* series)
+            for name, doc, value in (
+                ("fusecc_spec_decode_num_drafts", "Verification windows (a sequence verifying drafts in a step).",
+                 spec.num_drafts),
+                ("fusecc_spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", spec.num_draft_tokens),
+                ("fusecc_spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.num_accepted_tokens),
+            ):
+                yield CounterMetricFamily(name, doc, value=value)
+            yield GaugeMetricFamily("fusecc_spec_decode_acceptance_rate", "Accepted / drafted tokens since start.",
+                                    spec.acceptance_rate)
+            yield GaugeMetricFamily("fusecc_spec_decode_mean_accepted_length",
+                                    "Tokens per verification window: 1 + accepted drafts per window.",
+                                    spec.mean_accepted_length)
 
 
 class ServerMetrics:

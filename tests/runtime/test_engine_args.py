@@ -88,7 +88,7 @@ def test_bad_values_name_the_field(kwargs, field):
         EngineConfig(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [dict(kv_cache_dtype="fp8"), dict(speculative_config={"method": "ngram"})])
+@pytest.mark.parametrize("kwargs", [dict(kv_cache_dtype="fp8")])
 def test_placeholders_are_not_supported_yet(kwargs):
     from fusecc.runtime.engine import LLMEngine
 

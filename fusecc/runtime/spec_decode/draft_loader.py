@@ -1,0 +1,82 @@
+"""Builds the model proposer of a speculative_config: the target's own first layers (layer_skip)
+or a draft checkpoint folder (draft_model) with its own KV pool, checked against the target.
+
+A draft must share the target's vocabulary: the same config.vocab_size and, when both tokenizers
+expose one, the same token -> id map; otherwise its token ids would mean other tokens (ValueError
+at start). Its KV pool has the target's block count and block size, so the target's block tables
+address it (fusecc/runtime/spec_decode/draft_proposer.py); on CUDA it is allocated after the target
+sized its own pool from gpu_memory_utilization, so leave room for it (lower gpu_memory_utilization).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusecc.runtime.spec_decode.config import SpeculativeConfig
+from fusecc.runtime.spec_decode.draft_proposer import DraftModelProposer, LayerSkipModel
+
+
+def build_model_proposer(cfg: SpeculativeConfig, engine_config, runner, block_manager, tokenizer) -> DraftModelProposer:
+    if cfg.method == "layer_skip":
+        model = LayerSkipModel(runner.model, cfg.num_layers)
+        proposer = DraftModelProposer(model, _forward(model, engine_config, runner),
+                                      runner.kv_caches[:cfg.num_layers], block_manager, shares_target_kv=True,
+                                      seed=engine_config.seed)
+        proposer.draft_cost = cfg.num_layers / runner.num_layers
+    else:
+        model = load_draft_model(cfg.model, engine_config, runner, tokenizer)
+        kv_heads, head_dim = model.kv_shape
+        shape = (engine_config.num_kv_blocks, engine_config.block_size, kv_heads, head_dim)
+        caches = [(torch.zeros(shape, dtype=runner.dtype, device=runner.device),
+                   torch.zeros(shape, dtype=runner.dtype, device=runner.device)) for _ in model.model.layers]
+        proposer = DraftModelProposer(model, _forward(model, engine_config, runner), caches, block_manager,
+                                      shares_target_kv=False, seed=engine_config.seed)
+        proposer.draft_cost = _num_params(model) / _num_params(runner.model)
+    if runner.device.type == "cuda" and not engine_config.enforce_eager:
+        from fusecc.runtime.spec_decode.verify_graphs import StepGraphs
+
+        # the draft's decode-shaped steps (all of layer_skip's) replay CUDA graphs
+        proposer.graphs = StepGraphs(proposer.forward, proposer.kv_caches, runner, 1, cfg.disable_by_batch_size)
+    return proposer
+
+
+def load_draft_model(path: str, engine_config, runner, tokenizer):
+    from fusecc.runtime import loader
+
+    try:
+        hf_config = loader.load_config(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"speculative_config.model {path!r}: cannot read the draft's config ({e})") from None
+    if hf_config.vocab_size != runner.vocab_size:
+        raise ValueError(f"speculative_config.model {path!r}: the draft's vocabulary ({hf_config.vocab_size} tokens) "
+                         f"differs from the target's ({runner.vocab_size})")
+    try:
+        draft_tokenizer = loader.load_tokenizer(path)
+    except (OSError, ValueError):
+        draft_tokenizer = None  # a folder without a tokenizer: the vocabulary size check stands alone
+    if _vocab(draft_tokenizer) is not None and _vocab(tokenizer) is not None and \
+            _vocab(draft_tokenizer) != _vocab(tokenizer):
+        raise ValueError(f"speculative_config.model {path!r}: the draft's tokenizer maps tokens to other ids than "
+                         f"the target's")
+    model = loader.load_model(path, runner.dtype, runner.device, engine_config.max_model_len, config=hf_config,
+                              model_impl=engine_config.model_impl)
+    if not hasattr(model, "kv_shape"):
+        raise ValueError(f"speculative_config.model {path!r}: the draft needs a fusecc model class")
+    return model
+
+
+def _num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _vocab(tokenizer) -> dict | None:
+    get = getattr(tokenizer, "get_vocab", None)
+    return get() if get is not None else None
+
+
+def _forward(model, engine_config, runner):
+    if engine_config.enforce_eager:
+        return model
+    from fusecc.runtime.model_runner import compile_forward
+
+    return compile_forward(model, runner.size_oblivious)
