@@ -23,6 +23,8 @@ from fusecc.quantization.config import QUANTIZATION_METHODS
 # vLLM's --dtype names; "auto" = the checkpoint's torch_dtype (bf16 on CUDA / fp32 on CPU without one)
 DTYPE_NAMES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 DEVICE_NAMES = ("auto", "cuda", "cpu")
+# vLLM's --kv-cache-dtype names: "auto" = the model's dtype; "fp8" = "fp8_e4m3" (float8_e4m3fn)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 def _f(default, help: str, **kw):
@@ -80,7 +82,10 @@ class EngineConfig:
                                 "is refused with SchedulerFullError (the server answers HTTP 429).")
     # --- placeholders for later issues (vLLM's names): other values are refused -----------------
     tensor_parallel_size: int = _f(1, "GPUs to shard the model over (not supported yet: 1).")
-    kv_cache_dtype: str = _f("auto", "KV cache dtype (not supported yet: auto = the model's dtype).")
+    kv_cache_dtype: str = _f("auto", "KV cache dtype: auto (the model's dtype) or fp8 / fp8_e4m3 (e4m3 with "
+                                     "per-layer K and V scales, 1.0 unless the checkpoint gives k_scale/v_scale: "
+                                     "twice the tokens in the same memory; CUDA GPUs with compute capability "
+                                     "8.9+, or CPU). See README 'Quantization'.")
     speculative_config: str | dict | None = _f(None, "Speculative decoding configuration, a dict or JSON "
                                                      "(not supported yet: None).")
 
@@ -115,13 +120,15 @@ class EngineConfig:
         if self.num_kv_blocks is not None:
             _require(self.num_kv_blocks >= 1, "num_kv_blocks", self.num_kv_blocks, "must be >= 1 or None")
         _require(self.max_waiting >= 1, "max_waiting", self.max_waiting, "must be >= 1")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", self.kv_cache_dtype,
+                 f"must be one of {', '.join(KV_CACHE_DTYPES)}")
         _require(self.quantization is None or self.quantization in QUANTIZATION_METHODS, "quantization",
                  self.quantization, f"must be one of {', '.join(QUANTIZATION_METHODS)} or None")
 
     def check_supported(self) -> None:
         """The placeholders' non-default values: refused when an engine is built (not on
         construction, so that a config can be described and printed whatever it holds)."""
-        for name in ("tensor_parallel_size", "kv_cache_dtype", "speculative_config"):
+        for name in ("tensor_parallel_size", "speculative_config"):
             default = _defaults()[name]
             if getattr(self, name) != default:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported yet (only {default!r})")
