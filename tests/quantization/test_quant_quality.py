@@ -138,3 +138,37 @@ def test_fp8_kv_cache_through_transformers_backend(tiny, single_thread):  # noqa
     assert llm.engine.runner.kv_caches[0][0].dtype == FP8
     oracle = quantize_oracle(save_tiny_checkpoint("llama", path.parent / "oracle_hf_kv"), "fp8_kv")
     assert ours == pytest.approx(transformers_perplexity(oracle, windows).perplexity, rel=ORACLE_RTOL)
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_kv_cache_engine(tmp_path):
+    """bf16 on the GPU, compiled with CUDA graphs: the fp8 pool holds twice the blocks of the bf16
+    one in the same memory, and its perplexity matches the bf16 oracle with e4m3 K/V within the bf16
+    tolerance of the perplexity acceptance (2%), and the bf16 cache within the format's bound."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    save_tiny_checkpoint("llama", tmp_path)
+    windows = token_windows()
+    runs = {}
+    for kv in ("auto", "fp8"):
+        llm = LLM(str(tmp_path), dtype="bfloat16", device="cuda", max_model_len=64, kv_cache_dtype=kv,
+                  gpu_memory_utilization=0.3)
+        runner = llm.engine.runner
+        runs[kv] = (engine_perplexity(llm, windows).perplexity, runner.config.num_kv_blocks, runner.kv_dtype)
+        out = llm.generate([{"prompt_token_ids": windows[0][:8]}], {"max_tokens": 8, "temperature": 0.0,
+                                                                       "ignore_eos": True}, use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 8 and runner.num_graph_replays > 0  # decode CUDA graphs
+        llm = runner = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    (ref, ref_blocks, ref_dtype), (ours, blocks, dtype) = runs["auto"], runs["fp8"]
+    assert dtype == FP8 and ref_dtype == torch.bfloat16
+    assert blocks == pytest.approx(2 * ref_blocks, rel=0.05)
+    oracle = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).cuda().eval()
+    expected = transformers_perplexity(quantize_oracle(oracle, "fp8_kv"), windows).perplexity
+    assert ours == pytest.approx(expected, rel=0.02)
+    with torch.no_grad():
+        max_logit = max(oracle(torch.tensor([w], device="cuda")).logits.abs().max().item() for w in windows)
+    assert abs(math.log(ours / ref)) <= 2 * series("fp8_kv") * EPSILON["fp8_kv"] * max_logit
