@@ -21,7 +21,7 @@ import triton.language as tl
 
 from fusecc.kernels.attention_tile import check_kv_cache_dtype
 
-FP8_MAX: tl.constexpr = 448.0  # largest finite float8_e4m3fn
+FP8_MAX = tl.constexpr(448.0)  # largest finite float8_e4m3fn
 
 
 @triton.jit
