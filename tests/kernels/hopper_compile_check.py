@@ -126,7 +126,8 @@ def attention_kernels(autotune: bool) -> None:
         paged_attention(torch.randn(2, 8, d, dtype=bf16), cache, cache, tables, ctx, sliding_window=32, softcap=50.0)
         paged_prefill_attention(tokens, cache, cache, cu, tables, ctx, 25, sliding_window=32, softcap=50.0)
         write_kv_cache(kv, kv, cache, cache, torch.arange(40))
-        fp8_kv_cache_kernels(tokens, kv, cache.to(torch.float8_e4m3fn), tables, ctx, cu)
+        if not autotune:  # the hand-picked configs only: the e4m3 conversions do not depend on the tile
+            fp8_kv_cache_kernels(tokens, kv, cache.to(torch.float8_e4m3fn), tables, ctx, cu)
 
 
 def fp8_kv_cache_kernels(tokens, kv, cache, tables, ctx, cu) -> None:
