@@ -8,7 +8,7 @@ quantize-dequantize round trip with fusecc's own round-to-nearest quantizers
 For int4 and fp8 it reports: everything quantized (checks this eager round trip reproduces the
 engine's figure), everything but the last decoder layer, each linear kind alone (q/k/v/o/gate/up/down), each decoder layer alone, int4 at
 groups 32/64/128, fp8 weights alone vs activations alone, and the weights' outlier statistics
-(max |w| over the rms of its int4 group / fp8 row). Perplexity on the docstring corpus, fewer
+(max |w| over the rms of its int4 group / fp8 row) and round-trip errors. Perplexity on the docstring corpus, fewer
 windows than quant_quality (the relative increases, not the absolute figure, are the point).
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -35,6 +36,13 @@ def int4_round_trip(w: torch.Tensor, group: int) -> torch.Tensor:
     q = _unpack_cols(qweight, 4).float()  # [N, K]
     g = torch.arange(w.shape[1]) // group
     return ((q - zeros[:, g]) * scales[:, g]).to(w.dtype)
+
+
+def int8_round_trip(w: torch.Tensor) -> torch.Tensor:
+    from fusecc.quantization.packing import quantize_int8
+
+    q, scales = quantize_int8(w)
+    return (q.float() * scales).to(w.dtype)
 
 
 def fp8_round_trip(w: torch.Tensor) -> torch.Tensor:
@@ -96,6 +104,14 @@ def outlier_stats(quantizer: Quantizer) -> dict:
                 r = max((g.abs().amax(-1) / g.pow(2).mean(-1).sqrt().clamp(min=1e-12)).max().item() for g in parts)
                 if r > best[key]:
                     best[key], best[key + "_layer"] = round(r, 2), name
+        # the round trips' relative error ||w' - w|| / ||w|| over all of this kind's weights
+        names = [n for n in quantizer.original if n.endswith(kind)]
+        trips = {"int8": int8_round_trip, "int4_g128": lambda w: int4_round_trip(w, 128), "fp8": fp8_round_trip}
+        total = sum(quantizer.original[n].float().pow(2).sum().item() for n in names)
+        for method, round_trip in trips.items() if total else ():
+            err = sum((round_trip(quantizer.original[n]).float() - quantizer.original[n].float()).pow(2).sum().item()
+                      for n in names)
+            best[f"round_trip_error_{method}"] = round(math.sqrt(err / total), 4)
         out[kind] = best
     return out
 
