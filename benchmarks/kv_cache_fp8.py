@@ -92,7 +92,8 @@ def main() -> int:
             args.enforce_eager = True
         else:
             model, config = build_hf(shape)
-            prompts, warmup, output = make_prompts(config.vocab_size), make_prompts(config.vocab_size, 4, seed=1), OUTPUT
+            prompts, output = make_prompts(config.vocab_size), OUTPUT
+            warmup = make_prompts(config.vocab_size, 4, seed=1)
         result["configs"][shape] = compare(model, config, prompts, warmup, args, device, output)
         model = None
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -6,9 +6,10 @@ quantize-dequantize round trip with fusecc's own round-to-nearest quantizers
     python -m benchmarks.quant_sensitivity --out benchmarks/results/quant_sensitivity.json
 
 For int4 and fp8 it reports: everything quantized (checks this eager round trip reproduces the
-engine's figure), everything but the last decoder layer, each linear kind alone (q/k/v/o/gate/up/down), each decoder layer alone, int4 at
-groups 32/64/128, fp8 weights alone vs activations alone, and the weights' outlier statistics
-(max |w| over the rms of its int4 group / fp8 row) and round-trip errors. Perplexity on the docstring corpus, fewer
+engine's figure), everything but the last decoder layer, each linear kind alone
+(q/k/v/o/gate/up/down), each decoder layer alone, int4 at groups 32/64/128, fp8 weights alone vs
+activations alone, and the weights' statistics per linear kind (max |w| over the rms of its int4
+group and of its row; each format's round-trip error). Perplexity on the docstring corpus, fewer
 windows than quant_quality (the relative increases, not the absolute figure, are the point).
 """
 
