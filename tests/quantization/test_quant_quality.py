@@ -172,3 +172,16 @@ def test_gpu_fp8_kv_cache_engine(tmp_path):
     with torch.no_grad():
         max_logit = max(oracle(torch.tensor([w], device="cuda")).logits.abs().max().item() for w in windows)
     assert abs(math.log(ours / ref)) <= 2 * series("fp8_kv") * EPSILON["fp8_kv"] * max_logit
+
+
+def test_fp8_kv_cache_needs_fp8_gpu(monkeypatch):
+    """Refused at start-up on a GPU below compute capability 8.9, naming the GPU's."""
+    from fusecc.runtime.models.attention import kv_cache_torch_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='fp8' needs .* 8\.9\+.*A100 has 8\.0"):
+        kv_cache_torch_dtype("fp8", torch.bfloat16, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert kv_cache_torch_dtype("fp8_e4m3", torch.bfloat16, torch.device("cuda")) == FP8
+    assert kv_cache_torch_dtype("auto", torch.bfloat16, torch.device("cuda")) == torch.bfloat16
