@@ -83,13 +83,18 @@ def _varlen_attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return q.new_empty(q.shape)
 
 
+# The paged ops take fp8 caches (float8_e4m3fn) as well as caches in q's dtype: an fp8 cache
+# holds x / scale (k_scale for K, v_scale for V, one each per layer), the write quantizes and the
+# attention kernels dequantize in registers. The scales are not used with a float cache.
+
+
 @torch.library.custom_op("fusecc::paged_attention", mutates_args=())
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, scale: Optional[float] = None, sliding_window: Optional[int] = None,
-                    softcap: Optional[float] = None) -> torch.Tensor:
+                    softcap: Optional[float] = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Decode: q [B, Hq, D], caches [num_blocks, block_size, Hkv, D], block_tables [B, max_blocks] int32,
     context_lens [B] int32 -> [B, Hq, D]. sliding_window / softcap: see kernels/paged_attention.py."""
-    options = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
+    options = dict(scale=scale, sliding_window=sliding_window, softcap=softcap, k_scale=k_scale, v_scale=v_scale)
     if q.is_cuda:
         return _kernels.paged_attention(q, k_cache, v_cache, block_tables, context_lens, **options)
     return _ref.paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens, **options)
@@ -97,7 +102,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 @paged_attention.register_fake
 def _paged_attention_fake(q, k_cache, v_cache, block_tables, context_lens, scale=None, sliding_window=None,
-                          softcap=None):
+                          softcap=None, k_scale=1.0, v_scale=1.0):
     return q.new_empty(q.shape)
 
 
@@ -105,10 +110,11 @@ def _paged_attention_fake(q, k_cache, v_cache, block_tables, context_lens, scale
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                             max_seqlen_q: int, scale: Optional[float] = None, sliding_window: Optional[int] = None,
-                            softcap: Optional[float] = None) -> torch.Tensor:
+                            softcap: Optional[float] = None, k_scale: float = 1.0,
+                            v_scale: float = 1.0) -> torch.Tensor:
     """New tokens q [Tq, Hq, D] (packed by cu_seqlens_q) attending causally to their paged context;
     context_lens includes the new tokens (already written to the cache) -> [Tq, Hq, D]."""
-    options = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
+    options = dict(scale=scale, sliding_window=sliding_window, softcap=softcap, k_scale=k_scale, v_scale=v_scale)
     if q.is_cuda:
         return _kernels.paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens,
                                                 max_seqlen_q, **options)
@@ -118,22 +124,23 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 @paged_prefill_attention.register_fake
 def _paged_prefill_attention_fake(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, max_seqlen_q,
-                                  scale=None, sliding_window=None, softcap=None):
+                                  scale=None, sliding_window=None, softcap=None, k_scale=1.0, v_scale=1.0):
     return q.new_empty(q.shape)
 
 
 @torch.library.custom_op("fusecc::write_kv_cache", mutates_args=("k_cache", "v_cache"))
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    """In place: k/v [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D] at slot_mapping [T] int64 (-1 skips)."""
+                   slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """In place: k/v [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D] at slot_mapping [T] int64
+    (-1 skips); into an fp8 cache as x / scale saturated to +-448."""
     if k.is_cuda:
-        _kernels.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        _kernels.write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
         return
-    _ref.write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping)
+    _ref.write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 @write_kv_cache.register_fake
-def _write_kv_cache_fake(k, v, k_cache, v_cache, slot_mapping):
+def _write_kv_cache_fake(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
     return None
 
 

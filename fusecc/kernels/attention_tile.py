@@ -18,6 +18,11 @@ to the scaled logit in fp32). The mask tile `[BLOCK_M, BLOCK_N]` is read through
 broadcast mask (stride 0 on batch/head, an `expand`ed HF mask) is never materialised. With a
 mask every tile takes the compare-and-select path, the masked sweep's arithmetic.
 
+K/V tiles may come from an fp8 cache (float8_e4m3fn): each tile is converted to q's dtype in
+registers (exact: every e4m3 value is a bf16/fp16 value) right after its load, so the dots run as
+they do on a float cache; the caller folds the cache's k_scale into `qk_scale` and multiplies the
+normalized output by its v_scale.
+
 Rows that see no key keep m = -inf, l = 0, acc = 0; `attn_normalize` maps them to 0, not NaN.
 That covers rows a mask hides completely (all False, or all -inf): SDPA (torch >= 2.5, every
 backend we checked) returns 0 there too. A row hidden by a *finite* minimum (HF eager's
@@ -32,6 +37,7 @@ import functools
 import os
 from typing import Optional
 
+import torch
 import triton
 import triton.language as tl
 
@@ -115,7 +121,7 @@ def attn_inner(acc, l_i, m_i, q,
             k_rows = offs_n.to(tl.int64) * stride_kn
             v_rows = offs_n.to(tl.int64) * stride_vn
         k = _load_rows(k_ptr + k_rows[:, None] + offs_d[None, :] * stride_kd, n_ok, offs_d,
-                       MASKED, HEAD_DIM, HEAD_DIM_PAD)
+                       MASKED, HEAD_DIM, HEAD_DIM_PAD).to(q.dtype)  # fp8 cache: dequantized here
         qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32
         if SOFTCAP:
             # in base-2 units: cap2 * tanh(qk * scale / cap), cap2 = cap * log2(e)
@@ -144,7 +150,7 @@ def attn_inner(acc, l_i, m_i, q,
             qk = tl.where(ok, qk, float("-inf"))
         p, alpha, l_i, m_i = softmax_step(qk, m_i, l_i, qk_scale, MASKED or MASK_KIND != 0 or SOFTCAP)
         v = _load_rows(v_ptr + v_rows[:, None] + offs_d[None, :] * stride_vd, n_ok, offs_d,
-                       MASKED, HEAD_DIM, HEAD_DIM_PAD)
+                       MASKED, HEAD_DIM, HEAD_DIM_PAD).to(q.dtype)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_i
@@ -354,6 +360,27 @@ def window_and_softcap(sliding_window, softcap) -> tuple[int, float]:
     if softcap is not None and not softcap > 0:
         raise ValueError(f"fusecc attention: softcap must be positive or None, got {softcap!r}")
     return int(sliding_window or 0), float(softcap) * LOG2E if softcap else 0.0
+
+
+def check_kv_cache_dtype(name: str, dtype: torch.dtype, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         k_scale: float, v_scale: float) -> bool:
+    """Whether the caches are fp8 (float8_e4m3fn, then with positive finite scales) rather than in
+    `dtype` (the model's: q's, or the new k/v's); anything else is a ValueError naming `name`."""
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (dtype, torch.float8_e4m3fn):
+        raise ValueError(f"{name}: k_cache/v_cache must both be {dtype} or float8_e4m3fn, got "
+                         f"{k_cache.dtype}, {v_cache.dtype}")
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if fp8 and not all(0.0 < s < float("inf") for s in (k_scale, v_scale)):
+        raise ValueError(f"{name}: an fp8 cache needs positive finite k_scale/v_scale, got {k_scale}, {v_scale}")
+    return fp8
+
+
+def kv_scales(name: str, q, k_cache, v_cache, k_scale: float, v_scale: float) -> tuple[float, float]:
+    """The (k_scale, v_scale) a paged kernel applies: the given ones for fp8 caches, (1.0, 1.0) for
+    caches in q's dtype; other cache dtypes are a ValueError naming `name`."""
+    if check_kv_cache_dtype(name, q.dtype, k_cache, v_cache, k_scale, v_scale):
+        return float(k_scale), float(v_scale)
+    return 1.0, 1.0
 
 
 def prefill_configs():

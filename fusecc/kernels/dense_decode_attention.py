@@ -56,7 +56,7 @@ def _dense_decode_kernel(
                  k_base, 0, 0,  # no block table
                  mask_ptr + b * stride_mb + (kvh * group) * stride_mh, stride_mh, stride_mk,
                  o_ptr, stride_ob, stride_oh, stride_od, part_o_ptr, part_lse_ptr,
-                 b, kvh, split, seq_k, q_heads, group, num_splits, qk_scale, 0, 1.0,  # no window, no softcap
+                 b, kvh, split, seq_k, q_heads, group, num_splits, qk_scale, 0, 1.0, 1.0,  # no window/cap, v_scale 1
                  HEAD_DIM, HEAD_DIM_PAD, GROUP_PAD, False, 1, MASK_KIND, SPLIT, BLOCK_N, False, False)
 
 

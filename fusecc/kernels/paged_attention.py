@@ -13,6 +13,9 @@ Each program packs the q heads of its KV group into one tile ([GROUP_PAD >= 16, 
 GQA heads share every K/V load and the scores go through tl.dot (tensor cores), writes its
 normalized partial output and its log-sum-exp (base 2); split_kv.py merges the splits.
 With one split the first kernel writes the output directly and the merge is skipped.
+
+fp8 caches (float8_e4m3fn, holding k / k_scale and v / v_scale): half the bytes to read; tiles are
+converted to q's dtype in registers, k_scale goes into the logit scale and v_scale onto the output.
 """
 
 from typing import Optional
@@ -21,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.attention_tile import (LOG2E, check_head_dim, head_dim_pad, launch_tuned, softmax_scale,
-                                           tuning_class, window_and_softcap)
+from fusecc.kernels.attention_tile import (LOG2E, check_head_dim, head_dim_pad, kv_scales, launch_tuned,
+                                           softmax_scale, tuning_class, window_and_softcap)
 from fusecc.kernels.split_kv import (choose_num_splits, decode_configs, decode_split, merge_splits, num_sms,
                                      split_buffers)
 
@@ -37,7 +40,7 @@ def _paged_decode_kernel(
     stride_kpage, stride_kslot, stride_kh, stride_kd,
     stride_vpage, stride_vslot, stride_vh, stride_vd,
     stride_table, stride_ob, stride_oh, stride_od,
-    q_heads, group, num_splits, qk_scale, window, softcap_log2,
+    q_heads, group, num_splits, qk_scale, window, softcap_log2, v_scale,
     WORK_BUCKET, CTX_BUCKET,  # autotune keys only: tuning_class of batch * kv_heads and of the table's keys
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -54,18 +57,19 @@ def _paged_decode_kernel(
                  k_base, 0, 0,  # no attention mask
                  o_ptr, stride_ob, stride_oh, stride_od, part_o_ptr, part_lse_ptr,
                  b, kvh, split, tl.load(ctx_ptr + b), q_heads, group, num_splits, qk_scale, window, softcap_log2,
-                 HEAD_DIM, HEAD_DIM_PAD, GROUP_PAD, True, PAGE_SIZE, 0, SPLIT, BLOCK_N, WINDOW, SOFTCAP)
+                 v_scale, HEAD_DIM, HEAD_DIM_PAD, GROUP_PAD, True, PAGE_SIZE, 0, SPLIT, BLOCK_N, WINDOW, SOFTCAP)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, context_lens: torch.Tensor, *,
                     scale: Optional[float] = None, sliding_window: Optional[int] = None,
-                    softcap: Optional[float] = None, num_splits: Optional[int] = None,
-                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    softcap: Optional[float] = None, k_scale: float = 1.0, v_scale: float = 1.0,
+                    num_splits: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Decode attention: q [B, Hq, D] over paged caches [num_blocks, block_size, Hkv, D] -> [B, Hq, D].
 
     sliding_window: the query sees only its sequence's last `sliding_window` keys (itself included);
     softcap: logits become softcap * tanh(logits / softcap) after scaling (Gemma 2).
+    k_scale / v_scale: the dequantization scales of fp8 (float8_e4m3fn) caches; unused with caches in q's dtype.
     num_splits overrides the split-KV heuristic (tests); `out` is written in place and returned.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -80,8 +84,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if block_tables.dim() != 2 or block_tables.shape[0] != B or context_lens.shape != (B,):
         raise ValueError(f"paged_attention: block_tables {tuple(block_tables.shape)} must be [{B}, max_blocks] "
                          f"and context_lens {tuple(context_lens.shape)} [{B}]")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError(f"paged_attention: q/k_cache/v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    k_scale, v_scale = kv_scales("paged_attention", q, k_cache, v_cache, k_scale, v_scale)
     check_head_dim(D)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -108,7 +111,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     launch_tuned(_paged_decode_kernel, (num_splits, Hkv, B), (
         q, k_cache, v_cache, out, part_o, part_lse, table, ctx,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), table.stride(0), *out.stride(),
-        Hq, group, num_splits, scale * LOG2E, window, softcap_log2,
+        Hq, group, num_splits, scale * k_scale * LOG2E, window, softcap_log2, v_scale,
         tuning_class(B * Hkv), tuning_class(capacity),
     ), dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, GROUP_PAD=max(16, triton.next_power_of_2(group)),
             PAGE_SIZE=page_size, SPLIT=split, WINDOW=bool(window), SOFTCAP=softcap_log2 != 0.0),

@@ -86,16 +86,47 @@ def gather_paged_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int)
     return blocks.reshape(-1, *cache.shape[2:])[:length]
 
 
+# ---- the paged KV cache, float or fp8 ----
+# An fp8 cache (float8_e4m3fn) holds x / scale, saturated to +-448 (e4m3 has no infinity), with one
+# scale per layer for K and one for V (vLLM's k_scale / v_scale); it is read back as fp8 * scale.
+# A float cache holds x itself, and the scales are not used.
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def is_fp8_cache(cache: torch.Tensor) -> bool:
+    return cache.dtype == torch.float8_e4m3fn
+
+
+def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """x [..., D] as a cache of `cache_dtype` stores it (in fp32: x / scale, clamped, cast)."""
+    if cache_dtype != torch.float8_e4m3fn:
+        return x.to(cache_dtype)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
+
+
+def dequantize_kv(rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """Cache rows as attention reads them: fp8 rows -> fp32 rows * scale; float rows unchanged."""
+    return rows.float() * scale if is_fp8_cache(rows) else rows
+
+
+def _gather_heads_first(cache, block_table, length: int, scale: float) -> torch.Tensor:
+    # one sequence's first `length` cached tokens, dequantized: [kv_heads, length, D]
+    return dequantize_kv(gather_paged_kv(cache, block_table, length), scale).transpose(0, 1)
+
+
 def paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens, *,
                               scale: Optional[float] = None, sliding_window: Optional[int] = None,
-                              softcap: Optional[float] = None) -> torch.Tensor:
-    """Decode: q [B, Hq, D], one new token per sequence attending to its context_lens[b] cached tokens."""
+                              softcap: Optional[float] = None, k_scale: float = 1.0,
+                              v_scale: float = 1.0) -> torch.Tensor:
+    """Decode: q [B, Hq, D], one new token per sequence attending to its context_lens[b] cached tokens.
+    k_scale / v_scale: the dequantization scales of fp8 caches."""
     out = torch.zeros_like(q)
     for b, ctx in enumerate(context_lens.tolist()):
         if ctx == 0:
             continue
-        kb = gather_paged_kv(k_cache, block_tables[b], ctx).transpose(0, 1)  # [Hkv, ctx, D]
-        vb = gather_paged_kv(v_cache, block_tables[b], ctx).transpose(0, 1)
+        kb = _gather_heads_first(k_cache, block_tables[b], ctx, k_scale)  # [Hkv, ctx, D]
+        vb = _gather_heads_first(v_cache, block_tables[b], ctx, v_scale)
         out[b] = attention_reference(q[b][:, None, :], kb, vb, causal=True, scale=scale,
                                      sliding_window=sliding_window, softcap=softcap)[:, 0, :]
     return out
@@ -103,7 +134,8 @@ def paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens, *
 
 def paged_prefill_attention_reference(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, *,
                                       scale: Optional[float] = None, sliding_window: Optional[int] = None,
-                                      softcap: Optional[float] = None) -> torch.Tensor:
+                                      softcap: Optional[float] = None, k_scale: float = 1.0,
+                                      v_scale: float = 1.0) -> torch.Tensor:
     """q [Tq, Hq, D] packed new tokens; sequence b's context (context_lens[b] tokens, its new tokens
     last) is in the paged cache. Query j of a sequence with n new tokens sits at ctx - n + j (causal)."""
     out = torch.zeros_like(q)
@@ -111,19 +143,21 @@ def paged_prefill_attention_reference(q, k_cache, v_cache, cu_seqlens_q, block_t
     for b, ctx in enumerate(context_lens.tolist()):
         if cq[b + 1] == cq[b]:
             continue
-        kb = gather_paged_kv(k_cache, block_tables[b], ctx).transpose(0, 1)
-        vb = gather_paged_kv(v_cache, block_tables[b], ctx).transpose(0, 1)
+        kb = _gather_heads_first(k_cache, block_tables[b], ctx, k_scale)
+        vb = _gather_heads_first(v_cache, block_tables[b], ctx, v_scale)
         qs = q[cq[b]:cq[b + 1]].transpose(0, 1)
         out[cq[b]:cq[b + 1]] = attention_reference(qs, kb, vb, causal=True, scale=scale,
                                                    sliding_window=sliding_window, softcap=softcap).transpose(0, 1)
     return out
 
 
-def write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """In place: token t goes to slot slot_mapping[t] (= block * block_size + offset); -1 skips it."""
+def write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping, k_scale: float = 1.0,
+                             v_scale: float = 1.0) -> None:
+    """In place: token t goes to slot slot_mapping[t] (= block * block_size + offset); -1 skips it.
+    An fp8 cache gets the token quantized with its scale (quantize_kv)."""
     block_size = k_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
-    v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)
+    k_cache[blocks, offsets] = quantize_kv(k[keep], k_cache.dtype, k_scale)
+    v_cache[blocks, offsets] = quantize_kv(v[keep], v_cache.dtype, v_scale)

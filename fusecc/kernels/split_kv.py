@@ -126,7 +126,7 @@ def decode_split(q_ptr, stride_qb, stride_qh, stride_qd,
                  table, stride_kpage, stride_vpage,
                  m_base, stride_mh, stride_mk,
                  o_ptr, stride_ob, stride_oh, stride_od, part_o_ptr, part_lse_ptr,
-                 b, kvh, split, n_keys_total, q_heads, group, num_splits, qk_scale, window, softcap_log2,
+                 b, kvh, split, n_keys_total, q_heads, group, num_splits, qk_scale, window, softcap_log2, v_scale,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP_PAD: tl.constexpr,
                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK_KIND: tl.constexpr,
                  SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
@@ -139,7 +139,9 @@ def decode_split(q_ptr, stride_qb, stride_qh, stride_qd,
     so the mask's row stride is its head stride. Writes the normalized partial output and LSE
     (SPLIT) or the output itself.
     WINDOW: the query (position n_keys_total - 1) sees only the last `window` keys, so the splits
-    share those out: no mask, no load outside the window. SOFTCAP: see attention_tile.attn_inner."""
+    share those out: no mask, no load outside the window. SOFTCAP: see attention_tile.attn_inner.
+    v_scale: an fp8 V cache's scale, applied to the normalized output (the merge is linear in the
+    partial outputs, so scaling each is scaling the result); 1.0 otherwise. (k_scale is in qk_scale.)"""
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     heads = kvh * group + offs_g  # [GROUP_PAD] q heads of this KV group
@@ -174,7 +176,7 @@ def decode_split(q_ptr, stride_qb, stride_qh, stride_qd,
                                   m_base, stride_mh, stride_mk, offs_g, group, window, softcap_log2,
                                   GROUP_PAD, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, PAGED, PAGE_SIZE, MASK_KIND,
                                   False, SOFTCAP)
-    out = attn_normalize(acc, l_i)
+    out = attn_normalize(acc, l_i) * v_scale
     if SPLIT:
         store_split_partial(part_o_ptr, part_lse_ptr, out, l_i, m_i, b, heads, rows_ok, split,
                             q_heads, num_splits, HEAD_DIM_PAD)

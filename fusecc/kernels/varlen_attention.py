@@ -6,7 +6,9 @@
 
 Causal masking is aligned bottom-right per sequence (query i sees keys <= i + len_k - len_q).
 The same kernel, with PAGED=True, reads K/V through a block table instead (paged_prefill_attention.py):
-then sequence b's keys are its first context_lens[b] cache slots.
+then sequence b's keys are its first context_lens[b] cache slots, and the cache may be fp8
+(float8_e4m3fn: tiles converted to q's dtype in registers, k_scale in the logit scale, v_scale on
+the output).
 """
 
 from typing import Optional
@@ -32,7 +34,7 @@ def _varlen_attention_kernel(
     stride_vt, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od,
     stride_kpage, stride_vpage, stride_table,
-    group, qk_scale, window, softcap_log2,
+    group, qk_scale, window, softcap_log2, v_scale,
     SEQ_BUCKET,  # autotune key only: tuning_class(max_seqlen_q)
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -70,13 +72,15 @@ def _varlen_attention_kernel(
                     k_ptr, 0, 0,  # no attention mask
                     window, softcap_log2,
                     BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, CAUSAL, PAGED, PAGE_SIZE, 0, WINDOW, SOFTCAP)
+    out = out * v_scale  # an fp8 V cache's scale (1.0 otherwise); k_scale is in qk_scale
 
     tl.store(o_ptr + rows * stride_ot + h * stride_oh + offs_d[None, :] * stride_od,
              out.to(o_ptr.dtype.element_ty), mask=io_mask)
 
 
-def check_packed(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """q [tokens, Hq, D], k/v [..., Hkv, D] with Hq % Hkv == 0 and matching dtypes."""
+def check_packed(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8_kv: bool = False) -> None:
+    """q [tokens, Hq, D], k/v [..., Hkv, D] with Hq % Hkv == 0 and matching dtypes (fp8_kv: k/v may
+    also both be float8_e4m3fn, a paged fp8 cache)."""
     if q.dim() != 3:
         raise ValueError(f"{name}: q must be [tokens, heads, head_dim], got {tuple(q.shape)}")
     if k.shape != v.shape or k.shape[-1] != q.shape[-1]:
@@ -85,8 +89,11 @@ def check_packed(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     hq, hkv = q.shape[1], k.shape[-2]
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"{name}: q heads ({hq}) must be a multiple of kv heads ({hkv})")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"{name}: q/k/v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    kv_dtypes = (q.dtype, torch.float8_e4m3fn) if fp8_kv else (q.dtype,)
+    if (k.dtype != v.dtype or k.dtype not in kv_dtypes
+            or q.dtype not in (torch.float16, torch.bfloat16, torch.float32)):
+        raise ValueError(f"{name}: q/k/v must share one of fp16/bf16/fp32{' (or fp8 k/v)' if fp8_kv else ''}, "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
     check_head_dim(q.shape[-1])
 
 
@@ -135,7 +142,7 @@ def _alloc_out(q: torch.Tensor, out: Optional[torch.Tensor], name: str) -> torch
 def launch_varlen(q, k, v, out, cu_q, cu_k, table, ctx,
                   stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
                   stride_kpage, stride_vpage, stride_table, batch, max_seqlen_q, scale, *,
-                  causal, paged, page_size, sliding_window=None, softcap=None):
+                  causal, paged, page_size, sliding_window=None, softcap=None, k_scale=1.0, v_scale=1.0):
     """Launch _varlen_attention_kernel (shared by the dense-packed and the paged wrappers)."""
     Hq, D = q.shape[1], q.shape[2]
     window, softcap_log2 = window_and_softcap(sliding_window, softcap)
@@ -149,6 +156,6 @@ def launch_varlen(q, k, v, out, cu_q, cu_k, table, ctx,
         q, k, v, out, cu_q, cu_k, table, ctx,
         *q.stride(), stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd, *out.stride(),
         stride_kpage, stride_vpage, stride_table,
-        Hq // Hkv, scale * LOG2E, window, softcap_log2, tuning_class(max_seqlen_q),
+        Hq // Hkv, scale * k_scale * LOG2E, window, softcap_log2, v_scale, tuning_class(max_seqlen_q),
     ), dict(HEAD_DIM=D, HEAD_DIM_PAD=d_pad, CAUSAL=causal, PAGED=paged, PAGE_SIZE=page_size,
             WINDOW=bool(window), SOFTCAP=softcap_log2 != 0.0), first_prefill_config(d_pad))

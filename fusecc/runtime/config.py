@@ -23,6 +23,8 @@ from fusecc.quantization.config import QUANTIZATION_METHODS
 # vLLM's --dtype names; "auto" = the checkpoint's torch_dtype (bf16 on CUDA / fp32 on CPU without one)
 DTYPE_NAMES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 DEVICE_NAMES = ("auto", "cuda", "cpu")
+# vLLM's --kv-cache-dtype names: "auto" = the model's dtype; "fp8" = "fp8_e4m3" (float8_e4m3fn)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 def _f(default, help: str, **kw):
@@ -78,11 +80,14 @@ class EngineConfig:
                                          "(gpu_memory_utilization) on CUDA, 512 blocks on CPU)")
     max_waiting: int = _f(4096, "Admission control: a request that would make more than this many sequences wait "
                                 "is refused with SchedulerFullError (the server answers HTTP 429).")
-    # --- placeholders for later issues (vLLM's names): other values are refused -----------------
+    # --- parallelism, quantization and speculation (vLLM's names) --------------------------------
     tensor_parallel_size: int = _f(1, "GPUs (processes) to shard the model over: one worker process per rank, "
                                       "Megatron-style tensor parallelism (native Llama-family models; see the "
                                       "README's 'Tensor parallelism').")
-    kv_cache_dtype: str = _f("auto", "KV cache dtype (not supported yet: auto = the model's dtype).")
+    kv_cache_dtype: str = _f("auto", "KV cache dtype: auto (the model's dtype) or fp8 / fp8_e4m3 (e4m3 with "
+                                     "per-layer K and V scales, 1.0 unless the checkpoint gives k_scale/v_scale: "
+                                     "twice the tokens in the same memory; CUDA GPUs with compute capability "
+                                     "8.9+, or CPU). See README 'Quantization'.")
     speculative_config: str | dict | None = _f(None, "Speculative decoding (vLLM's keys), a dict or JSON, e.g. "
                                                      "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4}', "
                                                      "'{\"model\": DIR, \"num_speculative_tokens\": 3}' or "
@@ -121,33 +126,27 @@ class EngineConfig:
         if self.num_kv_blocks is not None:
             _require(self.num_kv_blocks >= 1, "num_kv_blocks", self.num_kv_blocks, "must be >= 1 or None")
         _require(self.max_waiting >= 1, "max_waiting", self.max_waiting, "must be >= 1")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", self.kv_cache_dtype,
+                 f"must be one of {', '.join(KV_CACHE_DTYPES)}")
         _require(self.quantization is None or self.quantization in QUANTIZATION_METHODS, "quantization",
                  self.quantization, f"must be one of {', '.join(QUANTIZATION_METHODS)} or None")
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", self.tensor_parallel_size, "must be >= 1")
 
     def check_supported(self) -> None:
-        """The placeholders' non-default values: refused when an engine is built (not on
-        construction, so that a config can be described and printed whatever it holds)."""
+        """Checks that need more than the field itself (the speculative config's parse, combinations
+        not supported together): run when an engine is built, not on construction, so that a config
+        can be described and printed whatever it holds."""
         if self.speculative_config is not None:
             from fusecc.runtime.spec_decode.config import SpeculativeConfig
 
             SpeculativeConfig.parse(self.speculative_config)
             if self.tensor_parallel_size > 1:
                 raise ValueError("speculative_config with tensor_parallel_size > 1 is not supported yet")
-        for name in ("kv_cache_dtype",):
-            default = _defaults()[name]
-            if getattr(self, name) != default:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not supported yet (only {default!r})")
 
 
 @functools.cache
 def _field_types() -> dict[str, object]:
     return typing.get_type_hints(EngineConfig)
-
-
-@functools.cache
-def _defaults() -> dict[str, object]:
-    return {f.name: f.default for f in dataclasses.fields(EngineConfig)}
 
 
 def check_field_type(name: str, value: object, annotation) -> None:

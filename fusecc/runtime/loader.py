@@ -22,6 +22,7 @@ import torch
 from fusecc.quantization import QuantConfig, resolve_quantization
 from fusecc.quantization.config import check_device
 from fusecc.quantization.model import finish_load, prepare_for_load
+from fusecc.runtime.models.attention import take_kv_scales
 from fusecc.runtime.models.llama import LlamaForCausalLM
 from fusecc.runtime.models.registry import model_class, resolve_model_impl
 
@@ -107,7 +108,7 @@ def build_model(cls: type[LlamaForCausalLM], config, dtype: torch.dtype, device,
     finally:
         torch.set_default_dtype(previous)
     if weights is not None:
-        model.load_weights(prepare_for_load(model, quant, weights))
+        model.load_weights(prepare_for_load(model, quant, take_kv_scales(model, weights)))
     finish_load(model, quant)
     return model.eval().requires_grad_(False)
 

@@ -30,7 +30,7 @@ from fusecc.cuda_graph import CapturedCall
 from fusecc.kernels.attention_tile import autotune_enabled
 from fusecc.runtime.config import EngineConfig
 from fusecc.runtime.input_batch import BlockTableMirror, StepInputs, cdiv, cpu_tensor, prepare_inputs
-from fusecc.runtime.models.attention import AttentionMetadata
+from fusecc.runtime.models.attention import AttentionMetadata, kv_cache_torch_dtype
 from fusecc.runtime.prompt_logprobs import PromptLogprobsPlanner, compute_prompt_logprobs
 from fusecc.runtime.sampler import Sampler, SamplerOutput, SamplingMetadata
 from fusecc.runtime.scheduler import SchedulerOutput
@@ -107,6 +107,8 @@ class ModelRunner:
         self.kv_heads, self.head_dim = model.kv_shape
         self.vocab_size = model.config.vocab_size
         self.max_blocks_per_seq = cdiv(config.max_model_len, config.block_size)
+        # the paged pool's dtype: the model's, or float8_e4m3fn (kv_cache_dtype fp8: 1 byte an element)
+        self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype, self.device)
         self.size_oblivious = size_oblivious_compile(self.device)
         self.forward = model if enforce_eager else compile_forward(model, self.size_oblivious)
         if config.num_kv_blocks is None:
@@ -115,8 +117,8 @@ class ModelRunner:
             config = dataclasses.replace(config, num_kv_blocks=num_blocks)
         self.config = config
         shape = (config.num_kv_blocks, config.block_size, self.kv_heads, self.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
+        self.kv_caches = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.kv_dtype, device=self.device)) for _ in range(self.num_layers)]
         self.sampler = Sampler(seed=config.seed)
         self.prompt_logprobs = PromptLogprobsPlanner()
         # Speculative decoding (fusecc/runtime/spec_decode/speculator.py) sets it: a step that
@@ -229,8 +231,8 @@ class ModelRunner:
         lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
         blocks = [cdiv(n, bs) for n in lens]
         shape = (sum(blocks), bs, self.kv_heads, self.head_dim)
-        scratch = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                    torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
+        scratch = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                    torch.zeros(shape, dtype=self.kv_dtype, device=self.device)) for _ in range(self.num_layers)]
         scratch_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in scratch)
         tables, first, positions, cu = [], 0, [], [0]
         for n, nb in zip(lens, blocks):
@@ -256,7 +258,7 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info()
         non_torch = total - free - torch.cuda.memory_reserved()
         budget = total * config.gpu_memory_utilization - peak - non_torch - GPU_RESERVE_BYTES
-        per_block = self.num_layers * 2 * bs * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        per_block = self.num_layers * 2 * bs * self.kv_heads * self.head_dim * self.kv_dtype.itemsize
         num_blocks = int(budget // per_block)
         if num_blocks < self.max_blocks_per_seq:
             raise RuntimeError(f"KV pool of {num_blocks} blocks after profiling cannot hold one sequence of "

@@ -126,6 +126,20 @@ def attention_kernels(autotune: bool) -> None:
         paged_attention(torch.randn(2, 8, d, dtype=bf16), cache, cache, tables, ctx, sliding_window=32, softcap=50.0)
         paged_prefill_attention(tokens, cache, cache, cu, tables, ctx, 25, sliding_window=32, softcap=50.0)
         write_kv_cache(kv, kv, cache, cache, torch.arange(40))
+        if not autotune:  # the hand-picked configs only: the e4m3 conversions do not depend on the tile
+            fp8_kv_cache_kernels(tokens, kv, cache.to(torch.float8_e4m3fn), tables, ctx, cu)
+
+
+def fp8_kv_cache_kernels(tokens, kv, cache, tables, ctx, cu) -> None:
+    """The FP8 KV cache's variants: e4m3 quantization in the write, e4m3 -> bf16 tiles in the reads."""
+    from fusecc.kernels import paged_attention, paged_prefill_attention, write_kv_cache
+
+    scales = dict(k_scale=0.5, v_scale=2.0)
+    q = torch.randn(2, 8, tokens.shape[-1], dtype=tokens.dtype)
+    paged_attention(q, cache, cache, tables, ctx, **scales)
+    paged_attention(q, cache, cache, tables, ctx, num_splits=1, **scales)
+    paged_prefill_attention(tokens, cache, cache, cu, tables, ctx, 25, **scales)
+    write_kv_cache(kv, kv, cache, cache, torch.arange(40), **scales)
 
 
 def generated_kernels() -> None:

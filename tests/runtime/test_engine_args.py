@@ -82,13 +82,14 @@ def test_badly_typed_values_name_the_field(kwargs, field):
 
 @pytest.mark.parametrize("kwargs,field", [(dict(dtype="fp8"), "dtype"), (dict(device="tpu"), "device"),
                                           (dict(model_impl="vllm"), "model_impl"),
-                                          (dict(quantization="q3"), "quantization")])
+                                          (dict(quantization="q3"), "quantization"),
+                                          (dict(kv_cache_dtype="fp16"), "kv_cache_dtype")])
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"EngineConfig\.{field}\b"):
         EngineConfig(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [dict(kv_cache_dtype="fp8")])
+@pytest.mark.parametrize("kwargs", [dict(tensor_parallel_size=2, speculative_config={"method": "ngram", "num_speculative_tokens": 2})])
 def test_placeholders_are_not_supported_yet(kwargs):
     from fusecc.runtime.engine import LLMEngine
 

@@ -196,7 +196,7 @@ def test_serve_cli_rejects_bad_arguments_before_building_the_engine(args, messag
     (["--max-model-len", "0"], "max_model_len must be"),
     (["--tensor-parallel-size", "0"], "tensor_parallel_size must be >= 1"),
     (["--quantization", "q3"], "quantization must be one of int8, int4, fp8, awq, gptq or None"),
-    (["--kv-cache-dtype", "fp8"], "kv_cache_dtype='fp8' is not supported yet"),
+    (["--kv-cache-dtype", "fp16"], "kv_cache_dtype must be one of auto, fp8, fp8_e4m3"),
     (["--speculative-config", '{"method": "ngram"}'], "speculative_config.num_speculative_tokens is required"),
     (["--speculative-config", '{"method": "medusa", "num_speculative_tokens": 2}'], "speculative_config.method"),
     (["--log-level", "loud"], "--log-level: invalid choice: 'loud'"),

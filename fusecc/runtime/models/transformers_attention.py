@@ -18,6 +18,9 @@ wrapper (transformers_backend.py) owns and fills for the duration of one forward
 some decoder layers (StableLM's, in transformers 5.17) do not forward **kwargs to their attention
 module, so kwargs cannot carry them for every family (vLLM uses a forward context for the same reason).
 
+An fp8 KV cache (kv_cache_dtype "fp8") is quantized by the same write and dequantized by the same
+kernels, with scales 1.0 (the ops' defaults): this path loads no checkpoint k_scale / v_scale.
+
 Sliding-window attention (Mistral, Gemma 2/3 local layers) and logit soft-capping (Gemma 2) are
 arguments of the same kernels: a layer's `sliding_window` and `softcap` pass straight through.
 """
