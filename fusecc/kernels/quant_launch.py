@@ -68,6 +68,17 @@ def m_bucket(M: int) -> int:
 
 
 @triton.jit
+def program_tile(M, N, K, k_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile of a (split-K) matmul grid (M tiles, N tiles, K splits): (pid_k, rows
+    offs_m [BM], columns offs_n [BN], their in-bounds masks, its K range [k_lo, k_hi))."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    k_lo = pid_k * k_split
+    return pid_k, offs_m, offs_n, offs_m < M, offs_n < N, k_lo, tl.minimum(K, k_lo + k_split)
+
+
+@triton.jit
 def store_output_tile(acc, out_ptr, b_ptr, pid_k, stride_os, stride_om, stride_on, offs_m, offs_n, m_ok, n_ok,
                       PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr):
     """A matmul program's fp32 tile acc [BM, BN] out: with PARTIAL, into split pid_k's fp32 partial sums

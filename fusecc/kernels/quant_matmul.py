@@ -26,8 +26,8 @@ import triton.language as tl
 
 from fusecc.kernels.attention_tile import launch_tuned
 from fusecc.kernels.quant_launch import (DECODE_MAX_ROWS, choose_split_k, decode_configs, finish_splits,
-                                         k_per_split, m_bucket, prefill_configs, split_align,
-                                         store_output_tile)
+                                         k_per_split, m_bucket, prefill_configs, program_tile,
+                                         split_align, store_output_tile)
 
 
 @triton.jit
@@ -57,12 +57,7 @@ def _weight_only_matmul_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    m_ok, n_ok = offs_m < M, offs_n < N
-    k_lo = pid_k * k_split
-    k_hi = tl.minimum(K, k_lo + k_split)
+    pid_k, offs_m, offs_n, m_ok, n_ok, k_lo, k_hi = program_tile(M, N, K, k_split, BLOCK_M, BLOCK_N)
     ONE_GROUP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
     # fp32 activations: IEEE fp32 dots, not TF32 (fp32 models are the exact-comparison ones)
     PRECISION: tl.constexpr = "ieee" if x_ptr.dtype.element_ty == tl.float32 else None

@@ -80,8 +80,9 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def run_engine(engine, prompts_and_params) -> dict:
-    """Add (request_id, prompt, params) triples, step to completion; returns the final output per id."""
+def run_engine(engine, prompts_and_params, after_step=None) -> dict:
+    """Add (request_id, prompt, params) triples, step to completion; returns the final output per id.
+    after_step(engine), when given, runs after every step (invariant checks)."""
     for rid, prompt, params in prompts_and_params:
         engine.add_request(rid, prompt, params)
     final = {}
@@ -89,4 +90,6 @@ def run_engine(engine, prompts_and_params) -> dict:
         for out in engine.step():
             if out.finished:
                 final[out.request_id] = out
+        if after_step is not None:
+            after_step(engine)
     return final

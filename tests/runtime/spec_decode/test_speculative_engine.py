@@ -42,14 +42,8 @@ def never_pause(monkeypatch):
 
 def run_checked(engine, requests) -> dict:
     """run_engine, checking the block pool after every step."""
-    for rid, prompt, params in requests:
-        engine.add_request(rid, prompt, params)
-    final = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
-        engine.block_manager.check_invariants(engine.scheduler.running)
+    final = run_engine(engine, requests,
+                       after_step=lambda e: e.block_manager.check_invariants(e.scheduler.running))
     assert engine.block_manager.num_used_blocks == 0
     return final
 
