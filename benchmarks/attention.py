@@ -38,7 +38,8 @@ from fusecc.kernels.flash_attention import _flash_attention_kernel
 from fusecc.kernels.flash_attention_gluon import gluon_prefill_eligible
 from fusecc.kernels.flash_attention_tma import _flash_attention_tma_kernel, tma_prefill_eligible
 from fusecc.kernels.paged_attention import _paged_decode_kernel
-from fusecc.kernels.split_kv import choose_num_splits, num_sms
+from fusecc.kernels.split_kv import choose_num_splits
+from fusecc.kernels.launch import num_sms
 
 
 def bench(fn):

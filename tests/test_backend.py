@@ -405,7 +405,7 @@ _AUTOTUNE_SEEN: list[bool] = []
 @torch.library.custom_op("fusecc_test::autotune_probe", mutates_args=())
 def _autotune_probe(x: torch.Tensor) -> torch.Tensor:
     """Stands where an attention kernel launch would: records what launch_tuned would decide."""
-    from fusecc.kernels.attention_tile import autotune_enabled
+    from fusecc.kernels.launch import autotune_enabled
 
     _AUTOTUNE_SEEN.append(autotune_enabled())
     return x + 1
@@ -419,7 +419,7 @@ def _(x):
 @pytest.mark.parametrize("codegen", ["aten", "triton"])
 @pytest.mark.parametrize("autotune", [False, True])
 def test_autotune_option_decides_inside_the_graph_only(monkeypatch, autotune, codegen):
-    from fusecc.kernels.attention_tile import autotune_enabled
+    from fusecc.kernels.launch import autotune_enabled
 
     if codegen == "triton":
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # generated kernels on CPU tensors

@@ -46,7 +46,7 @@ def with_kernel_autotuning(runner: Callable, enabled: bool) -> Callable:
     the graph's `autotune` option says (off by default: a hand-picked tile config per shape class,
     no seconds of compiling and timing the alternatives on the first call; mode="max-autotune"
     turns it on)."""
-    from fusecc.kernels.attention_tile import kernel_autotuning
+    from fusecc.kernels.launch import kernel_autotuning
 
     def call(args):
         with kernel_autotuning(enabled):

@@ -31,11 +31,7 @@ in eager and here alike (biases below -2.3e38 are clamped there, so the base-2 b
 overflow to -inf).
 """
 
-import contextlib
-import contextvars
 import functools
-import os
-from typing import Optional
 
 import torch
 import triton
@@ -252,71 +248,6 @@ def attn_normalize(acc, l_i):
 # ---- host-side helpers shared by the attention wrappers ----
 
 LOG2E = 1.4426950408889634
-
-# Set by compiled graphs around each call (their `autotune` option, on with mode="max-autotune");
-# None outside them, where FUSECC_AUTOTUNE decides.
-_AUTOTUNE_OVERRIDE: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("fusecc_autotune", default=None)
-
-
-def autotune_enabled() -> bool:
-    """Whether the attention kernels search their tile configs (compiling and timing each, once per
-    shape class: seconds of compile time) or launch a hand-picked one. Inside a compiled graph its
-    `autotune` option decides; direct calls follow FUSECC_AUTOTUNE (default on)."""
-    forced = _AUTOTUNE_OVERRIDE.get()
-    if forced is not None:
-        return forced
-    return os.environ.get("FUSECC_AUTOTUNE", "1") != "0"
-
-
-@contextlib.contextmanager
-def kernel_autotuning(enabled: bool):
-    token = _AUTOTUNE_OVERRIDE.set(enabled)
-    try:
-        yield
-    finally:
-        _AUTOTUNE_OVERRIDE.reset(token)
-
-
-# (kernel, constexprs, dtypes) -> the config launched without autotuning: the hand-picked one, or
-# the first of the others that fits in shared memory (fp32 tiles are twice the size of bf16 ones)
-_FITTING_CONFIG: dict = {}
-
-
-def launch_tuned(kernel, grid, args: tuple, kwargs: dict, first_choice: triton.Config) -> None:
-    """Launch an @triton.autotune kernel: over its configs when autotune_enabled(), else directly
-    with `first_choice` (its hand-picked config for these constexprs; no timing runs), or, when
-    that config does not fit on the device, the first of the kernel's configs that does."""
-    if autotune_enabled() and not interpreting():
-        kernel[grid](*args, **kwargs)
-        return
-    key = (id(kernel), tuple(sorted(kwargs.items())),
-           tuple(a.dtype for a in args if hasattr(a, "dtype")))
-    known = _FITTING_CONFIG.get(key)
-    if known is not None:
-        _launch_with(kernel, grid, args, kwargs, known)
-        return
-    from triton.runtime.errors import OutOfResources
-
-    candidates = [first_choice] + [c for c in kernel.configs if c is not first_choice]
-    for i, config in enumerate(candidates):
-        try:
-            # a config that does not fit fails when its binary is loaded, before anything runs
-            _launch_with(kernel, grid, args, kwargs, config)
-        except OutOfResources:
-            if i == len(candidates) - 1:
-                raise
-            continue
-        _FITTING_CONFIG[key] = config
-        return
-
-
-def _launch_with(kernel, grid, args: tuple, kwargs: dict, config: triton.Config) -> None:
-    # what the autotuner does for its chosen config: the pre-hook first (TMA kernels size their
-    # descriptors' boxes there), then the launch
-    if config.pre_hook is not None:
-        config.pre_hook({**dict(zip(kernel.arg_names, args)), **kwargs, **config.kwargs})
-    kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
-
 
 def head_dim_pad(head_dim: int) -> int:
     """Head dims that are not powers of two (80, 96) run padded to the next one, masked; >= 16 for tl.dot."""

@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.attention_tile import head_dim_pad, launch_tuned
-from fusecc.kernels.split_kv import (choose_num_splits, decode_configs, decode_split, merge_splits, num_sms,
-                                     split_buffers)
+from fusecc.kernels.attention_tile import head_dim_pad
+from fusecc.kernels.launch import launch_tuned, num_sms
+from fusecc.kernels.split_kv import choose_num_splits, decode_configs, decode_split, merge_splits, split_buffers
 
 
 @triton.autotune(configs=decode_configs(),

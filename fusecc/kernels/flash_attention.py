@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.attention_tile import (LOG2E, attn_rows, first_prefill_config, head_dim_pad, launch_tuned,
-                                           prefill_configs, prune_prefill_configs)
+from fusecc.kernels.attention_tile import (LOG2E, attn_rows, first_prefill_config, head_dim_pad, prefill_configs,
+                                           prune_prefill_configs)
+from fusecc.kernels.launch import launch_tuned
 
 
 @triton.autotune(configs=prefill_configs(), key=["HEAD_DIM_PAD", "CAUSAL", "MASK_KIND", "SEQ_BUCKET"],

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from fusecc.kernels.attention_tile import attn_bounds, attn_normalize, launch_tuned, softmax_step
+from fusecc.kernels.attention_tile import attn_bounds, attn_normalize, softmax_step
+from fusecc.kernels.launch import launch_tuned
 from fusecc.triton_support import interpreting
 
 TMA_HEAD_DIMS = (64, 128)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.attention_tile import launch_tuned
+from fusecc.kernels.launch import launch_tuned
 from fusecc.kernels.quant_launch import (DECODE_MAX_ROWS, choose_split_k, decode_configs, finish_splits,
                                          k_per_split, m_bucket, prefill_configs, program_tile,
                                          split_align, store_output_tile)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.attention_tile import launch_tuned
+from fusecc.kernels.launch import launch_tuned
 from fusecc.kernels.fused_moe_decode import DECODE_MAX_TOKENS, fused_moe_decode
 from fusecc.kernels.moe_align import moe_align_block_size
 from fusecc.triton_support import interpreting

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.attention_tile import launch_tuned
+from fusecc.kernels.launch import launch_tuned
 from fusecc.triton_support import interpreting
 
 DECODE_MAX_TOKENS = 2  # fused_moe takes this path up to here (a pair per expert is the common case)

@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.attention_tile import (LOG2E, check_head_dim, head_dim_pad, kv_scales, launch_tuned,
-                                           softmax_scale, tuning_class, window_and_softcap)
-from fusecc.kernels.split_kv import (choose_num_splits, decode_configs, decode_split, merge_splits, num_sms,
-                                     split_buffers)
+from fusecc.kernels.attention_tile import (LOG2E, check_head_dim, head_dim_pad, kv_scales, softmax_scale,
+                                           tuning_class, window_and_softcap)
+from fusecc.kernels.launch import launch_tuned, num_sms
+from fusecc.kernels.split_kv import choose_num_splits, decode_configs, decode_split, merge_splits, split_buffers
 
 
 @triton.autotune(configs=decode_configs(),

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.split_kv import num_sms
+from fusecc.kernels.launch import num_sms
 from fusecc.triton_support import interpreting
 
 DECODE_MAX_ROWS = 16

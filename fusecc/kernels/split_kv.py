@@ -36,18 +36,6 @@ def decode_configs():
             for bn, w, s in [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4), (64, 4, 1)]]
 
 
-_SM_COUNT = {}
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # interpreter: a few splits, so the split path is what the CPU tests exercise
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 def choose_num_splits(batch: int, kv_heads: int, max_context: int, sm_count: int) -> int:
     """Enough programs for ~PROGRAMS_PER_SM per SM, each split >= MIN_KEYS_PER_SPLIT keys of the longest context.
 

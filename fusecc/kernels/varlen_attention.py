@@ -18,8 +18,9 @@ import triton
 import triton.language as tl
 
 from fusecc.kernels.attention_tile import (LOG2E, attn_rows, check_head_dim, first_prefill_config, head_dim_pad,
-                                           launch_tuned, prefill_configs, prune_prefill_configs, softmax_scale,
-                                           tuning_class, window_and_softcap)
+                                           prefill_configs, prune_prefill_configs, softmax_scale, tuning_class,
+                                           window_and_softcap)
+from fusecc.kernels.launch import launch_tuned
 
 
 @triton.autotune(configs=prefill_configs(), key=["HEAD_DIM_PAD", "CAUSAL", "PAGED", "SEQ_BUCKET"],

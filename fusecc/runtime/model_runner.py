@@ -27,7 +27,7 @@ import time
 import torch
 
 from fusecc.cuda_graph import CapturedCall
-from fusecc.kernels.attention_tile import autotune_enabled
+from fusecc.kernels.launch import autotune_enabled
 from fusecc.runtime.config import EngineConfig
 from fusecc.runtime.input_batch import BlockTableMirror, StepInputs, cdiv, cpu_tensor, prepare_inputs
 from fusecc.runtime.models.attention import AttentionMetadata, kv_cache_torch_dtype

@@ -94,7 +94,7 @@ def attention_kernels(autotune: bool) -> None:
     the hand-picked one (what compiled graphs launch)."""
     from fusecc.kernels import flash_attention, flash_attention_gluon, paged_attention, paged_prefill_attention
     from fusecc.kernels import varlen_attention, write_kv_cache
-    from fusecc.kernels.attention_tile import kernel_autotuning
+    from fusecc.kernels.launch import kernel_autotuning
 
     bf16 = torch.bfloat16
     with kernel_autotuning(autotune):

@@ -76,12 +76,12 @@ def test_grouped_launch_order_and_partial_n_tiles(monkeypatch):
     # own config has neither, so launch one such config here
     import triton
 
-    from fusecc.kernels import attention_tile
+    from fusecc.kernels import launch
     from fusecc.kernels import fused_moe as moe
 
     config = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 3}, num_warps=4, num_stages=1)
     monkeypatch.setattr(moe, "first_config", lambda block_m, gated: config)
-    monkeypatch.setattr(attention_tile, "_FITTING_CONFIG", {})
+    monkeypatch.setattr(launch, "_FITTING_CONFIG", {})
     x, w13, w2, weights, ids = make_moe(30, 4, 2, 64, 48, torch.float32)
     out = fused_moe(x, w13, w2, weights, ids, block_m=16)
     torch.testing.assert_close(out.double(), moe_loop_f64(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)

@@ -28,7 +28,7 @@ def test_quant_kernels_compile_for_sm90():
 def compile_all(all_configs: bool) -> None:
     import torch
 
-    from fusecc.kernels.attention_tile import kernel_autotuning
+    from fusecc.kernels.launch import kernel_autotuning
     from fusecc.kernels.fp8_matmul import fp8_matmul
     from fusecc.kernels.quant_matmul import weight_only_matmul
 

@@ -1,11 +1,11 @@
-"""launch_tuned (fusecc/kernels/attention_tile.py) without autotuning: the hand-picked config, or the
+"""launch_tuned (fusecc/kernels/launch.py) without autotuning: the hand-picked config, or the
 first of the kernel's others that fits when it does not (an fp32 tile can exceed shared memory)."""
 
 import pytest
 import triton
 from triton.runtime.errors import OutOfResources
 
-from fusecc.kernels.attention_tile import kernel_autotuning, launch_tuned
+from fusecc.kernels.launch import kernel_autotuning, launch_tuned
 
 
 class FakeAutotuned:
