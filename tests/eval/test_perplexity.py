@@ -18,16 +18,12 @@ from fusecc.eval.perplexity import (Perplexity, engine_perplexity, load_transfor
                                     transformers_perplexity)
 from fusecc.eval.random_checkpoint import TINY_SHAPE, byte_level_tokenizer, save_random_llama
 from fusecc.runtime.default_model import smollm2_path
+from tests.runtime.hf_checkpoints import single_thread  # noqa: F401
 
 TOLERANCE = 0.005  # the acceptance bound for fp32 on CPU: |engine / transformers - 1| < 0.5%
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_corpus_is_stdlib_docstrings_in_a_fixed_order_without_duplicates():

@@ -1,6 +1,7 @@
 """Reference packers written from the checkpoint formats' descriptions (not from fusecc's code):
 AutoAWQ GEMM packs 8 output columns per int32 word in the interleaved order below; GPTQ packs its
-weight along the input rows and its zero points along the output columns, sequentially."""
+weight along the input rows and its zero points along the output columns, sequentially. And the
+on-the-fly quantizers' documented rounding rules, as a dequantized float weight (rtn_dequantized)."""
 
 import torch
 
@@ -37,3 +38,16 @@ def our_int4(qweight: torch.Tensor, K: int) -> torch.Tensor:
     """fusecc int4 read back one nibble at a time: k = 8j + i at bits 4i of word j."""
     N = qweight.shape[0]
     return torch.tensor([[(int(qweight[n, k // 8]) >> (4 * (k % 8))) & 0xF for k in range(K)] for n in range(N)])
+
+
+def rtn_dequantized(w: torch.Tensor, method: str) -> torch.Tensor:
+    """int8: symmetric per output channel, step amax/127. int4: groups of 128 input columns (here one,
+    K <= 128), range min(w, 0)..max(w, 0) over 0..15 with an integer zero point."""
+    w = w.double()
+    if method == "int8":
+        step = w.abs().amax(1, keepdim=True) / 127
+        return ((w / step).round().clamp(-127, 127) * step).float()
+    lo, hi = w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True).clamp(min=0)
+    step = (hi - lo) / 15
+    zero = (-lo / step).round()
+    return (((w / step + zero).round().clamp(0, 15) - zero) * step).float()

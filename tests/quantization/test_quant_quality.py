@@ -2,7 +2,7 @@
 finite, equal to an independent oracle, and close to the unquantized engine's.
 
 The oracle is transformers eager with the format's rounding applied by this file's own torch code:
-weights replaced by their round trip (tests/quantization/test_quantized_engine.rtn_dequantized for
+weights replaced by their round trip (tests/quantization/packers.rtn_dequantized for
 int8/int4; per-channel e4m3 here for fp8), fp8 activations rounded per token by a forward pre-hook,
 and the fp8 KV cache as an attention function that rounds K and V (after RoPE, as the cache stores
 them) through e4m3 with the layer's scales before SDPA. Engine and oracle compute the same values
@@ -25,7 +25,7 @@ import torch
 from fusecc.eval.perplexity import engine_perplexity, transformers_perplexity
 from fusecc.llm import LLM
 from tests.quantization.quantized_checkpoints import LINEARS
-from tests.quantization.test_quantized_engine import rtn_dequantized
+from tests.quantization.packers import rtn_dequantized
 from tests.runtime.hf_checkpoints import VOCAB, save_tiny_checkpoint, single_thread  # noqa: F401
 
 FP8 = torch.float8_e4m3fn

@@ -10,23 +10,11 @@ import torch
 from fusecc.llm import LLM
 from fusecc.quantization.linear import WeightOnlyLinear
 from fusecc.runtime.sampling_params import SamplingParams
+from tests.quantization.packers import rtn_dequantized
 from tests.quantization.quantized_checkpoints import LINEARS, write_fp8_checkpoint, write_int4_checkpoint
 from tests.runtime.hf_checkpoints import hf_greedy, prompts, save_tiny_checkpoint, single_thread  # noqa: F401
 
 PROMPTS = prompts(3, seed=5, max_len=12)
-
-
-def rtn_dequantized(w: torch.Tensor, method: str) -> torch.Tensor:
-    """int8: symmetric per output channel, step amax/127. int4: groups of 128 input columns (here one,
-    K <= 128), range min(w, 0)..max(w, 0) over 0..15 with an integer zero point."""
-    w = w.double()
-    if method == "int8":
-        step = w.abs().amax(1, keepdim=True) / 127
-        return ((w / step).round().clamp(-127, 127) * step).float()
-    lo, hi = w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True).clamp(min=0)
-    step = (hi - lo) / 15
-    zero = (-lo / step).round()
-    return (((w / step + zero).round().clamp(0, 15) - zero) * step).float()
 
 
 def engine_greedy(model_dir, **kwargs) -> list[list[int]]:
