@@ -43,6 +43,7 @@ from fusecc.config import FuseccOptions
 from fusecc.debug.dump import GraphDump, NoDump
 from fusecc.debug.report import CompileReport
 from fusecc.freeze import FrozenWeightsCheck, freeze_weights, is_weight_input, unfrozen_copy
+from fusecc.graph.nested_regions import inline_nested_regions
 from fusecc.graph.op_counts import count_ops, op_histogram
 from fusecc.passes import build_pipeline, run_passes
 from fusecc.passes.pipeline import PassRecord
@@ -220,6 +221,9 @@ class InferenceCompiler:
 
     def _compile(self, aten_gm: fx.GraphModule, fake_inputs: list) -> Callable:
         start, dump_seconds_before = time.perf_counter(), self.dump.seconds
+        regions = inline_nested_regions(aten_gm)
+        if regions:
+            self.dump.note(f"inlined {regions} calls of nested compile regions (traced once each)", kind="regions")
         # Passes call gm.recompile() after each change; regenerating the Python code of a graph of
         # thousands of nodes is ~0.1 s each time. A lazy graph module regenerates it only when
         # something reads the code or runs forward (the dump, the ATen runner), once.

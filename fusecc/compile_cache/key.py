@@ -98,6 +98,13 @@ def graph_key(gm: torch.fx.GraphModule, example_inputs: list, weight_flags: list
               device: torch.device | str | None) -> str:
     """The key of a Dynamo graph's compilation: its code (ops, attribute names, constants inlined as
     literals), the metadata of its inputs, the values of its tensor attributes, and the rest."""
+    return digest([system_factors(device), shape_settings(), sorted(options_factors.items()), _code_and_attributes(gm),
+                   [describe_value(x) for x in example_inputs], list(weight_flags)])
+
+
+def _code_and_attributes(gm: torch.fx.GraphModule) -> list:
+    """A graph's code and what its get_attr nodes read: tensors by value, and the graph modules of
+    nested compile regions (invoke_subgraph) by their own code and attributes, recursively."""
     attributes = []
     for node in gm.graph.find_nodes(op="get_attr"):
         value = gm
@@ -106,7 +113,8 @@ def graph_key(gm: torch.fx.GraphModule, example_inputs: list, weight_flags: list
         if isinstance(value, torch.Tensor) and not value.is_meta:
             data = value.detach().cpu().contiguous().view(torch.uint8) if value.numel() else value.cpu()
             attributes.append((node.target, describe_value(value), hashlib.sha256(data.numpy().tobytes()).hexdigest()))
+        elif isinstance(value, torch.fx.GraphModule):
+            attributes.append((node.target, _code_and_attributes(value)))
         else:
             attributes.append((node.target, repr(type(value))))
-    return digest([system_factors(device), shape_settings(), sorted(options_factors.items()), gm.code,
-                   [describe_value(x) for x in example_inputs], list(weight_flags), attributes])
+    return [gm.code, attributes]

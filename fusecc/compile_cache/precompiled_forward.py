@@ -12,6 +12,7 @@ break, an unstorable graph), the forward falls back to `fallback` from then on, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable
 
@@ -28,9 +29,16 @@ def call_module(model: torch.nn.Module, *args, **kwargs):
 
 
 class PrecompiledForward:
+    """`while_compiling(*args, **kwargs)`, when given, is a context manager entered around each
+    compilation (and around every call of `fallback`, which may compile at any call): where the
+    arguments need Dynamo markings (torch._dynamo.mark_static) to compile well. They must be gone
+    when a stored function's guards are checked: a loaded function's guards remember the markings
+    as absent and reject a marked tensor."""
+
     def __init__(self, model: torch.nn.Module, options: dict, fallback: Callable, max_graphs: int,
-                 dynamic: bool = True):
+                 dynamic: bool = True, while_compiling: Callable | None = None):
         self.model = model
+        self.while_compiling = while_compiling or (lambda *args, **kwargs: contextlib.nullcontext())
         self.options = options
         self.fallback = fallback
         self.max_graphs = max_graphs
@@ -46,21 +54,27 @@ class PrecompiledForward:
 
     def __call__(self, *args, **kwargs):
         if self.use_fallback:
-            return self.fallback(*args, **kwargs)
+            return self._call_fallback(*args, **kwargs)
         for fn in self.functions:
             if fn.guard_check(self.model, *args, **kwargs):
                 return fn(self.model, *args, **kwargs)
         if len(self.functions) >= self.max_graphs:
             log.warning("fusecc: the forward needed more than %d graphs; compiling with torch.compile", self.max_graphs)
             self.use_fallback = True
-            return self.fallback(*args, **kwargs)
-        fn = load_or_compile(call_module, (self.model, *args), kwargs, options=self.options, dynamic=self.dynamic)
+            return self._call_fallback(*args, **kwargs)
+        with self.while_compiling(*args, **kwargs):
+            fn = load_or_compile(call_module, (self.model, *args), kwargs, options=self.options,
+                                 dynamic=self.dynamic)
         if fn is None:
             self.use_fallback = True
-            return self.fallback(*args, **kwargs)
+            return self._call_fallback(*args, **kwargs)
         fn.disable_guard_check()  # checked here, before the call
         self.functions.append(fn)
         return fn(self.model, *args, **kwargs)
+
+    def _call_fallback(self, *args, **kwargs):
+        with self.while_compiling(*args, **kwargs):
+            return self.fallback(*args, **kwargs)
 
     @property
     def num_graphs(self) -> int:

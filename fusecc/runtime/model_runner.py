@@ -20,6 +20,7 @@ sampled tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -90,11 +91,40 @@ def compile_forward(model, size_oblivious: bool, **options):
     options = {"freeze": True, "autotune": autotune_enabled(), **options}
     # each graph compiled ahead of time and stored, so a restart traces nothing (compile_cache/)
     fn = PrecompiledForward(model, options, torch.compile(model, backend="fusecc", dynamic=True, options=options),
-                            max_graphs=RECOMPILE_LIMIT)
+                            max_graphs=RECOMPILE_LIMIT, while_compiling=static_cache_sizes)
     # made once: each config.patch() call defines a class, per step that would be run-time overhead
     with_settings = fx_config.patch(shape_settings)
     with_dynamo_settings = dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT, specialize_float=True)
     return with_settings(with_dynamo_settings(fn))
+
+
+def kv_cache_tensors(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                     num_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's K and V cache [num_blocks, block_size, kv_heads, head_dim], zeroed."""
+    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(num_layers)]
+
+
+@contextlib.contextmanager
+def static_cache_sizes(input_ids, positions, kv_caches, md):
+    """While a forward compiles, its KV caches' sizes are constants to Dynamo. Under dynamic=True
+    every cache would otherwise get four symbols of its own (240 for a 30-layer model), which
+    AOTAutograd's functionalization of the cache write drags through every shape computation:
+    SmolLM2's CPU compile took 2.5x as long. On CUDA the number of blocks stays dynamic: the
+    KV-profiling forward runs on a scratch cache of another size than the pool, and a static size
+    would compile the mixed-step graph twice. The markings are removed afterwards (see
+    PrecompiledForward: a stored function's guards reject marked tensors)."""
+    caches = [c for pair in kv_caches for c in pair]
+    static_dims = [1, 2, 3] if caches and caches[0].is_cuda else [0, 1, 2, 3]
+    for cache in caches:
+        torch._dynamo.mark_static(cache, static_dims)
+    try:
+        yield
+    finally:
+        for cache in caches:
+            for marking in ("_dynamo_static_indices", "_has_dynamo_dim_marking"):
+                if hasattr(cache, marking):
+                    delattr(cache, marking)
 
 
 class ModelRunner:
@@ -117,8 +147,7 @@ class ModelRunner:
             config = dataclasses.replace(config, num_kv_blocks=num_blocks)
         self.config = config
         shape = (config.num_kv_blocks, config.block_size, self.kv_heads, self.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.kv_dtype, device=self.device)) for _ in range(self.num_layers)]
+        self.kv_caches = kv_cache_tensors(shape, self.kv_dtype, self.device, self.num_layers)
         self.sampler = Sampler(seed=config.seed)
         self.prompt_logprobs = PromptLogprobsPlanner()
         # Speculative decoding (fusecc/runtime/spec_decode/speculator.py) sets it: a step that
@@ -231,8 +260,7 @@ class ModelRunner:
         lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
         blocks = [cdiv(n, bs) for n in lens]
         shape = (sum(blocks), bs, self.kv_heads, self.head_dim)
-        scratch = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
-                    torch.zeros(shape, dtype=self.kv_dtype, device=self.device)) for _ in range(self.num_layers)]
+        scratch = kv_cache_tensors(shape, self.kv_dtype, self.device, self.num_layers)
         scratch_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in scratch)
         tables, first, positions, cu = [], 0, [], [0]
         for n, nb in zip(lens, blocks):

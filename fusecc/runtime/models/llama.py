@@ -87,14 +87,21 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
     def forward(self, x, positions, kv_cache, md: AttentionMetadata):
+        q, k, v = self.project_qkv(x, positions)
+        return self.project_output(self.attn(q, k, v, kv_cache, md))
+
+    def project_qkv(self, x, positions):
+        """x [T, hidden] -> q [T, Hq, D], k and v [T, Hkv, D], q and k rotated."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
-        o = self.attn(q, k, v, kv_cache, md)  # [T, Hq, D]
+        return self.rotary(q, positions), self.rotary(k, positions), v
+
+    def project_output(self, o):
+        """The attention's output o [T, Hq, D] -> [T, hidden]."""
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -122,8 +129,23 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    # Every layer runs the same code on its own weights, so the two halves around the attention are
+    # nested compile regions: Dynamo traces each once and stamps it out for the other layers, and
+    # AOTAutograd traces it once (torch.compiler.nested_compile_region; fusecc inlines the copies
+    # again before its passes). Compile time then costs about one layer, not N. The attention
+    # (KV-cache write + kernel) stays outside: a region may not mutate its inputs' storage through
+    # a custom op (functionalization refuses fusecc::write_kv_cache inside invoke_subgraph).
     def forward(self, x, positions, kv_cache, md):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, md)
+        q, k, v = self.before_attention(x, positions)
+        return self.after_attention(x, self.self_attn.attn(q, k, v, kv_cache, md))
+
+    @torch.compiler.nested_compile_region
+    def before_attention(self, x, positions):
+        return self.self_attn.project_qkv(self.input_layernorm(x), positions)
+
+    @torch.compiler.nested_compile_region
+    def after_attention(self, x, o):
+        x = x + self.self_attn.project_output(o)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

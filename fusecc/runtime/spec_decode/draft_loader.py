@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from fusecc.runtime.model_runner import kv_cache_tensors
 from fusecc.runtime.spec_decode.config import SpeculativeConfig
 from fusecc.runtime.spec_decode.draft_proposer import DraftModelProposer, LayerSkipModel
 
@@ -27,8 +28,7 @@ def build_model_proposer(cfg: SpeculativeConfig, engine_config, runner, block_ma
         model = load_draft_model(cfg.model, engine_config, runner, tokenizer)
         kv_heads, head_dim = model.kv_shape
         shape = (engine_config.num_kv_blocks, engine_config.block_size, kv_heads, head_dim)
-        caches = [(torch.zeros(shape, dtype=runner.dtype, device=runner.device),
-                   torch.zeros(shape, dtype=runner.dtype, device=runner.device)) for _ in model.model.layers]
+        caches = kv_cache_tensors(shape, runner.dtype, runner.device, len(model.model.layers))
         proposer = DraftModelProposer(model, _forward(model, engine_config, runner), caches, block_manager,
                                       shares_target_kv=False, seed=engine_config.seed)
         proposer.draft_cost = _num_params(model) / _num_params(runner.model)
