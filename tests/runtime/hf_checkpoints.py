@@ -41,12 +41,14 @@ def tiny_config(arch: str):
     raise KeyError(arch)
 
 
-def save_tiny_checkpoint(arch: str, path: Path, seed: int = 0, **save_kwargs):
+def save_tiny_checkpoint(arch: str, path: Path, seed: int = 0, num_hidden_layers: int = 2, **save_kwargs):
     """Returns the transformers model (the oracle) after writing it and the tokenizer to `path`."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32).eval()
+    config = tiny_config(arch)
+    config.num_hidden_layers = num_hidden_layers
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     if getattr(model.model.layers[0].self_attn.q_proj, "bias", None) is not None:
         with torch.no_grad():  # biases start at 0: make them matter
             for layer in model.model.layers:

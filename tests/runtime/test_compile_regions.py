@@ -1,0 +1,77 @@
+"""The runtime's forward costs one decoder layer to compile, not N: the halves of a layer around
+its attention are nested compile regions (fusecc/runtime/models/llama.py), which Dynamo and
+AOTAutograd trace once and fusecc inlines again before its passes (fusecc/graph/nested_regions.py);
+and the KV caches' sizes are constants while a forward compiles (model_runner.static_cache_sizes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx
+
+import fusecc.backend
+from tests.runtime.hf_checkpoints import hf_greedy, save_tiny_checkpoint, tiny_tokenizer
+
+
+@pytest.fixture
+def compiled_graphs(monkeypatch):
+    """What reached fusecc's compiler for each ATen graph: its region calls, the distinct region
+    graphs among them, and the shapes of its inputs."""
+    seen = []
+    original_inline = fusecc.backend.inline_nested_regions
+
+    def recording_inline(gm: fx.GraphModule) -> int:
+        calls = gm.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph)
+        seen.append({"calls": len(calls), "regions": len({node.args[0].target for node in calls}),
+                     "identifiers": {node.args[1] for node in calls}})
+        inlined = original_inline(gm)
+        assert not gm.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph)
+        assert not [name for name, child in gm.named_children() if isinstance(child, fx.GraphModule)]
+        return inlined
+
+    original_call = fusecc.backend.InferenceCompiler.__call__
+
+    def recording_call(self, aten_gm, fake_inputs):
+        seen.append({"input_shapes": [tuple(x.shape) for x in fake_inputs if isinstance(x, torch.Tensor)]})
+        return original_call(self, aten_gm, fake_inputs)
+
+    monkeypatch.setattr(fusecc.backend, "inline_nested_regions", recording_inline)
+    monkeypatch.setattr(fusecc.backend.InferenceCompiler, "__call__", recording_call)
+    return seen
+
+
+@pytest.mark.parametrize("layers", [2, 5])
+def test_each_layer_half_is_traced_once_whatever_the_depth(tmp_path, compiled_graphs, layers):
+    from fusecc import LLM, SamplingParams
+
+    oracle = save_tiny_checkpoint("llama", tmp_path, num_hidden_layers=layers)
+    llm = LLM(str(tmp_path), max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    prompt = "w5 w9 w17 w3 w40"
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].token_ids
+    ids = tiny_tokenizer()(prompt, add_special_tokens=False)["input_ids"]
+    assert out == hf_greedy(oracle, ids, 8)
+
+    region_reports = [r for r in compiled_graphs if "calls" in r]
+    assert len(region_reports) == 2, compiled_graphs  # the decode-only and the mixed-step graph
+    for report in region_reports:
+        # every layer calls both halves; only two graphs were traced for all of them
+        assert report["calls"] == 2 * layers, report
+        assert report["regions"] == 2 and len(report["identifiers"]) == 2, report
+
+
+def test_kv_cache_sizes_are_constants_while_compiling(tmp_path, compiled_graphs):
+    from fusecc import LLM, SamplingParams
+
+    save_tiny_checkpoint("llama", tmp_path)
+    llm = LLM(str(tmp_path), max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    caches = [c for pair in llm.engine.runner.kv_caches for c in pair]
+    for report in (r for r in compiled_graphs if "input_shapes" in r):
+        cache_shapes = [s for s in report["input_shapes"] if len(s) == 4]  # the only 4-d inputs
+        assert len(cache_shapes) == len(caches), report
+        # CPU: all four sizes are plain ints (CUDA keeps the number of blocks symbolic)
+        assert all(type(d) is int for shape in cache_shapes for d in shape), report
+        token_dims = [s for s in report["input_shapes"] if len(s) == 1 and isinstance(s[0], torch.SymInt)]
+        assert token_dims, f"the token dimension should stay dynamic: {report}"
+    # the markings are gone once compiled: a stored function's guards would reject them
+    assert not any(hasattr(c, "_dynamo_static_indices") for c in caches)
+    assert llm.generate(["w3 w4"], SamplingParams(temperature=0, max_tokens=2))[0].outputs[0].token_ids
