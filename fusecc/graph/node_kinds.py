@@ -89,6 +89,30 @@ def is_view(node: fx.Node) -> bool:
     return is_op_overload(target) and bool(target.is_view)
 
 
+_AUTO_FUNCTIONALIZED = tuple(getattr(torch.ops.higher_order, name) for name in ("auto_functionalized",
+                                                                               "auto_functionalized_v2")
+                             if hasattr(torch.ops.higher_order, name))
+
+
+def written_args(node: fx.Node) -> "list[fx.Node] | None":
+    """The tensor arguments a writing op writes, from its schema's alias annotations (`Tensor(a!)`);
+    None where that is not known (a Python callable, a higher-order op): assume it writes anything."""
+    target = node.target
+    if node.op == "call_function" and target in _AUTO_FUNCTIONALIZED:
+        # a functionalized mutation (reinplaced later): count every tensor it reads as written
+        return list(node.all_input_nodes)
+    if node.op != "call_function" or not is_op_overload(target):
+        return None
+    written = []
+    for position, argument in enumerate(target._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = node.args[position] if position < len(node.args) else node.kwargs.get(argument.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        written += [v for v in values if isinstance(v, fx.Node)]
+    return written
+
+
 def alias_root(node: fx.Node) -> fx.Node:
     """Follow view ops back to the node that owns the storage."""
     while is_view(node) and node.args and isinstance(node.args[0], fx.Node):

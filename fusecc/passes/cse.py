@@ -8,9 +8,12 @@
 
 Two nodes merge when they have the same target, the same (already merged) inputs and the same
 literal arguments. Random ops (two draws differ) and impure ops (mutations, asserts) never
-merge, and nothing merges across a mutation. Two nodes that are both graph outputs (or views
-returned as outputs) do not merge either: the caller would receive one tensor twice and a
-write to one would show in the other.
+merge. Nothing merges across a mutation of what it reads: after `write_kv_cache(k, v, k_cache,
+...)` a read of k_cache (or of a view of it) is not the read before, but the RoPE table gathered
+at the same positions is, in every layer. (An op whose writes the schema does not name, e.g. a
+Python callable, ends every merge.) Two nodes that are both graph outputs (or views returned as
+outputs) do not merge either: the caller would receive one tensor twice and a write to one would
+show in the other.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from fusecc.passes.base import GraphPass, PassResult
-from fusecc.graph.node_kinds import feeds_output, is_pure, may_write
+from fusecc.graph.node_kinds import alias_root, feeds_output, is_pure, may_write, written_args
 from fusecc.graph.op_counts import op_name
 
 
@@ -34,8 +37,8 @@ class CommonSubexpressionElimination(GraphPass):
         for node in list(gm.graph.nodes):
             if may_write(node):
                 # A mutation (copy_ into x) changes what later reads of x see: `x + 1` after it
-                # is not the `x + 1` before it. Forget everything seen so far.
-                seen.clear()
+                # is not the `x + 1` before it. Forget what read the written storage.
+                _forget_readers(seen, written_args(node))
                 continue
             if node.op == "get_attr":
                 key = ("get_attr", node.target)
@@ -60,6 +63,21 @@ class CommonSubexpressionElimination(GraphPass):
         if stats:
             gm.recompile()
         return PassResult(gm, bool(stats), stats)
+
+
+def _forget_readers(seen: dict, written: "list[fx.Node] | None") -> None:
+    """Drop the entries whose node reads (directly, or through a view) storage that `written`
+    lives in; every entry when what was written is unknown."""
+    if written is None:
+        seen.clear()
+        return
+    roots = {alias_root(w) for w in written}
+    if not roots:
+        return
+    for key, node in list(seen.items()):
+        inputs = node.all_input_nodes if node.op == "call_function" else ()
+        if any(alias_root(i) in roots for i in inputs) or alias_root(node) in roots:
+            del seen[key]
 
 
 def _freeze(value):

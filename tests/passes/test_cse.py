@@ -116,6 +116,32 @@ def forward(self, x_1):
         self.assertEqual(count(gm, aten.add.Tensor), 2)
         assert_identical(gm(x.clone(), y), fn(x.clone(), y))
 
+    def test_across_a_mutation_of_something_else(self):
+        # Like a KV-cache write between two layers' RoPE gathers: the write to `cache` leaves
+        # table[pos] unchanged, so the second gather merges; a view of the cache read after the
+        # write does not merge with the one read before it.
+        def fn(table, pos, cache, k):
+            a = table[pos] * k
+            c0 = cache[0] + 1
+            cache.copy_(k)
+            return a + table[pos] * k, c0, cache[0] + 1
+
+        table, pos, cache, k = torch.randn(8, 3), torch.tensor([1, 5, 2]), torch.randn(3, 3), torch.randn(3, 3)
+        gm = trace(fn, table, pos, cache.clone(), k)
+        # make_fx makes reads after copy_ read its result; rewire the last cache read to the
+        # placeholder itself (same storage, same value), as graphs may do.
+        cache_node = [n for n in gm.graph.nodes if n.op == "placeholder"][2]
+        selects = [n for n in gm.graph.nodes if n.target is aten.select.int]
+        selects[-1].args = (cache_node, *selects[-1].args[1:])
+        gm.recompile()
+        result, _ = run_pass(CommonSubexpressionElimination(), gm)
+        self.assertTrue(result.modified)
+        self.assertEqual(count(gm, aten.index.Tensor), 1)  # the second gather merged...
+        self.assertEqual(count(gm, aten.select.int), 2)    # ...the cache reads did not
+        expected_cache, compiled_cache = cache.clone(), cache.clone()
+        assert_identical(gm(table, pos, compiled_cache, k), fn(table, pos, expected_cache, k))
+        assert_identical(compiled_cache, expected_cache)
+
     def test_not_literals_of_different_type(self):
         # bool x: x + 1 is int64, x + 1.0 is float32, x + True is bool.
         fn = lambda x: ((x + 1) * 3, (x + 1.0) * 3, (x + True) * 3)  # noqa: E731
