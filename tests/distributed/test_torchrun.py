@@ -30,6 +30,12 @@ def test_two_torchrun_nodes_match_one_process(tmp_path):
         env=env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in range(2)]
     try:
         logs = [node.communicate(timeout=240)[0] for node in nodes]
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            node.kill()
+        logs = [node.communicate()[0] for node in nodes]  # what each node printed before it hung
+        raise AssertionError("the torchrun nodes did not finish in 240 s:\n" + "\n".join(
+            f"--- node {i}:\n{log[-3000:]}" for i, log in enumerate(logs))) from None
     finally:
         for node in nodes:
             node.kill()
