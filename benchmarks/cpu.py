@@ -37,17 +37,6 @@ def cpu_name() -> str:
     return "unknown"
 
 
-def median_ms(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def forward_ms(llm, tokens: int, reps: int) -> dict:
     """The runner's compiled forward vs the eager model over one prompt of `tokens` tokens."""
     from fusecc.runtime.models.attention import AttentionMetadata
@@ -63,8 +52,15 @@ def forward_ms(llm, tokens: int, reps: int) -> dict:
             cu_seqlens_q=torch.tensor([0, tokens], dtype=torch.int32), max_seqlen_q=tokens, decode_only=False)
         args = (ids, pos, runner.kv_caches, md)
         torch.testing.assert_close(runner.forward(*args), runner.model(*args), rtol=1e-4, atol=1e-4)
-        return {"compiled_ms": median_ms(lambda: runner.forward(*args), reps),
-                "eager_ms": median_ms(lambda: runner.model(*args), reps)}
+        # alternating calls, so that drift in the machine's load affects both sides alike
+        times = {"compiled": [], "eager": []}
+        for rep in range(reps + 2):
+            for name, fn in (("compiled", runner.forward), ("eager", runner.model)):
+                start = time.perf_counter()
+                fn(*args)
+                if rep >= 2:  # the first two rounds warm up
+                    times[name].append(time.perf_counter() - start)
+        return {f"{name}_ms": statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 def engine_tok_s(llm, prompts: list, max_tokens: int) -> float:
