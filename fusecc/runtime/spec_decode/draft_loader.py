@@ -10,8 +10,6 @@ sized its own pool from gpu_memory_utilization, so leave room for it (lower gpu_
 
 from __future__ import annotations
 
-import torch
-
 from fusecc.runtime.model_runner import kv_cache_tensors
 from fusecc.runtime.spec_decode.config import SpeculativeConfig
 from fusecc.runtime.spec_decode.draft_proposer import DraftModelProposer, LayerSkipModel
