@@ -35,7 +35,7 @@ import torch
 
 from fusecc.distributed import worker as worker_mod
 from fusecc.distributed.shard import shard_range
-from fusecc.distributed.state import DEFAULT_TIMEOUT_S, init_distributed, torchrun_env
+from fusecc.distributed.state import DEFAULT_TIMEOUT_S, destroy_distributed, init_distributed, torchrun_env
 from fusecc.distributed.step_codec import StepEncoder
 from fusecc.runtime.config import EngineConfig
 
@@ -208,7 +208,7 @@ class DriverExecutor:
         self.worker, self.config, self.vocab_size = worker, worker.config, vocab_size
         self._encoder = StepEncoder()
         self.device, self.dtype = worker.tp.device, worker.runner.dtype
-        self._finalizer = weakref.finalize(self, worker_mod.stop_followers, worker.tp)
+        self._finalizer = weakref.finalize(self, _stop_and_leave, worker.tp)
 
     @classmethod
     def from_checkpoint(cls, model_path: str, config: EngineConfig, dtype: torch.dtype,
@@ -219,6 +219,10 @@ class DriverExecutor:
         worker = worker_mod.Worker.from_checkpoint(model_path, config, dtype, tp)
         if tp.rank != 0:
             worker_mod.follow_steps(worker)
+            # leave the process group before exiting: destroyed by the interpreter's teardown, gloo's
+            # threads can still be joinable and the rank dies of SIGABRT ("terminate called without
+            # an active exception") while rank 0 waits for it
+            destroy_distributed()
             raise SystemExit(0)
         return cls(worker, _vocab_size(model_path))
 
@@ -235,6 +239,12 @@ class DriverExecutor:
 
     def shutdown(self) -> None:
         self._finalizer()
+
+
+def _stop_and_leave(tp) -> None:
+    """Rank 0 under torchrun, at shutdown: the others stop following, then this rank leaves the group."""
+    worker_mod.stop_followers(tp)
+    destroy_distributed()
 
 
 def _vocab_size(model_path: str) -> int:
