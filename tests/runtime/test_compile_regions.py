@@ -75,3 +75,27 @@ def test_kv_cache_sizes_are_constants_while_compiling(tmp_path, compiled_graphs)
     # the markings are gone once compiled: a stored function's guards would reject them
     assert not any(hasattr(c, "_dynamo_static_indices") for c in caches)
     assert llm.generate(["w3 w4"], SamplingParams(temperature=0, max_tokens=2))[0].outputs[0].token_ids
+
+
+def test_layers_of_many_kinds_compile():
+    """Layers that differ (here: ten MLP widths) are traced once per kind; torch refuses more kinds
+    than a region's max_reuse_entries (8 by default), which must not stop a model from compiling."""
+    from transformers import LlamaConfig
+
+    from fusecc.runtime.models.llama import LlamaDecoderLayer, LlamaMLP, Rotary
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=10, max_position_embeddings=64)
+    rotary = Rotary(config, 8, 64)
+    layers = torch.nn.ModuleList(
+        LlamaDecoderLayer(config, rotary, False, False, mlp=LlamaMLP(config, intermediate_size=16 * (i + 1)))
+        for i in range(10))
+
+    def after_attention_of_all(x, o):
+        for layer in layers:
+            x = layer.after_attention(x, o)
+        return x
+
+    x, o = torch.randn(3, 32), torch.randn(3, 4, 8)
+    compiled = torch.compile(after_attention_of_all, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, o), after_attention_of_all(x, o))

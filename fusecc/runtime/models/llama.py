@@ -21,6 +21,7 @@ from torch import nn
 from fusecc.runtime.models.attention import AttentionMetadata, PagedAttention
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_KINDS_LIMIT = 512  # distinct decoder-layer kinds one forward may trace (see LlamaDecoderLayer)
 
 
 class RMSNorm(nn.Module):
@@ -135,15 +136,17 @@ class LlamaDecoderLayer(nn.Module):
     # again before its passes). Compile time then costs about one layer, not N. The attention
     # (KV-cache write + kernel) stays outside: a region may not mutate its inputs' storage through
     # a custom op (functionalization refuses fusecc::write_kv_cache inside invoke_subgraph).
+    # Layers that differ (MoE and dense layers, quantized and float ones) are traced once per kind;
+    # torch raises past max_reuse_entries kinds, so the limit is far above any real model's.
     def forward(self, x, positions, kv_cache, md):
         q, k, v = self.before_attention(x, positions)
         return self.after_attention(x, self.self_attn.attn(q, k, v, kv_cache, md))
 
-    @torch.compiler.nested_compile_region
+    @torch.compiler.nested_compile_region(max_reuse_entries=LAYER_KINDS_LIMIT)
     def before_attention(self, x, positions):
         return self.self_attn.project_qkv(self.input_layernorm(x), positions)
 
-    @torch.compiler.nested_compile_region
+    @torch.compiler.nested_compile_region(max_reuse_entries=LAYER_KINDS_LIMIT)
     def after_attention(self, x, o):
         x = x + self.self_attn.project_output(o)
         return x + self.mlp(self.post_attention_layernorm(x))
