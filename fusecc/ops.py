@@ -166,6 +166,27 @@ def _fused_moe_fake(hidden_states, w13, w2, topk_weights, topk_ids):
     return hidden_states.new_empty(hidden_states.shape)
 
 
+@torch.library.custom_op("fusecc::fused_moe_quantized", mutates_args=())
+def fused_moe_quantized(hidden_states: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
+                        w13_zeros: Optional[torch.Tensor], w2: torch.Tensor, w2_scales: torch.Tensor,
+                        w2_zeros: Optional[torch.Tensor], topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                        weight_format: str, group_size: int) -> torch.Tensor:
+    """fusecc::fused_moe with quantized expert weights (weight_format "int8" | "int4" | "fp8", layouts of
+    fusecc/kernels/moe_expert_weights.py; scales/zeros [E, N, groups]); fp8 is W8A8 (each projection's
+    input rows quantized per row). CUDA runs the Triton kernels dequantizing in registers; CPU the loop."""
+    quants = {"w13_quant": _moe.ExpertQuant(weight_format, group_size, w13_scales, w13_zeros),
+              "w2_quant": _moe.ExpertQuant(weight_format, group_size, w2_scales, w2_zeros)}
+    if hidden_states.is_cuda:
+        return _moe.fused_moe(hidden_states, w13, w2, topk_weights, topk_ids, **quants)
+    return _moe.fused_moe_reference(hidden_states, w13, w2, topk_weights, topk_ids, **quants)
+
+
+@fused_moe_quantized.register_fake
+def _fused_moe_quantized_fake(hidden_states, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_weights,
+                              topk_ids, weight_format, group_size):
+    return hidden_states.new_empty(hidden_states.shape)
+
+
 # ---- quantized linears (fusecc/kernels/quant_matmul.py, fp8_matmul.py) ----
 # One opaque call per linear: Dynamo and the fusecc backend keep it as an extern call, so the packed
 # weight is never unpacked into a float tensor in the graph. CPU tensors run the torch references.

@@ -23,6 +23,10 @@ Steps (pair p = token * top_k + k):
    top_k * hidden elements per token, next to the 3 * inter * hidden weights of each expert a token
    visits: noise.
 
+Quantized experts (int8 / int4 / fp8, layouts in moe_expert_weights.py) run the same two kernels with
+the weight tiles dequantized in registers (FORMAT constexpr); fp8 is W8A8: x and act are quantized per
+row to e4m3 before each GEMM, the dots run in e4m3 and the row and weight scales multiply the results.
+
 One or two tokens (batch-1/2 decode) take fused_moe_decode.py instead: matrix-vector kernels without
 the sort and with the top-k sum in registers.
 
@@ -38,9 +42,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.launch import launch_tuned
+from fusecc.kernels.fp8_matmul import quantize_fp8_per_token, quantize_fp8_per_token_triton
 from fusecc.kernels.fused_moe_decode import DECODE_MAX_TOKENS, fused_moe_decode
+from fusecc.kernels.launch import launch_tuned
 from fusecc.kernels.moe_align import moe_align_block_size
+from fusecc.kernels.moe_expert_weights import (FLOAT, FP8, ExpertQuant, check_expert_quant, dequantize_experts,
+                                               expert_weight_tile, group_scale)
 from fusecc.triton_support import interpreting
 
 # (BLOCK_M class, GATED) -> hand-picked (BLOCK_N, BLOCK_K, GROUP_M, warps, stages); the gated kernel
@@ -72,6 +79,8 @@ def prune_configs(configs, named_args, **kwargs):
     if block_m is None or len(configs) == 1:
         return configs
     keep = [c for c in configs if (c.kwargs["GROUP_M"] == 1) == (block_m <= 32)]
+    if kwargs.get("FORMAT") == FP8:  # block-scaled FP8: a K tile must lie in one scale group
+        keep = [c for c in keep if kwargs["GROUP_SIZE"] % c.kwargs["BLOCK_K"] == 0]
     return keep or configs
 
 
@@ -95,19 +104,23 @@ def choose_block_m(num_pairs: int, num_experts: int) -> int:
     return 64 if per_expert <= 64 else 128
 
 
-@triton.autotune(configs=gemm_configs(), key=["N", "K", "BLOCK_M", "GATED"],
+@triton.autotune(configs=gemm_configs(), key=["N", "K", "BLOCK_M", "GATED", "FORMAT", "GROUP_SIZE"],
                  prune_configs_by={"early_config_prune": prune_configs}, cache_results=True)
 @triton.jit
 def _moe_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, total_ptr,
+    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, total_ptr, s_ptr, z_ptr, a_scale_ptr,
     N, K, num_pairs, num_blocks,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_se, stride_sn, stride_ze, stride_zn,
     A_ROW_DIV: tl.constexpr,  # pair -> row of a: top_k when a is x (gate_up), 1 when a is act (down)
     GATED: tl.constexpr,  # b holds gate rows [0, N) and up rows [N, 2N): store silu(gate) * up
     ROUTED: tl.constexpr,  # multiply each row by its pair's routing weight
     EVEN_K: tl.constexpr, FP32_DOT: tl.constexpr,
+    FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,  # moe_expert_weights.py
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    if FORMAT == 3:  # FP8: the weight scale multiplies each K tile's dot, so a tile must lie in one group
+        tl.static_assert(GROUP_SIZE % BLOCK_K == 0)
     # grouped launch order: GROUP_M row blocks sweep the n-tiles together (their weight tiles stay in L2)
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -123,34 +136,47 @@ def _moe_gemm_kernel(
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     # columns wrap around N instead of masking the weight loads; the store masks them
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    n_all = offs_n[None, :] < N  # true: the scale loads' mask
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (pairs // A_ROW_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    a_rows = (pairs // A_ROW_DIV).to(tl.int64)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk  # [K, N] tile
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
         if EVEN_K:
             a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
-            b = tl.load(b_ptrs)
         else:
-            k_ok = offs_k < K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        if FP32_DOT:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        if GATED:
+        if FORMAT == 0:
             if EVEN_K:
-                b_up = tl.load(b_ptrs + N * stride_bn)
+                b = tl.load(b_ptrs)
             else:
-                b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None], other=0.0)
-            if FP32_DOT:
-                acc_up = tl.dot(a, b_up, acc_up, input_precision="ieee")
-            else:
-                acc_up = tl.dot(a, b_up, acc_up)
+                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = _tile_dot(a, b, acc, FP32_DOT)
+            if GATED:
+                if EVEN_K:
+                    b_up = tl.load(b_ptrs + N * stride_bn)
+                else:
+                    b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None], other=0.0)
+                acc_up = _tile_dot(a, b_up, acc_up, FP32_DOT)
+            b_ptrs += BLOCK_K * stride_bk
+        else:
+            acc = _quantized_tile_dot(a, acc, b_ptr, s_ptr, z_ptr, expert, offs_n[None, :], n_all,
+                                      (k * BLOCK_K + offs_k)[:, None], k_ok[:, None], k * BLOCK_K,
+                                      stride_be, stride_bn, stride_bk, stride_se, stride_sn, stride_ze, stride_zn,
+                                      FORMAT, GROUP_SIZE, HAS_ZEROS, BLOCK_K, FP32_DOT)
+            if GATED:
+                acc_up = _quantized_tile_dot(a, acc_up, b_ptr, s_ptr, z_ptr, expert, offs_n[None, :] + N, n_all,
+                                             (k * BLOCK_K + offs_k)[:, None], k_ok[:, None], k * BLOCK_K,
+                                             stride_be, stride_bn, stride_bk, stride_se, stride_sn, stride_ze,
+                                             stride_zn, FORMAT, GROUP_SIZE, HAS_ZEROS, BLOCK_K, FP32_DOT)
         a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    if FORMAT == 3:  # each row's activation scale (W8A8)
+        row_scale = tl.load(a_scale_ptr + a_rows, mask=valid, other=0.0)[:, None]
+        acc *= row_scale
+        acc_up *= row_scale
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up, in fp32
     if ROUTED:
@@ -160,74 +186,140 @@ def _moe_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (cols[None, :] < N))
 
 
+@triton.jit
+def _tile_dot(a, b, acc, FP32_DOT: tl.constexpr):
+    if FP32_DOT:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _quantized_tile_dot(a, acc, w_ptr, s_ptr, z_ptr, expert, n_idx, n_ok, k_idx, k_ok, k0,
+                        stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_ze, stride_zn,
+                        FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                        BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
+    """acc + a @ the expert's quantized [K, N] tile: integer weights dequantized to a's dtype first,
+    FP8 ones multiplied on the tensor cores in e4m3 and the dot scaled by the tile's group scale."""
+    b = expert_weight_tile(w_ptr, s_ptr, z_ptr, expert, n_idx, k_idx, n_ok, k_ok, k0,
+                           stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_ze, stride_zn,
+                           FORMAT, GROUP_SIZE, HAS_ZEROS, BLOCK_K, True, a.dtype)
+    if FORMAT == 3:
+        return acc + tl.dot(a, b) * group_scale(s_ptr, expert, n_idx, n_ok, k0, stride_se, stride_sn, GROUP_SIZE)
+    return _tile_dot(a, b, acc, FP32_DOT)
+
+
 def _gemm(a, b, c, weights, sorted_ids, expert_ids, total, n: int, k: int, a_row_div: int, gated: bool,
-          routed: bool, block_m: int) -> None:
+          routed: bool, block_m: int, quant: ExpertQuant | None = None, a_scale=None) -> None:
     num_pairs, num_blocks = c.shape[0], expert_ids.shape[0]
+    s, z = _scale_args(quant, c)
+    q_consts = quant.constexprs(k) if quant is not None else dict(FORMAT=FLOAT, GROUP_SIZE=1, HAS_ZEROS=False)
 
     def grid(meta):
         return (num_blocks * triton.cdiv(n, meta["BLOCK_N"]),)
 
     launch_tuned(_moe_gemm_kernel, grid, (
-        a, b, c, weights, sorted_ids, expert_ids, total, n, k, num_pairs, num_blocks,
+        a, b, c, weights, sorted_ids, expert_ids, total, s, z, a_scale if a_scale is not None else weights,
+        n, k, num_pairs, num_blocks,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+        s.stride(0), s.stride(1), z.stride(0), z.stride(1),
     ), dict(A_ROW_DIV=a_row_div, GATED=gated, ROUTED=routed, EVEN_K=k % 256 == 0,
-            FP32_DOT=a.dtype == torch.float32, BLOCK_M=block_m), first_config(block_m, gated))
+            FP32_DOT=a.dtype == torch.float32, BLOCK_M=block_m, **q_consts), first_config(block_m, gated))
 
 
-def check_moe_args(x, w13, w2, topk_weights, topk_ids) -> None:
-    """ValueError naming the first inconsistent shape or dtype."""
+def _scale_args(quant: ExpertQuant | None, placeholder: torch.Tensor):
+    """(scales, zeros) kernel arguments; a 3-D stand-in where there are none (never read)."""
+    if quant is None:
+        stand_in = placeholder.view(1, *placeholder.shape)
+        return stand_in, stand_in
+    return quant.scales, quant.zeros if quant.zeros is not None else quant.scales
+
+
+def check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_quant: ExpertQuant | None = None,
+                   w2_quant: ExpertQuant | None = None) -> None:
+    """ValueError naming the first inconsistent shape or dtype. With quantized experts (both projections
+    quantized, in one format) the weights' layouts are moe_expert_weights.py's."""
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
         raise ValueError(f"fused_moe expects x [tokens, hidden], w13 [experts, 2*inter, hidden], w2 [experts, hidden, "
                          f"inter]; got {tuple(x.shape)}, {tuple(w13.shape)}, {tuple(w2.shape)}")
-    E, two_inter, H = w13.shape
-    if H != x.shape[1] or two_inter % 2 or tuple(w2.shape) != (E, H, two_inter // 2):
-        raise ValueError(f"fused_moe: w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not match hidden "
-                         f"{x.shape[1]} (w2 must be [experts, hidden, w13.shape[1] // 2])")
     if topk_ids.dim() != 2 or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"fused_moe: topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
                          f"must both be [tokens={x.shape[0]}, top_k]")
+    E, two_inter, H = w13.shape[0], w13.shape[1], x.shape[1]
+    if (w13_quant is None) != (w2_quant is None) or (w13_quant and w13_quant.format != w2_quant.format):
+        raise ValueError("fused_moe: w13 and w2 must both be float or both quantized in one format")
+    if w13_quant is not None:
+        if two_inter % 2:
+            raise ValueError(f"fused_moe: w13 has {two_inter} rows, not gate and up halves")
+        check_expert_quant("w13", w13, w13_quant, E, two_inter, H)
+        check_expert_quant("w2", w2, w2_quant, E, H, two_inter // 2)
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"fused_moe: quantized experts take fp16/bf16/fp32 activations, got {x.dtype}")
+        return
+    if w13.shape[2] != H or two_inter % 2 or tuple(w2.shape) != (E, H, two_inter // 2):
+        raise ValueError(f"fused_moe: w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not match hidden "
+                         f"{x.shape[1]} (w2 must be [experts, hidden, w13.shape[1] // 2])")
     if not (x.dtype == w13.dtype == w2.dtype):
         raise ValueError(f"fused_moe: x, w13, w2 dtypes differ: {x.dtype}, {w13.dtype}, {w2.dtype}")
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, *, block_m: int | None = None, decode: bool | None = None) -> torch.Tensor:
-    """The MoE MLP of the module docstring -> [tokens, hidden] in x's dtype. Up to DECODE_MAX_TOKENS
-    tokens run the matrix-vector kernels of fused_moe_decode.py instead (decode=True/False forces the
-    choice); block_m overrides the tile-row heuristic (tests)."""
-    check_moe_args(x, w13, w2, topk_weights, topk_ids)
+              topk_ids: torch.Tensor, *, w13_quant: ExpertQuant | None = None, w2_quant: ExpertQuant | None = None,
+              block_m: int | None = None, decode: bool | None = None) -> torch.Tensor:
+    """The MoE MLP of the module docstring -> [tokens, hidden] in x's dtype; w13_quant/w2_quant describe
+    quantized expert weights (moe_expert_weights.py). Up to DECODE_MAX_TOKENS tokens run the
+    matrix-vector kernels of fused_moe_decode.py instead (decode=True/False forces the choice); block_m
+    overrides the tile-row heuristic (tests)."""
+    check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_quant, w2_quant)
     M, H = x.shape
     E, inter = w13.shape[0], w13.shape[1] // 2
     top_k = topk_ids.shape[1]
     if M == 0:
         return x.new_zeros((0, H))
+    x = x if x.stride(1) == 1 else x.contiguous()
+    fp8 = w13_quant is not None and w13_quant.format == "fp8"
     if decode if decode is not None else M <= DECODE_MAX_TOKENS:
-        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids)
+        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids, w13_quant, w2_quant)
     num_pairs = M * top_k
     block_m = block_m or choose_block_m(num_pairs, E)
     sorted_ids, expert_ids, total = moe_align_block_size(topk_ids, block_m, E)
-    x = x if x.stride(1) == 1 else x.contiguous()
     weights = topk_weights.reshape(-1).contiguous()  # [pairs]
+    a, a_scale = quantize_fp8_per_token_triton(x) if fp8 else (x, None)  # W8A8: e4m3 rows and their scales
     act = x.new_empty((num_pairs, inter))
-    _gemm(x, w13, act, weights, sorted_ids, expert_ids, total, inter, H, top_k, True, False, block_m)
+    _gemm(a, w13, act, weights, sorted_ids, expert_ids, total, inter, H, top_k, True, False, block_m,
+          w13_quant, a_scale)
+    a, a_scale = quantize_fp8_per_token_triton(act) if fp8 else (act, None)
     down = x.new_empty((num_pairs, H))
-    _gemm(act, w2, down, weights, sorted_ids, expert_ids, total, H, inter, 1, False, True, block_m)
+    _gemm(a, w2, down, weights, sorted_ids, expert_ids, total, H, inter, 1, False, True, block_m, w2_quant, a_scale)
     if top_k == 1:
         return down
     return down.view(M, top_k, H).sum(dim=1)
 
 
 def fused_moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                        topk_ids: torch.Tensor) -> torch.Tensor:
+                        topk_ids: torch.Tensor, *, w13_quant: ExpertQuant | None = None,
+                        w2_quant: ExpertQuant | None = None) -> torch.Tensor:
     """The same result from a loop over the experts that received tokens, as transformers' experts
     compute it (each expert's output weighted, rounded to x's dtype, summed into the output); the CPU
-    path of `fusecc::fused_moe`."""
-    check_moe_args(x, w13, w2, topk_weights, topk_ids)
+    path of `fusecc::fused_moe` and `fusecc::fused_moe_quantized`. Quantized experts: integer weights
+    dequantized to x's dtype; FP8 (W8A8) also rounds each projection's input rows to e4m3 per row."""
+    check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_quant, w2_quant)
+    inter, H = w13.shape[1] // 2, x.shape[1]
+    fp8 = w13_quant is not None and w13_quant.format == "fp8"
+    if w13_quant is not None:
+        compute = torch.float32 if fp8 else x.dtype
+        w13 = dequantize_experts(w13, w13_quant, H, compute)
+        w2 = dequantize_experts(w2, w2_quant, inter, compute)
+
+    def project(a, w):  # fp8: per-row e4m3 activations, the product in fp32 (the kernels' math)
+        if not fp8:
+            return torch.nn.functional.linear(a, w)
+        aq, sa = quantize_fp8_per_token(a)
+        return ((aq.float() * sa[:, None]) @ w.t()).to(a.dtype)
+
     out = torch.zeros_like(x)
-    inter = w13.shape[1] // 2
     for e in topk_ids.unique().tolist():
         token, slot = torch.where(topk_ids == e)
-        gate, up = torch.nn.functional.linear(x[token], w13[e]).split([inter, inter], dim=-1)
-        y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w2[e])
+        gate, up = project(x[token], w13[e]).split([inter, inter], dim=-1)
+        y = project(torch.nn.functional.silu(gate) * up, w2[e])
         out.index_add_(0, token, (y * topk_weights[token, slot, None]).to(x.dtype))
     return out

@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fusecc.kernels.fp8_matmul import quantize_fp8_per_token_triton
 from fusecc.kernels.launch import launch_tuned
+from fusecc.kernels.moe_expert_weights import FLOAT, ExpertQuant, expert_weight_tile
 from fusecc.triton_support import interpreting
 
 DECODE_MAX_TOKENS = 2  # fused_moe takes this path up to here (a pair per expert is the common case)
@@ -41,11 +43,14 @@ def _activation_chunk(a_row, kk, k_ok, stride_ak, EVEN_K: tl.constexpr):
     return tl.load(a_row + kk * stride_ak, mask=k_ok, other=0.0).to(tl.float32)
 
 
-@triton.autotune(configs=gemv_configs(), key=["N", "K", "GATED", "TOP_K"], cache_results=True)
+@triton.autotune(configs=gemv_configs(), key=["N", "K", "GATED", "TOP_K", "FORMAT", "GROUP_SIZE"],
+                 cache_results=True)
 @triton.jit
-def _moe_gemv_kernel(a_ptr, b_ptr, c_ptr, ids_ptr, weights_ptr, N, K,
+def _moe_gemv_kernel(a_ptr, b_ptr, c_ptr, ids_ptr, weights_ptr, s_ptr, z_ptr, a_scale_ptr, N, K,
                      stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+                     stride_se, stride_sn, stride_ze, stride_zn,
                      TOP_K: tl.constexpr, GATED: tl.constexpr, EVEN_K: tl.constexpr,
+                     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0)  # GATED: a pair; else a token
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -54,44 +59,85 @@ def _moe_gemv_kernel(a_ptr, b_ptr, c_ptr, ids_ptr, weights_ptr, N, K,
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     if GATED:
         expert = tl.load(ids_ptr + row).to(tl.int64)
-        a_row = a_ptr + (row // TOP_K).to(tl.int64) * stride_am
-        w_rows = b_ptr + expert * stride_be + offs_n[:, None].to(tl.int64) * stride_bn  # gate rows; up: + N rows
+        a_row_index = (row // TOP_K).to(tl.int64)
+        a_row = a_ptr + a_row_index * stride_am
         acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             kk = k + offs_k
             k_ok = kk < K
             a = _activation_chunk(a_row, kk, k_ok, stride_ak, EVEN_K)
-            w_ptrs = w_rows + kk[None, :] * stride_bk
-            mask = n_ok[:, None] & k_ok[None, :]
-            acc += tl.sum(tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) * a[None, :], axis=1)
-            acc_up += tl.sum(tl.load(w_ptrs + N * stride_bn, mask=mask, other=0.0).to(tl.float32) * a[None, :],
+            acc += tl.sum(_weight_rows(b_ptr, s_ptr, z_ptr, expert, offs_n, n_ok, kk, k_ok, k, stride_be, stride_bn,
+                                       stride_bk, stride_se, stride_sn, stride_ze, stride_zn, FORMAT, GROUP_SIZE,
+                                       HAS_ZEROS, BLOCK_K, a_ptr.dtype.element_ty) * a[None, :], axis=1)
+            acc_up += tl.sum(_weight_rows(b_ptr, s_ptr, z_ptr, expert, offs_n + N, n_ok, kk, k_ok, k, stride_be,
+                                          stride_bn, stride_bk, stride_se, stride_sn, stride_ze, stride_zn, FORMAT,
+                                          GROUP_SIZE, HAS_ZEROS, BLOCK_K, a_ptr.dtype.element_ty) * a[None, :],
                              axis=1)
+        if FORMAT == 3:  # the row's activation scale (W8A8)
+            row_scale = tl.load(a_scale_ptr + a_row_index)
+            acc *= row_scale
+            acc_up *= row_scale
         acc = acc * tl.sigmoid(acc) * acc_up
     else:
         for j in tl.static_range(TOP_K):
             pair = row * TOP_K + j
             expert = tl.load(ids_ptr + pair).to(tl.int64)
             a_row = a_ptr + pair.to(tl.int64) * stride_am
-            w_rows = b_ptr + expert * stride_be + offs_n[:, None].to(tl.int64) * stride_bn
             part = tl.zeros([BLOCK_N], dtype=tl.float32)
             for k in range(0, K, BLOCK_K):
                 kk = k + offs_k
                 k_ok = kk < K
                 a = _activation_chunk(a_row, kk, k_ok, stride_ak, EVEN_K)
-                w = tl.load(w_rows + kk[None, :] * stride_bk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                part += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+                part += tl.sum(_weight_rows(b_ptr, s_ptr, z_ptr, expert, offs_n, n_ok, kk, k_ok, k, stride_be,
+                                            stride_bn, stride_bk, stride_se, stride_sn, stride_ze, stride_zn, FORMAT,
+                                            GROUP_SIZE, HAS_ZEROS, BLOCK_K, a_ptr.dtype.element_ty) * a[None, :],
+                               axis=1)
+            if FORMAT == 3:
+                part *= tl.load(a_scale_ptr + pair)
             acc += tl.load(weights_ptr + pair).to(tl.float32) * part
     tl.store(c_ptr + row.to(tl.int64) * stride_cm + offs_n * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=n_ok)
 
 
-def _gemv(a, b, c, ids, weights, n: int, k: int, top_k: int, gated: bool) -> None:
+@triton.jit
+def _weight_rows(b_ptr, s_ptr, z_ptr, expert, offs_n, n_ok, kk, k_ok, k0, stride_be, stride_bn, stride_bk,
+                 stride_se, stride_sn, stride_ze, stride_zn, FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                 HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr, a_dtype: tl.constexpr):
+    """Rows offs_n, columns kk of the expert's weights, fp32 [BLOCK_N, BLOCK_K]: float weights as
+    stored; integer ones dequantized and rounded to the activations' dtype (as the GEMM multiplies
+    them); FP8 ones scaled in fp32 (the product of W8A8 is fp32)."""
+    mask = n_ok[:, None] & k_ok[None, :]
+    if FORMAT == 0:
+        w = tl.load(b_ptr + expert * stride_be + offs_n[:, None].to(tl.int64) * stride_bn + kk[None, :] * stride_bk,
+                    mask=mask, other=0.0)
+        return w.to(tl.float32)
+    rows = offs_n[:, None].to(tl.int64)
+    if FORMAT == 3:
+        w = expert_weight_tile(b_ptr, s_ptr, z_ptr, expert, rows, kk[None, :], n_ok[:, None], mask, k0, stride_be,
+                               stride_bn, stride_bk, stride_se, stride_sn, stride_ze, stride_zn, FORMAT, GROUP_SIZE,
+                               HAS_ZEROS, BLOCK_K, False, tl.float32)
+    else:
+        w = expert_weight_tile(b_ptr, s_ptr, z_ptr, expert, rows, kk[None, :], n_ok[:, None], mask, k0, stride_be,
+                               stride_bn, stride_bk, stride_se, stride_sn, stride_ze, stride_zn, FORMAT, GROUP_SIZE,
+                               HAS_ZEROS, BLOCK_K, False, a_dtype)
+    return w.to(tl.float32)
+
+
+def _gemv(a, b, c, ids, weights, n: int, k: int, top_k: int, gated: bool, quant: ExpertQuant | None,
+          a_scale) -> None:
     def grid(meta):
         return (c.shape[0], triton.cdiv(n, meta["BLOCK_N"]))
 
+    if quant is None:
+        s = z = c.view(1, *c.shape)  # never read
+        q_consts = dict(FORMAT=FLOAT, GROUP_SIZE=1, HAS_ZEROS=False)
+    else:
+        s, z = quant.scales, quant.zeros if quant.zeros is not None else quant.scales
+        q_consts = quant.constexprs(k)
     launch_tuned(_moe_gemv_kernel, grid, (
-        a, b, c, ids, weights, n, k,
+        a, b, c, ids, weights, s, z, a_scale if a_scale is not None else weights, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-    ), dict(TOP_K=top_k, GATED=gated, EVEN_K=k % 512 == 0), _first_config(gated))
+        s.stride(0), s.stride(1), z.stride(0), z.stride(1),
+    ), dict(TOP_K=top_k, GATED=gated, EVEN_K=k % 512 == 0, **q_consts), _first_config(gated))
 
 
 def _first_config(gated: bool) -> triton.Config:
@@ -101,14 +147,18 @@ def _first_config(gated: bool) -> triton.Config:
 
 
 def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor) -> torch.Tensor:
+                     topk_ids: torch.Tensor, w13_quant: ExpertQuant | None = None,
+                     w2_quant: ExpertQuant | None = None) -> torch.Tensor:
     """fused_moe.fused_moe's result for few tokens (arguments checked there) -> [tokens, hidden]."""
     M, H = x.shape
     inter, top_k = w13.shape[1] // 2, topk_ids.shape[1]
+    fp8 = w13_quant is not None and w13_quant.format == "fp8"
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).contiguous()
+    a, a_scale = quantize_fp8_per_token_triton(x) if fp8 else (x, None)  # W8A8: e4m3 rows and their scales
     act = x.new_empty((M * top_k, inter))
-    _gemv(x, w13, act, ids, weights, inter, H, top_k, True)
+    _gemv(a, w13, act, ids, weights, inter, H, top_k, True, w13_quant, a_scale)
+    a, a_scale = quantize_fp8_per_token_triton(act) if fp8 else (act, None)
     out = x.new_empty((M, H))
-    _gemv(act, w2, out, ids, weights, H, inter, top_k, False)
+    _gemv(a, w2, out, ids, weights, H, inter, top_k, False, w2_quant, a_scale)
     return out

@@ -1,6 +1,7 @@
 """The quantized matmul kernels compile for Hopper (sm_90) through Triton's real GPU pipeline, on CPU
 (the stand-in driver of hopper_compile_check.py): both paths (decode split-K, prefill tiles) of int4,
-int8 and fp8, bf16 activations. By default the hand-picked config of each path compiles (what a launch
+int8 and fp8, bf16 activations; and the fused MoE kernels (GEMV decode, grouped GEMM) with int8, int4
+and fp8 experts. By default the hand-picked config of each path compiles (what a launch
 without autotuning runs); `python -m tests.kernels.test_quant_hopper_compile --all-configs` compiles
 every autotune config."""
 
@@ -23,6 +24,8 @@ def test_quant_kernels_compile_for_sm90():
     assert int(compiled.get("_fp8_matmul_kernel", 0)) >= 4, proc.stdout  # {channel, block} x 2 paths
     assert int(compiled.get("_quantize_per_token_kernel", 0)) >= 1, proc.stdout
     assert int(compiled.get("_sum_splits_kernel", 0)) >= 1, proc.stdout
+    assert int(compiled.get("_moe_gemv_kernel", 0)) >= 6, proc.stdout  # {int8, int4, fp8} x {gate_up, down}
+    assert int(compiled.get("_moe_gemm_kernel", 0)) >= 6, proc.stdout
 
 
 def compile_all(all_configs: bool) -> None:
@@ -45,6 +48,30 @@ def compile_all(all_configs: bool) -> None:
             w8 = torch.zeros(N, K, dtype=torch.float8_e4m3fn)
             fp8_matmul(x, w8, torch.ones(N, 1), -1, use_scaled_mm=False)
             fp8_matmul(x, w8, torch.ones(N, K // 128), 128)
+        compile_quantized_moe()
+
+
+def compile_quantized_moe() -> None:
+    import torch
+
+    from fusecc.kernels.fused_moe import fused_moe
+    from fusecc.kernels.moe_expert_weights import ExpertQuant
+
+    E, H, inter, top_k = 8, 512, 256, 2
+    packed = {"int8": (torch.int8, 1), "int4": (torch.int32, 8), "fp8": (torch.float8_e4m3fn, 1)}
+    for fmt, (dtype, per_word) in packed.items():
+        group = 128 if fmt == "int4" else -1
+        quants = []
+        for N, K in ((2 * inter, H), (H, inter)):
+            groups = 1 if group == -1 else K // group
+            zeros = torch.zeros(E, N, groups) if fmt == "int4" else None
+            quants.append((torch.zeros(E, N, K // per_word).to(dtype), ExpertQuant(fmt, group, torch.ones(E, N, groups),
+                                                                                    zeros)))
+        (w13, q13), (w2, q2) = quants
+        for tokens in (1, 64):  # the GEMV decode path and the grouped GEMMs
+            x = torch.randn(tokens, H, dtype=torch.bfloat16)
+            ids = torch.stack([torch.randperm(E)[:top_k] for _ in range(tokens)])
+            fused_moe(x, w13, w2, torch.rand(tokens, top_k), ids, w13_quant=q13, w2_quant=q2)
 
 
 if __name__ == "__main__":
