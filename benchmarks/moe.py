@@ -14,6 +14,10 @@
    attention weights and the KV cache read, the final norm and the LM head (the input embedding row is
    noise), at the device-to-device copy bandwidth measured in the same run. The 48 layers (~61 GB of
    weights) are cut to what fits in 80% of free memory; `decode.layers` says how many ran.
+3. Quantized experts (`quantized`): the fused MoE kernels with int8, int4 (group 128) and fp8 (W8A8)
+   expert weights quantized from the same bf16 weights, against the bf16 fused kernels in the same run,
+   at the Qwen3-30B-A3B expert shape and --quant-tokens tokens; each output's error against the
+   torch loop over the dequantized weights.
 
     python benchmarks/moe.py --out benchmarks/results/moe.json
     python benchmarks/moe.py --smoke --out /tmp/moe_smoke.json     # CPU, tiny shapes, Triton interpreter
@@ -133,6 +137,41 @@ def bench_kernel(shape, tokens: int, device: str, dtype: torch.dtype, smoke: boo
     return result
 
 
+# ---- 3. quantized experts against bf16 ones ----
+
+def bench_quantized(shape, tokens: int, device: str, dtype: torch.dtype, smoke: bool) -> dict:
+    from fusecc.kernels.fused_moe import fused_moe, fused_moe_reference
+    from fusecc.kernels.moe_expert_weights import ExpertQuant
+    from fusecc.quantization.config import resolve_quantization
+    from fusecc.quantization.experts import quantize_expert_weights
+
+    experts, top_k, hidden, inter = shape
+    g = torch.Generator(device=device).manual_seed(tokens)
+    x = torch.randn(tokens, hidden, device=device, generator=g).to(dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, device=device, generator=g) / hidden ** 0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, device=device, generator=g) / inter ** 0.5).to(dtype)
+    weights, ids = torch.randn(tokens, experts, device=device, generator=g).softmax(-1).topk(top_k, dim=-1)
+    weights = (weights / weights.sum(-1, keepdim=True)).to(dtype)
+    fused_moe(x, w13, w2, weights, ids)
+    result = {"tokens": tokens, "experts_hit": len(ids.unique()),
+              "bf16_ms": time_ms(lambda: fused_moe(x, w13, w2, weights, ids), smoke)}
+    for method in ("int8", "int4", "fp8"):
+        try:
+            quant = resolve_quantization(method, None)
+            q13, s13, z13 = quantize_expert_weights(w13, quant)
+            q2, s2, z2 = quantize_expert_weights(w2, quant)
+            kw = dict(w13_quant=ExpertQuant(method, quant.group_size, s13, z13),
+                      w2_quant=ExpertQuant(method, quant.group_size, s2, z2))
+            out = fused_moe(x, q13, q2, weights, ids, **kw)  # autotunes before the timing
+            ref = fused_moe_reference(x.float(), q13, q2, weights, ids, **kw)
+            ms = time_ms(lambda: fused_moe(x, q13, q2, weights, ids, **kw), smoke)
+            result[method] = {"ms": ms, "speedup_vs_bf16": result["bf16_ms"] / ms,
+                              "max_rel_err_vs_loop": ((out.float() - ref).abs().max() / ref.abs().max()).item()}
+        except Exception:
+            result[method] = {"error": traceback.format_exc(limit=3)}
+    return result
+
+
 # ---- 2. decode through the engine vs the roofline ----
 
 def copy_bandwidth(device: str) -> float | None:
@@ -237,6 +276,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None,
                     help="decoder layers of the decode model (default: all that fit)")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--quant-tokens", default="1,2,16,64,512",
+                    help="token counts of the quantized-experts comparison ('' skips it)")
     args = ap.parse_args()
     import transformers
     import triton
@@ -248,7 +289,7 @@ def main() -> int:
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
               "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-              "dtype": str(dtype), "kernel": {}, "decode": None}
+              "dtype": str(dtype), "kernel": {}, "decode": None, "quantized": {}}
     tokens = [int(t) for t in args.tokens.split(",")] if not args.smoke else [1, 7]
     for name, shape in (SMOKE_KERNEL_SHAPES if args.smoke else KERNEL_SHAPES).items():
         for n in tokens:
@@ -258,6 +299,13 @@ def main() -> int:
             except Exception:
                 result["kernel"][key] = {"error": traceback.format_exc(limit=3)}
             print(key, json.dumps(result["kernel"][key]), flush=True)
+    quant_tokens = [int(t) for t in args.quant_tokens.split(",") if t] if not args.smoke else [1, 7]
+    quant_shapes = SMOKE_KERNEL_SHAPES if args.smoke else {"qwen3_30b_a3b": KERNEL_SHAPES["qwen3_30b_a3b"]}
+    for name, shape in quant_shapes.items():
+        for n in quant_tokens:
+            key = f"{name}/tokens_{n}"
+            result["quantized"][key] = bench_quantized(shape, n, device, dtype, args.smoke)
+            print("quantized", key, json.dumps(result["quantized"][key]), flush=True)
     if not args.skip_decode:
         try:
             result["decode"] = bench_decode(device, dtype, 8 if args.smoke else args.decode_steps, args.smoke,

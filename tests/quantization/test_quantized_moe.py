@@ -213,3 +213,20 @@ def test_gpu_real_shapes_bf16(fmt, tokens):
     out = fused_moe(xb, q13, q2, weights, ids, w13_quant=quant13, w2_quant=quant2)
     ref = fused_moe_reference(xb.float(), q13, q2, weights, ids, w13_quant=quant13, w2_quant=quant2)
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.filterwarnings("error:fusecc failed to compile")
+def test_compiled_engine_keeps_the_quantized_experts_call(tmp_path, single_thread):  # noqa: F811
+    # compiled with the fusecc backend: the experts stay one opaque fusecc::fused_moe_quantized call
+    from fusecc.llm import LLM
+    from fusecc.runtime.sampling_params import SamplingParams
+    from tests.quantization.test_quantized_engine import PROMPTS
+
+    hf = hf_moe_model("qwen3_moe")
+    hf.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    eager, _, _ = engine_greedy(tmp_path, quantization="int4")
+    llm = LLM(str(tmp_path), dtype="float32", max_model_len=128, quantization="int4")
+    assert llm.engine.runner.forward is not llm.engine.runner.model  # compiled
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == eager
