@@ -1,11 +1,11 @@
-"""MoE matching: transformers' grouped-GEMM experts become one `fusecc::fused_moe` call.
+"""MoE matching: transformers' grouped-GEMM and batched-GEMM experts become one `fusecc::fused_moe` call.
 
 transformers 5 runs a MoE block's experts with one of three implementations (`experts_implementation`):
 "eager" loops over the experts that received tokens (data-dependent shapes: Dynamo breaks the graph
-there, nothing to match), "batched_mm" gathers one weight matrix per (token, expert) pair (a bmm over
-copies of the weights; recognized and reported as `skipped:batched_mm_experts_unsupported`, not
-rewritten), and "grouped_mm", the default, which this pass rewrites (integrations/moe.py,
-grouped_mm_experts_forward; S = tokens * top_k pairs, E experts, I = expert intermediate size):
+there, nothing to match); "grouped_mm", the default, and "batched_mm" are rewritten by this pass
+(integrations/moe.py; S = tokens * top_k pairs, E experts, I = expert intermediate size).
+
+grouped_mm (grouped_mm_experts_forward):
 
     before:  %w, %ids = topk(softmax(router logits), k)                  # routing: ids < E by construction
              %sorted, %perm = sort(view(%ids, [-1]))                      # pairs by expert
@@ -16,13 +16,23 @@ grouped_mm_experts_forward; S = tokens * top_k pairs, E experts, I = expert inte
              %d    = [where(..)] grouped_mm(%a, transpose(%w2), %offs)    # [S, H]
              %o    = (%d * index(view(%w, [-1]), [%perm])[:, None])[inverse(%perm)]
              %out  = [to(x.dtype)] sum(view(%o, [T, k, H]), [1])          # [T, H]
-    after:   %out  = fusecc.fused_moe(%x, %w13, %w2, %w, %ids)
+
+batched_mm (batched_mm_experts_forward: one copy of the weights per pair, a bmm over the copies):
+
+    before:  %e    = [clamp(, 0, E - 1)] view(%ids, [-1])                # [S] expert of each pair
+             %x_r  = repeat_interleave(%x, k, 0)                          # [S, H] (unsqueeze/expand/clone/view)
+             %h    = squeeze(bmm(index(%w13, [%e]), unsqueeze(%x_r, -1)), 2)   # [S, 2I]
+             %a    = silu(split(%h, I)[0]) * split(%h, I)[1]
+             %d    = squeeze(bmm(index(%w2, [%e]), unsqueeze(%a, -1)), 2)      # [S, H]
+             %out  = [to(x.dtype)] sum(view(%d * view(%w, [-1])[:, None], [T, k, H]), [1])
+
+    after (both):  %out  = fusecc.fused_moe(%x, %w13, %w2, %w, %ids)
 
 grouped_mm is `aten._grouped_mm` (CUDA; CPU bf16) or transformers' `grouped_mm_fallback` op (a torch
-loop, taken under Dynamo for other dtypes). The sentinel masks (`where(sorted >= E, 0, ..)`, for
-expert parallelism) are all false when the ids come from a top-k over E router scores, which the match
-requires. Anything else stays as it was; `stats["skipped:<reason>"]` and `reasons[node name]` say why,
-and `stats["rewritten:transformers_grouped_mm_experts"]` counts the blocks rewritten.
+loop, taken under Dynamo for other dtypes). The sentinel masks (`where(sorted >= E, 0, ..)`, and the
+clamp of batched_mm, for expert parallelism) change nothing when the ids come from a top-k over E
+router scores, which the match requires. Anything else stays as it was; `stats["skipped:<reason>"]`
+and `reasons[node name]` say why, and `stats["rewritten:<pattern>"]` counts the blocks rewritten.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from fusecc.passes.base import GraphPass, PassResult
 aten = torch.ops.aten
 prims = torch.ops.prims
 PATTERN = "transformers_grouped_mm_experts"
+BATCHED_PATTERN = "transformers_batched_mm_experts"
 
 
 def _grouped_mm_targets() -> set:
@@ -67,16 +78,19 @@ class MoEMatching(GraphPass):
         stats: Counter = Counter()
         grouped = _grouped_mm_targets()
         for node in list(gm.graph.nodes):
-            if _is_batched_mm_experts(node):
-                stats["skipped:batched_mm_experts_unsupported"] += 1  # one per projection
-                self.reasons[node.name] = "batched_mm_experts_unsupported"
-                continue
-            if node.op != "call_function" or node.target not in grouped:
+            batched = _is_batched_mm_experts(node)
+            if not batched and (node.op != "call_function" or node.target not in grouped):
                 continue
             try:
-                if not is_call(_input(node), aten.mul.Tensor):
-                    continue  # the gate_up grouped_mm: matched from the down projection, whose input is silu * up
-                final, args = _match(node, grouped)
+                # the gate_up projection is matched from the down projection, whose input is silu * up
+                if batched:
+                    if not is_call(_strip_any_cast(node.args[1].args[0]), aten.mul.Tensor):
+                        continue
+                    final, args = _match_batched(node)
+                else:
+                    if not is_call(_input(node), aten.mul.Tensor):
+                        continue
+                    final, args = _match(node, grouped)
             except NoMatch as miss:
                 stats[f"skipped:{miss.reason}"] += 1
                 self.reasons[node.name] = miss.reason
@@ -86,7 +100,7 @@ class MoEMatching(GraphPass):
             fused.meta["val"] = final.meta["val"]
             final.replace_all_uses_with(fused)
             stats["rewritten"] += 1
-            stats[f"rewritten:{PATTERN}"] += 1
+            stats[f"rewritten:{BATCHED_PATTERN if batched else PATTERN}"] += 1
         if stats["rewritten"]:
             # the sort, gathers and grouped GEMMs the op replaced (mutations and RNG stay, as in dce.py)
             gm.graph.eliminate_dead_code(is_impure_node=lambda n: is_impure(n) or is_random(n))
@@ -135,15 +149,104 @@ def _match(down: fx.Node, grouped: set) -> tuple[fx.Node, tuple]:
 # ---------------------------------------------------------------- the pieces
 
 def _is_batched_mm_experts(node) -> bool:
-    """bmm(weights[expert of each pair], ...): transformers' "batched_mm" experts, not rewritten (yet)."""
+    """bmm(weights[expert of each pair], unsqueeze(rows, -1)): transformers' "batched_mm" experts."""
     if not is_call(node, aten.bmm.default):
         return False
-    gathered = node.args[0]
+    gathered, column = node.args[0], node.args[1]
     try:
         return (is_call(gathered, aten.index.Tensor) and len(gathered.args[1]) == 1
-                and len(tensor_shape(gathered.args[0])) == 3 and len(tensor_shape(gathered.args[1][0])) == 1)
+                and len(tensor_shape(gathered.args[0])) == 3 and len(tensor_shape(gathered.args[1][0])) == 1
+                and is_call(column, aten.unsqueeze.default) and column.args[1] in (-1, 2))
     except NoMatch:  # an operand without tensor meta: not this pattern
         return False
+
+
+def _match_batched(down: fx.Node) -> tuple[fx.Node, tuple]:
+    """(the node the op replaces, fused_moe args) for the down-projection bmm of batched_mm experts."""
+    w2, expert_of_pair = down.args[0].args[0], down.args[0].args[1][0]
+    gate, up_half = _swiglu_halves(down.args[1].args[0])
+    split = _split_source(gate, 0)
+    if _split_source(up_half, 1) is not split:
+        raise NoMatch("gate_and_up_not_halves_of_one_split")
+    inter = split.args[1] if is_call(split, aten.split.Tensor) else split.args[1][0]
+    gate_up = _bmm_of_squeezed(_strip_cast(split.args[0]))
+    if not _is_batched_mm_experts(gate_up) or gate_up.args[0].args[1][0] is not expert_of_pair:
+        raise NoMatch("gate_up_not_batched_mm_over_same_experts")
+    w13 = gate_up.args[0].args[0]
+    E, two_inter, H = tensor_shape(w13)
+    if not isinstance(inter, int) or two_inter != 2 * inter or tensor_shape(w2) != (E, H, inter):
+        raise NoMatch("expert_weight_shapes")
+    ids = _flattened(_strip_clamp(expert_of_pair, E))
+    topk = _getitem_of(ids, 1, aten.topk.default)
+    top_k = tensor_shape(ids)[-1]
+    x = _repeated_rows(_strip_cast(gate_up.args[1].args[0]), top_k)
+    if tensor_shape(topk.args[0])[-1] != E or len(tensor_shape(x)) != 2 or tensor_shape(x)[-1] != H:
+        raise NoMatch("routing_shapes")
+    final, weights_src = _batched_reduction(_squeeze_of(down), top_k, H)
+    if tensor_shape(weights_src) != tensor_shape(ids):
+        raise NoMatch("routing_weight_shapes")
+    if tensor_value(final).dtype != tensor_value(x).dtype or not (tensor_value(x).dtype == tensor_value(w13).dtype == tensor_value(w2).dtype):
+        raise NoMatch("dtypes")
+    return final, (x, w13, w2, weights_src, ids)
+
+
+def _bmm_of_squeezed(node) -> fx.Node:
+    """bmm of squeeze(bmm, 2): the [S, N, 1] product viewed [S, N]."""
+    if is_call(node, prims.squeeze.default, aten.squeeze.dim, aten.squeeze.dims) and is_call(node.args[0], aten.bmm.default):
+        return node.args[0]
+    raise NoMatch("gate_up_not_squeezed_bmm")
+
+
+def _squeeze_of(bmm: fx.Node) -> fx.Node:
+    squeeze = _single_user(bmm)
+    if not is_call(squeeze, prims.squeeze.default, aten.squeeze.dim, aten.squeeze.dims):
+        raise NoMatch("down_bmm_not_squeezed")
+    return squeeze
+
+
+def _strip_clamp(node, experts: int):
+    """Past clamp(ids, 0, E - 1): a no-op on top-k ids over E scores."""
+    if is_call(node, aten.clamp.default):
+        if list(node.args[1:3]) != [0, experts - 1]:
+            raise NoMatch("expert_ids_clamped_to_other_range")
+        return node.args[0]
+    return node
+
+
+def _repeated_rows(node, top_k: int) -> fx.Node:
+    """x of repeat_interleave(x, top_k, 0), as Dynamo decomposes it: view(clone(expand(unsqueeze(x, 1))))."""
+    if is_call(node, aten.repeat_interleave.self_int) and node.args[1] == top_k and node.kwargs.get("dim", 0) == 0:
+        return node.args[0]
+    if is_call(node, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        inner = node.args[0]
+        if is_call(inner, aten.clone.default):
+            inner = inner.args[0]
+        if is_call(inner, aten.expand.default) and is_call(inner.args[0], aten.unsqueeze.default) \
+                and inner.args[0].args[1] == 1 and tensor_shape(inner)[1] == top_k:
+            return inner.args[0].args[0]
+    raise NoMatch("rows_not_repeated_per_expert")
+
+
+def _batched_reduction(down: fx.Node, top_k: int, hidden: int) -> tuple[fx.Node, fx.Node]:
+    """(sum over k of view(down * w[:, None], [T, k, H]) [cast back], the [T, k] routing weights)."""
+    scaled = _single_user(down)
+    if not is_call(scaled, aten.mul.Tensor):
+        raise NoMatch("down_output_not_scaled_by_routing_weights")
+    other = scaled.args[1] if scaled.args[0] is down else scaled.args[0]
+    if not (is_call(other, aten.unsqueeze.default) and other.args[1] in (-1, 1)):
+        raise NoMatch("routing_weights_not_a_column")
+    weights_src = _flattened(_strip_cast(other.args[0]))
+    view = _single_user(scaled)
+    if not (is_call(view, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+            and len(tensor_shape(view)) == 3 and tensor_shape(view)[1:] == (top_k, hidden)):
+        raise NoMatch("output_not_viewed_tokens_top_k_hidden")
+    total = _single_user(view)
+    if not (is_call(total, aten.sum.dim_IntList) and list(total.args[1]) in ([1], [-2])):
+        raise NoMatch("output_not_summed_over_top_k")
+    users = list(total.users)
+    if len(users) == 1 and is_call(users[0], aten._to_copy.default, prims.convert_element_type.default):
+        return users[0], weights_src
+    return total, weights_src
 
 
 def _silu_input(node):

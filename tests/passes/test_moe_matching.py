@@ -71,6 +71,23 @@ def test_grouped_mm_experts_become_one_fused_moe_call(arch, dtype, tmp_path):
     assert dumped(tmp_path, "*aten.py").count(grouped) == 2  # what was matched: gate_up and down
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_batched_mm_experts_become_one_fused_moe_call(arch, dtype, tmp_path):
+    # experts_implementation="batched_mm": a copy of the expert weights per (token, expert) pair, two bmm's
+    block = moe_block(arch, dtype, experts_implementation="batched_mm")
+    x = torch.randn(2, 5, 64).to(dtype)
+    with torch.no_grad():
+        expected = block(x)
+    out = compile_and_run(block, x, dump_dir=tmp_path)
+    torch.testing.assert_close(out.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    assert dumped(tmp_path, "*aten.py").count("aten.bmm.default(") == 2  # what was matched: gate_up and down
+    final = dumped(tmp_path, "*final.py")
+    assert final.count("torch.ops.fusecc.fused_moe.default(") == 1
+    assert "bmm" not in final and "aten.index.Tensor" not in final  # no per-pair weight copies left
+    assert "rewritten:transformers_batched_mm_experts=1" in dumped(tmp_path, "report.md")
+
+
 def test_compiled_transformers_moe_model_matches_eager(tmp_path):
     import transformers
 
@@ -92,13 +109,11 @@ def test_compiled_transformers_moe_model_matches_eager(tmp_path):
     assert dumped(tmp_path, "*final.py").count("torch.ops.fusecc.fused_moe.default(") == 2  # one per layer
 
 
-@pytest.mark.parametrize("kind,reason", [
-    ("gelu", "skipped:activation_not_silu_times_up=1"),  # not SwiGLU: the kernel's epilogue would be wrong
-    ("batched_mm", "skipped:batched_mm_experts_unsupported=2"),
-])
-def test_other_experts_stay_and_the_report_says_why(kind, reason, tmp_path):
-    block = moe_block("qwen3_moe", torch.float32, experts_implementation="batched_mm" if kind == "batched_mm"
-                      else "grouped_mm", hidden_act="gelu" if kind == "gelu" else "silu")
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_other_experts_stay_and_the_report_says_why(implementation, tmp_path):
+    # not SwiGLU: the kernel's epilogue would be wrong
+    reason = "skipped:activation_not_silu_times_up=1"
+    block = moe_block("qwen3_moe", torch.float32, experts_implementation=implementation, hidden_act="gelu")
     x = torch.randn(1, 4, 64)
     with torch.no_grad():
         expected = block(x)
