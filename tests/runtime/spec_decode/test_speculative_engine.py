@@ -31,7 +31,8 @@ def methods(checkpoints, k=3):
     return {"ngram": {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 3},
             "layer_skip": {"method": "layer_skip", "num_layers": 1, "num_speculative_tokens": k},
             "draft_model": {"model": str(other), "num_speculative_tokens": k},
-            "self_draft": {"model": str(target), "num_speculative_tokens": k}}  # accepts everything
+            "self_draft": {"model": str(target), "num_speculative_tokens": k},  # accepts everything
+            "int4_self_draft": {"quantization": "int4", "num_speculative_tokens": k}}  # the target's int4 copy
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +57,7 @@ def same_outputs(a: dict, b: dict) -> None:
                                                                            y.stop_reason), rid
 
 
-@pytest.mark.parametrize("method", ["ngram", "layer_skip", "draft_model", "self_draft"])
+@pytest.mark.parametrize("method", ["ngram", "layer_skip", "draft_model", "self_draft", "int4_self_draft"])
 def test_greedy_is_identical_across_preemption(checkpoints, method):
     target = str(checkpoints[0])
     # repetitive prompts give the n-gram proposer matches
@@ -69,6 +70,8 @@ def test_greedy_is_identical_across_preemption(checkpoints, method):
     assert stats.num_preemptions > 0 and stats.spec_decode.num_draft_tokens > 0
     if method == "self_draft":
         assert stats.spec_decode.acceptance_rate == 1.0
+    if method == "int4_self_draft":  # close to the target, not equal to it
+        assert 0.3 < stats.spec_decode.acceptance_rate < 1.0
 
 
 def test_stops_and_max_tokens_inside_accepted_runs(checkpoints):
@@ -114,7 +117,7 @@ def test_logprobs_match_without_speculation(checkpoints):
         assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-3)
 
 
-@pytest.mark.parametrize("method", ["ngram", "layer_skip", "draft_model"])
+@pytest.mark.parametrize("method", ["ngram", "layer_skip", "draft_model", "int4_self_draft"])
 def test_sampled_tokens_follow_the_target_distribution(checkpoints, method):
     """Tokens 2 and 3 (verified from drafts; token 1 comes from the prefill) against transformers'
     top-3 distribution given the tokens before them."""
@@ -149,6 +152,21 @@ def test_sampled_tokens_follow_the_target_distribution(checkpoints, method):
     assert pooled_p_value(groups) > 1e-3
 
 
+def test_int4_self_draft_quantizes_a_copy_sharing_the_other_tensors(checkpoints):
+    from fusecc.quantization.linear import WeightOnlyLinear
+
+    engine = LLMEngine.from_engine_args(str(checkpoints[0]), enforce_eager=True, max_model_len=64,
+                                        speculative_config={"quantization": "int4", "num_speculative_tokens": 2})
+    target, draft = engine.runner.model, engine.speculator.proposer.model
+    assert type(target.model.layers[0].mlp.down_proj) is torch.nn.Linear  # the target stays float
+    assert isinstance(draft.model.layers[0].mlp.down_proj, WeightOnlyLinear)
+    assert draft.model.layers[0].mlp.down_proj.bits == 4
+    assert draft.model.embed_tokens.weight is target.model.embed_tokens.weight
+    assert draft.model.norm.weight is target.model.norm.weight
+    assert engine.speculator.proposer.kv_caches[0][0].data_ptr() != engine.runner.kv_caches[0][0].data_ptr()
+    assert engine.speculator.proposer.draft_cost < 0.5  # int4 linears: it reads far fewer bytes
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"method": "medusa", "num_speculative_tokens": 2}, "speculative_config.method must be one of"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be an integer >= 1"),
@@ -157,6 +175,8 @@ def test_sampled_tokens_follow_the_target_distribution(checkpoints, method):
      "prompt_lookup_max must be"),
     ({"method": "layer_skip", "num_speculative_tokens": 2}, "num_layers must be an integer >= 1"),
     ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}, "unknown keys ['lookahead']"),
+    ({"quantization": "awq", "num_speculative_tokens": 2}, "quantization must be one of ['int8', 'int4', 'fp8']"),
+    ({"method": "ngram", "quantization": "int4", "num_speculative_tokens": 2}, "quantization is only for method"),
     ('{"method": ', "not valid JSON"),
 ])
 def test_bad_configs_fail_at_start_in_one_line(spec, message):
