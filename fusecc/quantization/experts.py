@@ -9,6 +9,8 @@ replaced at load by a QuantizedMoEExperts holding the same weights in the layout
 fusecc/kernels/moe_expert_weights.py, quantized as the linears are (packing.py: int8 symmetric per
 output channel, int4 asymmetric in groups of 128 along the input, fp8 e4m3 per output channel with
 per-token activation scales), each expert's rows on their own; its call is `fusecc::fused_moe_quantized`.
+A quantized checkpoint (AWQ, GPTQ, fp8) gets an empty QuantizedMoEExperts in its format that its
+per-expert tensors fill, converted as the linears' are.
 The router (`gate`) stays in the model dtype, as vLLM keeps it.
 """
 
@@ -84,11 +86,34 @@ def quantize_experts(experts: nn.Module, quant: QuantConfig) -> QuantizedMoEExpe
                                quantize_expert_weights(experts.down_proj, quant))
 
 
-def replace_experts(model: nn.Module, quant: QuantConfig) -> int:
-    """Swap each experts module for its quantized version; returns how many were swapped."""
+def empty_quantized_experts(experts: nn.Module, quant: QuantConfig) -> QuantizedMoEExperts:
+    """The quantized module that takes `experts`' place, its tensors uninitialised (a quantized
+    checkpoint's per-expert tensors fill them: fusecc/runtime/models/moe.py)."""
+    device = experts.gate_up_proj.device
+    fp8 = quant.kind == "fp8"
+
+    def parts(E: int, N: int, K: int) -> tuple:
+        groups = 1 if quant.group_size == -1 else -(-K // quant.group_size)
+        if fp8:
+            w = torch.empty(E, N, K, dtype=torch.float8_e4m3fn, device=device)
+        elif quant.bits == 4:
+            w = torch.empty(E, N, -(-K // 8), dtype=torch.int32, device=device)
+        else:
+            w = torch.empty(E, N, K, dtype=torch.int8, device=device)
+        scales = torch.empty(E, N, groups, dtype=torch.float32, device=device)
+        zeros = torch.empty(E, N, groups, dtype=torch.float32, device=device) if quant.zero_point and not fp8 else None
+        return w, scales, zeros
+
+    E, two_inter, H = experts.gate_up_proj.shape
+    weight_format = "fp8" if fp8 else f"int{quant.bits}"
+    return QuantizedMoEExperts(weight_format, quant.group_size, parts(E, two_inter, H), parts(E, H, two_inter // 2))
+
+
+def replace_experts(model: nn.Module, make) -> int:
+    """Swap each experts module for `make(experts)`; returns how many were swapped."""
     names = [name for name, m in model.named_modules() if is_experts_module(m)]
     for name in names:
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent)
-        setattr(owner, attr, quantize_experts(getattr(owner, attr), quant))
+        setattr(owner, attr, make(getattr(owner, attr)))
     return len(names)

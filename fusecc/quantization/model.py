@@ -6,7 +6,8 @@
 
 As vLLM does by default, only the decoder layers' linears are quantized: the embeddings and lm_head
 keep the model dtype (they are read once per step, and the logits are sensitive to them). A MoE
-model's stacked experts are quantized too, on the fly (experts.py); its routers are not.
+model's stacked experts are quantized too, on the fly or from the checkpoint (experts.py); its routers
+are not.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 from fusecc.quantization.checkpoint import convert_checkpoint
 from fusecc.quantization.config import QuantConfig, check_device
-from fusecc.quantization.experts import is_experts_module, replace_experts
+from fusecc.quantization.experts import empty_quantized_experts, quantize_experts, replace_experts
 from fusecc.quantization.linear import empty_quantized_linear, quantize_linear
 
 # nn.Linear names in fusecc's model classes (fusecc/runtime/models/llama.py) that are quantized
@@ -47,11 +48,8 @@ def prepare_for_load(model: nn.Module, quant: QuantConfig | None,
     if quant is None or not quant.from_checkpoint:
         return weights
     check_device(quant, _device(model))
-    if any(is_experts_module(m) for m in model.modules()):
-        raise ValueError(f"{quant.method} checkpoints of mixture-of-experts models are not supported yet (their "
-                         f"per-expert quantized tensors are not read); quantize a float checkpoint at load instead "
-                         f"(quantization='int8' | 'int4' | 'fp8')")
     _require_some(model, quant, replace_linears(model, lambda linear: empty_quantized_linear(linear, quant)))
+    replace_experts(model, lambda experts: empty_quantized_experts(experts, quant))
     return convert_checkpoint(weights, quant)
 
 
@@ -61,7 +59,7 @@ def finish_load(model: nn.Module, quant: QuantConfig | None) -> None:
         return
     check_device(quant, _device(model))
     _require_some(model, quant, replace_linears(model, lambda linear: quantize_linear(linear, quant)))
-    replace_experts(model, quant)
+    replace_experts(model, lambda experts: quantize_experts(experts, quant))
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from tests.quantization.packers import awq_pack, gptq_pack_cols, gptq_pack_rows
 from tests.runtime.hf_checkpoints import save_tiny_checkpoint
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+           "w1", "w2", "w3")  # Mixtral's experts
 
 
 def rtn_int4(w: torch.Tensor, group: int):
@@ -31,9 +32,17 @@ def rtn_int4(w: torch.Tensor, group: int):
 def write_int4_checkpoint(path: Path, method: str, group: int = 32, arch: str = "llama", **config_extra):
     """method "awq" (GEMM) or "gptq" (v1: zeros stored minus one). Returns the dequantized oracle."""
     oracle = save_tiny_checkpoint(arch, path)
+    dequantized = quantize_int4_in_place(path, method, group, **config_extra)
+    oracle.load_state_dict(dequantized, strict=False)
+    return oracle
+
+
+def quantize_int4_in_place(path: Path, method: str, group: int, **config_extra) -> dict:
+    """The decoder linears (experts' too) of the checkpoint in `path` quantized and packed as `method` does;
+    returns {float tensor name: dequantized weight}."""
     tensors = load_file(str(path / "model.safetensors"))
     dequantized = {}
-    for name in [n for n in tensors if n.endswith(".weight") and n.rpartition(".")[0].rpartition(".")[2] in LINEARS]:
+    for name in _linear_weights(tensors):
         prefix = name.rpartition(".")[0]
         q, z, s = rtn_int4(tensors.pop(name), group)
         col_group = torch.arange(q.shape[1]) // group
@@ -51,17 +60,20 @@ def write_int4_checkpoint(path: Path, method: str, group: int = 32, arch: str = 
           if method == "awq" else
           {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": False})
     _set_quantization_config(path, {**qc, **config_extra})
-    oracle.load_state_dict(dequantized, strict=False)
-    return oracle
+    return dequantized
 
 
 def write_fp8_checkpoint(path: Path, block: bool = True):
     """fp8 (e4m3) weights with 128x128-block scales (`weight_scale_inv` [1, 1]: the tiny weights are one
     block) or per-tensor scales (`weight_scale` []); returns {linear name: dequantized weight}."""
     save_tiny_checkpoint("llama", path)
+    return quantize_fp8_in_place(path, block)
+
+
+def quantize_fp8_in_place(path: Path, block: bool) -> dict:
     tensors = load_file(str(path / "model.safetensors"))
     dequantized = {}
-    for name in [n for n in tensors if n.endswith(".weight") and n.rpartition(".")[0].rpartition(".")[2] in LINEARS]:
+    for name in _linear_weights(tensors):
         w = tensors[name]
         scale = (w.abs().amax() / 448).reshape((1, 1) if block else ())
         tensors[name] = (w / scale).to(torch.float8_e4m3fn)
@@ -71,6 +83,33 @@ def write_fp8_checkpoint(path: Path, block: bool = True):
     _set_quantization_config(path, {"quant_method": "fp8", "activation_scheme": "dynamic",
                                     **({"weight_block_size": [128, 128]} if block else {})})
     return dequantized
+
+
+def write_quantized_moe_checkpoint(path: Path, arch: str, method: str, group: int = 32):
+    """A tiny MoE model (tests/runtime/test_moe_models.py) saved with per-expert tensors, as the hub has
+    them, its decoder linears and experts quantized by `method` ("awq", "gptq" or "fp8": 128-blocks).
+    Returns (transformers oracle holding the dequantized weights, {name: dequantized weight})."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.runtime.hf_checkpoints import tiny_tokenizer
+    from tests.runtime.test_moe_models import hf_moe_model
+
+    hf_moe_model(arch).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    oracle_dir = path.parent / f"{path.name}_dequantized"
+    shutil.copytree(path, oracle_dir)
+    dequantized = (quantize_fp8_in_place(path, block=True) if method == "fp8"
+                   else quantize_int4_in_place(path, method, group))
+    floats = load_file(str(oracle_dir / "model.safetensors"))
+    save_file({**floats, **dequantized}, str(oracle_dir / "model.safetensors"), metadata={"format": "pt"})
+    oracle = AutoModelForCausalLM.from_pretrained(oracle_dir, dtype=torch.float32).eval()
+    return oracle, dequantized
+
+
+def _linear_weights(tensors: dict) -> list[str]:
+    return [n for n in tensors if n.endswith(".weight") and n.rpartition(".")[0].rpartition(".")[2] in LINEARS]
 
 
 def _set_quantization_config(path: Path, qc: dict) -> None:

@@ -18,6 +18,7 @@ from fusecc.quantization.config import resolve_quantization
 from fusecc.quantization.experts import QuantizedMoEExperts, quantize_expert_weights
 from tests.kernels.test_fused_moe import make_moe
 from tests.quantization.packers import rtn_dequantized
+from tests.quantization.quantized_checkpoints import write_quantized_moe_checkpoint
 
 E4M3_MAX = 448.0
 
@@ -187,18 +188,30 @@ def test_fp8_moe_experts_load_quantized(tmp_path, single_thread):  # noqa: F811
     assert ((deq - float_w).abs() <= 2 ** -4 * float_w.abs() + float_w.abs().amax(-1, keepdim=True) * 2 ** -17).all()
 
 
-def test_moe_quantized_checkpoint_is_refused(tmp_path):
-    from fusecc.quantization.config import parse_checkpoint_config
-    from fusecc.quantization.model import prepare_for_load
-    from fusecc.runtime import loader
-    from fusecc.runtime.models.registry import MODELS
+@pytest.mark.parametrize("method,arch", [("gptq", "mixtral"), ("awq", "qwen3_moe")])
+def test_int4_moe_checkpoint_matches_transformers_with_dequantized_weights(tmp_path, method, arch,
+                                                                          single_thread):  # noqa: F811
+    # per-expert qweight/qzeros/scales (Mixtral's w1/w2/w3 names too), stacked into the quantized experts
+    oracle, _ = write_quantized_moe_checkpoint(tmp_path / "ckpt", arch, method)
+    ours, llm, outs = engine_greedy(tmp_path / "ckpt")  # detected from config.json
+    check_against_oracle(oracle, llm, ours, outs)
+    experts = llm.engine.runner.model.model.layers[1].mlp.experts
+    assert isinstance(experts, QuantizedMoEExperts) and experts.weight_format == "int4"
+    assert experts.group_size == 32 and experts.gate_up_zeros is not None
 
-    hf = hf_moe_model("mixtral")
-    model = loader.build_model(MODELS["MixtralForCausalLM"], hf.config, torch.float32, "cpu", None, None)
-    awq = parse_checkpoint_config({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
-                                   "version": "gemm"})
-    with pytest.raises(ValueError, match="awq checkpoints of mixture-of-experts models are not supported"):
-        prepare_for_load(model, awq, iter(()))
+
+def test_fp8_moe_checkpoint_loads_its_dequantized_experts(tmp_path):
+    from fusecc.runtime import loader
+
+    _, expected = write_quantized_moe_checkpoint(tmp_path / "ckpt", "qwen3_moe", "fp8")
+    model = loader.load_model(tmp_path / "ckpt", torch.float32, "cpu", 128)
+    experts = model.model.layers[1].mlp.experts
+    assert isinstance(experts, QuantizedMoEExperts) and experts.weight_format == "fp8"
+    assert experts.group_size == 128 and experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    deq = experts.gate_up_proj.float() * experts.gate_up_scales  # one 128-block per tiny weight: [E, N, 1]
+    prefix = "model.layers.1.mlp.experts.5"
+    assert torch.equal(deq[5], torch.cat([expected[f"{prefix}.gate_proj.weight"], expected[f"{prefix}.up_proj.weight"]]))
+    assert torch.equal(experts.down_proj[5].float() * experts.down_scales[5], expected[f"{prefix}.down_proj.weight"])
 
 
 @pytest.mark.gpu

@@ -17,7 +17,13 @@ Checkpoints name them per expert (what the hub has and what transformers' save_p
     ...mlp.experts.E.down_proj.weight / w2.weight   -> down_proj[E]
     ...block_sparse_moe.*  (Mixtral)                -> ...mlp.*
 
-or already fused under the parameter names above (loaded as they are).
+or already fused under the parameter names above (loaded as they are). Quantized experts
+(fusecc/quantization/experts.py) hold more parts per projection, loaded the same way from a quantized
+checkpoint's tensors once converted to fusecc's layouts (fusecc/quantization/checkpoint.py):
+
+    ...experts.E.gate_proj.qweight / .weight (fp8)  -> gate_up_proj[E, :inter]
+    ...experts.E.gate_proj.scales / .weight_scale   -> gate_up_scales[E, :inter]
+    ...experts.E.gate_proj.zeros                    -> gate_up_zeros[E, :inter]      (down_*: likewise)
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ from torch import nn
 import fusecc.ops  # noqa: F401  (registers torch.ops.fusecc.fused_moe)
 from fusecc.runtime.models.llama import LlamaForCausalLM, LlamaMLP
 
-# checkpoint suffix -> (our parameter, shard): shard 0/1 = gate/up half of gate_up_proj, None = whole expert
-_EXPERT_SHARDS = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
-                  "w3": ("gate_up_proj", 1), "down_proj": ("down_proj", None), "w2": ("down_proj", None)}
-_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
+# checkpoint projection -> (our projection, shard): shard 0/1 = gate/up half of gate_up, None = whole expert
+_EXPERT_SHARDS = {"gate_proj": ("gate_up", 0), "w1": ("gate_up", 0), "up_proj": ("gate_up", 1),
+                  "w3": ("gate_up", 1), "down_proj": ("down", None), "w2": ("down", None)}
+# checkpoint tensor -> our parameter's suffix: float or quantized weights, their scales, their zero points
+_PARTS = {"weight": "proj", "qweight": "proj", "scales": "scales", "weight_scale": "scales", "zeros": "zeros"}
+_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(\w+)\.(weight|qweight|scales|weight_scale|zeros)$")
 
 
 class MoEExperts(nn.Module):
@@ -106,9 +114,9 @@ class MoEForCausalLM(LlamaForCausalLM):
             if match is None or match.group(3) not in _EXPERT_SHARDS:
                 yield name, tensor
                 continue
-            prefix, expert, kind = match.group(1), int(match.group(2)), match.group(3)
+            prefix, expert, kind, part = match.group(1), int(match.group(2)), match.group(3), match.group(4)
             ours, shard = _EXPERT_SHARDS[kind]
-            target = f"{prefix}.{ours}"
+            target = f"{prefix}.{ours}_{_PARTS[part]}"
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no counterpart in {type(self).__name__}")
             param = params[target]
@@ -126,7 +134,7 @@ class MoEForCausalLM(LlamaForCausalLM):
             loaded.add(name)
         for target, got in shards.items():
             param = params[target]
-            want = param.shape[0] * (2 if target.endswith("gate_up_proj") else 1)
+            want = param.shape[0] * (2 if ".gate_up_" in target else 1)
             if len(got) != want:
                 raise ValueError(f"checkpoint has {len(got)} of the {want} per-expert tensors of {target!r}")
             self._experts_complete.add(target)
