@@ -70,7 +70,9 @@ def check_tp_model(model, gguf_path, hf_config, config: EngineConfig) -> None:
     if heads % world:
         raise ValueError(f"num_attention_heads={heads} is not divisible by tensor_parallel_size={world}")
     shard_range(getattr(hf_config, "num_key_value_heads", None) or heads, 0, world, "num_key_value_heads")
-    shard_range(hf_config.intermediate_size, 0, world, "intermediate_size")
+    for key in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+        if getattr(hf_config, key, None):  # MoE experts and shared experts split like dense MLPs
+            shard_range(getattr(hf_config, key), 0, world, key)
 
 
 def make_executor(model_path: str, config: EngineConfig, dtype: torch.dtype, device: torch.device):

@@ -1,4 +1,4 @@
-"""A built native Llama-family model (Llama, Mistral, Qwen2, Qwen3) -> this rank's shard.
+"""A built native model (Llama, Mistral, Qwen2, Qwen3, and the MoE families) -> this rank's shard.
 
     model = build_sharded_model(cls, hf_config, dtype, device, max_positions, iter_weights(path), tp)
 
@@ -12,6 +12,8 @@ each full HF tensor handed to its parameter's `weight_loader`:
     self_attn.o_proj    -> RowParallelLinear over the local q heads (all-reduce after)
     mlp.gate_up_proj    -> ColumnParallelLinear, parts gate | up by rows
     mlp.down_proj       -> RowParallelLinear (all-reduce after)
+    mlp.experts         -> ParallelMoEExperts, each expert's intermediate units split (all-reduce after);
+                           a shared expert as mlp above; the router (mlp.gate) replicated
     embed_tokens        -> VocabParallelEmbedding;  lm_head -> ParallelLMHead (tied: the embedding's)
 
 The model's `compute_logits` becomes the parallel head's (an instance attribute: logits are
@@ -28,10 +30,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from fusecc.distributed.linear import ColumnParallelLinear, RowParallelLinear
+from fusecc.distributed.moe import ParallelMoEExperts
 from fusecc.distributed.shard import shard_range
 from fusecc.distributed.state import TPGroup
 from fusecc.distributed.vocab import ParallelLMHead, VocabParallelEmbedding
 from fusecc.runtime.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, _check_shape
+from fusecc.runtime.models.moe import MoEExperts, MoEForCausalLM, SparseMoeBlock
 
 
 def build_sharded_model(cls: type[LlamaForCausalLM], config, dtype: torch.dtype, device, max_positions: int | None,
@@ -57,9 +61,12 @@ def shard_model(model: LlamaForCausalLM, tp: TPGroup, device) -> LlamaForCausalL
     hidden = model.config.hidden_size
     for i, layer in enumerate(model.model.layers):
         _shard_attention(layer.self_attn, hidden, kw, f"layer {i}")
-        if type(layer.mlp) is not LlamaMLP:
+        if isinstance(layer.mlp, SparseMoeBlock):
+            _shard_moe(layer.mlp, hidden, kw)
+        elif type(layer.mlp) is LlamaMLP:
+            _shard_mlp(layer.mlp, hidden, kw)
+        else:
             raise ValueError(f"layer {i}: tensor parallelism does not support {type(layer.mlp).__name__} yet")
-        _shard_mlp(layer.mlp, hidden, kw)
     embed = model.model.embed_tokens
     model.model.embed_tokens = VocabParallelEmbedding(embed.num_embeddings, hidden, **kw)
     tied = model.model.embed_tokens if model.lm_head is None else None
@@ -100,6 +107,17 @@ def _shard_mlp(mlp: LlamaMLP, hidden: int, kw: dict) -> None:
     mlp.intermediate = shard_range(inter, tp.rank, tp.size, "intermediate_size")[1]
 
 
+def _shard_moe(block: SparseMoeBlock, hidden: int, kw: dict) -> None:
+    """Experts split by intermediate units (distributed/moe.py), a shared expert like a dense MLP; the
+    router and the shared expert's gate are replicated (materialised and loaded whole)."""
+    experts = block.experts
+    if type(experts) is not MoEExperts:
+        raise ValueError(f"tensor parallelism does not support {type(experts).__name__} experts yet")
+    block.experts = ParallelMoEExperts(experts.num_experts, hidden, experts.intermediate, **kw)
+    if block.shared_expert is not None:
+        _shard_mlp(block.shared_expert, hidden, kw)
+
+
 class _EmptyOnMeta(TorchFunctionMode):
     """torch.empty on the meta device: nn.Linear / nn.Embedding weights of the full model cost no
     memory and no init time (a 70B model would not fit one GPU); other factories are untouched."""
@@ -130,6 +148,8 @@ def load_sharded_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, t
     params = dict(model.named_parameters())
     tied = model.lm_head is None
     loaded: set[str] = set()
+    if isinstance(model, MoEForCausalLM):  # per-expert tensors go to the experts' expert_loader
+        weights = model._load_experts(weights, loaded)
     for name, tensor in weights:
         if "rotary_emb" in name or (name == "lm_head.weight" and tied):
             continue

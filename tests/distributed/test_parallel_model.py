@@ -2,7 +2,7 @@
 
 One spawn of 2 ranks runs both checks (each process start costs seconds):
 - every native family (Llama, Qwen2 with q/k/v bias and a tied head, Qwen3 with q/k norms and
-  head_dim, Mistral), built by shard_model from its HF checkpoint: hidden states and logits of a
+  head_dim, Mistral, and the MoE families Mixtral, Qwen2-MoE, Qwen3-MoE), built by shard_model from its HF checkpoint: hidden states and logits of a
   prefill and a decode step equal the unsharded fusecc model's (fp32);
 - a TP MLP block (column-parallel gate_up, row-parallel down with its all-reduce, residual add and
   RMSNorm after it) compiled with fusecc's Triton codegen (interpreter) matches a float64 eager
@@ -17,8 +17,10 @@ import torch
 
 from tests.distributed.ranks import run_ranks
 from tests.runtime.hf_checkpoints import save_tiny_checkpoint
+from tests.runtime.test_moe_models import hf_moe_model
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")  # experts split by intermediate units; Qwen2-MoE's shared expert
 
 
 def _step(model, ids, positions, caches, context_lens, block_tables, decode):
@@ -129,9 +131,12 @@ def test_two_ranks_match_the_unsharded_models_compiled_block_and_transformers_tp
     for arch in ARCHS:
         paths[arch] = str(tmp_path / arch)
         save_tiny_checkpoint(arch, tmp_path / arch)
+    for arch in MOE_ARCHS:  # per-expert tensors, as on the hub
+        paths[arch] = str(tmp_path / arch)
+        hf_moe_model(arch).save_pretrained(tmp_path / arch)
     results = run_ranks(_rank_body, world=2, args=(paths, str(tmp_path / "dump")))
     for rank, (family_diffs, (block_diffs, report), (hf_sharded, hf_compiled, hf_report)) in enumerate(results):
-        assert set(family_diffs) == set(ARCHS)
+        assert set(family_diffs) == set(ARCHS + MOE_ARCHS)
         for arch, diff in family_diffs.items():
             assert diff < 2e-5, (rank, arch, diff)
         assert max(block_diffs) < 1e-4, (rank, block_diffs)

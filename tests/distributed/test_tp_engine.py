@@ -1,5 +1,5 @@
 """LLMEngine with tensor_parallel_size=N (spawned gloo workers) against tensor_parallel_size=1,
-token for token (fp32 tiny Llama), through chunked prefill, preemption and prefix-cache hits;
+token for token (fp32 tiny Llama, and a tiny Qwen2-MoE), through chunked prefill, preemption and prefix-cache hits;
 and the faults: a killed or hung worker fails the engine's step with a clear error within 60 s,
 with every worker stopped."""
 
@@ -89,6 +89,20 @@ def test_two_ranks_match_one_rank_then_a_killed_worker_fails_the_engine(checkpoi
     assert_all_stopped(engine.runner)
     with pytest.raises(WorkerFailedError, match="stopped"):  # later steps fail at once
         engine.runner.execute(None)
+
+
+def test_two_ranks_match_one_rank_for_a_moe_model(tmp_path):
+    # Qwen2-MoE: a dense layer, then experts split by intermediate units plus a shared expert
+    from tests.runtime.hf_checkpoints import tiny_tokenizer
+    from tests.runtime.test_moe_models import hf_moe_model
+
+    hf_moe_model("qwen2_moe").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    reference = LLMEngine.from_engine_args(str(tmp_path), **ENGINE)
+    engine = LLMEngine.from_engine_args(str(tmp_path), tensor_parallel_size=2, **ENGINE)
+    assert_same_outputs(reference, engine)
+    engine.runner.shutdown()
+    assert_all_stopped(engine.runner)
 
 
 @pytest.mark.slow

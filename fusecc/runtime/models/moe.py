@@ -45,6 +45,33 @@ _PARTS = {"weight": "proj", "qweight": "proj", "scales": "scales", "weight_scale
 _PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(\w+)\.(weight|qweight|scales|weight_scale|zeros)$")
 
 
+def expert_tensor_target(name: str) -> tuple[str, int, int | None] | None:
+    """A per-expert checkpoint tensor's (our stacked parameter, expert, shard: 0/1 = gate/up half,
+    None = whole), or None for any other tensor. `name` is already renamed (block_sparse_moe -> mlp)."""
+    match = _PER_EXPERT.match(name)
+    if match is None or match.group(3) not in _EXPERT_SHARDS:
+        return None
+    prefix, expert, kind, part = match.group(1), int(match.group(2)), match.group(3), match.group(4)
+    ours, shard = _EXPERT_SHARDS[kind]
+    return f"{prefix}.{ours}_{_PARTS[part]}", expert, shard
+
+
+def expert_shards_expected(target: str, num_experts: int) -> int:
+    """How many per-expert tensors fill the stacked parameter `target`."""
+    return num_experts * (2 if ".gate_up_" in target else 1)
+
+
+def _copy_expert(param: nn.Parameter, expert: int, shard: int | None, tensor: torch.Tensor, name: str) -> None:
+    dest = param.data[expert]
+    if shard is not None:
+        half = param.shape[1] // 2
+        dest = dest.narrow(0, shard * half, half)
+    if tuple(tensor.shape) != tuple(dest.shape):
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}; the model's config "
+                         f"expects {tuple(dest.shape)}")
+    dest.copy_(tensor)
+
+
 class MoEExperts(nn.Module):
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__()
@@ -94,6 +121,8 @@ class MoEForCausalLM(LlamaForCausalLM):
     """Llama attention and decoder layers whose MLPs `make_mlp` may replace by SparseMoeBlocks; loads
     per-expert checkpoint tensors into the stacked expert parameters."""
 
+    _experts_complete: frozenset | set = frozenset()  # stacked expert parameters filled by per-expert tensors
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded_experts: set[str] = set()
         loaded = super().load_weights(self._load_experts(weights, loaded_experts))
@@ -110,31 +139,22 @@ class MoEForCausalLM(LlamaForCausalLM):
         self._experts_complete: set[str] = set()
         for name, tensor in weights:
             name = name.replace(".block_sparse_moe.", ".mlp.")
-            match = _PER_EXPERT.match(name)
-            if match is None or match.group(3) not in _EXPERT_SHARDS:
+            found = expert_tensor_target(name)
+            if found is None:
                 yield name, tensor
                 continue
-            prefix, expert, kind, part = match.group(1), int(match.group(2)), match.group(3), match.group(4)
-            ours, shard = _EXPERT_SHARDS[kind]
-            target = f"{prefix}.{ours}_{_PARTS[part]}"
+            target, expert, shard = found
             if target not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no counterpart in {type(self).__name__}")
             param = params[target]
             if expert >= param.shape[0]:
                 raise ValueError(f"checkpoint tensor {name!r}: expert {expert} but the config has {param.shape[0]}")
-            dest = param.data[expert]
-            if shard is not None:
-                half = param.shape[1] // 2
-                dest = dest.narrow(0, shard * half, half)
-            if tuple(tensor.shape) != tuple(dest.shape):
-                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}; the model's config "
-                                 f"expects {tuple(dest.shape)}")
-            dest.copy_(tensor)
+            # a tensor-parallel rank's experts keep their slice (fusecc/distributed/moe.py)
+            getattr(param, "expert_loader", _copy_expert)(param, expert, shard, tensor, name)
             shards.setdefault(target, set()).add((expert, shard))
             loaded.add(name)
         for target, got in shards.items():
-            param = params[target]
-            want = param.shape[0] * (2 if ".gate_up_" in target else 1)
+            want = expert_shards_expected(target, params[target].shape[0])
             if len(got) != want:
                 raise ValueError(f"checkpoint has {len(got)} of the {want} per-expert tensors of {target!r}")
             self._experts_complete.add(target)

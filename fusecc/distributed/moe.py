@@ -1,0 +1,73 @@
+"""Tensor-parallel MoE experts (vLLM's scheme): every rank holds every expert, each expert's
+intermediate dimension split across ranks like a dense MLP's.
+
+    w13 [experts, 2 * inter, hidden] -> [experts, 2 * local, hidden]: rows [first, first + local) of the
+                                        gate half, then the same rows of the up half (column-parallel)
+    w2  [experts, hidden, inter]     -> [experts, hidden, local]: the same columns (row-parallel)
+
+The router is replicated, so every rank picks the same experts for a token; each rank's fused MoE is
+then a partial sum over its slice of every chosen expert's intermediate units, and one all-reduce
+completes it. No token moves between ranks (expert parallelism would, and pays off only with many
+GPUs per model).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import fusecc.ops  # noqa: F401  (registers torch.ops.fusecc.fused_moe)
+from fusecc.distributed.collectives import all_reduce
+from fusecc.distributed.shard import shard_range
+from fusecc.distributed.state import TPGroup
+
+
+class ParallelMoEExperts(nn.Module):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, tp: TPGroup, dtype=None,
+                 device=None) -> None:
+        super().__init__()
+        self.tp, self.num_experts, self.full_intermediate = tp, num_experts, intermediate
+        self.first, self.intermediate = shard_range(intermediate, tp.rank, tp.size, "moe intermediate_size")
+        kw = dict(dtype=dtype, device=device)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate, hidden, **kw),
+                                         requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, self.intermediate, **kw), requires_grad=False)
+        for p in self.parameters():
+            p.weight_loader, p.expert_loader = self.weight_loader, self.expert_loader
+
+    def expert_loader(self, param: nn.Parameter, expert: int, shard: int | None, full: torch.Tensor,
+                      name: str) -> None:
+        """A per-expert checkpoint tensor (moe.py's MoEForCausalLM._load_experts calls this): gate or up
+        [inter, hidden] -> this rank's rows of that half, down [hidden, inter] -> its columns."""
+        gate_up = param is self.gate_up_proj
+        hidden = param.shape[2] if gate_up else param.shape[1]
+        want = (self.full_intermediate, hidden) if gate_up else (hidden, self.full_intermediate)
+        if tuple(full.shape) != want:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(full.shape)}; the model's config expects "
+                             f"{want}")
+        if gate_up:
+            param.data[expert].narrow(0, shard * self.intermediate, self.intermediate).copy_(
+                full.narrow(0, self.first, self.intermediate))
+        else:
+            param.data[expert].copy_(full.narrow(1, self.first, self.intermediate))
+
+    def weight_loader(self, param: nn.Parameter, full: torch.Tensor, part: int = 0) -> None:
+        """Stacked checkpoint tensors (transformers 5's own layout): w13 [E, 2 * inter, H] or w2 [E, H, inter]."""
+        E, inter = self.num_experts, self.full_intermediate
+        if param is self.gate_up_proj:
+            if full.shape != (E, 2 * inter, param.shape[2]):
+                raise ValueError(f"checkpoint tensor of shape {tuple(full.shape)} does not fit stacked gate_up "
+                                 f"({E}, {2 * inter}, {param.shape[2]})")
+            for half in (0, 1):
+                rows = full.narrow(1, half * inter + self.first, self.intermediate)
+                param.data.narrow(1, half * self.intermediate, self.intermediate).copy_(rows)
+            return
+        if full.shape != (E, param.shape[1], inter):
+            raise ValueError(f"checkpoint tensor of shape {tuple(full.shape)} does not fit stacked down "
+                             f"({E}, {param.shape[1]}, {inter})")
+        param.data.copy_(full.narrow(2, self.first, self.intermediate))
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        # x [T, hidden] (replicated) -> this rank's slice of every chosen expert -> summed over ranks
+        partial = torch.ops.fusecc.fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+        return all_reduce(partial, self.tp.group_name)
