@@ -15,6 +15,11 @@ def all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return _c10d.wait_tensor(_c10d.all_reduce(x, "sum", group_name))
 
 
+def all_reduce_max(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Elementwise max over ranks: [*] -> [*]."""
+    return _c10d.wait_tensor(_c10d.all_reduce(x, "max", group_name))
+
+
 def all_gather_last_dim(x: torch.Tensor, world: int, group_name: str) -> torch.Tensor:
     """[rows, n] on each rank -> [rows, world * n], rank r's columns at [r * n, (r + 1) * n)."""
     gathered = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), world, group_name))

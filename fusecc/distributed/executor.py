@@ -63,9 +63,8 @@ def check_tp_model(model, gguf_path, hf_config, config: EngineConfig) -> None:
                          "the default model)")
     if resolve_model_impl(hf_config, config.model_impl) != "fusecc":
         raise ValueError("tensor_parallel_size > 1 supports fusecc's native models only (model_impl='fusecc')")
-    if config.quantization is not None:
-        raise ValueError("tensor_parallel_size > 1 with quantization is not supported yet")
     world = config.tensor_parallel_size
+    _check_quantized_split(hf_config, config, world)
     heads = hf_config.num_attention_heads
     if heads % world:
         raise ValueError(f"num_attention_heads={heads} is not divisible by tensor_parallel_size={world}")
@@ -73,6 +72,28 @@ def check_tp_model(model, gguf_path, hf_config, config: EngineConfig) -> None:
     for key in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
         if getattr(hf_config, key, None):  # MoE experts and shared experts split like dense MLPs
             shard_range(getattr(hf_config, key), 0, world, key)
+
+
+def _check_quantized_split(hf_config, config: EngineConfig, world: int) -> None:
+    """A quantized model splits where its packed words and scale groups allow: each rank's input
+    columns of o_proj and down_proj a multiple of the group size (and of 8 for int4 words)."""
+    from fusecc.quantization.config import resolve_quantization
+
+    quant = resolve_quantization(config.quantization, hf_config)
+    if quant is None:
+        return
+    if any(getattr(hf_config, k, None) for k in ("num_local_experts", "num_experts")):
+        raise ValueError("tensor_parallel_size > 1 with a quantized mixture-of-experts model is not supported yet")
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    per = 1 if quant.group_size == -1 else quant.group_size  # input columns one stored column covers
+    if quant.bits == 4:
+        per = max(per, 8)  # groups are multiples of 8
+    for what, inputs in (("o_proj", heads * head_dim), ("down_proj", hf_config.intermediate_size)):
+        if (inputs // world) % per:
+            raise ValueError(f"quantization {quant.method!r} with tensor_parallel_size={world}: {what} has "
+                             f"{inputs // world} input columns per rank, not a multiple of {per} (scale groups"
+                             f"{' and packed int4 words' if quant.bits == 4 else ''} cannot straddle ranks)")
 
 
 def make_executor(model_path: str, config: EngineConfig, dtype: torch.dtype, device: torch.device):

@@ -18,28 +18,62 @@ import torch
 from torch import nn
 
 from fusecc.distributed.collectives import all_reduce
+from fusecc.quantization.linear import quantize_weight, quantized_matmul, quantized_weight_parameters
 from fusecc.distributed.shard import shard_for_rank, shard_range
 from fusecc.distributed.state import TPGroup
 
 
-class ColumnParallelLinear(nn.Module):
+class _ParallelLinear(nn.Module):
+    """What both parallel linears share: a float weight or a quantized one (fusecc/quantization/linear.py:
+    qweight/scales/zeros or weight/weight_scale, each with this layer's weight_loader), and the matmul."""
+
+    quant = None  # QuantConfig once quantized
+
+    def _make_weight(self, rows: int, cols: int, quant, dtype, device) -> None:
+        self.quant = quant
+        if quant is None:
+            self.weight = nn.Parameter(torch.empty(rows, cols, dtype=dtype, device=device), requires_grad=False)
+        else:
+            for name, p in quantized_weight_parameters(cols, rows, quant, device).items():
+                self.register_parameter(name, p)
+        for p in self.parameters():
+            p.weight_loader = self.weight_loader
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant is None:
+            return nn.functional.linear(x, self.weight, bias)
+        return quantized_matmul(x, self, bias, self.quant)
+
+    @torch.no_grad()
+    def quantize_(self, quant, row_amax: torch.Tensor | None = None) -> None:
+        """Replace the loaded float weight by its round-to-nearest quantization (quantization="int8" |
+        "int4" | "fp8"); row_amax: the full rows' max |w| (a row-parallel shard holds some columns)."""
+        weight = self.weight
+        del self.weight
+        self._make_weight(weight.shape[0], weight.shape[1], quant, weight.dtype, weight.device)
+        for name, tensor in quantize_weight(weight, quant, row_amax).items():
+            if tensor is not None:
+                getattr(self, name).copy_(tensor)
+
+
+class ColumnParallelLinear(_ParallelLinear):
     def __init__(self, input_size: int, parts: list[tuple[int, int]], bias: bool, tp: TPGroup,
-                 dtype: torch.dtype | None = None, device=None) -> None:
+                 dtype: torch.dtype | None = None, device=None, quant=None) -> None:
         """parts: (units, rows per unit) of each stacked part, e.g. [(intermediate, 1)] * 2 for
-        gate_up or heads of head_dim rows for qkv; a single part is a plain column-parallel linear."""
+        gate_up or heads of head_dim rows for qkv; a single part is a plain column-parallel linear.
+        quant: a quantized checkpoint's format (its converted tensors are loaded into it)."""
         super().__init__()
         self.tp, self.parts = tp, list(parts)
         self.local_sizes = [shard_range(units, tp.rank, tp.size, "heads" if unit > 1 else "rows")[1] * unit
                             for units, unit in self.parts]
         self.offsets = [sum(self.local_sizes[:i]) for i in range(len(self.parts))]
         kw = dict(dtype=dtype, device=device)
-        self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), input_size, **kw), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(sum(self.local_sizes), **kw), requires_grad=False) if bias else None
-        for p in self.parameters():
-            p.weight_loader = self.weight_loader
+        self._make_weight(sum(self.local_sizes), input_size, quant, dtype, device)
 
     def weight_loader(self, param: nn.Parameter, full: torch.Tensor, part: int = 0) -> None:
-        """full: the checkpoint tensor of part `part` ([units * unit, in] or its bias [units * unit])."""
+        """full: the checkpoint tensor of part `part` ([units * unit, in] or its bias [units * unit]);
+        quantized tensors (qweight, scales, ...) are output-row first too, and shard the same way."""
         units, unit = self.parts[part]
         if full.shape[0] != units * unit or (param.dim() == 2 and full.shape[1:] != param.shape[1:]):
             raise ValueError(f"checkpoint tensor of shape {tuple(full.shape)} does not fit part {part} "
@@ -49,23 +83,23 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in] (replicated) -> [T, sum(local_sizes)] (this rank's columns)
-        return nn.functional.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ParallelLinear):
     def __init__(self, input_units: int, unit: int, output_size: int, bias: bool, tp: TPGroup,
-                 dtype: torch.dtype | None = None, device=None) -> None:
+                 dtype: torch.dtype | None = None, device=None, quant=None) -> None:
         """The input dimension is `input_units` units of `unit` columns (q heads of head_dim for
         o_proj, single columns for down_proj), sharded like the column-parallel layer before it."""
         super().__init__()
         self.tp, self.unit = tp, unit
-        local = shard_range(input_units, tp.rank, tp.size, "heads" if unit > 1 else "rows")[1] * unit
+        self.input_size = input_units * unit
+        first, count = shard_range(input_units, tp.rank, tp.size, "heads" if unit > 1 else "rows")
+        self.first_column, self.local_columns = first * unit, count * unit
         kw = dict(dtype=dtype, device=device)
-        self.weight = nn.Parameter(torch.empty(output_size, local, **kw), requires_grad=False)
         # the full bias on every rank, added after the all-reduce (so once, not world times)
         self.bias = nn.Parameter(torch.empty(output_size, **kw), requires_grad=False) if bias else None
-        for p in self.parameters():
-            p.weight_loader = self.weight_loader
+        self._make_weight(output_size, self.local_columns, quant, dtype, device)
 
     def weight_loader(self, param: nn.Parameter, full: torch.Tensor, part: int = 0) -> None:
         if param is self.bias:
@@ -74,9 +108,22 @@ class RowParallelLinear(nn.Module):
         if full.dim() != 2 or full.shape[0] != param.shape[0]:
             raise ValueError(f"checkpoint tensor of shape {tuple(full.shape)} does not fit a row-parallel "
                              f"weight of {param.shape[0]} rows")
-        param.data.copy_(shard_for_rank(full, 1, self.tp.rank, self.tp.size, self.unit))
+        param.data.copy_(self._columns(full))
+
+    def _columns(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's input columns of a full [N, K / per] tensor, `per` input columns per stored column:
+        1 for weights, 8 for packed int4 words, the group size for scales and zeros; one stored column
+        (per-channel scales) is every rank's."""
+        per = self.input_size // full.shape[1]
+        if full.shape[1] == 1 and self.input_size > 1:
+            return full
+        if per * full.shape[1] != self.input_size or self.first_column % per or self.local_columns % per:
+            raise ValueError(f"a tensor of {full.shape[1]} columns for {self.input_size} inputs cannot be split at "
+                             f"input column {self.first_column} (+{self.local_columns}): each of its columns covers "
+                             f"{per} inputs (packed int4 words, scale groups)")
+        return full.narrow(1, self.first_column // per, self.local_columns // per)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, local in] -> partial [T, out] -> summed over ranks
-        y = all_reduce(nn.functional.linear(x, self.weight), self.tp.group_name)
+        y = all_reduce(self._matmul(x, None), self.tp.group_name)
         return y if self.bias is None else y + self.bias

@@ -29,42 +29,56 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from fusecc.distributed.collectives import all_reduce_max
 from fusecc.distributed.linear import ColumnParallelLinear, RowParallelLinear
 from fusecc.distributed.moe import ParallelMoEExperts
 from fusecc.distributed.shard import shard_range
 from fusecc.distributed.state import TPGroup
 from fusecc.distributed.vocab import ParallelLMHead, VocabParallelEmbedding
+from fusecc.quantization.checkpoint import convert_checkpoint
+from fusecc.quantization.config import QuantConfig
 from fusecc.runtime.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, _check_shape
 from fusecc.runtime.models.moe import MoEExperts, MoEForCausalLM, SparseMoeBlock
 
 
 def build_sharded_model(cls: type[LlamaForCausalLM], config, dtype: torch.dtype, device, max_positions: int | None,
-                        weights: Iterable[tuple[str, torch.Tensor]] | None, tp: TPGroup) -> LlamaForCausalLM:
+                        weights: Iterable[tuple[str, torch.Tensor]] | None, tp: TPGroup,
+                        quant: QuantConfig | None = None) -> LlamaForCausalLM:
+    """quant: a quantized checkpoint's format (its linears are built quantized, its tensors converted
+    and sharded on the way in) or an on-the-fly method (the loaded float shards are quantized)."""
     from fusecc.runtime.loader import build_model
 
     with _EmptyOnMeta():  # the rope tables and norms are still computed on `device`
         model = build_model(cls, config, dtype, device, max_positions, None)
-    shard_model(model, tp, device)
+    shard_model(model, tp, device, quant if quant is not None and quant.from_checkpoint else None)
     if weights is not None:
+        if quant is not None and quant.from_checkpoint:
+            weights = convert_checkpoint(weights, quant)
         load_sharded_weights(model, weights)
+    if quant is not None and not quant.from_checkpoint:
+        quantize_sharded_linears(model, quant)
     return model.eval().requires_grad_(False)
 
 
-def shard_model(model: LlamaForCausalLM, tp: TPGroup, device) -> LlamaForCausalLM:
+def shard_model(model: LlamaForCausalLM, tp: TPGroup, device, quant: QuantConfig | None = None) -> LlamaForCausalLM:
     """Replace `model`'s linears, embedding and head by their parallel versions for rank tp.rank
-    (in place; the new parameters are uninitialised, on `device`); tensors still on the meta
-    device (norms, rotary tables) are materialised on `device`."""
+    (in place; the new parameters are uninitialised, on `device`; the decoder linears in a quantized
+    checkpoint's format `quant`); tensors still on the meta device (norms, rotary tables) are
+    materialised on `device`."""
     if not isinstance(model, LlamaForCausalLM):
         raise ValueError(f"tensor parallelism supports the native Llama family, not {type(model).__name__}")
+    if quant is not None and isinstance(model, MoEForCausalLM):
+        raise ValueError("tensor parallelism with quantized mixture-of-experts models is not supported yet")
     dtype = model.model.norm.weight.dtype
     kw = dict(tp=tp, dtype=dtype, device=device)
+    linear_kw = dict(kw, quant=quant)
     hidden = model.config.hidden_size
     for i, layer in enumerate(model.model.layers):
-        _shard_attention(layer.self_attn, hidden, kw, f"layer {i}")
+        _shard_attention(layer.self_attn, hidden, linear_kw, f"layer {i}")
         if isinstance(layer.mlp, SparseMoeBlock):
             _shard_moe(layer.mlp, hidden, kw)
         elif type(layer.mlp) is LlamaMLP:
-            _shard_mlp(layer.mlp, hidden, kw)
+            _shard_mlp(layer.mlp, hidden, linear_kw)
         else:
             raise ValueError(f"layer {i}: tensor parallelism does not support {type(layer.mlp).__name__} yet")
     embed = model.model.embed_tokens
@@ -116,6 +130,24 @@ def _shard_moe(block: SparseMoeBlock, hidden: int, kw: dict) -> None:
     block.experts = ParallelMoEExperts(experts.num_experts, hidden, experts.intermediate, **kw)
     if block.shared_expert is not None:
         _shard_mlp(block.shared_expert, hidden, kw)
+
+
+def quantize_sharded_linears(model: LlamaForCausalLM, quant: QuantConfig) -> None:
+    """On-the-fly quantization (int8 / int4 / fp8) of the loaded float shards, equal to sharding the
+    unsharded model's quantized weights: column-parallel shards hold whole rows; row-parallel shards
+    take per-channel scales from the full rows' max |w| (an all-reduce of the shards' maxima) and
+    int4 groups that never straddle ranks (refused otherwise)."""
+    if isinstance(model, MoEForCausalLM):
+        raise ValueError("tensor parallelism with quantized mixture-of-experts models is not supported yet")
+    for name, module in model.named_modules():
+        if isinstance(module, ColumnParallelLinear):
+            module.quantize_(quant)
+        elif isinstance(module, RowParallelLinear):
+            if quant.group_size != -1 and module.local_columns % quant.group_size:
+                raise ValueError(f"{name}: {module.local_columns} input columns per rank are not a multiple of "
+                                 f"the {quant.method} group size {quant.group_size}")
+            amax = module.weight.detach().abs().amax(dim=1, keepdim=True).float()
+            module.quantize_(quant, all_reduce_max(amax, module.tp.group_name))
 
 
 class _EmptyOnMeta(TorchFunctionMode):

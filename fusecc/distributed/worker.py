@@ -49,12 +49,14 @@ class Worker:
     @classmethod
     def from_checkpoint(cls, model_path: str, config: EngineConfig, dtype: torch.dtype, tp: TPGroup) -> "Worker":
         from fusecc.distributed.sharding import build_sharded_model
+        from fusecc.quantization.config import resolve_quantization
         from fusecc.runtime.loader import iter_weights, load_config
         from fusecc.runtime.models.registry import model_class
 
         hf_config = load_config(model_path)
+        quant = resolve_quantization(config.quantization, hf_config)
         model = build_sharded_model(model_class(hf_config), hf_config, dtype, tp.device, config.max_model_len,
-                                    iter_weights(model_path), tp)
+                                    iter_weights(model_path), tp, quant)
         return cls(model, config, tp)
 
     def run(self, message):

@@ -21,7 +21,7 @@ from torch import nn
 
 import fusecc.ops  # noqa: F401  (registers torch.ops.fusecc.fused_moe_quantized)
 from fusecc.quantization.config import QuantConfig
-from fusecc.quantization.packing import quantize_fp8, quantize_int4, quantize_int8
+from fusecc.quantization.linear import quantize_weight
 
 
 def _param(tensor: torch.Tensor) -> nn.Parameter:
@@ -61,16 +61,8 @@ def quantize_expert_weights(w: torch.Tensor, quant: QuantConfig) -> tuple:
     """w [E, N, K] float -> (weights, scales [E, N, groups], zeros or None) in moe_expert_weights.py's
     layout; every expert's rows quantized as a linear's rows are (round to nearest)."""
     E, N, K = w.shape
-    flat = w.reshape(E * N, K)
-    zeros = None
-    if quant.method == "int8":
-        q, scales = quantize_int8(flat)
-    elif quant.method == "int4":
-        q, scales, zeros = quantize_int4(flat, quant.group_size)
-    elif quant.method == "fp8":
-        q, scales = quantize_fp8(flat)
-    else:
-        raise ValueError(f"quantization {quant.method!r} is a checkpoint format, not an on-the-fly method")
+    parts = list(quantize_weight(w.reshape(E * N, K), quant).values())  # weights, scales[, zeros]
+    q, scales, zeros = (parts + [None])[:3]
 
     def stacked(t):
         return t.reshape(E, N, -1).contiguous() if t is not None else None

@@ -28,6 +28,37 @@ def _param(shape, dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
+def _weight_only_params(in_features: int, out_features: int, bits: int, group_size: int, has_zeros: bool,
+                        device) -> dict[str, nn.Parameter | None]:
+    packed = (out_features, -(-in_features // 8)) if bits == 4 else (out_features, in_features)
+    groups = _groups(in_features, group_size)
+    return {"qweight": _param(packed, torch.int32 if bits == 4 else torch.int8, device),
+            "scales": _param((out_features, groups), torch.float32, device),
+            "zeros": _param((out_features, groups), torch.float32, device) if has_zeros else None}
+
+
+def _fp8_params(in_features: int, out_features: int, group_size: int, device) -> dict[str, nn.Parameter]:
+    return {"weight": _param((out_features, in_features), torch.float8_e4m3fn, device),
+            "weight_scale": _param((out_features, _groups(in_features, group_size)), torch.float32, device)}
+
+
+def quantized_weight_parameters(in_features: int, out_features: int, quant: QuantConfig,
+                                device=None) -> dict[str, nn.Parameter | None]:
+    """The (uninitialised) parameters holding a [out_features, in_features] weight in `quant`'s format,
+    by the names of the module docstring; a module registers them (tensor-parallel linears too)."""
+    if quant.kind == "fp8":
+        return _fp8_params(in_features, out_features, quant.group_size, device)
+    return _weight_only_params(in_features, out_features, quant.bits, quant.group_size, quant.zero_point, device)
+
+
+def quantized_matmul(x: torch.Tensor, module: nn.Module, bias: torch.Tensor | None, quant: QuantConfig) -> torch.Tensor:
+    """x @ W.T (+ bias) for a module holding quantized_weight_parameters: one custom-op call."""
+    if quant.kind == "fp8":
+        return torch.ops.fusecc.fp8_linear(x, module.weight, module.weight_scale, bias, quant.group_size)
+    return torch.ops.fusecc.weight_only_linear(x, module.qweight, module.scales, module.zeros, bias, quant.bits,
+                                               quant.group_size)
+
+
 class WeightOnlyLinear(nn.Module):
     """W4A16 / W8A16: int weights, float activations (fusecc/kernels/quant_matmul.py)."""
 
@@ -36,11 +67,8 @@ class WeightOnlyLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
-        packed = (out_features, -(-in_features // 8)) if bits == 4 else (out_features, in_features)
-        self.qweight = _param(packed, torch.int32 if bits == 4 else torch.int8, device)
-        groups = _groups(in_features, group_size)
-        self.scales = _param((out_features, groups), torch.float32, device)
-        self.zeros = _param((out_features, groups), torch.float32, device) if has_zeros else None
+        for name, p in _weight_only_params(in_features, out_features, bits, group_size, has_zeros, device).items():
+            setattr(self, name, p)
         self.bias = _param((out_features,), dtype, device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,8 +87,8 @@ class Fp8Linear(nn.Module):
                  device=None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.weight = _param((out_features, in_features), torch.float8_e4m3fn, device)
-        self.weight_scale = _param((out_features, _groups(in_features, group_size)), torch.float32, device)
+        for name, p in _fp8_params(in_features, out_features, group_size, device).items():
+            setattr(self, name, p)
         self.bias = _param((out_features,), dtype, device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,26 +107,29 @@ def empty_quantized_linear(linear: nn.Linear, quant: QuantConfig) -> nn.Module:
     return WeightOnlyLinear(K, N, bias, quant.bits, quant.group_size, quant.zero_point, dtype, device)
 
 
+def quantize_weight(w: torch.Tensor, quant: QuantConfig, row_amax: torch.Tensor | None = None) -> dict:
+    """A float weight [N, K] rounded to nearest in an on-the-fly format -> its tensors by the names of
+    quantized_weight_parameters. row_amax [N, 1]: the full rows' max |w| when w is a column shard
+    (tensor parallelism), so per-channel scales are those of the unsharded weight."""
+    if quant.method == "int8":
+        qweight, scales = quantize_int8(w, row_amax)
+        return {"qweight": qweight, "scales": scales, "zeros": None}
+    if quant.method == "int4":
+        qweight, scales, zeros = quantize_int4(w, quant.group_size)
+        return {"qweight": qweight, "scales": scales, "zeros": zeros}
+    if quant.method == "fp8":
+        weight, scale = quantize_fp8(w, row_amax)
+        return {"weight": weight, "weight_scale": scale}
+    raise ValueError(f"quantization {quant.method!r} is a checkpoint format, not an on-the-fly method")
+
+
 @torch.no_grad()
 def quantize_linear(linear: nn.Linear, quant: QuantConfig) -> nn.Module:
     """`linear`'s float weight quantized round-to-nearest (quantization="int8" | "int4" | "fp8")."""
     module = empty_quantized_linear(linear, quant)
-    w = linear.weight
-    if quant.method == "int8":
-        qweight, scales = quantize_int8(w)
-        module.qweight.copy_(qweight)
-        module.scales.copy_(scales)
-    elif quant.method == "int4":
-        qweight, scales, zeros = quantize_int4(w, quant.group_size)
-        module.qweight.copy_(qweight)
-        module.scales.copy_(scales)
-        module.zeros.copy_(zeros)
-    elif quant.method == "fp8":
-        weight, scale = quantize_fp8(w)
-        module.weight.copy_(weight)
-        module.weight_scale.copy_(scale)
-    else:
-        raise ValueError(f"quantization {quant.method!r} is a checkpoint format, not an on-the-fly method")
+    for name, tensor in quantize_weight(linear.weight, quant).items():
+        if tensor is not None:
+            getattr(module, name).copy_(tensor)
     if linear.bias is not None:
         module.bias.copy_(linear.bias)
     return module

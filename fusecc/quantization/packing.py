@@ -93,10 +93,12 @@ def expand_fp8_scale(scale: torch.Tensor, N: int, group_size: int) -> torch.Tens
 
 # ---- round-to-nearest quantization of float weights (quantization="int8" | "int4" | "fp8") ----
 
-def quantize_int8(w: torch.Tensor):
-    """w [N, K] -> (int8 [N, K], scales fp32 [N, 1]): symmetric per output channel."""
+def quantize_int8(w: torch.Tensor, row_amax: torch.Tensor | None = None):
+    """w [N, K] -> (int8 [N, K], scales fp32 [N, 1]): symmetric per output channel. row_amax [N, 1]:
+    each row's max |w| when w holds only some of its columns (a tensor-parallel shard)."""
     wf = w.float()
-    scales = (wf.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
+    amax = wf.abs().amax(dim=1, keepdim=True) if row_amax is None else row_amax.float()
+    scales = (amax / 127).clamp(min=1e-12)
     return (wf / scales).round().clamp(-127, 127).to(torch.int8), scales
 
 
@@ -117,8 +119,9 @@ def quantize_int4(w: torch.Tensor, group_size: int):
     return pack_int4(q), scales, zeros
 
 
-def quantize_fp8(w: torch.Tensor):
-    """w [N, K] -> (float8_e4m3fn [N, K], scales fp32 [N, 1]) per output channel."""
+def quantize_fp8(w: torch.Tensor, row_amax: torch.Tensor | None = None):
+    """w [N, K] -> (float8_e4m3fn [N, K], scales fp32 [N, 1]) per output channel (row_amax: as quantize_int8)."""
     wf = w.float()
-    scales = (wf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    amax = wf.abs().amax(dim=1, keepdim=True) if row_amax is None else row_amax.float()
+    scales = (amax / FP8_MAX).clamp(min=1e-12)
     return (wf / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales

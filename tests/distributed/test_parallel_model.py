@@ -8,7 +8,9 @@ One spawn of 2 ranks runs both checks (each process start costs seconds):
   RMSNorm after it) compiled with fusecc's Triton codegen (interpreter) matches a float64 eager
   reference of the unsharded block, and every functional collective survives the passes;
 - a user's transformers Llama sharded with `tp_plan="auto"` (DTensor), compiled with fusecc, matches
-  its eager run (which matches the unsharded model), its collectives traced into the graph.
+  its eager run (which matches the unsharded model), its collectives traced into the graph;
+- quantized models (int8 / int4 / fp8 on the fly, GPTQ and fp8 checkpoints) sharded: equal to the
+  unsharded quantized model (per-channel scales from the full rows, int4 groups kept whole).
 """
 
 import json
@@ -16,6 +18,7 @@ import json
 import torch
 
 from tests.distributed.ranks import run_ranks
+from tests.quantization.quantized_checkpoints import quantize_fp8_in_place, quantize_int4_in_place
 from tests.runtime.hf_checkpoints import save_tiny_checkpoint
 from tests.runtime.test_moe_models import hf_moe_model
 
@@ -121,9 +124,65 @@ def _transformers_tp_plan(tp, path, dump_dir):
     return (eager - reference).abs().max().item(), (compiled - eager).abs().max().item(), report
 
 
+QUANTIZED = ("int8", "int4", "fp8", "gptq", "fp8_checkpoint")
+
+
+def save_wide_llama(path):
+    """A Llama wide enough that int4 groups of 128 and packed words split across 2 ranks (o_proj: 128
+    input columns per rank, down_proj: 256)."""
+    import transformers
+
+    from tests.runtime.hf_checkpoints import tiny_tokenizer
+
+    torch.manual_seed(3)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=0.05)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+
+
+def _compare_quantized(tp, paths):
+    """Sharded quantized models (on the fly, and from GPTQ / fp8 checkpoints) against the unsharded
+    quantized model. Weight-only: the same quantized weights, so the same outputs up to fp32 summation
+    order. fp8 (W8A8): the same weights (row-parallel o_proj checked against the full one's columns), but
+    a row-parallel rank quantizes its slice of each activation row with that slice's own scale (as vLLM
+    does), so outputs differ by activation rounding: as far from the float model as the unsharded one."""
+    from fusecc.distributed.sharding import build_sharded_model
+    from fusecc.quantization.config import resolve_quantization
+    from fusecc.runtime.loader import iter_weights, load_config, load_model
+    from fusecc.runtime.models.registry import model_class
+
+    ids = torch.randint(3, 128, (13,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def distance(ref, got):
+        return max((a - b).abs().max().item() / a.abs().max().item() for a, b in zip(ref, got))
+
+    results = {}
+    for name in QUANTIZED:
+        path = paths[name] if name in ("gptq", "fp8_checkpoint") else paths["wide"]
+        method = name if name in ("int8", "int4", "fp8") else None
+        config = load_config(path)
+        full = load_model(path, torch.float32, "cpu", 64, config=config, quantization=method)
+        sharded = build_sharded_model(model_class(config), config, torch.float32, "cpu", 64, iter_weights(path), tp,
+                                      resolve_quantization(method, config))
+        with torch.inference_mode():
+            ref, got = _run_model(full, ids), _run_model(sharded, ids)
+            entry = {"to_unsharded": distance(ref, got)}
+            if "fp8" in name:
+                plain = _run_model(load_model(paths["wide"], torch.float32, "cpu", 64), ids)
+                entry.update(unsharded_to_float=distance(plain, ref), sharded_to_float=distance(plain, got))
+                mine, whole = sharded.model.layers[1].self_attn.o_proj, full.model.layers[1].self_attn.o_proj
+                cols = slice(mine.first_column, mine.first_column + mine.local_columns)
+                entry["same_weights"] = (torch.equal(mine.weight.float(), whole.weight[:, cols].float())
+                                         and torch.equal(mine.weight_scale, whole.weight_scale))
+        results[name] = entry
+    return results
+
+
 def _rank_body(tp, paths, dump_root):
-    return (_compare_families(tp, paths), _compiled_block(tp, f"{dump_root}/rank{tp.rank}"),
-            _transformers_tp_plan(tp, paths["llama"], f"{dump_root}/hf{tp.rank}"))
+    return (_compare_families(tp, {arch: paths[arch] for arch in ARCHS + MOE_ARCHS}), _compiled_block(tp, f"{dump_root}/rank{tp.rank}"),
+            _transformers_tp_plan(tp, paths["llama"], f"{dump_root}/hf{tp.rank}"), _compare_quantized(tp, paths))
 
 
 def test_two_ranks_match_the_unsharded_models_compiled_block_and_transformers_tp_plan(tmp_path):
@@ -134,8 +193,21 @@ def test_two_ranks_match_the_unsharded_models_compiled_block_and_transformers_tp
     for arch in MOE_ARCHS:  # per-expert tensors, as on the hub
         paths[arch] = str(tmp_path / arch)
         hf_moe_model(arch).save_pretrained(tmp_path / arch)
+    for name in ("wide", "gptq", "fp8_checkpoint"):
+        paths[name] = str(tmp_path / name)
+        save_wide_llama(tmp_path / name)
+    quantize_int4_in_place(tmp_path / "gptq", "gptq", 128)
+    quantize_fp8_in_place(tmp_path / "fp8_checkpoint", block=False)
     results = run_ranks(_rank_body, world=2, args=(paths, str(tmp_path / "dump")))
-    for rank, (family_diffs, (block_diffs, report), (hf_sharded, hf_compiled, hf_report)) in enumerate(results):
+    for rank, (family_diffs, (block_diffs, report), (hf_sharded, hf_compiled, hf_report), quantized_diffs) in \
+            enumerate(results):
+        assert set(quantized_diffs) == set(QUANTIZED)
+        for name, entry in quantized_diffs.items():
+            if "fp8" in name:
+                assert entry["same_weights"], (rank, name)
+                assert entry["sharded_to_float"] < 1.5 * entry["unsharded_to_float"], (rank, name, entry)
+            else:
+                assert entry["to_unsharded"] < 1e-5, (rank, name, entry)
         assert set(family_diffs) == set(ARCHS + MOE_ARCHS)
         for arch, diff in family_diffs.items():
             assert diff < 2e-5, (rank, arch, diff)

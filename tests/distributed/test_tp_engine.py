@@ -57,11 +57,14 @@ def reference(checkpoint):
 @pytest.mark.parametrize("model, size, message", [
     ("checkpoint", 3, "num_attention_heads=4 is not divisible by tensor_parallel_size=3"),
     ("checkpoint", 8, "num_attention_heads=4 is not divisible by tensor_parallel_size=8"),
+    ("int4", 2, r"o_proj has 32 input columns per rank, not a multiple of 128"),
     (None, 2, "needs a Hugging Face checkpoint folder"),
 ])
 def test_what_cannot_be_sharded_is_refused_before_any_worker_starts(checkpoint, model, size, message):
+    quantization = "int4" if model == "int4" else None
     with pytest.raises(ValueError, match=message):
-        LLMEngine.from_engine_args(checkpoint if model else None, tensor_parallel_size=size, **ENGINE)
+        LLMEngine.from_engine_args(checkpoint if model else None, tensor_parallel_size=size, quantization=quantization,
+                                   **ENGINE)
 
 
 def assert_all_stopped(executor):
@@ -100,6 +103,18 @@ def test_two_ranks_match_one_rank_for_a_moe_model(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path)
     reference = LLMEngine.from_engine_args(str(tmp_path), **ENGINE)
     engine = LLMEngine.from_engine_args(str(tmp_path), tensor_parallel_size=2, **ENGINE)
+    assert_same_outputs(reference, engine)
+    engine.runner.shutdown()
+    assert_all_stopped(engine.runner)
+
+
+def test_two_ranks_match_one_rank_quantized_at_load(tmp_path):
+    # int4 groups of 128 split whole across the ranks; the other formats: tests/distributed/test_parallel_model.py
+    from tests.distributed.test_parallel_model import save_wide_llama
+
+    save_wide_llama(tmp_path)
+    reference = LLMEngine.from_engine_args(str(tmp_path), quantization="int4", **ENGINE)
+    engine = LLMEngine.from_engine_args(str(tmp_path), quantization="int4", tensor_parallel_size=2, **ENGINE)
     assert_same_outputs(reference, engine)
     engine.runner.shutdown()
     assert_all_stopped(engine.runner)
