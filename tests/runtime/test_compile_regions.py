@@ -99,3 +99,30 @@ def test_layers_of_many_kinds_compile():
     x, o = torch.randn(3, 32), torch.randn(3, 4, 8)
     compiled = torch.compile(after_attention_of_all, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, o), after_attention_of_all(x, o))
+
+
+def test_own_inliner_for_older_torch_matches_generation(tmp_path, monkeypatch):
+    # torch before 2.13 (the GPU machine's 2.11) has no inline_invoke_subgraph pass: fusecc copies the
+    # region nodes itself (nested_regions._inline_calls); a model compiled that way generates as transformers
+    from fusecc import LLM, SamplingParams
+    from fusecc.graph import nested_regions
+
+    used = []
+
+    def own_inliner(gm: fx.GraphModule) -> int:
+        calls = len(gm.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph))
+        nested_regions._inline_calls(gm)
+        used.append(calls)
+        assert not gm.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph)
+        assert not [n for n in gm.graph.find_nodes(op="get_attr") if not n.users]  # no stale region handles
+        gm.graph.lint()
+        gm.recompile()
+        return calls
+
+    monkeypatch.setattr(fusecc.backend, "inline_nested_regions", own_inliner)
+    oracle = save_tiny_checkpoint("llama", tmp_path, num_hidden_layers=3)
+    llm = LLM(str(tmp_path), max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    prompt = "w5 w9 w17 w3 w40"
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].token_ids
+    assert out == hf_greedy(oracle, tiny_tokenizer()(prompt, add_special_tokens=False)["input_ids"], 8)
+    assert used and all(calls == 6 for calls in used), used  # two halves of three layers per graph

@@ -122,6 +122,15 @@ class LlamaMLP(nn.Module):
         return self.down_proj(nn.functional.silu(gate) * up)
 
 
+def layer_region(fn):
+    """torch.compiler.nested_compile_region allowing LAYER_KINDS_LIMIT kinds; torch before 2.13 (the GPU
+    machine's 2.11) has no max_reuse_entries and no limit to raise."""
+    try:
+        return torch.compiler.nested_compile_region(max_reuse_entries=LAYER_KINDS_LIMIT)(fn)
+    except TypeError:
+        return torch.compiler.nested_compile_region(fn)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, rotary, qkv_bias: bool, qk_norm: bool, mlp: nn.Module | None = None) -> None:
         super().__init__()
@@ -142,11 +151,11 @@ class LlamaDecoderLayer(nn.Module):
         q, k, v = self.before_attention(x, positions)
         return self.after_attention(x, self.self_attn.attn(q, k, v, kv_cache, md))
 
-    @torch.compiler.nested_compile_region(max_reuse_entries=LAYER_KINDS_LIMIT)
+    @layer_region
     def before_attention(self, x, positions):
         return self.self_attn.project_qkv(self.input_layernorm(x), positions)
 
-    @torch.compiler.nested_compile_region(max_reuse_entries=LAYER_KINDS_LIMIT)
+    @layer_region
     def after_attention(self, x, o):
         x = x + self.self_attn.project_output(o)
         return x + self.mlp(self.post_attention_layernorm(x))
