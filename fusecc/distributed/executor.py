@@ -82,14 +82,18 @@ def _check_quantized_split(hf_config, config: EngineConfig, world: int) -> None:
     quant = resolve_quantization(config.quantization, hf_config)
     if quant is None:
         return
-    if any(getattr(hf_config, k, None) for k in ("num_local_experts", "num_experts")):
-        raise ValueError("tensor_parallel_size > 1 with a quantized mixture-of-experts model is not supported yet")
+    moe = any(getattr(hf_config, k, None) for k in ("num_local_experts", "num_experts"))
+    if moe and quant.from_checkpoint:
+        raise ValueError(f"tensor_parallel_size > 1 with {quant.method} checkpoints of mixture-of-experts models is "
+                         f"not supported yet (quantize a float checkpoint at load instead)")
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     per = 1 if quant.group_size == -1 else quant.group_size  # input columns one stored column covers
     if quant.bits == 4:
         per = max(per, 8)  # groups are multiples of 8
-    for what, inputs in (("o_proj", heads * head_dim), ("down_proj", hf_config.intermediate_size)):
+    down_inputs = [getattr(hf_config, k, None) for k in ("intermediate_size", "moe_intermediate_size",
+                                                          "shared_expert_intermediate_size")]
+    for what, inputs in [("o_proj", heads * head_dim)] + [("down_proj", n) for n in down_inputs if n]:
         if (inputs // world) % per:
             raise ValueError(f"quantization {quant.method!r} with tensor_parallel_size={world}: {what} has "
                              f"{inputs // world} input columns per rank, not a multiple of {per} (scale groups"

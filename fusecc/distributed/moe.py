@@ -9,6 +9,11 @@ The router is replicated, so every rank picks the same experts for a token; each
 then a partial sum over its slice of every chosen expert's intermediate units, and one all-reduce
 completes it. No token moves between ranks (expert parallelism would, and pays off only with many
 GPUs per model).
+
+Quantized at load (quantization="int8" | "int4" | "fp8"), each rank's slices become a
+QuantizedParallelMoEExperts equal to slicing the unsharded experts' quantization: gate/up rows are
+whole rows; down's per-channel scales come from the full rows' max |w| (an all-reduce of the slices'
+maxima), and int4 groups along the intermediate units must not straddle ranks.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import torch
 from torch import nn
 
 import fusecc.ops  # noqa: F401  (registers torch.ops.fusecc.fused_moe)
-from fusecc.distributed.collectives import all_reduce
+from fusecc.distributed.collectives import all_reduce, all_reduce_max
 from fusecc.distributed.shard import shard_range
 from fusecc.distributed.state import TPGroup
+from fusecc.quantization.experts import QuantizedMoEExperts, quantize_expert_weights
 
 
 class ParallelMoEExperts(nn.Module):
@@ -71,3 +77,26 @@ class ParallelMoEExperts(nn.Module):
         # x [T, hidden] (replicated) -> this rank's slice of every chosen expert -> summed over ranks
         partial = torch.ops.fusecc.fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
         return all_reduce(partial, self.tp.group_name)
+
+    @torch.no_grad()
+    def quantized(self, quant) -> "QuantizedParallelMoEExperts":
+        """This rank's loaded float slices, quantized round-to-nearest (see the module docstring)."""
+        if quant.group_size != -1 and self.intermediate % quant.group_size:
+            raise ValueError(f"{self.intermediate} expert intermediate units per rank are not a multiple of the "
+                             f"{quant.method} group size {quant.group_size}")
+        down_amax = all_reduce_max(self.down_proj.abs().amax(-1, keepdim=True).float(), self.tp.group_name)
+        weight_format = "fp8" if quant.method == "fp8" else f"int{quant.bits}"
+        return QuantizedParallelMoEExperts(self.tp, weight_format, quant.group_size,
+                                           quantize_expert_weights(self.gate_up_proj, quant),
+                                           quantize_expert_weights(self.down_proj, quant, down_amax))
+
+
+class QuantizedParallelMoEExperts(QuantizedMoEExperts):
+    """A rank's quantized expert slices: the partial fused MoE, then the all-reduce."""
+
+    def __init__(self, tp: TPGroup, *args) -> None:
+        super().__init__(*args)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        return all_reduce(super().forward(x, topk_weights, topk_ids), self.tp.group_name)

@@ -68,7 +68,8 @@ def shard_model(model: LlamaForCausalLM, tp: TPGroup, device, quant: QuantConfig
     if not isinstance(model, LlamaForCausalLM):
         raise ValueError(f"tensor parallelism supports the native Llama family, not {type(model).__name__}")
     if quant is not None and isinstance(model, MoEForCausalLM):
-        raise ValueError("tensor parallelism with quantized mixture-of-experts models is not supported yet")
+        raise ValueError(f"tensor parallelism with {quant.method} checkpoints of mixture-of-experts models is not "
+                         f"supported yet (quantize a float checkpoint at load instead)")
     dtype = model.model.norm.weight.dtype
     kw = dict(tp=tp, dtype=dtype, device=device)
     linear_kw = dict(kw, quant=quant)
@@ -136,11 +137,12 @@ def quantize_sharded_linears(model: LlamaForCausalLM, quant: QuantConfig) -> Non
     """On-the-fly quantization (int8 / int4 / fp8) of the loaded float shards, equal to sharding the
     unsharded model's quantized weights: column-parallel shards hold whole rows; row-parallel shards
     take per-channel scales from the full rows' max |w| (an all-reduce of the shards' maxima) and
-    int4 groups that never straddle ranks (refused otherwise)."""
-    if isinstance(model, MoEForCausalLM):
-        raise ValueError("tensor parallelism with quantized mixture-of-experts models is not supported yet")
-    for name, module in model.named_modules():
-        if isinstance(module, ColumnParallelLinear):
+    int4 groups that never straddle ranks (refused otherwise); MoE experts likewise (distributed/moe.py)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ParallelMoEExperts):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, module.quantized(quant))
+        elif isinstance(module, ColumnParallelLinear):
             module.quantize_(quant)
         elif isinstance(module, RowParallelLinear):
             if quant.group_size != -1 and module.local_columns % quant.group_size:

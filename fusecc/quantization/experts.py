@@ -57,11 +57,13 @@ class QuantizedMoEExperts(nn.Module):
                 f"group_size={self.group_size}")
 
 
-def quantize_expert_weights(w: torch.Tensor, quant: QuantConfig) -> tuple:
+def quantize_expert_weights(w: torch.Tensor, quant: QuantConfig, row_amax: torch.Tensor | None = None) -> tuple:
     """w [E, N, K] float -> (weights, scales [E, N, groups], zeros or None) in moe_expert_weights.py's
-    layout; every expert's rows quantized as a linear's rows are (round to nearest)."""
+    layout; every expert's rows quantized as a linear's rows are (round to nearest). row_amax [E, N, 1]:
+    the full rows' max |w| when w holds some of their columns (tensor parallelism)."""
     E, N, K = w.shape
-    parts = list(quantize_weight(w.reshape(E * N, K), quant).values())  # weights, scales[, zeros]
+    amax = row_amax.reshape(E * N, 1) if row_amax is not None else None
+    parts = list(quantize_weight(w.reshape(E * N, K), quant, amax).values())  # weights, scales[, zeros]
     q, scales, zeros = (parts + [None])[:3]
 
     def stacked(t):

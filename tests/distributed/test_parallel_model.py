@@ -9,8 +9,9 @@ One spawn of 2 ranks runs both checks (each process start costs seconds):
   reference of the unsharded block, and every functional collective survives the passes;
 - a user's transformers Llama sharded with `tp_plan="auto"` (DTensor), compiled with fusecc, matches
   its eager run (which matches the unsharded model), its collectives traced into the graph;
-- quantized models (int8 / int4 / fp8 on the fly, GPTQ and fp8 checkpoints) sharded: equal to the
-  unsharded quantized model (per-channel scales from the full rows, int4 groups kept whole).
+- quantized models (int8 / int4 / fp8 on the fly, GPTQ and fp8 checkpoints; Mixtral's experts on the
+  fly) sharded: equal to the unsharded quantized model (per-channel scales from the full rows, int4
+  groups kept whole).
 """
 
 import json
@@ -124,7 +125,7 @@ def _transformers_tp_plan(tp, path, dump_dir):
     return (eager - reference).abs().max().item(), (compiled - eager).abs().max().item(), report
 
 
-QUANTIZED = ("int8", "int4", "fp8", "gptq", "fp8_checkpoint")
+QUANTIZED = ("int8", "int4", "fp8", "gptq", "fp8_checkpoint", "moe_int8", "moe_int4", "moe_fp8")
 
 
 def save_wide_llama(path):
@@ -140,6 +141,17 @@ def save_wide_llama(path):
                                       bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=0.05)
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
+
+
+def save_wide_mixtral(path):
+    """Mixtral experts with 256 intermediate units: int4 groups of 128 split whole across 2 ranks."""
+    import transformers
+
+    torch.manual_seed(4)
+    config = transformers.MixtralConfig(vocab_size=128, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=256, initializer_range=0.05)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
 
 
 def _compare_quantized(tp, paths):
@@ -160,8 +172,8 @@ def _compare_quantized(tp, paths):
 
     results = {}
     for name in QUANTIZED:
-        path = paths[name] if name in ("gptq", "fp8_checkpoint") else paths["wide"]
-        method = name if name in ("int8", "int4", "fp8") else None
+        path = paths[name] if name in ("gptq", "fp8_checkpoint") else paths["wide_moe" if "moe" in name else "wide"]
+        method = name.removeprefix("moe_") if name.removeprefix("moe_") in ("int8", "int4", "fp8") else None
         config = load_config(path)
         full = load_model(path, torch.float32, "cpu", 64, config=config, quantization=method)
         sharded = build_sharded_model(model_class(config), config, torch.float32, "cpu", 64, iter_weights(path), tp,
@@ -169,8 +181,14 @@ def _compare_quantized(tp, paths):
         with torch.inference_mode():
             ref, got = _run_model(full, ids), _run_model(sharded, ids)
             entry = {"to_unsharded": distance(ref, got)}
+            if "moe" in name:
+                from fusecc.distributed.moe import QuantizedParallelMoEExperts
+
+                experts = sharded.model.layers[0].mlp.experts
+                entry["experts_quantized"] = (isinstance(experts, QuantizedParallelMoEExperts)
+                                              and experts.weight_format == method)
             if "fp8" in name:
-                plain = _run_model(load_model(paths["wide"], torch.float32, "cpu", 64), ids)
+                plain = _run_model(load_model(path if "moe" in name else paths["wide"], torch.float32, "cpu", 64), ids)
                 entry.update(unsharded_to_float=distance(plain, ref), sharded_to_float=distance(plain, got))
                 mine, whole = sharded.model.layers[1].self_attn.o_proj, full.model.layers[1].self_attn.o_proj
                 cols = slice(mine.first_column, mine.first_column + mine.local_columns)
@@ -196,6 +214,8 @@ def test_two_ranks_match_the_unsharded_models_compiled_block_and_transformers_tp
     for name in ("wide", "gptq", "fp8_checkpoint"):
         paths[name] = str(tmp_path / name)
         save_wide_llama(tmp_path / name)
+    paths["wide_moe"] = str(tmp_path / "wide_moe")
+    save_wide_mixtral(tmp_path / "wide_moe")
     quantize_int4_in_place(tmp_path / "gptq", "gptq", 128)
     quantize_fp8_in_place(tmp_path / "fp8_checkpoint", block=False)
     results = run_ranks(_rank_body, world=2, args=(paths, str(tmp_path / "dump")))
@@ -203,6 +223,7 @@ def test_two_ranks_match_the_unsharded_models_compiled_block_and_transformers_tp
             enumerate(results):
         assert set(quantized_diffs) == set(QUANTIZED)
         for name, entry in quantized_diffs.items():
+            assert entry.get("experts_quantized", True), (rank, name)
             if "fp8" in name:
                 assert entry["same_weights"], (rank, name)
                 assert entry["sharded_to_float"] < 1.5 * entry["unsharded_to_float"], (rank, name, entry)
