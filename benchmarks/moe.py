@@ -93,20 +93,25 @@ def time_ms(fn, smoke: bool) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def random_moe(shape, tokens: int, device: str, dtype: torch.dtype) -> tuple:
+    """(x, w13, w2, routing weights, expert ids) for `tokens` tokens, weights scaled like a trained layer's."""
+    experts, top_k, hidden, inter = shape
+    g = torch.Generator(device=device).manual_seed(tokens)
+    x = torch.randn(tokens, hidden, device=device, generator=g).to(dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, device=device, generator=g) / hidden ** 0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, device=device, generator=g) / inter ** 0.5).to(dtype)
+    weights, ids = torch.randn(tokens, experts, device=device, generator=g).softmax(-1).topk(top_k, dim=-1)
+    return x, w13, w2, (weights / weights.sum(-1, keepdim=True)).to(dtype), ids
+
+
 def bench_kernel(shape, tokens: int, device: str, dtype: torch.dtype, smoke: bool) -> dict:
     from fusecc.kernels.fused_moe import choose_block_m, fused_moe
     from fusecc.kernels.fused_moe_decode import DECODE_MAX_TOKENS
     from fusecc.kernels.moe_align import moe_align_block_size
 
     experts, top_k, hidden, inter = shape
-    g = torch.Generator(device=device).manual_seed(tokens)
-    x = torch.randn(tokens, hidden, device=device, generator=g).to(dtype)
-    w13 = (torch.randn(experts, 2 * inter, hidden, device=device, generator=g) / hidden ** 0.5).to(dtype)
-    w2 = (torch.randn(experts, hidden, inter, device=device, generator=g) / inter ** 0.5).to(dtype)
-    probs = torch.randn(tokens, experts, device=device, generator=g).softmax(-1)
-    weights, ids = probs.topk(top_k, dim=-1)
-    weights = (weights / weights.sum(-1, keepdim=True)).to(dtype)
-    args = (x, w13, w2, weights, ids)
+    args = random_moe(shape, tokens, device, dtype)
+    x, ids = args[0], args[4]
     fused = fused_moe(*args)  # autotunes (FUSECC_AUTOTUNE, default on) before the timing
     loop = per_expert_loop(*args)
     err = (fused.float() - loop.float()).abs().max().item() / loop.float().abs().max().item()
@@ -145,13 +150,7 @@ def bench_quantized(shape, tokens: int, device: str, dtype: torch.dtype, smoke: 
     from fusecc.quantization.config import resolve_quantization
     from fusecc.quantization.experts import quantize_expert_weights
 
-    experts, top_k, hidden, inter = shape
-    g = torch.Generator(device=device).manual_seed(tokens)
-    x = torch.randn(tokens, hidden, device=device, generator=g).to(dtype)
-    w13 = (torch.randn(experts, 2 * inter, hidden, device=device, generator=g) / hidden ** 0.5).to(dtype)
-    w2 = (torch.randn(experts, hidden, inter, device=device, generator=g) / inter ** 0.5).to(dtype)
-    weights, ids = torch.randn(tokens, experts, device=device, generator=g).softmax(-1).topk(top_k, dim=-1)
-    weights = (weights / weights.sum(-1, keepdim=True)).to(dtype)
+    x, w13, w2, weights, ids = random_moe(shape, tokens, device, dtype)
     fused_moe(x, w13, w2, weights, ids)
     result = {"tokens": tokens, "experts_hit": len(ids.unique()),
               "bf16_ms": time_ms(lambda: fused_moe(x, w13, w2, weights, ids), smoke)}

@@ -236,17 +236,7 @@ def _batched_reduction(down: fx.Node, top_k: int, hidden: int) -> tuple[fx.Node,
     if not (is_call(other, aten.unsqueeze.default) and other.args[1] in (-1, 1)):
         raise NoMatch("routing_weights_not_a_column")
     weights_src = _flattened(_strip_cast(other.args[0]))
-    view = _single_user(scaled)
-    if not (is_call(view, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-            and len(tensor_shape(view)) == 3 and tensor_shape(view)[1:] == (top_k, hidden)):
-        raise NoMatch("output_not_viewed_tokens_top_k_hidden")
-    total = _single_user(view)
-    if not (is_call(total, aten.sum.dim_IntList) and list(total.args[1]) in ([1], [-2])):
-        raise NoMatch("output_not_summed_over_top_k")
-    users = list(total.users)
-    if len(users) == 1 and is_call(users[0], aten._to_copy.default, prims.convert_element_type.default):
-        return users[0], weights_src
-    return total, weights_src
+    return _sum_over_top_k(scaled, top_k, hidden), weights_src
 
 
 def _silu_input(node):
@@ -414,7 +404,12 @@ def _reduction(down: fx.Node, weights: fx.Node, perm: fx.Node, top_k: int, hidde
     unsorted = _single_user(scaled)
     if not (is_call(unsorted, aten.index.Tensor) and len(unsorted.args[1]) == 1 and _is_inverse(unsorted.args[1][0], perm)):
         raise NoMatch("output_not_unsorted_by_inverse_perm")
-    view = _single_user(unsorted)
+    return _sum_over_top_k(unsorted, top_k, hidden)
+
+
+def _sum_over_top_k(rows: fx.Node, top_k: int, hidden: int) -> fx.Node:
+    """sum(view(rows, [T, k, H]), 1) (and its cast back): the node the fused op replaces."""
+    view = _single_user(rows)
     if not (is_call(view, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
             and len(tensor_shape(view)) == 3 and tensor_shape(view)[1:] == (top_k, hidden)):
         raise NoMatch("output_not_viewed_tokens_top_k_hidden")
