@@ -82,10 +82,6 @@ def _check_quantized_split(hf_config, config: EngineConfig, world: int) -> None:
     quant = resolve_quantization(config.quantization, hf_config)
     if quant is None:
         return
-    moe = any(getattr(hf_config, k, None) for k in ("num_local_experts", "num_experts"))
-    if moe and quant.from_checkpoint:
-        raise ValueError(f"tensor_parallel_size > 1 with {quant.method} checkpoints of mixture-of-experts models is "
-                         f"not supported yet (quantize a float checkpoint at load instead)")
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     per = 1 if quant.group_size == -1 else quant.group_size  # input columns one stored column covers

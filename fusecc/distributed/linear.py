@@ -19,7 +19,7 @@ from torch import nn
 
 from fusecc.distributed.collectives import all_reduce
 from fusecc.quantization.linear import quantize_weight, quantized_matmul, quantized_weight_parameters
-from fusecc.distributed.shard import shard_for_rank, shard_range
+from fusecc.distributed.shard import input_columns, shard_for_rank, shard_range
 from fusecc.distributed.state import TPGroup
 
 
@@ -111,17 +111,8 @@ class RowParallelLinear(_ParallelLinear):
         param.data.copy_(self._columns(full))
 
     def _columns(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's input columns of a full [N, K / per] tensor, `per` input columns per stored column:
-        1 for weights, 8 for packed int4 words, the group size for scales and zeros; one stored column
-        (per-channel scales) is every rank's."""
-        per = self.input_size // full.shape[1]
-        if full.shape[1] == 1 and self.input_size > 1:
-            return full
-        if per * full.shape[1] != self.input_size or self.first_column % per or self.local_columns % per:
-            raise ValueError(f"a tensor of {full.shape[1]} columns for {self.input_size} inputs cannot be split at "
-                             f"input column {self.first_column} (+{self.local_columns}): each of its columns covers "
-                             f"{per} inputs (packed int4 words, scale groups)")
-        return full.narrow(1, self.first_column // per, self.local_columns // per)
+        """This rank's input columns of a full weight, packed weight, or its scales / zeros."""
+        return input_columns(full, self.first_column, self.local_columns, self.input_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, local in] -> partial [T, out] -> summed over ranks

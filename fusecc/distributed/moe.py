@@ -23,9 +23,9 @@ from torch import nn
 
 import fusecc.ops  # noqa: F401  (registers torch.ops.fusecc.fused_moe)
 from fusecc.distributed.collectives import all_reduce, all_reduce_max
-from fusecc.distributed.shard import shard_range
+from fusecc.distributed.shard import input_columns, shard_range
 from fusecc.distributed.state import TPGroup
-from fusecc.quantization.experts import QuantizedMoEExperts, quantize_expert_weights
+from fusecc.quantization.experts import QuantizedMoEExperts, empty_expert_parts, quantize_expert_weights
 
 
 class ParallelMoEExperts(nn.Module):
@@ -86,9 +86,11 @@ class ParallelMoEExperts(nn.Module):
                              f"{quant.method} group size {quant.group_size}")
         down_amax = all_reduce_max(self.down_proj.abs().amax(-1, keepdim=True).float(), self.tp.group_name)
         weight_format = "fp8" if quant.method == "fp8" else f"int{quant.bits}"
-        return QuantizedParallelMoEExperts(self.tp, weight_format, quant.group_size,
-                                           quantize_expert_weights(self.gate_up_proj, quant),
-                                           quantize_expert_weights(self.down_proj, quant, down_amax))
+        experts = QuantizedParallelMoEExperts(self.tp, weight_format, quant.group_size,
+                                              quantize_expert_weights(self.gate_up_proj, quant),
+                                              quantize_expert_weights(self.down_proj, quant, down_amax))
+        experts.first, experts.full_intermediate = self.first, self.full_intermediate
+        return experts
 
 
 class QuantizedParallelMoEExperts(QuantizedMoEExperts):
@@ -97,6 +99,31 @@ class QuantizedParallelMoEExperts(QuantizedMoEExperts):
     def __init__(self, tp: TPGroup, *args) -> None:
         super().__init__(*args)
         self.tp = tp
+
+    @classmethod
+    def empty(cls, num_experts: int, hidden: int, intermediate: int, tp: TPGroup, quant,
+              device) -> "QuantizedParallelMoEExperts":
+        """Uninitialised slices in a quantized checkpoint's format; its per-expert tensors (converted to
+        fusecc's layouts) are sliced in by expert_loader: gate/up parts by rows, down parts by input columns."""
+        first, local = shard_range(intermediate, tp.rank, tp.size, "moe intermediate_size")
+        weight_format, gate_up, down = empty_expert_parts(num_experts, local, hidden, quant, device)
+        experts = cls(tp, weight_format, quant.group_size, gate_up, down)
+        experts.first, experts.full_intermediate = first, intermediate
+        for p in experts.parameters():
+            p.expert_loader = experts.expert_loader
+        return experts
+
+    def expert_loader(self, param: nn.Parameter, expert: int, shard: int | None, full: torch.Tensor,
+                      name: str) -> None:
+        local = self.intermediate
+        if shard is not None:  # gate or up: [inter, ...] -> this rank's rows
+            if full.shape[0] != self.full_intermediate:
+                raise ValueError(f"checkpoint tensor {name!r} has {full.shape[0]} rows; the config has "
+                                 f"{self.full_intermediate} intermediate units")
+            rows = full.narrow(0, self.first, local)
+            param.data[expert].narrow(0, shard * local, local).copy_(rows)
+        else:  # down: [hidden, inter / per] -> this rank's input columns
+            param.data[expert].copy_(input_columns(full, self.first, local, self.full_intermediate))
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return all_reduce(super().forward(x, topk_weights, topk_ids), self.tp.group_name)

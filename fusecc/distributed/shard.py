@@ -47,3 +47,18 @@ def padded_shard_for_rank(tensor: torch.Tensor, rank: int, world: int) -> torch.
     rows = tensor[rank * per:(rank + 1) * per]
     out[:rows.shape[0]] = rows
     return out
+
+
+def input_columns(full: torch.Tensor, first: int, count: int, inputs: int) -> torch.Tensor:
+    """Input columns [first, first + count) of a full [N, inputs / per] tensor whose stored columns each
+    cover `per` inputs: 1 for weights, 8 for packed int4 words, the group size for scales and zeros; a
+    single stored column (per-channel scales) belongs to every rank. ValueError where a stored column
+    would straddle the cut."""
+    per = inputs // full.shape[-1]
+    if full.shape[-1] == 1 and inputs > 1:
+        return full
+    if per * full.shape[-1] != inputs or first % per or count % per:
+        raise ValueError(f"a tensor of {full.shape[-1]} columns for {inputs} inputs cannot be split at input column "
+                         f"{first} (+{count}): each of its columns covers {per} inputs (packed int4 words, scale "
+                         f"groups)")
+    return full.narrow(-1, first // per, count // per)

@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from fusecc.distributed.collectives import all_reduce_max
 from fusecc.distributed.linear import ColumnParallelLinear, RowParallelLinear
-from fusecc.distributed.moe import ParallelMoEExperts
+from fusecc.distributed.moe import ParallelMoEExperts, QuantizedParallelMoEExperts
 from fusecc.distributed.shard import shard_range
 from fusecc.distributed.state import TPGroup
 from fusecc.distributed.vocab import ParallelLMHead, VocabParallelEmbedding
@@ -67,9 +67,6 @@ def shard_model(model: LlamaForCausalLM, tp: TPGroup, device, quant: QuantConfig
     materialised on `device`."""
     if not isinstance(model, LlamaForCausalLM):
         raise ValueError(f"tensor parallelism supports the native Llama family, not {type(model).__name__}")
-    if quant is not None and isinstance(model, MoEForCausalLM):
-        raise ValueError(f"tensor parallelism with {quant.method} checkpoints of mixture-of-experts models is not "
-                         f"supported yet (quantize a float checkpoint at load instead)")
     dtype = model.model.norm.weight.dtype
     kw = dict(tp=tp, dtype=dtype, device=device)
     linear_kw = dict(kw, quant=quant)
@@ -77,7 +74,7 @@ def shard_model(model: LlamaForCausalLM, tp: TPGroup, device, quant: QuantConfig
     for i, layer in enumerate(model.model.layers):
         _shard_attention(layer.self_attn, hidden, linear_kw, f"layer {i}")
         if isinstance(layer.mlp, SparseMoeBlock):
-            _shard_moe(layer.mlp, hidden, kw)
+            _shard_moe(layer.mlp, hidden, linear_kw)
         elif type(layer.mlp) is LlamaMLP:
             _shard_mlp(layer.mlp, hidden, linear_kw)
         else:
@@ -125,10 +122,15 @@ def _shard_mlp(mlp: LlamaMLP, hidden: int, kw: dict) -> None:
 def _shard_moe(block: SparseMoeBlock, hidden: int, kw: dict) -> None:
     """Experts split by intermediate units (distributed/moe.py), a shared expert like a dense MLP; the
     router and the shared expert's gate are replicated (materialised and loaded whole)."""
-    experts = block.experts
+    experts, quant = block.experts, kw["quant"]
     if type(experts) is not MoEExperts:
         raise ValueError(f"tensor parallelism does not support {type(experts).__name__} experts yet")
-    block.experts = ParallelMoEExperts(experts.num_experts, hidden, experts.intermediate, **kw)
+    if quant is None:
+        float_kw = {k: v for k, v in kw.items() if k != "quant"}
+        block.experts = ParallelMoEExperts(experts.num_experts, hidden, experts.intermediate, **float_kw)
+    else:  # a quantized checkpoint's experts
+        block.experts = QuantizedParallelMoEExperts.empty(experts.num_experts, hidden, experts.intermediate,
+                                                          kw["tp"], quant, kw["device"])
     if block.shared_expert is not None:
         _shard_mlp(block.shared_expert, hidden, kw)
 

@@ -80,27 +80,34 @@ def quantize_experts(experts: nn.Module, quant: QuantConfig) -> QuantizedMoEExpe
                                quantize_expert_weights(experts.down_proj, quant))
 
 
+def empty_expert_parts(num_experts: int, intermediate: int, hidden: int, quant: QuantConfig, device) -> tuple:
+    """(weight format, gate_up parts, down parts), each parts (weights, scales, zeros or None) uninitialised
+    in moe_expert_weights.py's layout for `quant`: what QuantizedMoEExperts takes."""
+    fp8 = quant.kind == "fp8"
+
+    def parts(N: int, K: int) -> tuple:
+        groups = 1 if quant.group_size == -1 else -(-K // quant.group_size)
+        if fp8:
+            w = torch.empty(num_experts, N, K, dtype=torch.float8_e4m3fn, device=device)
+        elif quant.bits == 4:
+            w = torch.empty(num_experts, N, -(-K // 8), dtype=torch.int32, device=device)
+        else:
+            w = torch.empty(num_experts, N, K, dtype=torch.int8, device=device)
+        scales = torch.empty(num_experts, N, groups, dtype=torch.float32, device=device)
+        zeros = (torch.empty(num_experts, N, groups, dtype=torch.float32, device=device)
+                 if quant.zero_point and not fp8 else None)
+        return w, scales, zeros
+
+    weight_format = "fp8" if fp8 else f"int{quant.bits}"
+    return weight_format, parts(2 * intermediate, hidden), parts(hidden, intermediate)
+
+
 def empty_quantized_experts(experts: nn.Module, quant: QuantConfig) -> QuantizedMoEExperts:
     """The quantized module that takes `experts`' place, its tensors uninitialised (a quantized
     checkpoint's per-expert tensors fill them: fusecc/runtime/models/moe.py)."""
-    device = experts.gate_up_proj.device
-    fp8 = quant.kind == "fp8"
-
-    def parts(E: int, N: int, K: int) -> tuple:
-        groups = 1 if quant.group_size == -1 else -(-K // quant.group_size)
-        if fp8:
-            w = torch.empty(E, N, K, dtype=torch.float8_e4m3fn, device=device)
-        elif quant.bits == 4:
-            w = torch.empty(E, N, -(-K // 8), dtype=torch.int32, device=device)
-        else:
-            w = torch.empty(E, N, K, dtype=torch.int8, device=device)
-        scales = torch.empty(E, N, groups, dtype=torch.float32, device=device)
-        zeros = torch.empty(E, N, groups, dtype=torch.float32, device=device) if quant.zero_point and not fp8 else None
-        return w, scales, zeros
-
     E, two_inter, H = experts.gate_up_proj.shape
-    weight_format = "fp8" if fp8 else f"int{quant.bits}"
-    return QuantizedMoEExperts(weight_format, quant.group_size, parts(E, two_inter, H), parts(E, H, two_inter // 2))
+    weight_format, gate_up, down = empty_expert_parts(E, two_inter // 2, H, quant, experts.gate_up_proj.device)
+    return QuantizedMoEExperts(weight_format, quant.group_size, gate_up, down)
 
 
 def replace_experts(model: nn.Module, make) -> int:
