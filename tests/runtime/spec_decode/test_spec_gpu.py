@@ -11,14 +11,15 @@ from tests.runtime.hf_checkpoints import prompts, run_engine, save_tiny_checkpoi
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["ngram", "layer_skip", "self_draft"])
+@pytest.mark.parametrize("method", ["ngram", "layer_skip", "self_draft", "int4_self_draft"])
 def test_cuda_speculation_is_greedy_identical_and_replays_verification_graphs(tmp_path, method, monkeypatch):
     monkeypatch.setattr(speculator, "PAUSE_STEPS", 0)
     torch.backends.cuda.matmul.allow_tf32 = False
     save_tiny_checkpoint("llama", tmp_path)
     spec = {"ngram": {"method": "ngram", "num_speculative_tokens": 4},
             "layer_skip": {"method": "layer_skip", "num_layers": 1, "num_speculative_tokens": 3},
-            "self_draft": {"model": str(tmp_path), "num_speculative_tokens": 3}}[method]
+            "self_draft": {"model": str(tmp_path), "num_speculative_tokens": 3},
+            "int4_self_draft": {"quantization": "int4", "num_speculative_tokens": 3}}[method]
     kw = dict(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256, num_kv_blocks=128)
     requests = [(str(i), p + " " + p, SamplingParams(temperature=0, max_tokens=24))
                 for i, p in enumerate(prompts(6, seed=12, max_len=40))]
