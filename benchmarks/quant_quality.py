@@ -11,6 +11,8 @@ load) with a bf16 KV cache. Each variant loads the same file and changes one thi
     int4     quantization="int4"  W4A16, group 128, asymmetric
     fp8      quantization="fp8"   W8A8 e4m3, per-channel weights, dynamic per-token activations
     fp8_kv   kv_cache_dtype="fp8" e4m3 KV cache, scales 1.0 (the GGUF file carries none)
+    fp8_gptq the fp8 checkpoint `fusecc quantize --method fp8` writes (GPTQ rounding calibrated on
+             docstring windows after the scored ones; fusecc/quantization/gptq.py), loaded as a file
 
 and reports its perplexity's relative increase over bf16 against the issue's bound. It needs no GPU:
 on CPU the custom ops run their torch references, which compute the same quantized values as the
@@ -27,6 +29,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 
 import torch
@@ -40,6 +43,7 @@ VARIANTS = {
     "int4": ({"quantization": "int4"}, 0.08),
     "fp8": ({"quantization": "fp8"}, 0.02),
     "fp8_kv": ({"kv_cache_dtype": "fp8"}, 0.01),
+    "fp8_gptq": ({}, 0.02),  # a checkpoint written by fusecc/quantization/gptq.py (main() makes it)
 }
 
 
@@ -105,8 +109,17 @@ def main() -> int:
 
     results = {}
     for name in names:
-        extra = VARIANTS[name][0]
-        results[name] = measure(model, windows, base_args, extra)
+        extra, checkpoint = VARIANTS[name][0], model
+        if name == "fp8_gptq":
+            from fusecc.quantization.gptq import quantize_fp8_checkpoint
+
+            checkpoint = os.path.join(tempfile.mkdtemp(prefix="fusecc_fp8_gptq_"), "checkpoint")
+            made = quantize_fp8_checkpoint(model, checkpoint, skip_windows=args.windows,
+                                           window_len=args.window_len)
+            extra = {"checkpoint": f"fusecc quantize --method fp8 (calibration: {made['calibration_tokens']} "
+                                   f"tokens after the {args.windows} scored windows)"}
+        results[name] = measure(checkpoint, windows, base_args, {k: v for k, v in extra.items() if k != "checkpoint"})
+        results[name]["engine_args"] = extra
         print(f"{name:7s} perplexity {results[name]['perplexity']:.4f} ({results[name]['seconds']:.0f} s)",
               flush=True)
     reference = results["bf16"]["perplexity"]

@@ -84,7 +84,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
     if resolve_model_impl(config, model_impl) == "transformers":
         if quant is not None:
             raise ValueError(f"quantization {quant.method!r} needs a fusecc model class (model_impl fusecc); "
-                             f"{getattr(config, 'architectures', ['?'])[0]} runs through transformers")
+                             f"{(getattr(config, 'architectures', None) or ['?'])[0]} runs through transformers")
         from fusecc.runtime.models.transformers_backend import load_transformers_model
 
         safetensors_files(path)  # the same refusal of pickle-only folders as below
