@@ -25,7 +25,20 @@ import fusecc.ops  # noqa: F401  (registers torch.ops.fusecc.fused_moe)
 from fusecc.distributed.collectives import all_reduce, all_reduce_max
 from fusecc.distributed.shard import input_columns, shard_range
 from fusecc.distributed.state import TPGroup
-from fusecc.quantization.experts import QuantizedMoEExperts, empty_expert_parts, quantize_expert_weights
+from fusecc.quantization.experts import (QuantizedMoEExperts, empty_expert_parts, expert_weight_format,
+                                         quantize_expert_weights)
+
+
+def _copy_expert_slice(experts: nn.Module, param: nn.Parameter, expert: int, shard: int | None,
+                       full: torch.Tensor) -> None:
+    """This rank's part of one expert's full checkpoint tensor into `param`: gate or up (shard 0 / 1)
+    [inter, ...] -> its rows of that half; down [hidden, inter / per] -> its input columns (a float
+    weight, packed int4 words, scale groups; shard.py's input_columns)."""
+    first, local = experts.first, experts.intermediate
+    if shard is not None:
+        param.data[expert].narrow(0, shard * local, local).copy_(full.narrow(0, first, local))
+    else:
+        param.data[expert].copy_(input_columns(full, first, local, experts.full_intermediate))
 
 
 class ParallelMoEExperts(nn.Module):
@@ -51,11 +64,7 @@ class ParallelMoEExperts(nn.Module):
         if tuple(full.shape) != want:
             raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(full.shape)}; the model's config expects "
                              f"{want}")
-        if gate_up:
-            param.data[expert].narrow(0, shard * self.intermediate, self.intermediate).copy_(
-                full.narrow(0, self.first, self.intermediate))
-        else:
-            param.data[expert].copy_(full.narrow(1, self.first, self.intermediate))
+        _copy_expert_slice(self, param, expert, shard, full)
 
     def weight_loader(self, param: nn.Parameter, full: torch.Tensor, part: int = 0) -> None:
         """Stacked checkpoint tensors (transformers 5's own layout): w13 [E, 2 * inter, H] or w2 [E, H, inter]."""
@@ -85,8 +94,7 @@ class ParallelMoEExperts(nn.Module):
             raise ValueError(f"{self.intermediate} expert intermediate units per rank are not a multiple of the "
                              f"{quant.method} group size {quant.group_size}")
         down_amax = all_reduce_max(self.down_proj.abs().amax(-1, keepdim=True).float(), self.tp.group_name)
-        weight_format = "fp8" if quant.method == "fp8" else f"int{quant.bits}"
-        experts = QuantizedParallelMoEExperts(self.tp, weight_format, quant.group_size,
+        experts = QuantizedParallelMoEExperts(self.tp, expert_weight_format(quant), quant.group_size,
                                               quantize_expert_weights(self.gate_up_proj, quant),
                                               quantize_expert_weights(self.down_proj, quant, down_amax))
         experts.first, experts.full_intermediate = self.first, self.full_intermediate
@@ -115,15 +123,10 @@ class QuantizedParallelMoEExperts(QuantizedMoEExperts):
 
     def expert_loader(self, param: nn.Parameter, expert: int, shard: int | None, full: torch.Tensor,
                       name: str) -> None:
-        local = self.intermediate
-        if shard is not None:  # gate or up: [inter, ...] -> this rank's rows
-            if full.shape[0] != self.full_intermediate:
-                raise ValueError(f"checkpoint tensor {name!r} has {full.shape[0]} rows; the config has "
-                                 f"{self.full_intermediate} intermediate units")
-            rows = full.narrow(0, self.first, local)
-            param.data[expert].narrow(0, shard * local, local).copy_(rows)
-        else:  # down: [hidden, inter / per] -> this rank's input columns
-            param.data[expert].copy_(input_columns(full, self.first, local, self.full_intermediate))
+        if shard is not None and full.shape[0] != self.full_intermediate:
+            raise ValueError(f"checkpoint tensor {name!r} has {full.shape[0]} rows; the config has "
+                             f"{self.full_intermediate} intermediate units")
+        _copy_expert_slice(self, param, expert, shard, full)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return all_reduce(super().forward(x, topk_weights, topk_ids), self.tp.group_name)

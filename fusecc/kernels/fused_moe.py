@@ -46,8 +46,8 @@ from fusecc.kernels.fp8_matmul import quantize_fp8_per_token, quantize_fp8_per_t
 from fusecc.kernels.fused_moe_decode import DECODE_MAX_TOKENS, fused_moe_decode
 from fusecc.kernels.launch import launch_tuned
 from fusecc.kernels.moe_align import moe_align_block_size
-from fusecc.kernels.moe_expert_weights import (FLOAT, FP8, ExpertQuant, check_expert_quant, dequantize_experts,
-                                               expert_weight_tile, group_scale)
+from fusecc.kernels.moe_expert_weights import (FP8, ExpertQuant, check_expert_quant, dequantize_experts,
+                                               expert_weight_tile, group_scale, kernel_quant_args)
 from fusecc.triton_support import interpreting
 
 # (BLOCK_M class, GATED) -> hand-picked (BLOCK_N, BLOCK_K, GROUP_M, warps, stages); the gated kernel
@@ -211,8 +211,7 @@ def _quantized_tile_dot(a, acc, w_ptr, s_ptr, z_ptr, expert, n_idx, n_ok, k_idx,
 def _gemm(a, b, c, weights, sorted_ids, expert_ids, total, n: int, k: int, a_row_div: int, gated: bool,
           routed: bool, block_m: int, quant: ExpertQuant | None = None, a_scale=None) -> None:
     num_pairs, num_blocks = c.shape[0], expert_ids.shape[0]
-    s, z = _scale_args(quant, c)
-    q_consts = quant.constexprs(k) if quant is not None else dict(FORMAT=FLOAT, GROUP_SIZE=1, HAS_ZEROS=False)
+    s, z, q_consts = kernel_quant_args(quant, k, c)
 
     def grid(meta):
         return (num_blocks * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -224,14 +223,6 @@ def _gemm(a, b, c, weights, sorted_ids, expert_ids, total, n: int, k: int, a_row
         s.stride(0), s.stride(1), z.stride(0), z.stride(1),
     ), dict(A_ROW_DIV=a_row_div, GATED=gated, ROUTED=routed, EVEN_K=k % 256 == 0,
             FP32_DOT=a.dtype == torch.float32, BLOCK_M=block_m, **q_consts), first_config(block_m, gated))
-
-
-def _scale_args(quant: ExpertQuant | None, placeholder: torch.Tensor):
-    """(scales, zeros) kernel arguments; a 3-D stand-in where there are none (never read)."""
-    if quant is None:
-        stand_in = placeholder.view(1, *placeholder.shape)
-        return stand_in, stand_in
-    return quant.scales, quant.zeros if quant.zeros is not None else quant.scales
 
 
 def check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_quant: ExpertQuant | None = None,

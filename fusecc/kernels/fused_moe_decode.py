@@ -20,7 +20,7 @@ import triton.language as tl
 
 from fusecc.kernels.fp8_matmul import quantize_fp8_per_token_triton
 from fusecc.kernels.launch import launch_tuned
-from fusecc.kernels.moe_expert_weights import FLOAT, ExpertQuant, expert_weight_tile
+from fusecc.kernels.moe_expert_weights import ExpertQuant, expert_weight_tile, kernel_quant_args
 from fusecc.triton_support import interpreting
 
 DECODE_MAX_TOKENS = 2  # fused_moe takes this path up to here (a pair per expert is the common case)
@@ -127,12 +127,7 @@ def _gemv(a, b, c, ids, weights, n: int, k: int, top_k: int, gated: bool, quant:
     def grid(meta):
         return (c.shape[0], triton.cdiv(n, meta["BLOCK_N"]))
 
-    if quant is None:
-        s = z = c.view(1, *c.shape)  # never read
-        q_consts = dict(FORMAT=FLOAT, GROUP_SIZE=1, HAS_ZEROS=False)
-    else:
-        s, z = quant.scales, quant.zeros if quant.zeros is not None else quant.scales
-        q_consts = quant.constexprs(k)
+    s, z, q_consts = kernel_quant_args(quant, k, c)
     launch_tuned(_moe_gemv_kernel, grid, (
         a, b, c, ids, weights, s, z, a_scale if a_scale is not None else weights, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),

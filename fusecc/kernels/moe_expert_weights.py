@@ -43,6 +43,16 @@ class ExpertQuant:
                     HAS_ZEROS=self.zeros is not None)
 
 
+def kernel_quant_args(quant: ExpertQuant | None, K: int, placeholder: torch.Tensor) -> tuple:
+    """(scales, zeros, constexprs) a fused MoE kernel takes for one projection; float weights get a 3-D
+    stand-in (never read) and FORMAT=FLOAT, a symmetric one its scales in the zeros' place (never read)."""
+    if quant is None:
+        stand_in = placeholder.view(1, *placeholder.shape)
+        return stand_in, stand_in, dict(FORMAT=FLOAT, GROUP_SIZE=1, HAS_ZEROS=False)
+    zeros = quant.zeros if quant.zeros is not None else quant.scales
+    return quant.scales, zeros, quant.constexprs(K)
+
+
 def check_expert_quant(name: str, w: torch.Tensor, quant: ExpertQuant, E: int, N: int, K: int) -> None:
     """ValueError naming what in one projection does not match the layout of the module docstring."""
     if quant.format not in FORMATS:

@@ -75,9 +75,14 @@ def quantize_expert_weights(w: torch.Tensor, quant: QuantConfig, row_amax: torch
 @torch.no_grad()
 def quantize_experts(experts: nn.Module, quant: QuantConfig) -> QuantizedMoEExperts:
     """`experts`' float weights quantized round-to-nearest (quantization="int8" | "int4" | "fp8")."""
-    weight_format = "fp8" if quant.method == "fp8" else f"int{quant.bits}"
-    return QuantizedMoEExperts(weight_format, quant.group_size, quantize_expert_weights(experts.gate_up_proj, quant),
+    return QuantizedMoEExperts(expert_weight_format(quant), quant.group_size,
+                               quantize_expert_weights(experts.gate_up_proj, quant),
                                quantize_expert_weights(experts.down_proj, quant))
+
+
+def expert_weight_format(quant: QuantConfig) -> str:
+    """The fused MoE kernels' weight format of `quant` (moe_expert_weights.py): "fp8", "int8" or "int4"."""
+    return "fp8" if quant.kind == "fp8" else f"int{quant.bits}"
 
 
 def empty_expert_parts(num_experts: int, intermediate: int, hidden: int, quant: QuantConfig, device) -> tuple:
@@ -98,8 +103,7 @@ def empty_expert_parts(num_experts: int, intermediate: int, hidden: int, quant: 
                  if quant.zero_point and not fp8 else None)
         return w, scales, zeros
 
-    weight_format = "fp8" if fp8 else f"int{quant.bits}"
-    return weight_format, parts(2 * intermediate, hidden), parts(hidden, intermediate)
+    return expert_weight_format(quant), parts(2 * intermediate, hidden), parts(hidden, intermediate)
 
 
 def empty_quantized_experts(experts: nn.Module, quant: QuantConfig) -> QuantizedMoEExperts:
