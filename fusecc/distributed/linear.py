@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusecc.distributed.collectives import all_reduce
+from fusecc.distributed.collectives import all_reduce, all_reduce_max
 from fusecc.quantization.linear import quantize_weight, quantized_matmul, quantized_weight_parameters
 from fusecc.distributed.shard import input_columns, shard_for_rank, shard_range
 from fusecc.distributed.state import TPGroup
@@ -45,9 +45,13 @@ class _ParallelLinear(nn.Module):
         return quantized_matmul(x, self, bias, self.quant)
 
     @torch.no_grad()
-    def quantize_(self, quant, row_amax: torch.Tensor | None = None) -> None:
+    def quantize_(self, quant) -> None:
         """Replace the loaded float weight by its round-to-nearest quantization (quantization="int8" |
-        "int4" | "fp8"); row_amax: the full rows' max |w| (a row-parallel shard holds some columns)."""
+        "int4" | "fp8"), equal to this rank's part of the unsharded weight's quantization."""
+        self._replace_weight(quant, None)
+
+    def _replace_weight(self, quant, row_amax: torch.Tensor | None) -> None:
+        """row_amax: the full rows' max |w| where this rank holds only some of their columns."""
         weight = self.weight
         del self.weight
         self._make_weight(weight.shape[0], weight.shape[1], quant, weight.dtype, weight.device)
@@ -109,6 +113,17 @@ class RowParallelLinear(_ParallelLinear):
             raise ValueError(f"checkpoint tensor of shape {tuple(full.shape)} does not fit a row-parallel "
                              f"weight of {param.shape[0]} rows")
         param.data.copy_(self._columns(full))
+
+    @torch.no_grad()
+    def quantize_(self, quant) -> None:
+        """As the column-parallel layer's, but this rank holds some columns of each row: per-channel
+        scales come from the full rows' max |w| (an all-reduce of the shards' maxima), and int4 groups
+        must not straddle ranks (ValueError)."""
+        if quant.group_size != -1 and self.local_columns % quant.group_size:
+            raise ValueError(f"{self.local_columns} input columns per rank are not a multiple of the {quant.method} "
+                             f"group size {quant.group_size}")
+        amax = self.weight.abs().amax(dim=1, keepdim=True).float()
+        self._replace_weight(quant, all_reduce_max(amax, self.tp.group_name))
 
     def _columns(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's input columns of a full weight, packed weight, or its scales / zeros."""

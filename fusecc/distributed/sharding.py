@@ -29,7 +29,6 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from fusecc.distributed.collectives import all_reduce_max
 from fusecc.distributed.linear import ColumnParallelLinear, RowParallelLinear
 from fusecc.distributed.moe import ParallelMoEExperts, QuantizedParallelMoEExperts
 from fusecc.distributed.shard import shard_range
@@ -144,14 +143,11 @@ def quantize_sharded_linears(model: LlamaForCausalLM, quant: QuantConfig) -> Non
         if isinstance(module, ParallelMoEExperts):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, module.quantized(quant))
-        elif isinstance(module, ColumnParallelLinear):
-            module.quantize_(quant)
-        elif isinstance(module, RowParallelLinear):
-            if quant.group_size != -1 and module.local_columns % quant.group_size:
-                raise ValueError(f"{name}: {module.local_columns} input columns per rank are not a multiple of "
-                                 f"the {quant.method} group size {quant.group_size}")
-            amax = module.weight.detach().abs().amax(dim=1, keepdim=True).float()
-            module.quantize_(quant, all_reduce_max(amax, module.tp.group_name))
+        elif isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            try:
+                module.quantize_(quant)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
 
 
 class _EmptyOnMeta(TorchFunctionMode):
