@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from fusecc.quantization.packing import FP8_MAX
+from fusecc.quantization.packing import FP8_MAX, quantize_fp8
 
 # transformers' decoder linears that fusecc quantizes (fusecc/quantization/model.py's, by HF names)
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -71,12 +71,14 @@ def _e4m3(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def gptq_fp8(weight: torch.Tensor, hessian: torch.Tensor | None, block: int = 128,
              damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] -> (float8_e4m3fn [N, K], scale fp32 [N]); hessian None: round to nearest."""
+    """weight [N, K] -> (float8_e4m3fn [N, K], scale fp32 [N]); hessian None: round to nearest, as
+    quantization="fp8" does at load (packing.quantize_fp8)."""
+    q, rtn_scale = quantize_fp8(weight)
+    if hessian is None:
+        return q, rtn_scale[:, 0]
     W = weight.double().clone()
     N, K = W.shape
-    scale = (W.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)  # round-to-nearest's per-channel scale
-    if hessian is None:
-        return _e4m3(W / scale[:, None]), scale.float()
+    scale = rtn_scale[:, 0].double()  # round-to-nearest's per-channel scale, as stored
     H = hessian.clone()
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights do not matter
     H[dead, dead] = 1.0
