@@ -112,19 +112,12 @@ class MoEMatching(GraphPass):
 def _match(down: fx.Node, grouped: set) -> tuple[fx.Node, tuple]:
     """(the node the op replaces, fused_moe args) for the down-projection grouped_mm `down`."""
     w2, offs = _transposed_weight(down), _offsets(down)
-    act = _input(down)
-    gate, up_half = _swiglu_halves(act)
-    split = _split_source(gate, 0)
-    if _split_source(up_half, 1) is not split:
-        raise NoMatch("gate_and_up_not_halves_of_one_split")
-    inter = split.args[1] if is_call(split, aten.split.Tensor) else split.args[1][0]
+    split, inter = _gate_up_split(_input(down))
     gate_up = _strip_sentinel(split.args[0])
     if not is_call(gate_up, *grouped) or _offsets(gate_up) is not offs:
         raise NoMatch("gate_up_not_grouped_mm_over_same_offsets")
     w13 = _transposed_weight(gate_up)
-    E, two_inter, H = tensor_shape(w13)
-    if not isinstance(inter, int) or two_inter != 2 * inter or tensor_shape(w2) != (E, H, inter):
-        raise NoMatch("expert_weight_shapes")
+    E, H = _expert_shapes(w13, w2, inter)
     # rows: x[perm // k] with perm from sorting the flattened top-k ids of a routing over E experts
     rows = _strip_sentinel(_input(gate_up))
     if not is_call(rows, aten.index.Tensor) or len(rows.args[1]) != 1:
@@ -141,12 +134,35 @@ def _match(down: fx.Node, grouped: set) -> tuple[fx.Node, tuple]:
         raise NoMatch("routing_weight_shapes")
     _check_offsets(offs, sort, E)
     final = _reduction(down, weights_src, perm, top_k, H)
-    if tensor_value(final).dtype != tensor_value(x).dtype or not (tensor_value(x).dtype == tensor_value(w13).dtype == tensor_value(w2).dtype):
-        raise NoMatch("dtypes")
+    _check_dtypes(final, x, w13, w2)
     return final, (x, w13, w2, weights_src, ids)
 
 
 # ---------------------------------------------------------------- the pieces
+
+def _gate_up_split(act) -> tuple[fx.Node, int]:
+    """(the split of the gate_up product into its gate and up halves, inter) for act = silu(gate) * up."""
+    gate, up_half = _swiglu_halves(act)
+    split = _split_source(gate, 0)
+    if _split_source(up_half, 1) is not split:
+        raise NoMatch("gate_and_up_not_halves_of_one_split")
+    return split, split.args[1] if is_call(split, aten.split.Tensor) else split.args[1][0]
+
+
+def _expert_shapes(w13: fx.Node, w2: fx.Node, inter) -> tuple[int, int]:
+    """(experts, hidden) when w13 is [E, 2 * inter, H] and w2 [E, H, inter]."""
+    E, two_inter, H = tensor_shape(w13)
+    if not isinstance(inter, int) or two_inter != 2 * inter or tensor_shape(w2) != (E, H, inter):
+        raise NoMatch("expert_weight_shapes")
+    return E, H
+
+
+def _check_dtypes(final: fx.Node, x: fx.Node, w13: fx.Node, w2: fx.Node) -> None:
+    """The fused op computes in x's dtype: the weights and the replaced output must share it."""
+    if tensor_value(final).dtype != tensor_value(x).dtype or not (tensor_value(x).dtype == tensor_value(w13).dtype
+                                                                  == tensor_value(w2).dtype):
+        raise NoMatch("dtypes")
+
 
 def _is_batched_mm_experts(node) -> bool:
     """bmm(weights[expert of each pair], unsqueeze(rows, -1)): transformers' "batched_mm" experts."""
@@ -164,18 +180,12 @@ def _is_batched_mm_experts(node) -> bool:
 def _match_batched(down: fx.Node) -> tuple[fx.Node, tuple]:
     """(the node the op replaces, fused_moe args) for the down-projection bmm of batched_mm experts."""
     w2, expert_of_pair = down.args[0].args[0], down.args[0].args[1][0]
-    gate, up_half = _swiglu_halves(down.args[1].args[0])
-    split = _split_source(gate, 0)
-    if _split_source(up_half, 1) is not split:
-        raise NoMatch("gate_and_up_not_halves_of_one_split")
-    inter = split.args[1] if is_call(split, aten.split.Tensor) else split.args[1][0]
+    split, inter = _gate_up_split(down.args[1].args[0])
     gate_up = _bmm_of_squeezed(_strip_cast(split.args[0]))
     if not _is_batched_mm_experts(gate_up) or gate_up.args[0].args[1][0] is not expert_of_pair:
         raise NoMatch("gate_up_not_batched_mm_over_same_experts")
     w13 = gate_up.args[0].args[0]
-    E, two_inter, H = tensor_shape(w13)
-    if not isinstance(inter, int) or two_inter != 2 * inter or tensor_shape(w2) != (E, H, inter):
-        raise NoMatch("expert_weight_shapes")
+    E, H = _expert_shapes(w13, w2, inter)
     ids = _flattened(_strip_clamp(expert_of_pair, E))
     topk = _getitem_of(ids, 1, aten.topk.default)
     top_k = tensor_shape(ids)[-1]
@@ -185,8 +195,7 @@ def _match_batched(down: fx.Node) -> tuple[fx.Node, tuple]:
     final, weights_src = _batched_reduction(_squeeze_of(down), top_k, H)
     if tensor_shape(weights_src) != tensor_shape(ids):
         raise NoMatch("routing_weight_shapes")
-    if tensor_value(final).dtype != tensor_value(x).dtype or not (tensor_value(x).dtype == tensor_value(w13).dtype == tensor_value(w2).dtype):
-        raise NoMatch("dtypes")
+    _check_dtypes(final, x, w13, w2)
     return final, (x, w13, w2, weights_src, ids)
 
 
