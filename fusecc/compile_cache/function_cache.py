@@ -24,6 +24,7 @@ and returns plain `torch.compile(fn, backend="fusecc")` (whose graphs the backen
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import io
@@ -104,43 +105,60 @@ def aot_compile(fn: Callable, args: tuple, kwargs: Optional[dict] = None, *, opt
 
 
 def load_or_compile(fn: Callable, args: tuple, kwargs: dict, *, options: dict, mode: Optional[str] = None,
-                    dynamic: Optional[bool] = None):
-    """torch's AOTCompiledFunction for `fn` at this example: loaded from the cache, or compiled (and
-    stored); None (with a warning saying why) where it cannot be compiled ahead of time. It
-    raises on a call its guards reject unless `disable_guard_check()` (check `guard_check` first)."""
+                    dynamic: Optional[bool] = None,
+                    while_compiling: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+    """torch's AOTCompiledFunction for `fn` at this example: loaded from the cache (only where its
+    guards accept the example), or compiled (and stored); None (with a warning saying why) where it
+    cannot be compiled ahead of time. It raises on a call its guards reject unless
+    `disable_guard_check()` (check `guard_check` first). `while_compiling()` is entered around the
+    key and the compilation, not around the guard check (PrecompiledForward's Dynamo markings).
+
+    dynamic=True: looked up by the arguments' shape class first (describe_value), then by their
+    exact shapes, where a stored function for the class was specialised to other sizes."""
     from fusecc.compile_cache.graph_cache import cache_enabled
 
     if not cache_enabled():  # nothing to store it in: compiling ahead of time would gain nothing
         return None
-    key = function_key(fn, args, kwargs, options, mode, dynamic)
+    with while_compiling():
+        keys = [function_key(fn, args, kwargs, options, mode, dynamic, shape_class=True)] if dynamic else []
+        keys.append(function_key(fn, args, kwargs, options, mode, dynamic))
     name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
     from fusecc.config import FuseccOptions
 
     dumping = bool(FuseccOptions.from_sources(mode=mode, options=options).dump_dir)
-    payload = None if dumping else read_entry(functions_dir(), key)  # a dump shows the compilation
-    if payload == NOT_COMPILABLE:  # an earlier process found out: do not trace it in vain again
-        counters["function_hits_not_compilable"] += 1
-        return None
-    if payload is not None:
-        loaded = _load(key, fn, payload)
-        if loaded is not None:
+    rejected = set()
+    for key in ([] if dumping else keys):  # a dump shows the compilation
+        payload = read_entry(functions_dir(), key)
+        if payload == NOT_COMPILABLE:  # an earlier process found out: do not trace it in vain again
+            counters["function_hits_not_compilable"] += 1
+            return None
+        loaded = _load(key, fn, payload) if payload is not None else None
+        if loaded is not None and loaded.guard_check(*args, **kwargs):
+            counters["function_hits"] += 1
             return loaded
+        if loaded is not None:
+            counters["function_guard_rejects"] += 1
+            rejected.add(key)
     counters["function_misses"] += 1
+    store_key = next((key for key in keys if key not in rejected), keys[-1])
     try:
-        compiled = _compile(fn, args, kwargs, options, mode, dynamic)
+        with while_compiling():
+            compiled = _compile(fn, args, kwargs, options, mode, dynamic)
     except Exception as exc:  # a graph break, an unstorable graph or guard: compile it the usual way
         why = f"{type(exc).__name__}: {_first_line(exc)}"
         log.warning("fusecc: %s cannot be compiled ahead of time (%s); using torch.compile", name, why)
         try:
-            write_entry(functions_dir(), key, NOT_COMPILABLE, f"not compilable ahead of time: {name}: {why}"[:300])
+            write_entry(functions_dir(), store_key, NOT_COMPILABLE,
+                        f"not compilable ahead of time: {name}: {why}"[:300])
         except OSError:
             pass
         return None
-    _store(key, compiled, f"function {name}")
+    _store(store_key, compiled, f"function {name}")
     return compiled
 
 
-def function_key(fn: Callable, args: tuple, kwargs: dict, options: dict, mode, dynamic) -> str:
+def function_key(fn: Callable, args: tuple, kwargs: dict, options: dict, mode, dynamic,
+                 shape_class: bool = False) -> str:
     from fusecc.compile_cache.graph_cache import options_factors
     from fusecc.config import FuseccOptions
 
@@ -152,7 +170,7 @@ def function_key(fn: Callable, args: tuple, kwargs: dict, options: dict, mode, d
             described.append(("module", type(leaf).__module__, type(leaf).__qualname__))
             modules.append(leaf)
         else:
-            described.append(describe_value(leaf))
+            described.append(describe_value(leaf, dynamic=shape_class))
     device = next((x.device for x in leaves if isinstance(x, torch.Tensor)), None)
     if device is None:
         device = next((p.device for m in modules for p in m.parameters()), None)
@@ -216,7 +234,6 @@ def _load(key: str, fn: Callable, payload: bytes):
         discard(functions_dir() / f"{key}.fcc", f"cannot be loaded: {type(exc).__name__}: {_first_line(exc)}")
         counters["function_discarded"] += 1
         return None
-    counters["function_hits"] += 1
     return loaded
 
 

@@ -66,22 +66,34 @@ def shape_settings() -> dict[str, Any]:
             "grad_enabled": torch.is_grad_enabled(), "inference_mode": torch.is_inference_mode_enabled()}
 
 
-def describe_value(value: Any) -> Any:
-    """An input's metadata as text: what Dynamo guards on and the compilation depends on."""
+def describe_value(value: Any, dynamic: bool = False) -> Any:
+    """An input's metadata as text: what Dynamo guards on and the compilation depends on.
+    dynamic (a dynamic=True compilation): only the shape class of sizes and ints, as Dynamo sees
+    them: 0, 1 and "n" for any other, a dimension marked static (torch._dynamo.mark_static) by its
+    value. A KV pool sized from free GPU memory then finds the graph an earlier process stored for
+    another pool size; whoever loads an entry checks its guards (function_cache.load_or_compile)."""
     if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(str(s) for s in value.shape), tuple(str(s) for s in value.stride()),
-                str(value.dtype), str(value.device), bool(value.requires_grad),
+        if dynamic:
+            static = set(getattr(value, "_dynamo_static_indices", ()))
+            shape = tuple(str(s) if i in static or s in (0, 1) else "n" for i, s in enumerate(value.shape))
+            # the order of the strides, not their values (they follow dynamic sizes)
+            layout = tuple(sorted(range(value.dim()), key=lambda d: -value.stride(d)))
+        else:
+            shape, layout = tuple(str(s) for s in value.shape), tuple(str(s) for s in value.stride())
+        return ("tensor", shape, layout, str(value.dtype), str(value.device), bool(value.requires_grad),
                 isinstance(value, torch.nn.Parameter))
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return (type(value).__name__, str(value.node.expr))
+    if dynamic and isinstance(value, int) and not isinstance(value, bool):
+        return ("int", repr(value) if value in (0, 1) else "n")
     if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
         return (type(value).__name__, repr(value))
     if isinstance(value, (list, tuple)):
-        return (type(value).__name__, [describe_value(v) for v in value])
+        return (type(value).__name__, [describe_value(v, dynamic) for v in value])
     if isinstance(value, dict):
-        return ("dict", [(repr(k), describe_value(v)) for k, v in value.items()])
+        return ("dict", [(repr(k), describe_value(v, dynamic)) for k, v in value.items()])
     if dataclasses.is_dataclass(value):  # e.g. attention metadata: its fields, tensors by metadata
-        return (type(value).__qualname__, [(f.name, describe_value(getattr(value, f.name)))
+        return (type(value).__qualname__, [(f.name, describe_value(getattr(value, f.name), dynamic))
                                            for f in dataclasses.fields(value)])
     return (type(value).__module__, type(value).__qualname__)  # never its repr: it may hold values
 

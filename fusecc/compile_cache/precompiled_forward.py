@@ -62,9 +62,8 @@ class PrecompiledForward:
             log.warning("fusecc: the forward needed more than %d graphs; compiling with torch.compile", self.max_graphs)
             self.use_fallback = True
             return self._call_fallback(*args, **kwargs)
-        with self.while_compiling(*args, **kwargs):
-            fn = load_or_compile(call_module, (self.model, *args), kwargs, options=self.options,
-                                 dynamic=self.dynamic)
+        fn = load_or_compile(call_module, (self.model, *args), kwargs, options=self.options, dynamic=self.dynamic,
+                             while_compiling=lambda: self.while_compiling(*args, **kwargs))
         if fn is None:
             self.use_fallback = True
             return self._call_fallback(*args, **kwargs)

@@ -58,6 +58,15 @@ def _load_rows(ptrs, rows_ok, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.cons
 
 
 @triton.jit
+def exact_dot(a, b, acc):
+    """tl.dot that keeps fp32 operands fp32: Triton's default would round them to TF32 (about 1e-3
+    relative), while eager fp32 attention (allow_tf32 off, PyTorch's default) does not."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def attn_bounds(start_m, seq_q, seq_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr):
     """Key ranges of the query rows [start_m, start_m + BLOCK_M): [0, full_end) unmasked,
@@ -118,7 +127,7 @@ def attn_inner(acc, l_i, m_i, q,
             v_rows = offs_n.to(tl.int64) * stride_vn
         k = _load_rows(k_ptr + k_rows[:, None] + offs_d[None, :] * stride_kd, n_ok, offs_d,
                        MASKED, HEAD_DIM, HEAD_DIM_PAD).to(q.dtype)  # fp8 cache: dequantized here
-        qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32
+        qk = exact_dot(q, tl.trans(k), None)  # [BLOCK_M, BLOCK_N] fp32
         if SOFTCAP:
             # in base-2 units: cap2 * tanh(qk * scale / cap), cap2 = cap * log2(e)
             qk = softcap_log2 * _tanh(qk * (qk_scale / softcap_log2))
@@ -148,7 +157,7 @@ def attn_inner(acc, l_i, m_i, q,
         v = _load_rows(v_ptr + v_rows[:, None] + offs_d[None, :] * stride_vd, n_ok, offs_d,
                        MASKED, HEAD_DIM, HEAD_DIM_PAD).to(q.dtype)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = exact_dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_i
 
 

@@ -74,7 +74,7 @@ def _quantize_per_token_kernel(x_ptr, xq_ptr, scale_ptr, K, stride_xm, stride_qm
         offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), 448.0), 1e-12)
+    scale = tl.maximum(tl.max(amax, axis=0) * (1.0 / 448.0), 1e-12)  # as quantize_fp8_per_token
     tl.store(scale_ptr + m, scale)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
@@ -102,7 +102,9 @@ def quantize_fp8_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (xq float8_e4m3fn [M, K], scale fp32 [M]) with x ~= xq * scale[:, None]."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1) / FP8_MAX).clamp(min=1e-12)
+    # times the fp32 reciprocal, not `/ FP8_MAX`: CUDA divides a tensor by a scalar that way and the CPU
+    # does not, so the kernel below, the CPU and the GPU agree bit for bit only on the product
+    scale = (xf.abs().amax(dim=-1) * (1.0 / FP8_MAX)).clamp(min=1e-12)
     xq = (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return xq, scale
 

@@ -163,7 +163,9 @@ def check_weight_only(qweight, scales, zeros, bits: int, group_size: int, K: int
         raise ValueError(f"qweight must be row-major (stride 1 along K), got strides {qweight.stride()}")
     groups = 1 if group_size == -1 else triton.cdiv(K, group_size)
     for name, t in (("scales", scales), ("zeros", zeros)):
-        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (N, groups) or t.stride(1) != 1):
+        # a single group's column stride is never used (a [N, 1] view of a transpose has stride N there)
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (N, groups)
+                              or (groups > 1 and t.stride(1) != 1)):
             raise ValueError(f"{name} must be float32 [N, groups] = [{N}, {groups}] (row-major), got "
                              f"{t.dtype} {tuple(t.shape)}")
 

@@ -52,3 +52,33 @@ def test_without_torch_support_it_logs_why_and_uses_torch_compile(compile_cache,
         torch.testing.assert_close(step(model, x, True), scaled(model, x, True))
     assert "torch 2.x has no AOT compile; using torch.compile" in caplog.text
     assert counters["function_stores"] == 0 and counters["backend_calls"] == 1
+
+
+def branches_on_batch(model, x):
+    y = model(x)
+    return y * 2 if x.shape[0] > 6 else y  # Dynamo guards the dynamic size: s0 > 6 or s0 <= 6
+
+
+def test_dynamic_functions_are_found_by_shape_class_and_checked_by_their_guards(compile_cache):
+    """dynamic=True: a stored function serves another size of the same class (a KV pool sized
+    from free memory differs run to run); one whose guards reject the new size is not used, the
+    call compiles anew under its exact shapes, and that entry is found next time."""
+    model = TwoLayers()
+
+    def fresh_process_call(batch):
+        torch._dynamo.reset()
+        x = torch.randn(batch, 16)
+        with torch.no_grad():
+            step = aot_compile(branches_on_batch, (model, x), options={"freeze": True}, dynamic=True)
+            torch.testing.assert_close(step(model, x), branches_on_batch(model, x))
+        seen = dict(counters)
+        counters.clear()
+        return seen
+
+    assert fresh_process_call(9)["function_stores"] == 1
+    assert fresh_process_call(12) == {"function_hits": 1}  # same class, guards accept: nothing traced
+    # same class "n", the guard s0 > 6 rejects 5: compiled anew, stored under the exact shapes
+    rejected = fresh_process_call(5)
+    assert rejected["function_guard_rejects"] == 1 and rejected["function_stores"] == 1, rejected
+    assert fresh_process_call(5) == {"function_guard_rejects": 1, "function_hits": 1}
+    assert fresh_process_call(1)["function_misses"] == 1  # size 1 is its own class (Dynamo specialises it)

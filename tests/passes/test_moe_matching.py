@@ -5,6 +5,7 @@ Through the real backend (Dynamo + capture), as a user compiles them: fp32 graph
 `grouped_mm_fallback` op, bf16 ones `aten._grouped_mm`. On CPU the fused op runs its torch path.
 """
 
+import copy
 import glob
 import os
 
@@ -128,7 +129,11 @@ def test_gpu_compiled_block_runs_the_triton_kernel(arch, tmp_path):
     block = moe_block(arch, torch.bfloat16).cuda()
     x = torch.randn(3, 40, 64, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        expected = block(x)
-    out = compile_and_run(block, x, dump_dir=tmp_path)
-    torch.testing.assert_close(out.float(), expected.float(), atol=5e-2, rtol=5e-2)
+        eager = block(x).double()
+        exact = copy.deepcopy(block).float()(x.float()).double()
+    out = compile_and_run(block, x, dump_dir=tmp_path).double()
+    # the kernel keeps gate/up/down products in fp32 where eager rounds each to bf16: the two round
+    # differently, so the compiled block is held to eager bf16's own distance from the fp32 block
+    eager_err, compiled_err = (eager - exact).abs().max().item(), (out - exact).abs().max().item()
+    assert compiled_err <= 2 * eager_err + 1e-2, (compiled_err, eager_err)
     assert dumped(tmp_path, "*final.py").count("torch.ops.fusecc.fused_moe.default(") == 1

@@ -60,7 +60,10 @@ class Rotary(nn.Module):
 
     def __init__(self, config, head_dim: int, max_positions: int) -> None:
         super().__init__()
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(config, head_dim))
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        # transformers' scaled RoPE initialisers build inv_freq on the CPU; the positions follow any
+        # `with torch.device(...)` the model is built under
+        freqs = torch.outer(positions, rope_inv_freq(config, head_dim).to(positions.device))
         emb = torch.cat([freqs, freqs], dim=-1)  # [max_positions, head_dim]
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
