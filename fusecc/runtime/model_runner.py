@@ -127,6 +127,24 @@ def static_cache_sizes(input_ids, positions, kv_caches, md):
                     delattr(cache, marking)
 
 
+def kv_pool_too_small(config: EngineConfig, total: int, peak: int, non_torch: int, per_block: int,
+                      blocks_needed: int) -> str:
+    """One line with the numbers behind a KV pool too small for one sequence (as vLLM says when other
+    processes hold the memory that gpu_memory_utilization counts on)."""
+    def gib(n: float) -> str:
+        return f"{n / 2**30:.2f} GiB"
+
+    allowed = total * config.gpu_memory_utilization
+    left = max(allowed - peak - non_torch - GPU_RESERVE_BYTES, 0)
+    return (f"KV cache does not fit: gpu_memory_utilization={config.gpu_memory_utilization} allows {gib(allowed)} "
+            f"of the GPU's {gib(total)}; weights and the largest step's activations take {gib(peak)}, memory "
+            f"outside this process's PyTorch allocator (other processes, the CUDA context) {gib(non_torch)}, "
+            f"leaving {gib(left)}: {int(left // per_block)} KV blocks of {per_block / 2**20:.2f} MiB where one "
+            f"sequence of max_model_len={config.max_model_len} needs {blocks_needed}; raise "
+            f"gpu_memory_utilization, free the GPU memory other processes hold, or lower max_model_len / "
+            f"max_num_batched_tokens")
+
+
 class ModelRunner:
     def __init__(self, model, config: EngineConfig) -> None:
         # the model's own device: config.device may be "auto"
@@ -289,9 +307,7 @@ class ModelRunner:
         per_block = self.num_layers * 2 * bs * self.kv_heads * self.head_dim * self.kv_dtype.itemsize
         num_blocks = int(budget // per_block)
         if num_blocks < self.max_blocks_per_seq:
-            raise RuntimeError(f"KV pool of {num_blocks} blocks after profiling cannot hold one sequence of "
-                               f"max_model_len={config.max_model_len}; raise gpu_memory_utilization or lower "
-                               f"max_model_len / max_num_batched_tokens")
+            raise RuntimeError(kv_pool_too_small(config, total, peak, non_torch, per_block, self.max_blocks_per_seq))
         return num_blocks
 
     # --- CUDA graphs for decode ---------------------------------------------------------------

@@ -57,3 +57,19 @@ def test_decode_steps_through_padded_graph_buckets_match_transformers(tmp_path):
     for i, out in final.items():
         assert out.outputs[0].token_ids == hf_greedy(hf, out.prompt_token_ids, 8 + 2 * int(i)), i
     assert engine.stats().step_timings.graph_replays == engine.runner.num_graph_replays
+
+
+def test_kv_pool_too_small_says_where_the_memory_went():
+    # the numbers of a real failure: a 79 GiB H100 with 68 GiB held by another process and
+    # gpu_memory_utilization=0.3: the line names each share and the remedies, no negative count
+    from fusecc.runtime.config import EngineConfig
+    from fusecc.runtime.model_runner import kv_pool_too_small
+
+    config = EngineConfig(max_model_len=128, gpu_memory_utilization=0.3)
+    line = kv_pool_too_small(config, total=int(79.18 * 2**30), peak=3 * 2**30, non_torch=69 * 2**30,
+                             per_block=2 * 2**20, blocks_needed=8)
+    assert "\n" not in line
+    for part in ("gpu_memory_utilization=0.3 allows 23.75 GiB", "GPU's 79.18 GiB", "take 3.00 GiB",
+                 "other processes, the CUDA context) 69.00 GiB", "leaving 0.00 GiB: 0 KV blocks of 2.00 MiB",
+                 "max_model_len=128 needs 8", "free the GPU memory other processes hold"):
+        assert part in line, (part, line)
