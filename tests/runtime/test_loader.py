@@ -103,3 +103,19 @@ def test_missing_config_tokenizer_or_weight_map_are_named(tmp_path):
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         loader.load_config(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe"])
+def test_every_model_class_builds_on_the_load_device(arch):
+    """build_model allocates under `with torch.device(device)`: a tensor a constructor makes on the
+    CPU on purpose (transformers' scaled-RoPE init does) must follow to that device. The meta device
+    stands in for CUDA here: mixing it with a CPU tensor fails as CUDA does."""
+    from fusecc.runtime.loader import build_model, model_class
+    from tests.runtime.hf_checkpoints import tiny_config
+    from tests.runtime.transformers_families import family_config
+
+    config = family_config(arch) if arch in ("mixtral", "qwen3_moe") else tiny_config(arch)
+    config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
+    model = build_model(model_class(config), config, torch.float32, "meta", None, None)
+    placed = {name: t.device.type for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert set(placed.values()) == {"meta"}, placed

@@ -50,7 +50,8 @@ def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
         return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    with torch.device("cpu"):  # whatever device the model is built under: the initialisers compute on values
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
     assert scaling == 1.0, (rope_type, scaling)
     return inv_freq.float()
 
