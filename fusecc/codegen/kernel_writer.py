@@ -378,8 +378,11 @@ class KernelWriter:
         structure = f"{signature}\n{body}"
         digest = hashlib.sha256(structure.encode()).hexdigest()
         name = f"fused_{self.kind}_{digest[:16]}"
-        source = ("import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
-                  f"def {name}({signature}):\n{body}\n")
+        # a dynamic xnumel only bounds the mask: Triton's specialisation on it (== 1, % 16) would
+        # compile a second variant mid-serving, the first time a step's size is a multiple of 16
+        jit = "@triton.jit" if numel.is_Integer else '@triton.jit(do_not_specialize=["xnumel"])'
+        source = ("import triton\nimport triton.language as tl\n\n\n"
+                  f"{jit}\ndef {name}({signature}):\n{body}\n")
         xblock, num_warps = self._launch_config(numel, rblock)
         return KernelSource(name=name, source=source, kind=self.kind, size_args=size_args, numel=numel,
                             xblock=xblock, rblock=rblock, num_warps=num_warps,

@@ -32,7 +32,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _MAX_BLOCK_K = 128
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # per-step sizes: kernels/launch.py
 def _fp8_matmul_kernel(
     x_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, out_ptr,
     M, N, K, k_split,

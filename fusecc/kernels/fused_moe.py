@@ -106,7 +106,7 @@ def choose_block_m(num_pairs: int, num_experts: int) -> int:
 
 @triton.autotune(configs=gemm_configs(), key=["N", "K", "BLOCK_M", "GATED", "FORMAT", "GROUP_SIZE"],
                  prune_configs_by={"early_config_prune": prune_configs}, cache_results=True)
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks"])  # per-step sizes: kernels/launch.py
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, total_ptr, s_ptr, z_ptr, a_scale_ptr,
     N, K, num_pairs, num_blocks,

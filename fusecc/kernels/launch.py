@@ -4,6 +4,14 @@ the launch heuristics read. Shared by the attention, MoE and quantized-matmul ke
     with kernel_autotuning(False):                 # inside a compiled graph: its `autotune` option
         launch_tuned(kernel, grid, args, constexprs, first_choice)
     num_sms(device)                                # programs-per-SM heuristics (split-KV, split-K)
+
+Per-step sizes: Triton compiles a kernel anew for an int argument that newly equals 1 or is
+divisible by 16 (its "specialisation"), so a size that changes from step to step (the rows of a
+linear, the block table's width, the MoE kernel's token-expert pairs) compiles a second variant the
+first time it is a multiple of 16: on the GPU a stall of up to a second in the middle of serving,
+after the warm-up compiled everything else. Such arguments are listed in their kernel's
+`@triton.jit(do_not_specialize=[...])`; they only bound masks and loops, where the
+specialisation buys nothing. Sizes that set load alignment (K, strides of the weights) keep it.
 """
 
 import contextlib

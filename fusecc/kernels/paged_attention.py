@@ -33,7 +33,7 @@ from fusecc.kernels.split_kv import choose_num_splits, decode_configs, decode_sp
 @triton.autotune(configs=decode_configs(),
                  key=["HEAD_DIM_PAD", "GROUP_PAD", "PAGE_SIZE", "SPLIT", "WORK_BUCKET", "CTX_BUCKET"],
                  cache_results=True)
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table"])  # per-step sizes: kernels/launch.py
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, part_o_ptr, part_lse_ptr, table_ptr, ctx_ptr,
     stride_qb, stride_qh, stride_qd,

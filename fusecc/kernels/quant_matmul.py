@@ -48,7 +48,7 @@ def _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stri
     return q * s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # per-step sizes: kernels/launch.py
 def _weight_only_matmul_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     M, N, K, k_split,

@@ -25,7 +25,7 @@ from fusecc.kernels.launch import launch_tuned
 
 @triton.autotune(configs=prefill_configs(), key=["HEAD_DIM_PAD", "CAUSAL", "PAGED", "SEQ_BUCKET"],
                  prune_configs_by={"early_config_prune": prune_prefill_configs}, cache_results=True)
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table"])  # per-step sizes: kernels/launch.py
 def _varlen_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
     cu_q_ptr, cu_k_ptr,          # [batch + 1] int32; cu_k unused when PAGED

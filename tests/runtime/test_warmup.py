@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import triton
 
 from fusecc.runtime.engine import LLMEngine
 from fusecc.runtime.sampling_params import SamplingParams
@@ -38,9 +39,16 @@ def test_a_varied_workload_after_warmup_compiles_nothing():
         [[70] * 5, list(range(70, 120)), [71]],   # short + long (2 chunks) + 1-token: decode batches of 1..3
         [list(range(60, 90)) + [5]],              # prefix-cache hit: context wider than the new tokens
         [[73] * 2, [74] * 7, [75] * 19, [76]],    # four at once: decode batches of 4
+        [[60 + i % 50 for i in range(120)]],      # block tables 16 wide, chunks of 48 and 24 tokens
     ]
-    # a recompile raises (a graph count alone would miss a shape that ran eagerly past Dynamo's limit)
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    # a recompile raises (a graph count alone would miss a shape that ran eagerly past Dynamo's limit);
+    # on the GPU no Triton kernel compiles either (a size newly divisible by 16 would, where
+    # specialised: kernels/launch.py)
+    triton_compiles = []
+    listener = lambda *, src, cache_hit, **_: triton_compiles.append(getattr(src, "name", "?"))  # noqa: E731
+
+    with torch._dynamo.config.patch(error_on_recompile=True), triton.knobs.compilation.scope():
+        triton.knobs.compilation.listener = listener
         for i, prompts in enumerate(workload):
             for j, p in enumerate(prompts):
                 engine.add_request(f"{i}.{j}", p, SamplingParams(temperature=0, max_tokens=6 + 2 * j, ignore_eos=True))
@@ -51,6 +59,7 @@ def test_a_varied_workload_after_warmup_compiles_nothing():
             engine.step()
     assert engine.stats().step_timings.decode_steps > 0 and engine.block_manager.stats.prefix_cache_hits > 0
     assert compiled_graphs() == after_warmup, "a step compiled a graph the warm-up did not"
+    assert triton_compiles == [], f"Triton kernels compiled after the warm-up: {sorted(set(triton_compiles))}"
 
 
 def test_warmup_keeps_seeded_and_unseeded_sampling():
