@@ -261,9 +261,28 @@ class ModelRunner:
                 max_seqlen_q=max(q), decode_only=tokens == len(q), num_decodes=sum(n == 1 for n in q))
             self.forward(self._device([0] * tokens, torch.int64), self._device(positions, torch.int64),
                          self.kv_caches, md)
+        self._warm_up_sampler()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         logger.info("warm-up: %d step shapes compiled in %.1f s", len(shapes), time.perf_counter() - start)
+
+    def _warm_up_sampler(self) -> None:
+        """Run each sampling path once (plain greedy; seeded and unseeded top-k/top-p sampling with
+        penalties and logprobs) on dummy logits, so that the first request does not load their
+        kernels. A throwaway Sampler: the engine's own draws nothing and keeps its seed stream."""
+        from types import SimpleNamespace
+
+        from fusecc.runtime.sampling_params import SamplingParams
+
+        kinds = [SamplingParams(temperature=0.0),
+                 SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=0, logprobs=2,
+                                repetition_penalty=1.1, presence_penalty=0.1, frequency_penalty=0.1),
+                 SamplingParams(temperature=1.0, top_p=0.95)]
+        seqs = [SimpleNamespace(sampling_params=p, prompt_token_ids=[0, 1], output_token_ids=[1]) for p in kinds]
+        logits = torch.zeros(len(kinds), self.vocab_size, dtype=torch.float32, device=self.device)  # compute_logits'
+        sampler = Sampler(seed=0, logprobs_mode=self.sampler.logprobs_mode)
+        for rows in (seqs[:1], seqs):
+            sampler(logits[:len(rows)], SamplingMetadata.build(rows, vocab_size=self.vocab_size, device=self.device))
 
     # --- KV pool sizing (CUDA) ----------------------------------------------------------------
     def _profile_num_blocks(self, config: EngineConfig) -> int:
@@ -324,6 +343,9 @@ class ModelRunner:
                 for _ in range(2):  # compile / autotune outside the capture
                     self.forward(*args)
                 self.graphs[b] = CapturedCall(self.forward, args, pool)
+                # the first replay of a graph uploads it (milliseconds): here, not in the first
+                # request; the static inputs are the dummy ones (slot -1: no KV written)
+                self.graphs[b].replay()
         torch.cuda.synchronize()
         logger.info("captured %d decode CUDA graphs in %.1f s", len(buckets), time.perf_counter() - start)
         for size in range(1, self.config.max_num_seqs + 1):
