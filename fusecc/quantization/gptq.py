@@ -70,12 +70,18 @@ def _e4m3(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_fp8(weight: torch.Tensor, hessian: torch.Tensor | None, block: int = 128,
-             damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+             damp: float = 0.01, act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [N, K] -> (float8_e4m3fn [N, K], scale fp32 [N]); hessian None: round to nearest, as
-    quantization="fp8" does at load (packing.quantize_fp8)."""
+    quantization="fp8" does at load (packing.quantize_fp8). act_order: round the columns of the
+    largest inputs first (GPTQ's "desc_act"), while the most columns are left to take up their
+    error; with one scale per output channel the order leaves no trace in the checkpoint."""
     q, rtn_scale = quantize_fp8(weight)
     if hessian is None:
         return q, rtn_scale[:, 0]
+    if act_order:
+        order = torch.argsort(torch.diag(hessian), descending=True)
+        q, scale = gptq_fp8(weight[:, order], hessian[order][:, order], block, damp, act_order=False)
+        return q[:, torch.argsort(order)], scale
     W = weight.double().clone()
     N, K = W.shape
     scale = rtn_scale[:, 0].double()  # round-to-nearest's per-channel scale, as stored
