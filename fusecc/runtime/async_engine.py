@@ -20,6 +20,7 @@ import threading
 from typing import AsyncIterator
 
 from fusecc.runtime.engine import LLMEngine
+from fusecc.runtime.model_runner import bind_device
 from fusecc.runtime.outputs import EngineStats, RequestOutput
 from fusecc.runtime.sampling_params import SamplingParams
 
@@ -111,6 +112,9 @@ class AsyncLLMEngine:
 
     # --- the engine thread --------------------------------------------------------------------
     def _loop(self) -> None:
+        device = getattr(self.engine.runner, "device", None)
+        if device is not None:
+            bind_device(device)  # this thread steps the engine: its kernels go to the model's GPU
         self._run()
         if self._error is None:  # shut down: nobody will step again, so tell every open stream
             for loop, queue in list(self._streams.values()):

@@ -145,10 +145,20 @@ def kv_pool_too_small(config: EngineConfig, total: int, peak: int, non_torch: in
             f"max_num_batched_tokens")
 
 
+def bind_device(device: torch.device) -> None:
+    """Make a CUDA device the calling thread's current one. Triton launches on the current device and
+    the memory statistics and CUDA graphs use it: a model on cuda:1 with cuda:0 current would run its
+    kernels on the wrong GPU. Each thread that steps the engine calls this (the current device is
+    per thread)."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 class ModelRunner:
     def __init__(self, model, config: EngineConfig) -> None:
         # the model's own device: config.device may be "auto"
         self.model, self.device = model, next(model.parameters()).device
+        bind_device(self.device)
         enforce_eager = config.enforce_eager
         self.dtype = next(model.parameters()).dtype
         self.num_layers = len(model.model.layers)

@@ -134,3 +134,34 @@ def test_a_failed_step_reaches_every_consumer_even_past_a_closed_loop():
             await asyncio.wait_for(anext(victim), 10)
 
     asyncio.run(main())
+
+
+def test_the_engine_thread_binds_the_models_device(monkeypatch):
+    # the current CUDA device is per thread and Triton launches on it: the thread that steps the
+    # engine makes the model's device current (a model on cuda:1 must not run its kernels on cuda:0)
+    import threading
+
+    import torch
+
+    import fusecc.runtime.async_engine as async_engine
+    from fusecc.runtime import model_runner
+    from fusecc.runtime.engine import LLMEngine
+
+    set_calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: set_calls.append(torch.device(device)))
+    model_runner.bind_device(torch.device("cuda", 1))
+    model_runner.bind_device(torch.device("cpu"))
+    assert set_calls == [torch.device("cuda", 1)]
+
+    bound = []
+    monkeypatch.setattr(async_engine, "bind_device", lambda device: bound.append((threading.current_thread().name, device)))
+    engine = AsyncLLMEngine(LLMEngine.from_engine_args(None, enforce_eager=True, max_model_len=64, max_num_seqs=2))
+
+    async def main():
+        try:
+            await wait_until(lambda: bool(bound))
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+    assert bound == [("fusecc-engine", engine.engine.runner.device)]

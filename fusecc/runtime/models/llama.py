@@ -45,12 +45,15 @@ def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
         raise ValueError(f"unsupported rope type {rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0):
         raise ValueError("partial_rotary_factor != 1 is not supported")
+    # on the CPU whatever device the model is built under, as transformers computes them at init
+    # (a GPU's pow may differ by an ulp, which the angles multiply by the position)
     if rope_type == "default":
         base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        return 1.0 / (base ** exponents)
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    with torch.device("cpu"):  # whatever device the model is built under: the initialisers compute on values
+    with torch.device("cpu"):  # the initialisers make tensors without a device argument too
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
     assert scaling == 1.0, (rope_type, scaling)
     return inv_freq.float()
