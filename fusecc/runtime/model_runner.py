@@ -332,11 +332,17 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         non_torch = total - free - torch.cuda.memory_reserved()
-        budget = total * config.gpu_memory_utilization - peak - non_torch - GPU_RESERVE_BYTES
+        # a speculative draft's weights and KV pool (as many blocks as this one) come after this
+        from fusecc.runtime.spec_decode.draft_memory import draft_memory
+
+        draft_weights, draft_block_bytes = draft_memory(config.speculative_config, self.model, self.dtype)
+        budget = total * config.gpu_memory_utilization - peak - non_torch - GPU_RESERVE_BYTES - draft_weights
         per_block = self.num_layers * 2 * bs * self.kv_heads * self.head_dim * self.kv_dtype.itemsize
+        per_block += bs * draft_block_bytes
         num_blocks = int(budget // per_block)
         if num_blocks < self.max_blocks_per_seq:
-            raise RuntimeError(kv_pool_too_small(config, total, peak, non_torch, per_block, self.max_blocks_per_seq))
+            raise RuntimeError(kv_pool_too_small(config, total, peak + draft_weights, non_torch, per_block,
+                                                 self.max_blocks_per_seq))
         return num_blocks
 
     # --- CUDA graphs for decode ---------------------------------------------------------------

@@ -6,7 +6,8 @@ A draft must share the target's vocabulary: the same config.vocab_size and, when
 expose one, the same token -> id map; otherwise its token ids would mean other tokens (ValueError
 at start). Its KV pool has the target's block count and block size, so the target's block tables
 address it (fusecc/runtime/spec_decode/draft_proposer.py); on CUDA it is allocated after the target
-sized its own pool from gpu_memory_utilization, so leave room for it (lower gpu_memory_utilization).
+sized its own pool from gpu_memory_utilization, which left room for it and for the draft's weights
+(draft_memory.py).
 """
 
 from __future__ import annotations

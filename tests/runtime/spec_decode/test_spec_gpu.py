@@ -33,3 +33,22 @@ def test_cuda_speculation_is_greedy_identical_and_replays_verification_graphs(tm
         assert engine.speculator.proposer.graphs.num_replays > 0
     assert engine.stats().spec_decode.num_accepted_tokens > 0
     assert engine.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.gpu
+def test_cuda_pool_sizing_leaves_room_for_the_draft(tmp_path):
+    # no num_kv_blocks: the target sizes its pool from gpu_memory_utilization, counting the draft's
+    # weights and its equally long pool, so all of it fits the fraction asked for
+    save_tiny_checkpoint("llama", tmp_path)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    engine = LLMEngine.from_engine_args(str(tmp_path), dtype="bfloat16", max_model_len=256, max_num_seqs=8,
+                                        gpu_memory_utilization=0.3,
+                                        speculative_config={"quantization": "int4", "num_speculative_tokens": 3})
+    draft_pool = sum(k.numel() * k.element_size() * 2 for k, _ in engine.speculator.proposer.kv_caches)
+    target_pool = engine.runner.kv_cache_bytes
+    assert draft_pool == target_pool  # the int4 copy has the target's layers and KV shapes
+    _, total = torch.cuda.mem_get_info()
+    used = torch.cuda.memory_allocated() - before
+    assert used <= 0.3 * total, (used / 2**30, total / 2**30)
+    assert used >= 0.2 * total  # and the pool still takes most of it

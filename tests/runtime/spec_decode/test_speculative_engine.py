@@ -285,3 +285,26 @@ def test_speculation_turns_itself_down(checkpoints, monkeypatch):
     run_engine(engine, [("a", prompts(1, seed=9)[0], SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))])
     s = engine.stats().spec_decode
     assert s.num_paused_steps > 0 and s.num_drafts < 30
+
+
+@pytest.mark.parametrize("method", ["draft_model", "int4_self_draft", "layer_skip"])
+def test_the_draft_memory_the_target_reserves_is_what_the_draft_allocates(checkpoints, method):
+    """The target sizes its KV pool before the draft exists (ModelRunner._profile_num_blocks on CUDA):
+    draft_memory's estimate of the draft's weights and per-block KV bytes matches what the draft then
+    allocates (weights within 5%; KV exactly)."""
+    from fusecc.runtime.spec_decode.draft_memory import draft_memory
+
+    target = checkpoints[0]
+    spec = methods(checkpoints)[method]
+    engine = LLMEngine.from_engine_args(str(target), speculative_config=spec, max_model_len=64, num_kv_blocks=24)
+    runner, proposer = engine.runner, engine.speculator.proposer
+    weights, block_bytes = draft_memory(spec, runner.model, runner.dtype)
+    if method == "layer_skip":  # the target's own layers and cache
+        assert (weights, block_bytes) == (0, 0)
+        return
+    target_tensors = {t.data_ptr() for t in [*runner.model.parameters(), *runner.model.buffers()]}
+    own = {t.data_ptr(): t.numel() * t.element_size() for t in proposer.model.parameters()
+           if t.data_ptr() not in target_tensors}
+    assert abs(weights - sum(own.values())) <= 0.05 * sum(own.values()), (weights, sum(own.values()))
+    pool = sum(k.numel() * k.element_size() * 2 for k, _ in proposer.kv_caches)
+    assert block_bytes * engine.config.block_size * engine.config.num_kv_blocks == pool
