@@ -145,6 +145,13 @@ def kv_pool_too_small(config: EngineConfig, total: int, peak: int, non_torch: in
             f"max_num_batched_tokens")
 
 
+def dynamo_graph_breaks() -> dict[str, int]:
+    """How often Dynamo has broken a graph in this process, by reason."""
+    from torch._dynamo.utils import counters
+
+    return dict(counters["graph_break"])
+
+
 def bind_device(device: torch.device) -> None:
     """Make a CUDA device the calling thread's current one. Triton launches on the current device and
     the memory statistics and CUDA graphs use it: a model on cuda:1 with cuda:0 current would run its
@@ -187,9 +194,20 @@ class ModelRunner:
         self.num_graph_replays = 0
         self.graphs: dict[int, CapturedCall] = {}  # decode batch-size bucket -> its graph
         self._bucket_of: dict[int, int] = {}  # decode batch size -> captured bucket
+        # CUDA graphs replay decode steps (and speculative verification, spec_decode/): only where the
+        # compiled forward is whole graphs. Eager code between graphs (a graph break) may read a value
+        # on the host (transformers' dynamic RoPE does), which a capture cannot hold, and whatever it
+        # decided at capture would be frozen into every replay.
+        counted = dynamo_graph_breaks()
         if not enforce_eager:
             self.warmup()
-        if self.device.type == "cuda" and not enforce_eager:
+        graph_breaks = [reason for reason, n in dynamo_graph_breaks().items() if n > counted.get(reason, 0)]
+        self.graph_breaks = graph_breaks  # reasons, of this runner's warm-up compilations
+        self.cuda_graphs = self.device.type == "cuda" and not enforce_eager and not graph_breaks
+        if self.device.type == "cuda" and graph_breaks:
+            logger.warning("fusecc: the compiled forward has graph breaks (%s); decode steps run without CUDA "
+                           "graphs", graph_breaks[0].splitlines()[0])
+        if self.cuda_graphs:
             self._capture_graphs()
 
     @property

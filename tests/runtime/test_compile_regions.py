@@ -40,6 +40,10 @@ def compiled_graphs(monkeypatch):
     return seen
 
 
+def torch_version() -> tuple[int, int]:
+    return tuple(int(part) for part in torch.__version__.split(".")[:2])
+
+
 @pytest.mark.parametrize("layers", [2, 5])
 def test_each_layer_half_is_traced_once_whatever_the_depth(tmp_path, compiled_graphs, layers):
     from fusecc import LLM, SamplingParams
@@ -56,7 +60,10 @@ def test_each_layer_half_is_traced_once_whatever_the_depth(tmp_path, compiled_gr
     for report in region_reports:
         # every layer calls both halves; only two graphs were traced for all of them
         assert report["calls"] == 2 * layers, report
-        assert report["regions"] == 2 and len(report["identifiers"]) == 2, report
+        # torch 2.11 (the GPU machine's) reuses a region less eagerly: one half is traced a second
+        # time, 3 graphs for any depth; 2.13 traces each half once. Either way not once per layer.
+        traced = 2 if torch_version() >= (2, 13) else 3
+        assert report["regions"] == traced and len(report["identifiers"]) == traced, report
 
 
 def test_kv_cache_sizes_are_constants_while_compiling(tmp_path, compiled_graphs):

@@ -10,7 +10,7 @@ from fusecc.runtime.models.llama import LlamaForCausalLM
 from fusecc.runtime.models.transformers_backend import TransformersForCausalLM
 from fusecc.runtime.sampling_params import SamplingParams
 from tests.runtime.hf_checkpoints import (WORDS, hf_greedy, prompts, run_engine, save_tiny_checkpoint,  # noqa: F401
-                                          single_thread)
+                                          single_thread, tiny_tokenizer)
 from tests.runtime.transformers_families import FAMILIES, NATIVE_FAMILIES, save_family_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -155,3 +155,43 @@ def test_decode_step_of_windowed_softcapped_layers_traces_into_one_graph(tmp_pat
         explained = torch._dynamo.explain(runner.model)(torch.tensor([3, 4]), torch.tensor([2, 4]),
                                                         runner.kv_caches, md)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def save_dynamic_rope_checkpoint(path):
+    """A model whose transformers code breaks the graph: dynamic RoPE reads max(position_ids) on the
+    host to decide whether to grow its tables."""
+    import transformers
+
+    config = transformers.Olmo2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                                      rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return model  # the oracle
+
+
+def test_a_forward_with_graph_breaks_is_known_to_the_runner(tmp_path):
+    # on CUDA such a forward gets no CUDA graphs (a capture cannot hold the host read); the runner
+    # finds out from its own warm-up compilations
+    save_dynamic_rope_checkpoint(tmp_path / "dynamic")
+    save_family_checkpoint("olmo2", tmp_path / "plain")
+    args = dict(model_impl="transformers", enforce_eager=False, device="cpu", dtype="float32", max_model_len=64,
+                max_num_seqs=2, max_num_batched_tokens=32)
+    assert any("Data-dependent branching" in r
+               for r in LLMEngine.from_engine_args(str(tmp_path / "dynamic"), **args).runner.graph_breaks)
+    assert LLMEngine.from_engine_args(str(tmp_path / "plain"), **args).runner.graph_breaks == []
+
+
+@pytest.mark.gpu
+def test_cuda_forward_with_graph_breaks_runs_without_cuda_graphs_and_matches_transformers(tmp_path):
+    hf = save_dynamic_rope_checkpoint(tmp_path)
+    engine = LLMEngine.from_engine_args(str(tmp_path), model_impl="transformers", device="cuda", dtype="float32",
+                                        max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32,
+                                        gpu_memory_utilization=0.3)
+    assert not engine.runner.cuda_graphs and not engine.runner.graphs
+    final = run_engine(engine, [(str(i), p, GREEDY) for i, p in enumerate(prompts(3, seed=4, max_len=30))])
+    for rid, out in final.items():
+        assert out.outputs[0].token_ids == hf_greedy(hf, out.prompt_token_ids, MAX_TOKENS), rid

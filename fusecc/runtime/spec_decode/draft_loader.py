@@ -38,7 +38,7 @@ def build_model_proposer(cfg: SpeculativeConfig, engine_config, runner, block_ma
                                       shares_target_kv=False, seed=engine_config.seed)
         # decode is memory-bound: a draft costs what it reads (a shared tensor counts for both models)
         proposer.draft_cost = _num_bytes(model) / _num_bytes(runner.model)
-    if runner.device.type == "cuda" and not engine_config.enforce_eager:
+    if runner.cuda_graphs:
         from fusecc.runtime.spec_decode.verify_graphs import StepGraphs
 
         # the draft's decode-shaped steps (all of layer_skip's) replay CUDA graphs

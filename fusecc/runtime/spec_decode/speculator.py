@@ -94,7 +94,7 @@ class Speculator:
             proposer = NgramProposer(cfg.prompt_lookup_max, cfg.prompt_lookup_min)
         else:
             proposer = build_model_proposer(cfg, engine_config, runner, block_manager, tokenizer)
-        if runner.device.type == "cuda" and not engine_config.enforce_eager:
+        if runner.cuda_graphs:
             from fusecc.runtime.spec_decode.verify_graphs import VerifyGraphs
 
             runner.verify_graphs = VerifyGraphs(runner, cfg.num_speculative_tokens, cfg.disable_by_batch_size)
