@@ -274,6 +274,16 @@ class ModelRunner:
         """Compile (and on CUDA autotune) every graph a step can hit (fusecc/runtime/warmup.py),
         so that no request pays for it."""
         start = time.perf_counter()
+        shapes = self.warm_up_steps(self.forward, self.kv_caches)
+        self._warm_up_sampler()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        logger.info("warm-up: %d step shapes compiled in %.1f s", len(shapes), time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def warm_up_steps(self, forward, kv_caches) -> list:
+        """One dummy step of each shape through `forward` (this runner's, or a speculative draft's
+        over its own caches: spec_decode/draft_loader.py); returns the shapes."""
         shapes = warmup_shapes(self.config, self.max_blocks_per_seq, self.size_oblivious)
         for q, ctx in shapes:
             width = cdiv(max(ctx), self.config.block_size)
@@ -287,12 +297,8 @@ class ModelRunner:
                 block_tables=self._device(torch.zeros((len(q), width), dtype=torch.int32), torch.int32),
                 context_lens=self._device(ctx, torch.int32), cu_seqlens_q=self._device(cu, torch.int32),
                 max_seqlen_q=max(q), decode_only=tokens == len(q), num_decodes=sum(n == 1 for n in q))
-            self.forward(self._device([0] * tokens, torch.int64), self._device(positions, torch.int64),
-                         self.kv_caches, md)
-        self._warm_up_sampler()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        logger.info("warm-up: %d step shapes compiled in %.1f s", len(shapes), time.perf_counter() - start)
+            forward(self._device([0] * tokens, torch.int64), self._device(positions, torch.int64), kv_caches, md)
+        return shapes
 
     def _warm_up_sampler(self) -> None:
         """Run each sampling path once (plain greedy; seeded and unseeded top-k/top-p sampling with

@@ -38,6 +38,8 @@ def build_model_proposer(cfg: SpeculativeConfig, engine_config, runner, block_ma
                                       shares_target_kv=False, seed=engine_config.seed)
         # decode is memory-bound: a draft costs what it reads (a shared tensor counts for both models)
         proposer.draft_cost = _num_bytes(model) / _num_bytes(runner.model)
+    if not engine_config.enforce_eager:  # its graphs compiled now, not at the first speculative step
+        runner.warm_up_steps(proposer.forward, proposer.kv_caches)
     if runner.cuda_graphs:
         from fusecc.runtime.spec_decode.verify_graphs import StepGraphs
 

@@ -308,3 +308,22 @@ def test_the_draft_memory_the_target_reserves_is_what_the_draft_allocates(checkp
     assert abs(weights - sum(own.values())) <= 0.05 * sum(own.values()), (weights, sum(own.values()))
     pool = sum(k.numel() * k.element_size() * 2 for k, _ in proposer.kv_caches)
     assert block_bytes * engine.config.block_size * engine.config.num_kv_blocks == pool
+
+
+def test_a_compiled_drafts_graphs_are_compiled_at_start(checkpoints, tmp_path):
+    # the draft's forward is warmed up with the target's: speculative steps compile nothing later
+    # (a one-layer draft: its graphs are not the target's)
+    from torch._dynamo.utils import counters
+
+    target = checkpoints[0]
+    save_tiny_checkpoint("llama", tmp_path, seed=3, num_hidden_layers=1)
+    engine = LLMEngine.from_engine_args(str(target), speculative_config={"model": str(tmp_path),
+                                                                         "num_speculative_tokens": 3},
+                                        enforce_eager=False, max_model_len=64, num_kv_blocks=24,
+                                        max_num_batched_tokens=32, max_num_seqs=3)
+    at_start = counters["stats"]["unique_graphs"]
+    requests = [(str(i), p, SamplingParams(temperature=0, max_tokens=10)) for i, p in enumerate(prompts(3, seed=2))]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run_checked(engine, requests)
+    assert engine.stats().spec_decode.num_drafts > 0
+    assert counters["stats"]["unique_graphs"] == at_start
