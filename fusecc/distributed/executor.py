@@ -245,7 +245,7 @@ class DriverExecutor:
             # leave the process group before exiting: destroyed by the interpreter's teardown, gloo's
             # threads can still be joinable and the rank dies of SIGABRT ("terminate called without
             # an active exception") while rank 0 waits for it
-            destroy_distributed()
+            destroy_distributed(barrier=True)  # rank 0 meets it in _stop_and_leave
             raise SystemExit(0)
         return cls(worker, _vocab_size(model_path))
 
@@ -267,7 +267,7 @@ class DriverExecutor:
 def _stop_and_leave(tp) -> None:
     """Rank 0 under torchrun, at shutdown: the others stop following, then this rank leaves the group."""
     worker_mod.stop_followers(tp)
-    destroy_distributed()
+    destroy_distributed(barrier=True)
 
 
 def _vocab_size(model_path: str) -> int:

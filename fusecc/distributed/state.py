@@ -83,6 +83,13 @@ def get_tp_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(barrier: bool = False) -> None:
+    """Leave the process group. barrier (a clean shutdown, every rank calling it): first wait until
+    all ranks got here, so that no rank destroys its group while a collective of the last step (rank
+    0's stop broadcast) is still in flight on gloo's threads: a rank that did so could die of SIGABRT
+    at exit ("terminate called without an active exception"), as PyTorch's docs ask destroy to be
+    collective."""
     if dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

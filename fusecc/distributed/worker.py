@@ -152,7 +152,7 @@ def worker_main(rank: int, world_size: int, init_method: str, model_path: str, c
             pass
     finally:
         if code == 0:
-            destroy_distributed()
+            destroy_distributed(barrier=True)  # every rank gets here on a clean stop
         sys.stdout.flush()
         sys.stderr.flush()
     if code:
