@@ -17,7 +17,7 @@ import asyncio
 import dataclasses
 import itertools
 import threading
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fusecc.runtime.engine import LLMEngine
 from fusecc.runtime.model_runner import bind_device
@@ -46,6 +46,9 @@ class AsyncLLMEngine:
         self._wake = threading.Event()
         self._stop = False
         self._error: BaseException | None = None
+        # called (on the engine thread) once the engine has failed for good: fusecc-serve shuts the
+        # server down then, as vLLM's does when its engine dies
+        self.on_failure: Callable[[BaseException], None] | None = None
         self._thread = threading.Thread(target=self._loop, name="fusecc-engine", daemon=True)
         self._thread.start()
 
@@ -138,6 +141,8 @@ class AsyncLLMEngine:
                         loop.call_soon_threadsafe(queue.put_nowait, exc)
                     except RuntimeError:  # that consumer's loop is closed; tell the others
                         pass
+                if self.on_failure is not None:
+                    self.on_failure(exc)
                 return
             for out in outputs:
                 stream = self._streams.get(out.request_id)

@@ -191,10 +191,25 @@ async def serve(args: argparse.Namespace, model: str | None, engine_kwargs: dict
                         f"[{host}]" if ":" in host else host, port)
 
         server = Server(config, ending=app.state.ending, shutdown_timeout=args.shutdown_timeout, on_ready=ready)
+        failures: list[BaseException] = []
+        loop = asyncio.get_running_loop()
+
+        def engine_failed(exc: BaseException) -> None:  # on the engine thread
+            failures.append(exc)
+            loop.call_soon_threadsafe(setattr, server, "should_exit", True)
+
+        if hasattr(engine, "on_failure"):
+            # a dead engine (a tensor-parallel worker died) ends the server, as vLLM's does: a
+            # process that only answers 503 would keep its port and its GPUs
+            engine.on_failure = engine_failed
         await server.serve(sockets=[sock])  # returns after the graceful shutdown
     finally:
         await engine.shutdown()
         logger.info("engine shut down")
+    if failures:
+        logger.error("the engine failed, so the server shut down: %s: %s", type(failures[0]).__name__,
+                     str(failures[0]).splitlines()[0] if str(failures[0]) else "")
+        return 1
     return 0
 
 
