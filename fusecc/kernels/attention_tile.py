@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusecc.kernels.exact_dot import exact_dot
 from fusecc.triton_support import interpreting
 
 
@@ -55,15 +56,6 @@ def _load_rows(ptrs, rows_ok, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.cons
         else:
             t = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     return t
-
-
-@triton.jit
-def exact_dot(a, b, acc):
-    """tl.dot that keeps fp32 operands fp32: Triton's default would round them to TF32 (about 1e-3
-    relative), while eager fp32 attention (allow_tf32 off, PyTorch's default) does not."""
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
 
 
 @triton.jit

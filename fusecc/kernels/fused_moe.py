@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusecc.kernels.exact_dot import exact_dot
 from fusecc.kernels.fp8_matmul import quantize_fp8_per_token, quantize_fp8_per_token_triton
 from fusecc.kernels.fused_moe_decode import DECODE_MAX_TOKENS, fused_moe_decode
 from fusecc.kernels.launch import launch_tuned
@@ -115,7 +116,7 @@ def _moe_gemm_kernel(
     A_ROW_DIV: tl.constexpr,  # pair -> row of a: top_k when a is x (gate_up), 1 when a is act (down)
     GATED: tl.constexpr,  # b holds gate rows [0, N) and up rows [N, 2N): store silu(gate) * up
     ROUTED: tl.constexpr,  # multiply each row by its pair's routing weight
-    EVEN_K: tl.constexpr, FP32_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr,
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,  # moe_expert_weights.py
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -154,24 +155,24 @@ def _moe_gemm_kernel(
                 b = tl.load(b_ptrs)
             else:
                 b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-            acc = _tile_dot(a, b, acc, FP32_DOT)
+            acc = exact_dot(a, b, acc)
             if GATED:
                 if EVEN_K:
                     b_up = tl.load(b_ptrs + N * stride_bn)
                 else:
                     b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None], other=0.0)
-                acc_up = _tile_dot(a, b_up, acc_up, FP32_DOT)
+                acc_up = exact_dot(a, b_up, acc_up)
             b_ptrs += BLOCK_K * stride_bk
         else:
             acc = _quantized_tile_dot(a, acc, b_ptr, s_ptr, z_ptr, expert, offs_n[None, :], n_all,
                                       (k * BLOCK_K + offs_k)[:, None], k_ok[:, None], k * BLOCK_K,
                                       stride_be, stride_bn, stride_bk, stride_se, stride_sn, stride_ze, stride_zn,
-                                      FORMAT, GROUP_SIZE, HAS_ZEROS, BLOCK_K, FP32_DOT)
+                                      FORMAT, GROUP_SIZE, HAS_ZEROS, BLOCK_K)
             if GATED:
                 acc_up = _quantized_tile_dot(a, acc_up, b_ptr, s_ptr, z_ptr, expert, offs_n[None, :] + N, n_all,
                                              (k * BLOCK_K + offs_k)[:, None], k_ok[:, None], k * BLOCK_K,
                                              stride_be, stride_bn, stride_bk, stride_se, stride_sn, stride_ze,
-                                             stride_zn, FORMAT, GROUP_SIZE, HAS_ZEROS, BLOCK_K, FP32_DOT)
+                                             stride_zn, FORMAT, GROUP_SIZE, HAS_ZEROS, BLOCK_K)
         a_ptrs += BLOCK_K * stride_ak
     if FORMAT == 3:  # each row's activation scale (W8A8)
         row_scale = tl.load(a_scale_ptr + a_rows, mask=valid, other=0.0)[:, None]
@@ -187,17 +188,10 @@ def _moe_gemm_kernel(
 
 
 @triton.jit
-def _tile_dot(a, b, acc, FP32_DOT: tl.constexpr):
-    if FP32_DOT:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
 def _quantized_tile_dot(a, acc, w_ptr, s_ptr, z_ptr, expert, n_idx, n_ok, k_idx, k_ok, k0,
                         stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_ze, stride_zn,
                         FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                        BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
+                        BLOCK_K: tl.constexpr):
     """acc + a @ the expert's quantized [K, N] tile: integer weights dequantized to a's dtype first,
     FP8 ones multiplied on the tensor cores in e4m3 and the dot scaled by the tile's group scale."""
     b = expert_weight_tile(w_ptr, s_ptr, z_ptr, expert, n_idx, k_idx, n_ok, k_ok, k0,
@@ -205,7 +199,7 @@ def _quantized_tile_dot(a, acc, w_ptr, s_ptr, z_ptr, expert, n_idx, n_ok, k_idx,
                            FORMAT, GROUP_SIZE, HAS_ZEROS, BLOCK_K, True, a.dtype)
     if FORMAT == 3:
         return acc + tl.dot(a, b) * group_scale(s_ptr, expert, n_idx, n_ok, k0, stride_se, stride_sn, GROUP_SIZE)
-    return _tile_dot(a, b, acc, FP32_DOT)
+    return exact_dot(a, b, acc)
 
 
 def _gemm(a, b, c, weights, sorted_ids, expert_ids, total, n: int, k: int, a_row_div: int, gated: bool,
@@ -222,7 +216,7 @@ def _gemm(a, b, c, weights, sorted_ids, expert_ids, total, n: int, k: int, a_row
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         s.stride(0), s.stride(1), z.stride(0), z.stride(1),
     ), dict(A_ROW_DIV=a_row_div, GATED=gated, ROUTED=routed, EVEN_K=k % 256 == 0,
-            FP32_DOT=a.dtype == torch.float32, BLOCK_M=block_m, **q_consts), first_config(block_m, gated))
+            BLOCK_M=block_m, **q_consts), first_config(block_m, gated))
 
 
 def check_moe_args(x, w13, w2, topk_weights, topk_ids, w13_quant: ExpertQuant | None = None,

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusecc.kernels.exact_dot import exact_dot
 from fusecc.kernels.launch import launch_tuned
 from fusecc.kernels.quant_launch import (DECODE_MAX_ROWS, choose_split_k, decode_configs, finish_splits,
                                          k_per_split, m_bucket, prefill_configs, program_tile,
@@ -59,8 +60,6 @@ def _weight_only_matmul_kernel(
 ):
     pid_k, offs_m, offs_n, m_ok, n_ok, k_lo, k_hi = program_tile(M, N, K, k_split, BLOCK_M, BLOCK_N)
     ONE_GROUP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
-    # fp32 activations: IEEE fp32 dots, not TF32 (fp32 models are the exact-comparison ones)
-    PRECISION: tl.constexpr = "ieee" if x_ptr.dtype.element_ty == tl.float32 else None
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if BITS == 4 and BLOCK_K >= 128:
@@ -77,7 +76,7 @@ def _weight_only_matmul_kernel(
                 q = ((words >> (4 * i)) & 0xF).to(tl.float32)
                 w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
                                 GROUP_SIZE, HAS_ZEROS, ONE_GROUP)
-                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+                acc += exact_dot(x, tl.trans(w.to(x.dtype)), None)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < k_hi
@@ -93,7 +92,7 @@ def _weight_only_matmul_kernel(
                             other=0).to(tl.float32)
             w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
                             GROUP_SIZE, HAS_ZEROS, ONE_GROUP)
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)  # [BN, BK] in x's dtype
+            acc += exact_dot(x, tl.trans(w.to(x.dtype)), None)  # [BN, BK] in x's dtype
     store_output_tile(acc, out_ptr, b_ptr, pid_k, stride_os, stride_om, stride_on, offs_m, offs_n, m_ok, n_ok,
                       PARTIAL, HAS_BIAS)
 
