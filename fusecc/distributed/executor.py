@@ -78,12 +78,12 @@ def _check_quantized_split(hf_config, config: EngineConfig, world: int) -> None:
     """A quantized model splits where its packed words and scale groups allow: each rank's input
     columns of o_proj and down_proj a multiple of the group size (and of 8 for int4 words)."""
     from fusecc.quantization.config import resolve_quantization
+    from fusecc.runtime.models.llama import attention_shape
 
     quant = resolve_quantization(config.quantization, hf_config)
     if quant is None:
         return
-    heads = hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    heads, _, head_dim = attention_shape(hf_config)
     per = 1 if quant.group_size == -1 else quant.group_size  # input columns one stored column covers
     if quant.bits == 4:
         per = max(per, 8)  # groups are multiples of 8

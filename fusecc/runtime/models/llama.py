@@ -37,6 +37,14 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def attention_shape(config) -> tuple[int, int, int]:
+    """(query heads, KV heads, head_dim) of a transformers config; KV heads default to the query heads
+    (no GQA), head_dim to hidden_size / heads."""
+    heads = config.num_attention_heads
+    return (heads, getattr(config, "num_key_value_heads", None) or heads,
+            getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
 def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
     """[head_dim // 2] inverse frequencies, as transformers computes them for the supported rope types."""
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
@@ -83,9 +91,7 @@ class Rotary(nn.Module):
 class LlamaAttention(nn.Module):
     def __init__(self, config, rotary: Rotary, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = attention_shape(config)
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bool(getattr(config, "attention_bias", False)))
@@ -171,8 +177,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config, max_positions: int, qkv_bias: bool, qk_norm: bool, make_mlp=None) -> None:
         super().__init__()
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        rotary = Rotary(config, head_dim, max_positions)
+        rotary = Rotary(config, attention_shape(config)[2], max_positions)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, qkv_bias, qk_norm, make_mlp and make_mlp(i))
                                     for i in range(config.num_hidden_layers))

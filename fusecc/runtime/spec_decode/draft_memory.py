@@ -17,23 +17,21 @@ overestimate, on the safe side).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fusecc.runtime.spec_decode.config import SpeculativeConfig
 
-INT4_GROUP = 128  # quantization="int4" (fusecc/quantization/config.py)
-
-
 def quantized_bytes(shape: tuple[int, ...], method: str) -> int:
-    """Bytes of a [..., N, K] matrix quantized on the fly: int4 packs 8 weights in an int32 and keeps an
-    fp32 scale and zero point per group of 128 inputs; int8 / fp8 one byte a weight, an fp32 scale a row."""
+    """Bytes of a [..., N, K] matrix quantized on the fly by `method`: its quantized parameters
+    (fusecc/quantization/linear.py's layout, the one stacked experts share), made on the meta device."""
+    from fusecc.quantization.config import resolve_quantization
+    from fusecc.quantization.linear import quantized_weight_parameters
+
     *lead, n, k = shape
-    rows = n
-    for size in lead:
-        rows *= size
-    if method == "int4":
-        return rows * (-(-k // 8) * 4 + -(-k // INT4_GROUP) * 8)
-    return rows * (k + 4)
+    params = quantized_weight_parameters(k, math.prod(lead) * n, resolve_quantization(method, None), device="meta")
+    return sum(p.numel() * p.element_size() for p in params.values() if p is not None)
 
 
 def draft_memory(spec: SpeculativeConfig | str | dict | None, target: torch.nn.Module,
@@ -45,7 +43,7 @@ def draft_memory(spec: SpeculativeConfig | str | dict | None, target: torch.nn.M
         spec = SpeculativeConfig.parse(spec)
     if spec.method != "draft_model":
         return 0, 0
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if spec.model is None:  # the target's quantized copy: its layers' matrices, the target's KV shapes
         weights = sum(quantized_bytes(tuple(p.shape), spec.quantization)
                       for name, p in target.named_parameters() if ".layers." in name and p.dim() >= 2)
@@ -67,18 +65,14 @@ def _checkpoint_weight_bytes(path: str, itemsize: int, quantization: str | None)
                 if quantization is not None and ".layers." in name and name.endswith("proj.weight"):
                     total += quantized_bytes(shape, quantization)
                 else:
-                    numel = 1
-                    for size in shape:
-                        numel *= size
-                    total += numel * itemsize
+                    total += math.prod(shape) * itemsize
     return total
 
 
 def _checkpoint_kv_bytes(path: str, itemsize: int) -> int:
     from fusecc.runtime.loader import load_config
+    from fusecc.runtime.models.llama import attention_shape
 
     config = load_config(path)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    _, kv_heads, head_dim = attention_shape(config)
     return config.num_hidden_layers * 2 * kv_heads * head_dim * itemsize
