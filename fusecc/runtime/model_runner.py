@@ -127,15 +127,16 @@ def static_cache_sizes(input_ids, positions, kv_caches, md):
                     delattr(cache, marking)
 
 
-def kv_pool_too_small(config: EngineConfig, total: int, peak: int, non_torch: int, per_block: int,
+def kv_pool_too_small(config: EngineConfig, total: int, peak: int, non_torch: int, budget: float, per_block: int,
                       blocks_needed: int) -> str:
     """One line with the numbers behind a KV pool too small for one sequence (as vLLM says when other
-    processes hold the memory that gpu_memory_utilization counts on)."""
+    processes hold the memory that gpu_memory_utilization counts on); budget: what the sizing left
+    for KV blocks."""
     def gib(n: float) -> str:
         return f"{n / 2**30:.2f} GiB"
 
     allowed = total * config.gpu_memory_utilization
-    left = max(allowed - peak - non_torch - GPU_RESERVE_BYTES, 0)
+    left = max(budget, 0)
     return (f"KV cache does not fit: gpu_memory_utilization={config.gpu_memory_utilization} allows {gib(allowed)} "
             f"of the GPU's {gib(total)}; weights and the largest step's activations take {gib(peak)}, memory "
             f"outside this process's PyTorch allocator (other processes, the CUDA context) {gib(non_torch)}, "
@@ -365,7 +366,7 @@ class ModelRunner:
         per_block += bs * draft_block_bytes
         num_blocks = int(budget // per_block)
         if num_blocks < self.max_blocks_per_seq:
-            raise RuntimeError(kv_pool_too_small(config, total, peak + draft_weights, non_torch, per_block,
+            raise RuntimeError(kv_pool_too_small(config, total, peak + draft_weights, non_torch, budget, per_block,
                                                  self.max_blocks_per_seq))
         return num_blocks
 

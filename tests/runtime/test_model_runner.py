@@ -63,10 +63,12 @@ def test_kv_pool_too_small_says_where_the_memory_went():
     # the numbers of a real failure: a 79 GiB H100 with 68 GiB held by another process and
     # gpu_memory_utilization=0.3: the line names each share and the remedies, no negative count
     from fusecc.runtime.config import EngineConfig
-    from fusecc.runtime.model_runner import kv_pool_too_small
+    from fusecc.runtime.model_runner import GPU_RESERVE_BYTES, kv_pool_too_small
 
     config = EngineConfig(max_model_len=128, gpu_memory_utilization=0.3)
-    line = kv_pool_too_small(config, total=int(79.18 * 2**30), peak=3 * 2**30, non_torch=69 * 2**30,
+    total, peak, non_torch = int(79.18 * 2**30), 3 * 2**30, 69 * 2**30
+    budget = total * 0.3 - peak - non_torch - GPU_RESERVE_BYTES  # as _profile_num_blocks computes it
+    line = kv_pool_too_small(config, total=total, peak=peak, non_torch=non_torch, budget=budget,
                              per_block=2 * 2**20, blocks_needed=8)
     assert "\n" not in line
     for part in ("gpu_memory_utilization=0.3 allows 23.75 GiB", "GPU's 79.18 GiB", "take 3.00 GiB",
