@@ -13,6 +13,8 @@ load) with a bf16 KV cache. Each variant loads the same file and changes one thi
     fp8_kv   kv_cache_dtype="fp8" e4m3 KV cache, scales 1.0 (the GGUF file carries none)
     fp8_gptq the fp8 checkpoint `fusecc quantize --method fp8` writes (GPTQ rounding calibrated on
              docstring windows after the scored ones; fusecc/quantization/gptq.py), loaded as a file
+    int4_gptq the GPTQ int4 checkpoint (group 128, asymmetric) `fusecc quantize --method int4` writes,
+             calibrated the same way, loaded as a file
 
 and reports its perplexity's relative increase over bf16 against the issue's bound. It needs no GPU:
 on CPU the custom ops run their torch references, which compute the same quantized values as the
@@ -43,7 +45,8 @@ VARIANTS = {
     "int4": ({"quantization": "int4"}, 0.08),
     "fp8": ({"quantization": "fp8"}, 0.02),
     "fp8_kv": ({"kv_cache_dtype": "fp8"}, 0.01),
-    "fp8_gptq": ({}, 0.02),  # a checkpoint written by fusecc/quantization/gptq.py (main() makes it)
+    "fp8_gptq": ({}, 0.02),  # checkpoints written by fusecc/quantization/gptq.py (main() makes them)
+    "int4_gptq": ({}, 0.08),
 }
 
 
@@ -79,6 +82,8 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=32, help="token windows scored (at most): 32 x 512 gives a "
                         "standard error of ~0.2% on the increases")
     parser.add_argument("--window-len", type=int, default=512)
+    parser.add_argument("--calibration-windows", type=int, default=128,
+                        help="GPTQ variants: docstring windows after the scored ones for the input statistics")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of "
                         + ", ".join(VARIANTS) + " (bf16 always runs: it is the reference)")
     parser.add_argument("--compile", action="store_true", help="compile the engine (default: enforce_eager, "
@@ -110,14 +115,18 @@ def main() -> int:
     results = {}
     for name in names:
         extra, checkpoint = VARIANTS[name][0], model
-        if name == "fp8_gptq":
-            from fusecc.quantization.gptq import quantize_fp8_checkpoint
+        if name.endswith("_gptq"):
+            from fusecc.quantization.gptq import quantize_checkpoint
 
-            checkpoint = os.path.join(tempfile.mkdtemp(prefix="fusecc_fp8_gptq_"), "checkpoint")
-            made = quantize_fp8_checkpoint(model, checkpoint, skip_windows=args.windows,
-                                           window_len=args.window_len)
-            extra = {"checkpoint": f"fusecc quantize --method fp8 (calibration: {made['calibration_tokens']} "
-                                   f"tokens after the {args.windows} scored windows)"}
+            method = name.removesuffix("_gptq")
+            checkpoint = os.path.join(tempfile.mkdtemp(prefix=f"fusecc_{name}_"), "checkpoint")
+            started = time.perf_counter()
+            made = quantize_checkpoint(model, checkpoint, method=method, calibration=args.calibration_windows,
+                                       skip_windows=args.windows, window_len=args.window_len)
+            extra = {"checkpoint": f"fusecc quantize --method {method} --calibration-windows "
+                                   f"{args.calibration_windows} ({made['calibration_tokens']} tokens after the "
+                                   f"{args.windows} scored windows, "
+                                   f"{time.perf_counter() - started:.0f} s)"}
         results[name] = measure(checkpoint, windows, base_args, {k: v for k, v in extra.items() if k != "checkpoint"})
         results[name]["engine_args"] = extra
         print(f"{name:7s} perplexity {results[name]['perplexity']:.4f} ({results[name]['seconds']:.0f} s)",

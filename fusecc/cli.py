@@ -52,25 +52,29 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default) is greedy")
     gen.add_argument("--enforce-eager", action="store_true", help="skip torch.compile and CUDA graphs")
 
-    quant = sub.add_parser("quantize", help="write an fp8 checkpoint of a float one, GPTQ-rounded "
+    quant = sub.add_parser("quantize", help="write an fp8 or int4 checkpoint of a float one, GPTQ-rounded "
                                             "(fusecc/quantization/gptq.py)")
     quant.add_argument("--model", required=True, metavar="PATH", help="a checkpoint folder or a .gguf file")
-    quant.add_argument("--out", required=True, metavar="DIR", help="the fp8 checkpoint's folder")
-    quant.add_argument("--method", default="fp8", choices=["fp8"], help="the format (fp8: e4m3, per-channel scales)")
+    quant.add_argument("--out", required=True, metavar="DIR", help="the quantized checkpoint's folder")
+    quant.add_argument("--method", default="fp8", choices=["fp8", "int4"],
+                       help="the format (fp8: e4m3, per-channel scales, quant_method fp8; int4: asymmetric, "
+                            "groups of --group-size, quant_method gptq)")
+    quant.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128], metavar="G",
+                       help="int4: input columns per scale and zero point (32, 64 or 128)")
     quant.add_argument("--rtn", action="store_true", help="round to nearest instead of GPTQ (no calibration)")
     quant.add_argument("--calibration-windows", type=int, default=16, metavar="N",
                        help="docstring windows of 512 tokens for GPTQ's input statistics")
 
     args = parser.parse_args(argv)
     if args.command == "quantize":
-        from fusecc.quantization.gptq import quantize_fp8_checkpoint
+        from fusecc.quantization.gptq import quantize_checkpoint
 
         try:
-            done = quantize_fp8_checkpoint(args.model, args.out, gptq=not args.rtn,
-                                           calibration=args.calibration_windows)
+            done = quantize_checkpoint(args.model, args.out, method=args.method, gptq=not args.rtn,
+                                       calibration=args.calibration_windows, group_size=args.group_size)
         except (OSError, ValueError) as exc:
             return _user_error("quantize", str(exc))
-        print(f"wrote {args.out}: {done['linears']} linears in fp8 ({done['rounding']} rounding, "
+        print(f"wrote {args.out}: {done['linears']} linears in {args.method} ({done['rounding']} rounding, "
               f"{done['calibration_tokens']} calibration tokens)")
         return 0
     if args.command == "generate":

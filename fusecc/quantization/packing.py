@@ -73,6 +73,17 @@ def gptq_to_fusecc(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
             (zeros - 128).t().contiguous())
 
 
+def fusecc_to_gptq_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """The inverse of gptq_to_fusecc for 4 bits, written as checkpoint_format "gptq_v2" (zeros stored as
+    they are: v1's z - 1 cannot hold a zero point of 0): q [N, K] integers 0..15, scales and zeros
+    [N, K/G] -> (qweight int32 [K/8, N], qzeros int32 [K/G, N/8], scales fp16 [K/G, N]). GPTQ's
+    qweight packs 8 input rows per word as fusecc's int4 packs 8 input columns, so it is fusecc's transposed."""
+    N, K = q.shape
+    if K % 8 or N % 8:
+        raise ValueError(f"a GPTQ int4 checkpoint needs input and output sizes divisible by 8, not {K} and {N}")
+    return pack_int4(q).t().contiguous(), pack_int4(zeros.t()), scales.t().to(torch.float16).contiguous()
+
+
 def expand_fp8_scale(scale: torch.Tensor, N: int, group_size: int) -> torch.Tensor:
     """An fp8 checkpoint's weight scale -> fp32 [N, groups]: per tensor ([] or [1]) and per channel
     ([N] or [N, 1]) -> [N, 1]; 128x128 blocks [ceil(N/128), ceil(K/128)] -> each block row repeated

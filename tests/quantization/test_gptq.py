@@ -1,16 +1,20 @@
-"""fusecc/quantization/gptq.py: GPTQ rounding to fp8 and the `fusecc quantize` checkpoint it writes.
+"""fusecc/quantization/gptq.py: GPTQ rounding to fp8 and int4 and the `fusecc quantize` checkpoints it writes.
 
-The rounding: without a Hessian it is round-to-nearest (quantize_fp8's values); with one, the scales
-are round-to-nearest's and the layer's output error on inputs with that Hessian is smaller. The checkpoint: a tiny Llama
-written by `fusecc quantize` loads as an fp8 checkpoint holding exactly the GPTQ weights, and generates.
+The rounding: without a Hessian it is round-to-nearest (quantize_fp8's / quantize_int4's values); with
+one, the layer's output error on inputs with that Hessian is smaller. The order: true-sequential, each
+linear's Hessian taken from inputs that went through the already-rounded linears. The checkpoints: a
+tiny Llama written by `fusecc quantize` loads as an fp8 or a GPTQ int4 checkpoint holding exactly the
+GPTQ weights, and generates.
 """
 
 import json
 
+import pytest
 import torch
 
-from fusecc.quantization.gptq import gptq_fp8
-from fusecc.quantization.packing import quantize_fp8
+from fusecc.quantization.gptq import gptq_fp8, gptq_int4, int4_group_grid, quantize_sequentially
+from fusecc.quantization.packing import (_unpack_cols, fusecc_to_gptq_int4, gptq_to_fusecc, pack_int4, quantize_fp8,
+                                         quantize_int4)
 from tests.runtime.hf_checkpoints import save_tiny_checkpoint, single_thread  # noqa: F401
 
 
@@ -60,6 +64,88 @@ def test_act_order_rounds_the_largest_inputs_first_and_helps_where_they_come_las
         errors[act_order] = (x @ (q.double() * scale[:, None].double()).t() - exact).pow(2).mean().item()
     assert errors[True] < 0.8 * errors[False], errors
 
+
+def int4_dequantized(q, scales, zeros, group_size):
+    g = torch.arange(q.shape[1]) // group_size
+    return (q.double() - zeros[:, g].double()) * scales[:, g].double()
+
+
+@pytest.mark.parametrize("K,group_size", [(96, 32), (80, 32)])  # 80: a short last group
+def test_int4_without_a_hessian_is_quantize_int4(K, group_size):
+    w = torch.randn(16, K, generator=torch.Generator().manual_seed(5))
+    q, scales, zeros = gptq_int4(w, None, group_size, scale_dtype=torch.float32)
+    qweight, rtn_scales, rtn_zeros = quantize_int4(w, group_size)
+    assert torch.equal(q.int(), _unpack_cols(qweight, 4)[:, :K])
+    assert torch.equal(scales, rtn_scales) and torch.equal(zeros, rtn_zeros)
+
+
+def test_int4_grid_search_never_rounds_a_group_worse_than_the_full_range():
+    w = torch.randn(16, 96, generator=torch.Generator().manual_seed(6))
+    w[0, 3] = 8.0  # an outlier: its group's range is mostly empty
+    importance = torch.rand(96, generator=torch.Generator().manual_seed(7)) + 0.1
+    full = int4_group_grid(w, 32, importance, shrinks=(1.0,))
+    searched = int4_group_grid(w, 32, importance)
+
+    def group_errors(scales, zeros):
+        g = torch.arange(96) // 32
+        q = (w.double() / scales[:, g] + zeros[:, g]).round().clamp(0, 15)
+        return (((q - zeros[:, g]) * scales[:, g] - w.double()) ** 2 * importance.double()).view(16, 3, 32).sum(-1)
+
+    assert (group_errors(*searched) <= group_errors(*full)).all()
+    assert (group_errors(*searched) < group_errors(*full)).any()  # some group shrank its range
+
+
+def test_int4_gptq_moves_the_outputs_less_than_round_to_nearest():
+    K, G = 128, 32
+    w = torch.randn(32, K, generator=torch.Generator().manual_seed(8))
+    x = correlated_inputs(512, K, seed=9)
+    q, scales, zeros = gptq_int4(w, 2 * x.t() @ x / x.shape[0], G, block=32)
+    rtn = gptq_int4(w, None, G)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15
+    exact = x @ w.double().t()
+
+    def output_error(quantized):
+        return (x @ int4_dequantized(*quantized, G).t() - exact).pow(2).mean().item()
+
+    assert output_error((q, scales, zeros)) < 0.7 * output_error(rtn)
+
+
+def test_gptq_int4_packing_reads_back_through_the_gptq_loader():
+    g = torch.Generator().manual_seed(10)
+    q = torch.randint(0, 16, (24, 64), generator=g)
+    scales, zeros = torch.rand(24, 2, generator=g) + 0.01, torch.randint(0, 16, (24, 2), generator=g).float()
+    zeros[0, 0] = 0.0  # v1's "z - 1" could not hold it; gptq_v2 stores z
+    qweight, qzeros, scales16 = fusecc_to_gptq_int4(q, scales, zeros)
+    assert qweight.shape == (8, 24) and qzeros.shape == (2, 3) and scales16.dtype == torch.float16
+    ours, back_scales, back_zeros = gptq_to_fusecc(qweight, qzeros, scales16, 4, v1_zeros=False)
+    assert torch.equal(ours, pack_int4(q))
+    assert torch.equal(back_zeros, zeros) and torch.equal(back_scales, scales.half().float())
+    with pytest.raises(ValueError, match="divisible by 8, not 60 and 24"):
+        fusecc_to_gptq_int4(q[:, :60], scales, zeros)
+
+
+def test_sequential_order_takes_each_hessian_after_the_linears_before_it_are_rounded(tmp_path):
+    # a rounding that zeroes every weight: v_proj zeroed before o_proj is measured leaves o_proj only
+    # zero inputs, gate/up zeroed leave down_proj zero inputs; in one pass of the float model neither is zero
+    model = save_tiny_checkpoint("llama", tmp_path / "m")
+    seen = []
+
+    def zero_it(name, weight, hessian):
+        seen.append((name, hessian.abs().max().item()))
+        return torch.zeros_like(weight)
+
+    quantize_sequentially(model, [[3, 4, 5, 6, 7, 8], [9, 10, 11]], zero_it)
+    names = [name for name, _ in seen]
+    kinds = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert [n.rpartition(".")[2] for n in names] == kinds * 2
+    assert [n.split(".")[2] for n in names] == ["0"] * 7 + ["1"] * 7
+    largest = dict(seen)
+    for layer in (0, 1):
+        assert largest[f"model.layers.{layer}.self_attn.o_proj"] == 0.0
+        assert largest[f"model.layers.{layer}.mlp.down_proj"] == 0.0
+        assert largest[f"model.layers.{layer}.self_attn.q_proj"] > 0.0
+
+
 def test_quantize_writes_an_fp8_checkpoint_fusecc_loads(tmp_path, single_thread):  # noqa: F811
     from fusecc.cli import main
     from fusecc.llm import LLM
@@ -80,5 +166,34 @@ def test_quantize_writes_an_fp8_checkpoint_fusecc_loads(tmp_path, single_thread)
     stored = load_file(str(out / "model.safetensors"))
     assert torch.equal(down.weight.float(), stored["model.layers.0.mlp.down_proj.weight"].float())
     assert torch.equal(down.weight_scale[:, 0], stored["model.layers.0.mlp.down_proj.weight_scale"])
+    out_tokens = llm.generate(["w1 w2 w3"], SamplingParams(max_tokens=5, temperature=0))[0].outputs[0].token_ids
+    assert len(out_tokens) == 5
+
+
+def test_quantize_writes_a_gptq_int4_checkpoint_fusecc_loads(tmp_path, single_thread):  # noqa: F811
+    from safetensors.torch import load_file
+
+    from fusecc.cli import main
+    from fusecc.llm import LLM
+    from fusecc.quantization.linear import WeightOnlyLinear
+    from fusecc.runtime.sampling_params import SamplingParams
+
+    save_tiny_checkpoint("llama", tmp_path / "float")
+    out = tmp_path / "int4"
+    assert main(["quantize", "--model", str(tmp_path / "float"), "--out", str(out), "--method", "int4",
+                 "--group-size", "32", "--calibration-windows", "2"]) == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config == {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": False,
+                      "checkpoint_format": "gptq_v2"}
+    stored = load_file(str(out / "model.safetensors"))
+    assert "model.layers.0.mlp.down_proj.weight" not in stored
+    llm = LLM(str(out), enforce_eager=True, dtype="float32", max_model_len=64)
+    down = llm.engine.runner.model.model.layers[0].mlp.down_proj
+    assert isinstance(down, WeightOnlyLinear) and (down.bits, down.group_size) == (4, 32)
+    prefix = "model.layers.0.mlp.down_proj"
+    qweight, scales, zeros = gptq_to_fusecc(stored[f"{prefix}.qweight"], stored[f"{prefix}.qzeros"],
+                                            stored[f"{prefix}.scales"], 4, v1_zeros=False)
+    assert torch.equal(down.qweight, qweight) and torch.equal(down.scales.float(), scales)
+    assert torch.equal(down.zeros.float(), zeros)
     out_tokens = llm.generate(["w1 w2 w3"], SamplingParams(max_tokens=5, temperature=0))[0].outputs[0].token_ids
     assert len(out_tokens) == 5
