@@ -114,7 +114,7 @@ def main() -> int:
     single = [run_kind(engine, f"single{i}", other_tokens([[65 + i, 66, 67]]), 16, 1) for i in range(11)]
     report = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
+        "date": datetime.date.today().isoformat(), "command": "python -m benchmarks.startup " + " ".join(sys.argv[1:]),
         "model": "embedded default (random tiny Llama), bf16, CUDA graphs",
         "construct_seconds": construct,
         "graphs_compiled_at_start": graphs_after_start,
