@@ -62,16 +62,22 @@ def main(argv: list[str] | None = None) -> int:
     quant.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128], metavar="G",
                        help="int4: input columns per scale and zero point (32, 64 or 128)")
     quant.add_argument("--rtn", action="store_true", help="round to nearest instead of GPTQ (no calibration)")
-    quant.add_argument("--calibration-windows", type=int, default=16, metavar="N",
+    quant.add_argument("--calibration-windows", type=int, default=128, metavar="N",
                        help="docstring windows of 512 tokens for GPTQ's input statistics")
+    quant.add_argument("--device", default=None, metavar="DEVICE",
+                       help="where the float model and GPTQ run (default: cuda when there is one, else cpu)")
 
     args = parser.parse_args(argv)
     if args.command == "quantize":
+        import torch
+
         from fusecc.quantization.gptq import quantize_checkpoint
 
         try:
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
             done = quantize_checkpoint(args.model, args.out, method=args.method, gptq=not args.rtn,
-                                       calibration=args.calibration_windows, group_size=args.group_size)
+                                       calibration=args.calibration_windows, group_size=args.group_size,
+                                       device=device)
         except (OSError, ValueError) as exc:
             return _user_error("quantize", str(exc))
         print(f"wrote {args.out}: {done['linears']} linears in {args.method} ({done['rounding']} rounding, "

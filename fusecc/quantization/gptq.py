@@ -268,7 +268,7 @@ def _quantization_config(method: str, group_size: int) -> dict:
 
 
 def quantize_checkpoint(model_path: str, out_dir: str, *, method: str = "fp8", gptq: bool = True,
-                        calibration: int = 16, window_len: int = 512, skip_windows: int = 32,
+                        calibration: int = 128, window_len: int = 512, skip_windows: int = 32,
                         group_size: int = 128, device: str = "cpu") -> dict:
     """Write `model_path` (a checkpoint folder or a GGUF file) to `out_dir` as an fp8 checkpoint
     (method "fp8") or a GPTQ int4 one (method "int4"); returns what was done (linears, calibration tokens)."""
@@ -292,9 +292,8 @@ def quantize_checkpoint(model_path: str, out_dir: str, *, method: str = "fp8", g
         q, scales, zeros = gptq_int4(weight, hessian, group_size)
         qweight, qzeros, scales16 = fusecc_to_gptq_int4(q, scales, zeros)
         K = weight.shape[1]
-        stored[name] = {"qweight": qweight, "qzeros": qzeros, "scales": scales16,
-                        "g_idx": torch.arange(K, dtype=torch.int32) // group_size}
-        g = torch.arange(K) // group_size
+        g = torch.arange(K, device=weight.device) // group_size
+        stored[name] = {"qweight": qweight, "qzeros": qzeros, "scales": scales16, "g_idx": g.to(torch.int32)}
         return (q.float() - zeros[:, g]) * scales[:, g]
 
     windows = calibration_windows(tokenizer, calibration, window_len, skip_windows) if gptq else []
@@ -310,10 +309,10 @@ def quantize_checkpoint(model_path: str, out_dir: str, *, method: str = "fp8", g
             round_linear(name, linear.weight.data, None)
     model.to(torch.bfloat16)  # the tensors left in float: embeddings, norms, head
     # written by hand: transformers will not save a model it loaded from a GGUF file
-    state = {name: t.contiguous() for name, t in model.state_dict().items()
+    state = {name: t.contiguous().cpu() for name, t in model.state_dict().items()
              if name.rpartition(".")[0] not in stored or not name.endswith(".weight")}
     for name, tensors in stored.items():
-        state.update({f"{name}.{key}": t.contiguous() for key, t in tensors.items()})
+        state.update({f"{name}.{key}": t.contiguous().cpu() for key, t in tensors.items()})
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # the embedding's (a shared tensor safetensors refuses)
     out = Path(out_dir)
