@@ -79,6 +79,24 @@ def quantized_linears(weight: torch.Tensor) -> dict:
     return out
 
 
+def decode_max_rows() -> int:
+    # imported late: --smoke sets TRITON_INTERPRET before any kernel module is imported
+    from fusecc.kernels.quant_launch import DECODE_MAX_ROWS
+
+    return DECODE_MAX_ROWS
+
+
+def crossover_rows(row: dict, method: str, module, x: torch.Tensor, device: str, reps: int) -> None:
+    """Both many-row paths of a weight-only linear, forced: in-register dequant (fused) and dequantize
+    then cuBLAS, to set kernels/quant_matmul.py's DEQUANTIZE_MIN_ROWS from measurements."""
+    from fusecc.kernels.quant_matmul import weight_only_matmul
+
+    for path, forced in (("fused", False), ("dequant", True)):
+        t = timeit(lambda: weight_only_matmul(x, module.qweight, module.scales, module.zeros, module.bits,
+                                              module.group_size, dequantize=forced), device, reps)
+        row[f"{method}_{path}_us"] = t * 1e6
+
+
 def bench_linears(shapes: dict, rows: list[int], device: str, dtype: torch.dtype, reps: int) -> list[dict]:
     results = []
     for name, (N, K) in shapes.items():
@@ -93,6 +111,8 @@ def bench_linears(shapes: dict, rows: list[int], device: str, dtype: torch.dtype
             ref = torch.nn.functional.linear(x.float(), weight.float())
             for method, module in modules.items():
                 try:
+                    if method in ("int8", "int4") and M > decode_max_rows():
+                        crossover_rows(row, method, module, x, device, reps)
                     t = timeit(lambda: module(x), device, reps)
                     nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
                     row[f"{method}_us"] = t * 1e6
@@ -192,6 +212,9 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (Triton interpreter for the kernels)")
     ap.add_argument("--methods", default="bf16,int8,int4,fp8", help="engine runs (bf16 is the baseline)")
     ap.add_argument("--skip-linears", action="store_true")
+    ap.add_argument("--linears", default="", help="comma-separated subset of " + ", ".join(LINEARS_8B))
+    ap.add_argument("--rows", default="", help="comma-separated M of the linear rows (default 1,16,8192; e.g. "
+                    "1,16,64,256,1024,8192 for the weight-only crossover)")
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--merge", action="store_true",
@@ -219,8 +242,11 @@ def main() -> int:
             json.dump(report, f, indent=2)
 
     if not args.skip_linears:
-        rows = bench_linears(LINEARS_SMOKE if args.smoke else LINEARS_8B, [1, 3, 17] if args.smoke else [1, 16, 8192],
-                             device, dtype, reps=3 if args.smoke else 0)
+        shapes = LINEARS_SMOKE if args.smoke else LINEARS_8B
+        if args.linears:
+            shapes = {name: shapes[name] for name in args.linears.split(",")}
+        rows = [int(m) for m in args.rows.split(",")] if args.rows else [1, 3, 17] if args.smoke else [1, 16, 8192]
+        rows = bench_linears(shapes, rows, device, dtype, reps=3 if args.smoke else 0)
         report["linears"] = [{**row, "run": run} for row in rows]
         save()
     if not args.skip_engine:

@@ -16,6 +16,14 @@ fractional zero also represents GGUF's Q4_1 (w = d * q + m: zero = -m / d).
 int4 unpacking: with K tiles of 128+ each packed word is loaded once and the tile is 8 dots, one per
 nibble plane (plane i = input columns 8j + i, against x[:, i::8]); narrower tiles load each word once per
 nibble (a cached re-read). Paths (decode split-K / prefill) and autotuning: fusecc/kernels/quant_launch.py.
+
+Many rows (M >= DEQUANTIZE_MIN_ROWS[bits]): the weight is dequantized once into a [N, K] buffer of x's
+dtype by a memory-bound kernel, then multiplied by cuBLAS (torch.mm), as vLLM's AWQ path does from 256
+tokens. At prefill sizes the matmul is compute-bound, and on an H100 the in-register int4 dequant held
+the tensor cores to about 48 TFLOP/s (benchmarks/results/quant_linears.json); dequantizing N*K values
+once costs what reading the bf16 weight twice would. The buffer is transient (prefill runs outside
+CUDA graphs; the KV pool's sizing profiles a full prefill, so its peak counts it). The weights are the
+same fp32-computed (q - z) * s rounded to x's dtype as in the fused paths.
 """
 
 from __future__ import annotations
@@ -97,6 +105,26 @@ def _weight_only_matmul_kernel(
                       PARTIAL, HAS_BIAS)
 
 
+@triton.jit
+def _dequantize_weight_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_zn, stride_on,
+                              BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[N, K] (x's dtype) = (q - zero) * scale, one [BLOCK_N, BLOCK_K] tile per program."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    n_ok, k_ok = offs_n < N, offs_k < K
+    mask = n_ok[:, None] & k_ok[None, :]
+    if BITS == 4:
+        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] // 8, mask=mask, other=0)
+        q = ((words >> ((offs_k[None, :] % 8) * 4)) & 0xF).to(tl.float32)
+    else:
+        q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0).to(tl.float32)
+    w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
+                    GROUP_SIZE, HAS_ZEROS, GROUP_SIZE % BLOCK_K == 0)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"]
 _decode_kernel = triton.autotune(configs=decode_configs(), key=_KEY, cache_results=True)(_weight_only_matmul_kernel)
 _prefill_kernel = triton.autotune(configs=prefill_configs(), key=_KEY, cache_results=True)(_weight_only_matmul_kernel)
@@ -107,14 +135,39 @@ def group_constexpr(group_size: int, K: int) -> int:
     return max(256, triton.next_power_of_2(K)) if group_size == -1 else group_size
 
 
+# rows from which the weight is dequantized for cuBLAS rather than in registers (module docstring).
+# Estimates from the H100's first figures, to be set from benchmarks/quant.py's crossover rows:
+# int4's fused prefill is slow at every size past decode; int8's reaches about half of bf16 at 8k rows.
+DEQUANTIZE_MIN_ROWS = {4: 64, 8: 1024}
+_DEQUANT_BLOCK_N, _DEQUANT_BLOCK_K = 32, 128
+
+
+def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                      group_size: int, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in `dtype` from fusecc's int4/int8 layout, on the GPU (Triton)."""
+    N = qweight.shape[0]
+    out = torch.empty((N, K), dtype=dtype, device=qweight.device)
+    grid = (triton.cdiv(N, _DEQUANT_BLOCK_N), triton.cdiv(K, _DEQUANT_BLOCK_K))
+    _dequantize_weight_kernel[grid](
+        qweight, scales, zeros if zeros is not None else scales, out, N, K, qweight.stride(0), scales.stride(0),
+        (zeros if zeros is not None else scales).stride(0), out.stride(0),
+        BITS=bits, GROUP_SIZE=group_constexpr(group_size, K), HAS_ZEROS=zeros is not None,
+        BLOCK_N=_DEQUANT_BLOCK_N, BLOCK_K=_DEQUANT_BLOCK_K, num_warps=4)
+    return out
+
+
 def weight_only_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                        bits: int, group_size: int, bias: torch.Tensor | None = None,
-                       split_k: int | None = None) -> torch.Tensor:
+                       split_k: int | None = None, dequantize: bool | None = None) -> torch.Tensor:
     """x [M, K] (fp16/bf16/fp32) @ dequantized W [N, K].T -> [M, N] in x's dtype. split_k: decode-path
-    override (tests)."""
+    override (tests); dequantize: force (True) or forbid (False) the dequantize-then-cuBLAS path past
+    the decode rows (None: from DEQUANTIZE_MIN_ROWS)."""
     M, K = x.shape
     N = qweight.shape[0]
     check_weight_only(qweight, scales, zeros, bits, group_size, K)
+    if M > DECODE_MAX_ROWS and (dequantize if dequantize is not None else M >= DEQUANTIZE_MIN_ROWS[bits]):
+        w = dequantize_weight(qweight, scales, zeros, bits, group_size, K, x.dtype)
+        return torch.nn.functional.linear(x, w, bias)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out

@@ -1,6 +1,6 @@
 """The quantized matmul kernels compile for Hopper (sm_90) through Triton's real GPU pipeline, on CPU
 (the stand-in driver of hopper_compile_check.py): both paths (decode split-K, prefill tiles) of int4,
-int8 and fp8, bf16 activations; and the fused MoE kernels (GEMV decode, grouped GEMM) with int8, int4
+int8 and fp8, bf16 activations, and the many-row path's int4/int8 dequantize kernel; and the fused MoE kernels (GEMV decode, grouped GEMM) with int8, int4
 and fp8 experts. By default the hand-picked config of each path compiles (what a launch
 without autotuning runs); `python -m tests.kernels.test_quant_hopper_compile --all-configs` compiles
 every autotune config."""
@@ -22,6 +22,7 @@ def test_quant_kernels_compile_for_sm90():
     compiled = dict(line.rsplit(" ", 1) for line in proc.stdout.splitlines() if line.strip())
     assert int(compiled.get("_weight_only_matmul_kernel", 0)) >= 6, proc.stdout  # {int4 g128, int4 g32, int8} x 2 paths
     assert int(compiled.get("_fp8_matmul_kernel", 0)) >= 4, proc.stdout  # {channel, block} x 2 paths
+    assert int(compiled.get("_dequantize_weight_kernel", 0)) >= 2, proc.stdout  # int4, int8 (many-row path)
     assert int(compiled.get("_quantize_per_token_kernel", 0)) >= 1, proc.stdout
     assert int(compiled.get("_sum_splits_kernel", 0)) >= 1, proc.stdout
     assert int(compiled.get("_moe_gemv_kernel", 0)) >= 6, proc.stdout  # {int8, int4, fp8} x {gate_up, down}
@@ -33,7 +34,7 @@ def compile_all(all_configs: bool) -> None:
 
     from fusecc.kernels.launch import kernel_autotuning
     from fusecc.kernels.fp8_matmul import fp8_matmul
-    from fusecc.kernels.quant_matmul import weight_only_matmul
+    from fusecc.kernels.quant_matmul import dequantize_weight, weight_only_matmul
 
     bf16 = torch.bfloat16
     N, K = 128, 1024  # at M = 1: 2 tiles of 64 on 4 "SMs" -> split-K (and its sum kernel)
@@ -42,9 +43,11 @@ def compile_all(all_configs: bool) -> None:
             x = torch.randn(M, K, dtype=bf16)
             for group in (128, 32):
                 weight_only_matmul(x, torch.zeros(N, K // 8, dtype=torch.int32), torch.ones(N, K // group),
-                                   torch.zeros(N, K // group), 4, group)
+                                   torch.zeros(N, K // group), 4, group, dequantize=False)
             weight_only_matmul(x, torch.zeros(N, K, dtype=torch.int8), torch.ones(N, 1), None, 8, -1,
-                               bias=torch.zeros(N, dtype=bf16))
+                               bias=torch.zeros(N, dtype=bf16), dequantize=False)
+        for bits, qweight in ((4, torch.zeros(N, K // 8, dtype=torch.int32)), (8, torch.zeros(N, K, dtype=torch.int8))):
+            dequantize_weight(qweight, torch.ones(N, K // 128), torch.zeros(N, K // 128), bits, 128, K, bf16)
             w8 = torch.zeros(N, K, dtype=torch.float8_e4m3fn)
             fp8_matmul(x, w8, torch.ones(N, 1), -1, use_scaled_mm=False)
             fp8_matmul(x, w8, torch.ones(N, K // 128), 128)

@@ -5,7 +5,8 @@ W[n, k] = (q[n, k] - zero[n, k // group]) * scale[n, k // group]."""
 import pytest
 import torch
 
-from fusecc.kernels.quant_matmul import weight_only_matmul
+from fusecc.kernels import quant_matmul
+from fusecc.kernels.quant_matmul import DEQUANTIZE_MIN_ROWS, dequantize_weight, weight_only_matmul
 
 
 def pack_nibbles_along_k(q: torch.Tensor) -> torch.Tensor:
@@ -51,6 +52,36 @@ def test_matches_float64_reference(bits, group, zeros, M, dtype):
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("bits,group,zeros", [(4, 32, True), (4, 128, True), (8, -1, False), (8, 32, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dequantize_then_matmul_path_matches_float64_reference(bits, group, zeros, dtype):
+    N, K = 40, 160
+    qweight, scales, z, w64 = make_weights(bits, N, K, group, zeros, seed=3)
+    w = dequantize_weight(qweight, scales, z, bits, group, K, dtype)
+    assert w.dtype == dtype
+    torch.testing.assert_close(w.double(), w64.to(dtype).double(), rtol=1e-6, atol=0)  # one rounding to dtype
+    x = torch.randn(20, K).to(dtype)
+    bias = torch.randn(N).to(dtype)
+    out = weight_only_matmul(x, qweight, scales, z, bits, group, bias, dequantize=True)
+    ref = x.double() @ w64.t() + bias.double()
+    tol = 2e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rows_past_the_threshold_take_the_dequantize_path(bits, monkeypatch):
+    calls = []
+    real = quant_matmul.dequantize_weight
+    monkeypatch.setattr(quant_matmul, "dequantize_weight", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setitem(quant_matmul.DEQUANTIZE_MIN_ROWS, bits, 24)  # small, for the interpreter
+    qweight, scales, z, w64 = make_weights(bits, 16, 64, 32, True, seed=4)
+    for M in (17, 23, 24, 30):
+        out = weight_only_matmul(torch.randn(M, 64), qweight, scales, z, bits, 32)
+        assert out.shape == (M, 16)
+    assert calls == [torch.float32, torch.float32]  # M = 24 and 30 only
+    assert DEQUANTIZE_MIN_ROWS[bits] > 16
+
+
 @pytest.mark.parametrize("split_k", [1, 2, 5])
 def test_decode_split_k_partials_sum_to_the_result(split_k):
     # odd K and N, a short last group: the split edges and the masks all matter
@@ -80,7 +111,7 @@ def test_rejects_a_mismatched_layout():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, -1)])
-@pytest.mark.parametrize("M", [1, 16, 333])
+@pytest.mark.parametrize("M", [1, 16, 40, 333, 1100])  # decode, fused prefill, dequantize + cuBLAS (int4 / int8)
 def test_gpu_bf16_real_sizes(bits, group, M):
     N, K = 4096, 4096
     qweight, scales, z, w64 = make_weights(bits, N, K, group, bits == 4) if bits == 8 else \
