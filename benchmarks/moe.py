@@ -289,6 +289,12 @@ def main() -> int:
               "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
               "dtype": str(dtype), "kernel": {}, "decode": None, "quantized": {}}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save():  # after every row: a run stopped by a time limit keeps what it measured
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
     tokens = [int(t) for t in args.tokens.split(",")] if not args.smoke else [1, 7]
     for name, shape in (SMOKE_KERNEL_SHAPES if args.smoke else KERNEL_SHAPES).items():
         for n in tokens:
@@ -298,6 +304,7 @@ def main() -> int:
             except Exception:
                 result["kernel"][key] = {"error": traceback.format_exc(limit=3)}
             print(key, json.dumps(result["kernel"][key]), flush=True)
+            save()
     quant_tokens = [int(t) for t in args.quant_tokens.split(",") if t] if not args.smoke else [1, 7]
     quant_shapes = SMOKE_KERNEL_SHAPES if args.smoke else {"qwen3_30b_a3b": KERNEL_SHAPES["qwen3_30b_a3b"]}
     for name, shape in quant_shapes.items():
@@ -305,6 +312,7 @@ def main() -> int:
             key = f"{name}/tokens_{n}"
             result["quantized"][key] = bench_quantized(shape, n, device, dtype, args.smoke)
             print("quantized", key, json.dumps(result["quantized"][key]), flush=True)
+            save()
     if not args.skip_decode:
         try:
             result["decode"] = bench_decode(device, dtype, 8 if args.smoke else args.decode_steps, args.smoke,
@@ -312,9 +320,7 @@ def main() -> int:
         except Exception:
             result["decode"] = {"error": traceback.format_exc(limit=5)}
         print("decode", json.dumps(result["decode"]), flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    save()
     return 0
 
 

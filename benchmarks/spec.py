@@ -160,7 +160,22 @@ def main() -> None:
              ("chat", {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4})]
     workloads = {"repetitive": [prompt_ids(tokenizer, t) for t in REPETITIVE],
                  "chat": [prompt_ids(tokenizer, t) for t in CHAT]}
-    results = []
+    import triton
+
+    report = {"benchmark": "speculative decoding", "model": what,
+              "device": "cpu" if args.device == "cpu" else torch.cuda.get_device_name(),
+              "torch": torch.__version__, "triton": triton.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "command": " ".join(sys.argv),
+              "max_tokens": args.max_tokens, "results": [],
+              "notes": "greedy; speedup = output tok/s with speculation / without, same engine settings, same run; "
+                       "batch 1 runs the prompts one at a time, batch N runs N requests together (prompts repeated); "
+                       "speculation turns itself off above disable_by_batch_size (16) decoding sequences"}
+    results = report["results"]
+
+    def save():  # after every row: a run stopped by a time limit keeps what it measured
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
     for batch in batches:
         baselines = {}
         for workload, spec in cases:
@@ -174,18 +189,7 @@ def main() -> None:
             results.append(entry)
             print(json.dumps({k: entry[k] for k in ("workload", "batch", "speedup", "identical_outputs")}
                              | {"method": spec["method"], "acceptance_rate": got.get("acceptance_rate")}), flush=True)
-    import triton
-
-    report = {"benchmark": "speculative decoding", "model": what,
-              "device": "cpu" if args.device == "cpu" else torch.cuda.get_device_name(),
-              "torch": torch.__version__, "triton": triton.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "command": " ".join(sys.argv),
-              "max_tokens": args.max_tokens, "results": results,
-              "notes": "greedy; speedup = output tok/s with speculation / without, same engine settings, same run; "
-                       "batch 1 runs the prompts one at a time, batch N runs N requests together (prompts repeated); "
-                       "speculation turns itself off above disable_by_batch_size (16) decoding sequences"}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+            save()
 
 
 if __name__ == "__main__":
