@@ -87,13 +87,14 @@ def decode_max_rows() -> int:
 
 
 def crossover_rows(row: dict, method: str, module, x: torch.Tensor, device: str, reps: int) -> None:
-    """Both many-row paths of a weight-only linear, forced: in-register dequant (fused) and dequantize
-    then cuBLAS, to set kernels/quant_matmul.py's DEQUANTIZE_MIN_ROWS from measurements."""
+    """Each path of a weight-only linear that could take these rows, forced (one row: the GEMV and the
+    tiles; past the decode rows: the tiles and dequantize + cuBLAS), to set kernels/quant_matmul.py's
+    choice (weight_only_path) from measurements."""
     from fusecc.kernels.quant_matmul import weight_only_matmul
 
-    for path, forced in (("fused", False), ("dequant", True)):
+    for path in ("gemv", "tiles") if x.shape[0] == 1 else ("tiles", "dequantize"):
         t = timeit(lambda: weight_only_matmul(x, module.qweight, module.scales, module.zeros, module.bits,
-                                              module.group_size, dequantize=forced), device, reps)
+                                              module.group_size, path=path), device, reps)
         row[f"{method}_{path}_us"] = t * 1e6
 
 
@@ -111,7 +112,7 @@ def bench_linears(shapes: dict, rows: list[int], device: str, dtype: torch.dtype
             ref = torch.nn.functional.linear(x.float(), weight.float())
             for method, module in modules.items():
                 try:
-                    if method in ("int8", "int4") and M > decode_max_rows():
+                    if method in ("int8", "int4") and (M == 1 or M > decode_max_rows()):
                         crossover_rows(row, method, module, x, device, reps)
                     t = timeit(lambda: module(x), device, reps)
                     nbytes = sum(p.numel() * p.element_size() for p in module.parameters())

@@ -16,6 +16,7 @@ fractional zero also represents GGUF's Q4_1 (w = d * q + m: zero = -m / d).
 int4 unpacking: with K tiles of 128+ each packed word is loaded once and the tile is 8 dots, one per
 nibble plane (plane i = input columns 8j + i, against x[:, i::8]); narrower tiles load each word once per
 nibble (a cached re-read). Paths (decode split-K / prefill) and autotuning: fusecc/kernels/quant_launch.py.
+One row (batch-1 decode) goes to a GEMV without tensor cores instead: fusecc/kernels/quant_gemv.py.
 
 Many rows (M >= DEQUANTIZE_MIN_ROWS[bits]): the weight is dequantized once into a [N, K] buffer of x's
 dtype by a memory-bound kernel, then multiplied by cuBLAS (torch.mm), as vLLM's AWQ path does from 256
@@ -34,6 +35,7 @@ import triton.language as tl
 
 from fusecc.kernels.exact_dot import exact_dot
 from fusecc.kernels.launch import launch_tuned
+from fusecc.kernels.quant_gemv import weight_only_gemv
 from fusecc.kernels.quant_launch import (DECODE_MAX_ROWS, choose_split_k, decode_configs, finish_splits,
                                          k_per_split, m_bucket, prefill_configs, program_tile,
                                          split_align, store_output_tile)
@@ -156,18 +158,37 @@ def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     return out
 
 
+PATHS = ("gemv", "tiles", "dequantize")
+
+
+def weight_only_path(M: int, bits: int) -> str:
+    """The path a call with M rows takes: one row -> gemv (quant_gemv.py); up to DEQUANTIZE_MIN_ROWS ->
+    tiles (split-K decode tiles to DECODE_MAX_ROWS, then prefill tiles); beyond -> dequantize + cuBLAS."""
+    if M == 1:
+        return "gemv"
+    return "dequantize" if M >= DEQUANTIZE_MIN_ROWS[bits] else "tiles"
+
+
 def weight_only_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                        bits: int, group_size: int, bias: torch.Tensor | None = None,
-                       split_k: int | None = None, dequantize: bool | None = None) -> torch.Tensor:
-    """x [M, K] (fp16/bf16/fp32) @ dequantized W [N, K].T -> [M, N] in x's dtype. split_k: decode-path
-    override (tests); dequantize: force (True) or forbid (False) the dequantize-then-cuBLAS path past
-    the decode rows (None: from DEQUANTIZE_MIN_ROWS)."""
+                       split_k: int | None = None, path: str | None = None) -> torch.Tensor:
+    """x [M, K] (fp16/bf16/fp32) @ dequantized W [N, K].T -> [M, N] in x's dtype. path: one of PATHS
+    to force (benchmarks, tests; gemv needs M == 1), None: weight_only_path's; split_k: the K splits
+    of the gemv and decode-tile paths (tests)."""
     M, K = x.shape
     N = qweight.shape[0]
     check_weight_only(qweight, scales, zeros, bits, group_size, K)
-    if M > DECODE_MAX_ROWS and (dequantize if dequantize is not None else M >= DEQUANTIZE_MIN_ROWS[bits]):
+    path = path or weight_only_path(M, bits)
+    if path not in PATHS or (path == "gemv" and M != 1):
+        raise ValueError(f"weight-only path must be one of {', '.join(PATHS)} (gemv for one row), got {path!r} "
+                         f"for {M} rows")
+    if path == "dequantize" and M > 0:
         w = dequantize_weight(qweight, scales, zeros, bits, group_size, K, x.dtype)
         return torch.nn.functional.linear(x, w, bias)
+    if path == "gemv":
+        out = torch.empty((1, N), dtype=x.dtype, device=x.device)
+        return weight_only_gemv(x.contiguous(), qweight, scales, zeros, bits, group_constexpr(group_size, K), bias,
+                                out, split_k)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out

@@ -1,6 +1,6 @@
 """The quantized matmul kernels compile for Hopper (sm_90) through Triton's real GPU pipeline, on CPU
 (the stand-in driver of hopper_compile_check.py): both paths (decode split-K, prefill tiles) of int4,
-int8 and fp8, bf16 activations, and the many-row path's int4/int8 dequantize kernel; and the fused MoE kernels (GEMV decode, grouped GEMM) with int8, int4
+int8 and fp8, bf16 activations, the one-row GEMV and the many-row path's int4/int8 dequantize kernel; and the fused MoE kernels (GEMV decode, grouped GEMM) with int8, int4
 and fp8 experts. By default the hand-picked config of each path compiles (what a launch
 without autotuning runs); `python -m tests.kernels.test_quant_hopper_compile --all-configs` compiles
 every autotune config."""
@@ -23,6 +23,7 @@ def test_quant_kernels_compile_for_sm90():
     assert int(compiled.get("_weight_only_matmul_kernel", 0)) >= 6, proc.stdout  # {int4 g128, int4 g32, int8} x 2 paths
     assert int(compiled.get("_fp8_matmul_kernel", 0)) >= 4, proc.stdout  # {channel, block} x 2 paths
     assert int(compiled.get("_dequantize_weight_kernel", 0)) >= 2, proc.stdout  # int4, int8 (many-row path)
+    assert int(compiled.get("_weight_only_gemv_kernel", 0)) >= 3, proc.stdout  # int4 g128, int4 g32, int8 (one row)
     assert int(compiled.get("_quantize_per_token_kernel", 0)) >= 1, proc.stdout
     assert int(compiled.get("_sum_splits_kernel", 0)) >= 1, proc.stdout
     assert int(compiled.get("_moe_gemv_kernel", 0)) >= 6, proc.stdout  # {int8, int4, fp8} x {gate_up, down}
@@ -43,9 +44,14 @@ def compile_all(all_configs: bool) -> None:
             x = torch.randn(M, K, dtype=bf16)
             for group in (128, 32):
                 weight_only_matmul(x, torch.zeros(N, K // 8, dtype=torch.int32), torch.ones(N, K // group),
-                                   torch.zeros(N, K // group), 4, group, dequantize=False)
+                                   torch.zeros(N, K // group), 4, group, path="tiles")
             weight_only_matmul(x, torch.zeros(N, K, dtype=torch.int8), torch.ones(N, 1), None, 8, -1,
-                               bias=torch.zeros(N, dtype=bf16), dequantize=False)
+                               bias=torch.zeros(N, dtype=bf16), path="tiles")
+        x = torch.randn(1, K, dtype=bf16)  # the one-row GEMV
+        for group in (128, 32):
+            weight_only_matmul(x, torch.zeros(N, K // 8, dtype=torch.int32), torch.ones(N, K // group),
+                               torch.zeros(N, K // group), 4, group, path="gemv")
+        weight_only_matmul(x, torch.zeros(N, K, dtype=torch.int8), torch.ones(N, 1), None, 8, -1, path="gemv")
         for bits, qweight in ((4, torch.zeros(N, K // 8, dtype=torch.int32)), (8, torch.zeros(N, K, dtype=torch.int8))):
             dequantize_weight(qweight, torch.ones(N, K // 128), torch.zeros(N, K // 128), bits, 128, K, bf16)
             w8 = torch.zeros(N, K, dtype=torch.float8_e4m3fn)

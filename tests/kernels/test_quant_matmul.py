@@ -62,7 +62,7 @@ def test_dequantize_then_matmul_path_matches_float64_reference(bits, group, zero
     torch.testing.assert_close(w.double(), w64.to(dtype).double(), rtol=1e-6, atol=0)  # one rounding to dtype
     x = torch.randn(20, K).to(dtype)
     bias = torch.randn(N).to(dtype)
-    out = weight_only_matmul(x, qweight, scales, z, bits, group, bias, dequantize=True)
+    out = weight_only_matmul(x, qweight, scales, z, bits, group, bias, path="dequantize")
     ref = x.double() @ w64.t() + bias.double()
     tol = 2e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
@@ -80,6 +80,38 @@ def test_rows_past_the_threshold_take_the_dequantize_path(bits, monkeypatch):
         assert out.shape == (M, 16)
     assert calls == [torch.float32, torch.float32]  # M = 24 and 30 only
     assert DEQUANTIZE_MIN_ROWS[bits] > 16
+
+
+@pytest.mark.parametrize("bits,group,zeros", [(4, 32, True), (4, 128, True), (4, 128, False), (8, -1, False),
+                                              (8, 32, True)])
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_row_gemv_matches_float64_reference(bits, group, zeros, split_k, dtype):
+    # odd N, K not a multiple of the K tile, a short last group; splits whose edges fall inside K
+    N, K = 37, 200
+    qweight, scales, z, w64 = make_weights(bits, N, K, group, zeros, seed=5)
+    x = torch.randn(1, K).to(dtype)
+    bias = torch.randn(N).to(dtype)
+    out = weight_only_matmul(x, qweight, scales, z, bits, group, bias, split_k=split_k)
+    ref = x.double() @ w64.t() + bias.double()
+    assert out.dtype == dtype and out.shape == (1, N)
+    tol = 2e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_paths_are_chosen_by_rows_and_can_be_forced():
+    from fusecc.kernels.quant_matmul import weight_only_path
+
+    assert [weight_only_path(m, 4) for m in (1, 2, 16, 63, 64)] == ["gemv", "tiles", "tiles", "tiles", "dequantize"]
+    assert weight_only_path(1023, 8) == "tiles" and weight_only_path(1024, 8) == "dequantize"
+    qweight, scales, z, w64 = make_weights(4, 16, 64, 32, True, seed=6)
+    x = torch.randn(1, 64)
+    ref = x.double() @ w64.t()
+    for path in ("gemv", "tiles", "dequantize"):
+        out = weight_only_matmul(x, qweight, scales, z, 4, 32, path=path)
+        torch.testing.assert_close(out.double(), ref, rtol=2e-4, atol=2e-4 * ref.abs().max().item())
+    with pytest.raises(ValueError, match="gemv for one row"):
+        weight_only_matmul(torch.randn(2, 64), qweight, scales, z, 4, 32, path="gemv")
 
 
 @pytest.mark.parametrize("split_k", [1, 2, 5])

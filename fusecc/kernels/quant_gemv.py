@@ -1,0 +1,114 @@
+"""Weight-only GEMV: one activation row (batch-1 decode) times an int4/int8 weight, without tensor cores.
+
+    out[1, N] = x[1, K] @ W[N, K].T,   W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]
+
+At one row the matmul is a pass over the weight bytes: what matters is reading them at full bandwidth
+and spending as few instructions per weight as possible. The tile path (quant_matmul.py) pads the row to
+16 for tl.dot and dequantizes every weight to x's dtype first. Here each program reads [BLOCK_N, BLOCK_K]
+weights as packed words (int4: 8 per int32, unpacked by broadcasting the 8 shifts over a third axis, so
+input column 8j + i lands at [n, j, i] and x is read as [BLOCK_K / 8, 8] to match), multiplies the raw
+integers by x in fp32 and folds the group's scale and zero in once per row and tile:
+
+    sum_k (q - z) * s * x = s * (sum_k q * x - z * sum_k x)      (one group per tile: BLOCK_K <= group)
+
+K is split over programs (partial sums added by quant_launch.finish_splits) so that a narrow N still
+fills the GPU. Layouts: quant_matmul.py's module docstring.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fusecc.kernels.launch import launch_tuned, num_sms
+from fusecc.kernels.quant_launch import finish_splits
+from fusecc.triton_support import interpreting
+
+
+def gemv_configs() -> list[triton.Config]:
+    if interpreting():
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn, bk, w, s in [(64, 128, 4, 3), (32, 256, 4, 3), (128, 128, 8, 3), (64, 256, 8, 3),
+                                 (32, 128, 4, 4), (128, 64, 4, 4), (256, 32, 8, 3), (128, 32, 4, 4)]]
+
+
+@triton.jit
+def _weight_only_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, k_split,
+                             stride_wn, stride_sn, stride_zn, stride_os,
+                             BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (n tile, k split): fp32 partial sums of out[n] over its K range into out_ptr[split, n]."""
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    n_ok = offs_n < N
+    pid_k = tl.program_id(1)
+    k_lo = pid_k * k_split
+    k_hi = tl.minimum(K, k_lo + k_split)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if BITS == 4:
+            offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            lane = tl.arange(0, 8)
+            offs_k = offs_w[:, None] * 8 + lane[None, :]  # [BK/8, 8]: column 8j + i
+            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                            mask=n_ok[:, None] & (offs_w * 8 < k_hi)[None, :], other=0)  # [BN, BK/8]
+            q = ((words[:, :, None] >> (lane * 4)[None, None, :]) & 0xF).to(tl.float32)  # [BN, BK/8, 8]
+            x = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)  # [BK/8, 8]
+            qx = tl.sum(tl.sum(q * x[None, :, :], axis=2), axis=1)
+            x_sum = tl.sum(tl.sum(x, axis=1), axis=0)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_hi
+            q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0).to(tl.float32)  # [BN, BK]
+            x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            qx = tl.sum(q * x[None, :], axis=1)
+            x_sum = tl.sum(x, axis=0)
+        g = k0 // GROUP_SIZE
+        scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+        if HAS_ZEROS:
+            qx = qx - tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0.0) * x_sum
+        acc += scale * qx
+    tl.store(out_ptr + pid_k * stride_os + offs_n, acc, mask=n_ok)
+
+
+_weight_only_gemv = triton.autotune(configs=gemv_configs(), key=["N", "K", "BITS", "GROUP_SIZE"],
+                                    cache_results=True,
+                                    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw:
+                                                      _fitting_block_k(configs, kw.get("GROUP_SIZE"))},
+                                    )(_weight_only_gemv_kernel)
+
+
+def _fitting_block_k(configs: list[triton.Config], group: int | None) -> list[triton.Config]:
+    # one group per tile: BLOCK_K divides the group (per-channel groups are a power of two >= K)
+    keep = [c for c in configs if group is None or group % c.kwargs["BLOCK_K"] == 0]
+    return keep or [configs[0]]
+
+
+def _first_choice(group: int) -> triton.Config:
+    fitting = _fitting_block_k(gemv_configs(), group)
+    return fitting[0]
+
+
+def weight_only_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                     bits: int, group: int, bias: torch.Tensor | None, out: torch.Tensor,
+                     splits: int | None = None) -> torch.Tensor:
+    """x [1, K] -> out [1, N] (+ bias). `group` is quant_matmul.group_constexpr's (a power of two >= K
+    for per-channel scales); the layout was checked by the caller. splits: override (tests)."""
+    K = x.shape[1]
+    N = qweight.shape[0]
+    first = _first_choice(group)
+    align = max(c.kwargs["BLOCK_K"] for c in _fitting_block_k(gemv_configs(), group))
+    if splits is None:  # ~2 programs per SM over N tiles assumed 64 wide, each split at least 2 tiles of K
+        splits = max(1, min(2 * num_sms(x.device) // max(triton.cdiv(N, 64), 1), K // (2 * align)))
+    step = triton.cdiv(triton.cdiv(K, max(splits, 1)), align) * align
+    splits = triton.cdiv(K, step)
+    partial = torch.empty((splits, 1, N), dtype=torch.float32, device=x.device)
+    zeros_arg = zeros if zeros is not None else scales
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
+    launch_tuned(_weight_only_gemv, grid, (
+        x, qweight, scales, zeros_arg, partial, N, K, step,
+        qweight.stride(0), scales.stride(0), zeros_arg.stride(0), partial.stride(0),
+    ), dict(BITS=bits, GROUP_SIZE=group, HAS_ZEROS=zeros is not None), first)
+    return finish_splits(partial, bias, out)
