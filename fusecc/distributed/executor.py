@@ -237,16 +237,15 @@ class DriverExecutor:
     def from_checkpoint(cls, model_path: str, config: EngineConfig, dtype: torch.dtype,
                         device: torch.device) -> "DriverExecutor":
         """Rank 0 returns the executor; the other ranks follow rank 0's steps here and exit the
-        process (SystemExit(0)) when it stops."""
+        process (exit_process(0): no interpreter teardown) when it stops."""
         tp = init_distributed(world_size=config.tensor_parallel_size, device=device)
         worker = worker_mod.Worker.from_checkpoint(model_path, config, dtype, tp)
         if tp.rank != 0:
             worker_mod.follow_steps(worker)
-            # leave the process group before exiting: destroyed by the interpreter's teardown, gloo's
-            # threads can still be joinable and the rank dies of SIGABRT ("terminate called without
-            # an active exception") while rank 0 waits for it
+            # leave the process group, then the process without the interpreter's teardown, where
+            # gloo's threads can kill a rank with SIGABRT while rank 0 waits for it (exit_process)
             destroy_distributed(barrier=True)  # rank 0 meets it in _stop_and_leave
-            raise SystemExit(0)
+            worker_mod.exit_process(0)
         return cls(worker, _vocab_size(model_path))
 
     @property

@@ -15,6 +15,7 @@ samples the same tokens from the same seeded generators; rank 0's are the ones r
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -153,7 +154,17 @@ def worker_main(rank: int, world_size: int, init_method: str, model_path: str, c
     finally:
         if code == 0:
             destroy_distributed(barrier=True)  # every rank gets here on a clean stop
-        sys.stdout.flush()
-        sys.stderr.flush()
-    if code:
-        os._exit(code)  # skip destroy: a peer may be dead, and the engine stops the others
+    exit_process(code)  # on failure without destroy: a peer may be dead, and the engine stops the others
+
+
+def exit_process(code: int) -> None:
+    """End a rank's process now, its work done (or failed): flush, then os._exit, skipping the
+    interpreter's teardown. Even after destroy_process_group, gloo's C++ threads can still hold work
+    objects whose tensors reference Python; freed during finalization they take the GIL of a dying
+    interpreter and the rank dies of SIGABRT ("terminate called without an active exception"), which
+    torchrun reports as a failed run (seen in tests/distributed/test_torchrun.py under load; PyTorch
+    PR 179291 describes the mechanism)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
