@@ -99,10 +99,16 @@ def quantize_sequentially(model: nn.Module, windows: list[list[int]],
     to the layer) and may change it without changing its float function (activation_scaling.py)."""
     layers = _decoder_layers(model)
     device = next(model.parameters()).device
+    # each window's (other positional args, keyword args) of layer 0, given to every layer: exact where all
+    # layers share one attention pattern (Llama, Qwen, Mistral within its window); a model whose layers
+    # alternate masks (Gemma2/3's local layers) is calibrated with layer 0's
     caught: list[tuple[tuple, dict]] = []
+    hidden: list[torch.Tensor] = []  # each window's hidden states entering the next layer
 
     def catch(module, args, kwargs):
-        caught.append((args, kwargs))
+        kwargs = dict(kwargs)
+        hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        caught.append((args[1:], kwargs))
         raise _LayerInputsCaught
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
@@ -114,12 +120,11 @@ def quantize_sequentially(model: nn.Module, windows: list[list[int]],
                 pass
     finally:
         handle.remove()
-    hidden = [args[0] for args, _ in caught]
 
     def run_layer(layer) -> list[torch.Tensor]:
         outputs = []
         for h, (args, kwargs) in zip(hidden, caught):
-            out = layer(h, *args[1:], **kwargs)
+            out = layer(h, *args, **kwargs)
             outputs.append(out[0] if isinstance(out, tuple) else out)
         return outputs
 

@@ -170,7 +170,8 @@ def test_quantize_writes_an_fp8_checkpoint_fusecc_loads(tmp_path, single_thread)
     assert len(out_tokens) == 5
 
 
-def test_quantize_writes_a_gptq_int4_checkpoint_fusecc_loads(tmp_path, single_thread):  # noqa: F811
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])  # untied head; q/k/v bias + tied; q/k norms
+def test_quantize_writes_a_gptq_int4_checkpoint_fusecc_loads(arch, tmp_path, single_thread):  # noqa: F811
     from safetensors.torch import load_file
 
     from fusecc.cli import main
@@ -178,7 +179,7 @@ def test_quantize_writes_a_gptq_int4_checkpoint_fusecc_loads(tmp_path, single_th
     from fusecc.quantization.linear import WeightOnlyLinear
     from fusecc.runtime.sampling_params import SamplingParams
 
-    save_tiny_checkpoint("llama", tmp_path / "float")
+    save_tiny_checkpoint(arch, tmp_path / "float")
     out = tmp_path / "int4"
     assert main(["quantize", "--model", str(tmp_path / "float"), "--out", str(out), "--method", "int4",
                  "--group-size", "32", "--calibration-windows", "2"]) == 0
