@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.launch import launch_tuned, num_sms
-from fusecc.kernels.quant_launch import finish_splits
+from fusecc.kernels.launch import launch_tuned
+from fusecc.kernels.quant_launch import choose_split_k, finish_splits, k_per_split, split_align
 from fusecc.triton_support import interpreting
 
 
@@ -86,11 +86,6 @@ def _fitting_block_k(configs: list[triton.Config], group: int | None) -> list[tr
     return keep or [configs[0]]
 
 
-def _first_choice(group: int) -> triton.Config:
-    fitting = _fitting_block_k(gemv_configs(), group)
-    return fitting[0]
-
-
 def weight_only_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                      bits: int, group: int, bias: torch.Tensor | None, out: torch.Tensor,
                      splits: int | None = None) -> torch.Tensor:
@@ -98,11 +93,9 @@ def weight_only_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     for per-channel scales); the layout was checked by the caller. splits: override (tests)."""
     K = x.shape[1]
     N = qweight.shape[0]
-    first = _first_choice(group)
-    align = max(c.kwargs["BLOCK_K"] for c in _fitting_block_k(gemv_configs(), group))
-    if splits is None:  # ~2 programs per SM over N tiles assumed 64 wide, each split at least 2 tiles of K
-        splits = max(1, min(2 * num_sms(x.device) // max(triton.cdiv(N, 64), 1), K // (2 * align)))
-    step = triton.cdiv(triton.cdiv(K, max(splits, 1)), align) * align
+    fitting = _fitting_block_k(_weight_only_gemv.configs, group)
+    align = split_align(fitting)  # every split starts on a tile (and group) edge, as the decode tiles' do
+    step = k_per_split(K, choose_split_k(1, N, K, align, x.device, splits), align)
     splits = triton.cdiv(K, step)
     partial = torch.empty((splits, 1, N), dtype=torch.float32, device=x.device)
     zeros_arg = zeros if zeros is not None else scales
@@ -110,5 +103,5 @@ def weight_only_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     launch_tuned(_weight_only_gemv, grid, (
         x, qweight, scales, zeros_arg, partial, N, K, step,
         qweight.stride(0), scales.stride(0), zeros_arg.stride(0), partial.stride(0),
-    ), dict(BITS=bits, GROUP_SIZE=group, HAS_ZEROS=zeros is not None), first)
+    ), dict(BITS=bits, GROUP_SIZE=group, HAS_ZEROS=zeros is not None), fitting[0])
     return finish_splits(partial, bias, out)

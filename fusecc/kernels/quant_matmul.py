@@ -149,10 +149,10 @@ def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     """W [N, K] in `dtype` from fusecc's int4/int8 layout, on the GPU (Triton)."""
     N = qweight.shape[0]
     out = torch.empty((N, K), dtype=dtype, device=qweight.device)
+    zeros_arg = zeros if zeros is not None else scales
     grid = (triton.cdiv(N, _DEQUANT_BLOCK_N), triton.cdiv(K, _DEQUANT_BLOCK_K))
     _dequantize_weight_kernel[grid](
-        qweight, scales, zeros if zeros is not None else scales, out, N, K, qweight.stride(0), scales.stride(0),
-        (zeros if zeros is not None else scales).stride(0), out.stride(0),
+        qweight, scales, zeros_arg, out, N, K, qweight.stride(0), scales.stride(0), zeros_arg.stride(0), out.stride(0),
         BITS=bits, GROUP_SIZE=group_constexpr(group_size, K), HAS_ZEROS=zeros is not None,
         BLOCK_N=_DEQUANT_BLOCK_N, BLOCK_K=_DEQUANT_BLOCK_K, num_warps=4)
     return out
