@@ -5,8 +5,7 @@
 At one row the matmul is a pass over the weight bytes: what matters is reading them at full bandwidth
 and spending as few instructions per weight as possible. The tile path (quant_matmul.py) pads the row to
 16 for tl.dot and dequantizes every weight to x's dtype first. Here each program reads [BLOCK_N, BLOCK_K]
-weights as packed words (int4: 8 per int32, unpacked by broadcasting the 8 shifts over a third axis, so
-input column 8j + i lands at [n, j, i] and x is read as [BLOCK_K / 8, 8] to match), multiplies the raw
+weights (int4: packed words loaded once and unpacked in registers, kernels/int_unpack.py), multiplies the raw
 integers by x in fp32 and folds the group's scale and zero in once per row and tile:
 
     sum_k (q - z) * s * x = s * (sum_k q * x - z * sum_k x)      (one group per tile: BLOCK_K <= group)
@@ -21,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusecc.kernels.int_unpack import small_ints_to_float, unpack_int4_tile
 from fusecc.kernels.launch import launch_tuned
 from fusecc.kernels.quant_launch import choose_split_k, finish_splits, k_per_split, split_align
 from fusecc.triton_support import interpreting
@@ -31,7 +31,8 @@ def gemv_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bn, bk, w, s in [(64, 128, 4, 3), (32, 256, 4, 3), (128, 128, 8, 3), (64, 256, 8, 3),
-                                 (32, 128, 4, 4), (128, 64, 4, 4), (256, 32, 8, 3), (128, 32, 4, 4)]]
+                                 (32, 128, 4, 4), (128, 64, 4, 4), (256, 32, 8, 3), (128, 32, 4, 4),
+                                 (256, 128, 8, 3), (128, 128, 4, 4)]]
 
 
 @triton.jit
@@ -47,24 +48,17 @@ def _weight_only_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, k_split,
     k_hi = tl.minimum(K, k_lo + k_split)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_hi
         if BITS == 4:
-            offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            lane = tl.arange(0, 8)
-            offs_k = offs_w[:, None] * 8 + lane[None, :]  # [BK/8, 8]: column 8j + i
-            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-                            mask=n_ok[:, None] & (offs_w * 8 < k_hi)[None, :], other=0)  # [BN, BK/8]
-            q = ((words[:, :, None] >> (lane * 4)[None, None, :]) & 0xF).to(tl.float32)  # [BN, BK/8, 8]
-            x = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)  # [BK/8, 8]
-            qx = tl.sum(tl.sum(q * x[None, :, :], axis=2), axis=1)
-            x_sum = tl.sum(tl.sum(x, axis=1), axis=0)
+            q = small_ints_to_float(unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K), 0)  # [BN, BK]
         else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < k_hi
             q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                        other=0).to(tl.float32)  # [BN, BK]
-            x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            qx = tl.sum(q * x[None, :], axis=1)
-            x_sum = tl.sum(x, axis=0)
+                        other=0)  # [BN, BK]
+            q = small_ints_to_float(q.to(tl.int32), 128)
+        x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        qx = tl.sum(q * x[None, :], axis=1)
+        x_sum = tl.sum(x, axis=0)
         g = k0 // GROUP_SIZE
         scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
         if HAS_ZEROS:

@@ -25,7 +25,7 @@ DECODE_MAX_ROWS = 16
 
 
 def decode_configs(max_block_k: int = 256) -> list[triton.Config]:
-    if interpreting():  # K tiles of 128 here, 32 in prefill_configs: the CPU tests see both int4 unpackings
+    if interpreting():  # K tiles of 128 here, 32 in prefill_configs: the CPU tests see both tile widths
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(128, max_block_k)}, num_warps=4,
                               num_stages=1)]
     return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)

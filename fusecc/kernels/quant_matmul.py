@@ -13,9 +13,7 @@ fusecc's weight layouts (output channel first, so fused q|k|v and gate|up stack 
 
 fp32 scales and zeros keep fp16 (AWQ/GPTQ) and bf16 values exact whatever the activation dtype; a
 fractional zero also represents GGUF's Q4_1 (w = d * q + m: zero = -m / d).
-int4 unpacking: with K tiles of 128+ each packed word is loaded once and the tile is 8 dots, one per
-nibble plane (plane i = input columns 8j + i, against x[:, i::8]); narrower tiles load each word once per
-nibble (a cached re-read). Paths (decode split-K / prefill) and autotuning: fusecc/kernels/quant_launch.py.
+int4 is unpacked in registers from words loaded once: fusecc.kernels.int_unpack.py. Paths (decode split-K / prefill) and autotuning: fusecc/kernels/quant_launch.py.
 One row (batch-1 decode) goes to a GEMV without tensor cores instead: fusecc/kernels/quant_gemv.py.
 
 Many rows (M >= DEQUANTIZE_MIN_ROWS[bits]): the weight is dequantized once into a [N, K] buffer of x's
@@ -34,6 +32,7 @@ import triton
 import triton.language as tl
 
 from fusecc.kernels.exact_dot import exact_dot
+from fusecc.kernels.int_unpack import small_ints_to_float, unpack_int4_tile
 from fusecc.kernels.launch import launch_tuned
 from fusecc.kernels.quant_gemv import weight_only_gemv
 from fusecc.kernels.quant_launch import (DECODE_MAX_ROWS, choose_split_k, decode_configs, finish_splits,
@@ -72,37 +71,19 @@ def _weight_only_matmul_kernel(
     ONE_GROUP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if BITS == 4 and BLOCK_K >= 128:
-            # each int32 word loaded once; nibble plane i holds columns 8j + i, so the tile is 8 dots
-            # of x[:, i::8] [BM, BK/8] with plane i [BN, BK/8] (BK/8 >= 16 for tl.dot)
-            offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-                            mask=n_ok[:, None] & (offs_w * 8 < k_hi)[None, :], other=0)  # [BN, BK/8]
-            for i in tl.static_range(8):
-                offs_k = offs_w * 8 + i
-                k_ok = offs_k < k_hi
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK/8]
-                q = ((words >> (4 * i)) & 0xF).to(tl.float32)
-                w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
-                                GROUP_SIZE, HAS_ZEROS, ONE_GROUP)
-                acc += exact_dot(x, tl.trans(w.to(x.dtype)), None)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_hi
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+        if BITS == 4:
+            q = small_ints_to_float(unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K), 0)
         else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < k_hi
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-            wmask = n_ok[:, None] & k_ok[None, :]
-            if BITS == 4:
-                # narrow K tiles: each word loaded for its 8 k's (a cached re-read), its nibble picked out
-                words = tl.load(w_ptr + offs_n[:, None] * stride_wn + (offs_k[None, :] // 8), mask=wmask, other=0)
-                q = ((words >> ((offs_k[None, :] % 8) * 4)) & 0xF).to(tl.float32)  # [BN, BK]
-            else:
-                q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask,
-                            other=0).to(tl.float32)
-            w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
-                            GROUP_SIZE, HAS_ZEROS, ONE_GROUP)
-            acc += exact_dot(x, tl.trans(w.to(x.dtype)), None)  # [BN, BK] in x's dtype
+            q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0)
+            q = small_ints_to_float(q.to(tl.int32), 128)
+        w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
+                        GROUP_SIZE, HAS_ZEROS, ONE_GROUP)
+        acc += exact_dot(x, tl.trans(w.to(x.dtype)), None)  # [BN, BK] in x's dtype
     store_output_tile(acc, out_ptr, b_ptr, pid_k, stride_os, stride_om, stride_on, offs_m, offs_n, m_ok, n_ok,
                       PARTIAL, HAS_BIAS)
 
@@ -118,10 +99,10 @@ def _dequantize_weight_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, str
     n_ok, k_ok = offs_n < N, offs_k < K
     mask = n_ok[:, None] & k_ok[None, :]
     if BITS == 4:
-        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] // 8, mask=mask, other=0)
-        q = ((words >> ((offs_k[None, :] % 8) * 4)) & 0xF).to(tl.float32)
+        q = small_ints_to_float(unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, K, BLOCK_K), 0)
     else:
-        q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0).to(tl.float32)
+        q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0)
+        q = small_ints_to_float(q.to(tl.int32), 128)
     w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
                     GROUP_SIZE, HAS_ZEROS, GROUP_SIZE % BLOCK_K == 0)
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
@@ -137,10 +118,10 @@ def group_constexpr(group_size: int, K: int) -> int:
     return max(256, triton.next_power_of_2(K)) if group_size == -1 else group_size
 
 
-# rows from which the weight is dequantized for cuBLAS rather than in registers (module docstring).
-# Estimates from the H100's first figures, to be set from benchmarks/quant.py's crossover rows:
-# int4's fused prefill is slow at every size past decode; int8's reaches about half of bf16 at 8k rows.
-DEQUANTIZE_MIN_ROWS = {4: 64, 8: 1024}
+# rows from which the weight is dequantized for cuBLAS rather than in registers (module docstring), from
+# benchmarks/results/quant_lin.json's crossover rows (H100, Llama-8B qkv_proj and gate_up_proj): int4's
+# tiles win at 64 rows and lose at 256; int8's tie at 256 and lose by 1.5x at 1024.
+DEQUANTIZE_MIN_ROWS = {4: 256, 8: 512}
 _DEQUANT_BLOCK_N, _DEQUANT_BLOCK_K = 32, 128
 
 
