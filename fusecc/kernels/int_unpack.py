@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 # 2^23 as float32 bits: OR-ing an integer 0 <= v < 2^23 into the mantissa gives the float 2^23 + v exactly
-_MAGIC_BITS = 0x4B000000
-_MAGIC = 8388608.0
+_MAGIC_BITS = tl.constexpr(0x4B000000)
+_MAGIC = tl.constexpr(8388608.0)
 
 
 @triton.jit

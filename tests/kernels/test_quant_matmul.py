@@ -102,8 +102,10 @@ def test_one_row_gemv_matches_float64_reference(bits, group, zeros, split_k, dty
 def test_paths_are_chosen_by_rows_and_can_be_forced():
     from fusecc.kernels.quant_matmul import weight_only_path
 
-    assert [weight_only_path(m, 4) for m in (1, 2, 16, 63, 64)] == ["gemv", "tiles", "tiles", "tiles", "dequantize"]
-    assert weight_only_path(1023, 8) == "tiles" and weight_only_path(1024, 8) == "dequantize"
+    for bits in (4, 8):
+        first = DEQUANTIZE_MIN_ROWS[bits]
+        assert [weight_only_path(m, bits) for m in (1, 2, 16, first - 1, first)] == [
+            "gemv", "tiles", "tiles", "tiles", "dequantize"]
     qweight, scales, z, w64 = make_weights(4, 16, 64, 32, True, seed=6)
     x = torch.randn(1, 64)
     ref = x.double() @ w64.t()
