@@ -10,6 +10,10 @@ integers by x in fp32 and folds the group's scale and zero in once per row and t
 
     sum_k (q - z) * s * x = s * (sum_k q * x - z * sum_k x)      (one group per tile: BLOCK_K <= group)
 
+With per-channel scales (int8's default) the whole row is one group, so the products accumulate
+elementwise over the K loop and are reduced once. The stored integers become floats without conversion
+instructions (int_unpack.small_ints_to_float): at these rates the ALU, not the memory, is the limit.
+
 K is split over programs (partial sums added by quant_launch.finish_splits) so that a narrow N still
 fills the GPU. Layouts: quant_matmul.py's module docstring.
 """
@@ -36,34 +40,52 @@ def gemv_configs() -> list[triton.Config]:
 
 
 @triton.jit
+def _integer_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The stored integers of rows offs_n, input columns k0 .. k0 + BLOCK_K, as exact fp32 [BN, BK]."""
+    if BITS == 4:
+        return small_ints_to_float(unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K), 0)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & (offs_k < k_hi)[None, :],
+                other=0)
+    return small_ints_to_float(q.to(tl.int32), 128)
+
+
+@triton.jit
 def _weight_only_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, k_split,
                              stride_wn, stride_sn, stride_zn, stride_os,
                              BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (n tile, k split): fp32 partial sums of out[n] over its K range into out_ptr[split, n]."""
+                             ONE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (n tile, k split): fp32 partial sums of out[n] over its K range into out_ptr[split, n].
+    ONE_GROUP (per-channel scales: the whole K range is one group): products accumulate elementwise in a
+    [BN, BK] tile (one FMA per weight) and are reduced, scaled and shifted by the zero once at the end;
+    otherwise each tile (one group) is reduced and scaled as it comes."""
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_ok = offs_n < N
     pid_k = tl.program_id(1)
     k_lo = pid_k * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_hi
-        if BITS == 4:
-            q = small_ints_to_float(unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K), 0)  # [BN, BK]
-        else:
-            q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                        other=0)  # [BN, BK]
-            q = small_ints_to_float(q.to(tl.int32), 128)
-        x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        qx = tl.sum(q * x[None, :], axis=1)
-        x_sum = tl.sum(x, axis=0)
-        g = k0 // GROUP_SIZE
-        scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+    if ONE_GROUP:
+        products = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        x_sums = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+            products += _integer_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS, BLOCK_K) * x[None, :]
+            x_sums += x
+        qx = tl.sum(products, axis=1)
         if HAS_ZEROS:
-            qx = qx - tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0.0) * x_sum
-        acc += scale * qx
+            qx = qx - tl.load(z_ptr + offs_n * stride_zn, mask=n_ok, other=0.0) * tl.sum(x_sums, axis=0)
+        acc = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0) * qx
+    else:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+            qx = tl.sum(_integer_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS, BLOCK_K) * x[None, :], axis=1)
+            g = k0 // GROUP_SIZE
+            if HAS_ZEROS:
+                qx = qx - tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0.0) * tl.sum(x, axis=0)
+            acc += tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0) * qx
     tl.store(out_ptr + pid_k * stride_os + offs_n, acc, mask=n_ok)
 
 
@@ -97,5 +119,5 @@ def weight_only_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     launch_tuned(_weight_only_gemv, grid, (
         x, qweight, scales, zeros_arg, partial, N, K, step,
         qweight.stride(0), scales.stride(0), zeros_arg.stride(0), partial.stride(0),
-    ), dict(BITS=bits, GROUP_SIZE=group, HAS_ZEROS=zeros is not None), fitting[0])
+    ), dict(BITS=bits, GROUP_SIZE=group, HAS_ZEROS=zeros is not None, ONE_GROUP=group >= K), fitting[0])
     return finish_splits(partial, bias, out)

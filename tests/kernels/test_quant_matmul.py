@@ -83,7 +83,7 @@ def test_rows_past_the_threshold_take_the_dequantize_path(bits, monkeypatch):
 
 
 @pytest.mark.parametrize("bits,group,zeros", [(4, 32, True), (4, 128, True), (4, 128, False), (8, -1, False),
-                                              (8, 32, True)])
+                                              (8, 32, True), (4, -1, True)])  # -1: one group, one reduction
 @pytest.mark.parametrize("split_k", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_one_row_gemv_matches_float64_reference(bits, group, zeros, split_k, dtype):
