@@ -42,3 +42,27 @@ def small_ints_to_float(q, OFFSET: tl.constexpr):
     else:
         bits = q + (_MAGIC_BITS + OFFSET)
     return bits.to(tl.float32, bitcast=True) - (_MAGIC + OFFSET)
+
+
+@triton.jit
+def biased_nibbles(nibbles, dtype: tl.constexpr):
+    """int32 values 0..15 -> (value + nibble_bias(dtype)) in `dtype`, exact, for tl.dot operands: in bf16
+    and fp16 the nibble is OR-ed into the mantissa of 128 (bf16) or 1024 (fp16), one logic op and a
+    truncation, no conversion; fp32 gets the value itself (small_ints_to_float). The caller takes
+    bias * sum(x) off the dot's fp32 result."""
+    if dtype == tl.bfloat16:
+        return (nibbles | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    elif dtype == tl.float16:
+        return (nibbles | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        return small_ints_to_float(nibbles, 0)
+
+
+@triton.jit
+def nibble_bias(dtype: tl.constexpr):
+    if dtype == tl.bfloat16:
+        return 128.0
+    elif dtype == tl.float16:
+        return 1024.0
+    else:
+        return 0.0
