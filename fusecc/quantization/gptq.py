@@ -99,19 +99,32 @@ def quantize_sequentially(model: nn.Module, windows: list[list[int]],
     to the layer) and may change it without changing its float function (activation_scaling.py)."""
     layers = _decoder_layers(model)
     device = next(model.parameters()).device
-    # each window's (other positional args, keyword args) of layer 0, given to every layer: exact where all
-    # layers share one attention pattern (Llama, Qwen, Mistral within its window); a model whose layers
-    # alternate masks (Gemma2/3's local layers) is calibrated with layer 0's
-    caught: list[tuple[tuple, dict]] = []
+    # each window's (other positional args, keyword args) per layer type (config.layer_types: the model
+    # gives each type its own mask, and Gemma3 its own rotary embedding), caught at the first layer of
+    # that type and given to every layer of it; models without layer types have one
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    types = getattr(text_config, "layer_types", None)
+    layer_type = (lambda i: types[i]) if types is not None and len(types) >= len(layers) else (lambda i: None)
+    first_of_type: dict = {}
+    for index in range(len(layers)):
+        first_of_type.setdefault(layer_type(index), index)
+    last_caught = max(first_of_type.values())
+    caught: dict = {kind: [] for kind in first_of_type}  # layer type -> [(args, kwargs)] per window
     hidden: list[torch.Tensor] = []  # each window's hidden states entering the next layer
 
-    def catch(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-        caught.append((args[1:], kwargs))
-        raise _LayerInputsCaught
+    def catcher(index: int):
+        def catch(module, args, kwargs):
+            kwargs = dict(kwargs)
+            h = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                hidden.append(h)
+            caught[layer_type(index)].append((args[1:], kwargs))
+            if index == last_caught:
+                raise _LayerInputsCaught
+        return catch
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    handles = [layers[index].register_forward_pre_hook(catcher(index), with_kwargs=True)
+               for index in first_of_type.values()]
     try:
         for window in windows:
             try:
@@ -119,11 +132,13 @@ def quantize_sequentially(model: nn.Module, windows: list[list[int]],
             except _LayerInputsCaught:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
-    def run_layer(layer) -> list[torch.Tensor]:
+    def run_layer(index: int) -> list[torch.Tensor]:
+        layer = layers[index]
         outputs = []
-        for h, (args, kwargs) in zip(hidden, caught):
+        for h, (args, kwargs) in zip(hidden, caught[layer_type(index)]):
             out = layer(h, *args, **kwargs)
             outputs.append(out[0] if isinstance(out, tuple) else out)
         return outputs
@@ -133,19 +148,19 @@ def quantize_sequentially(model: nn.Module, windows: list[list[int]],
         linears = {name: m for name, m in layer.named_modules()
                    if isinstance(m, nn.Linear) and name.rpartition(".")[2] in DECODER_LINEARS}
         if prepare_layer is not None:
-            prepare_layer(layer, _accumulate_hessians(linears, lambda: run_layer(layer)))
+            prepare_layer(layer, _accumulate_hessians(linears, lambda: run_layer(index)))
         for group in SEQUENTIAL_GROUPS:
             members = {name: m for name, m in linears.items() if name.rpartition(".")[2] in group}
             if not members:
                 continue
-            hessians = _accumulate_hessians(members, lambda: run_layer(layer))
+            hessians = _accumulate_hessians(members, lambda: run_layer(index))
             for name, linear in members.items():
                 if name not in hessians:
                     raise ValueError(f"{prefix}.{index}.{name} saw no input in the decoder layer's forward; "
                                      "cannot quantize it in order")
                 rounded = round_linear(f"{prefix}.{index}.{name}", linear.weight.data, hessians[name])
                 linear.weight.data = rounded.to(linear.weight.dtype)
-        hidden = run_layer(layer)
+        hidden = run_layer(index)
 
 
 def _gptq(weight: torch.Tensor, hessian: torch.Tensor, round_column: Callable[[int, torch.Tensor], torch.Tensor],

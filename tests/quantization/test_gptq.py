@@ -146,6 +146,39 @@ def test_sequential_order_takes_each_hessian_after_the_linears_before_it_are_rou
         assert largest[f"model.layers.{layer}.self_attn.q_proj"] > 0.0
 
 
+def test_each_layer_type_is_calibrated_with_its_own_mask_and_rotary_embedding():
+    # Gemma3 gives sliding and full layers their own mask and rope base: with a rounding that changes
+    # nothing, every linear's Hessian must be the one a plain float forward gives it
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from fusecc.quantization.gptq import _accumulate_hessians
+
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    windows = [list(range(3, 19)), list(range(20, 32))]  # longer than the window: the masks differ
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name}
+
+    def forward():
+        for window in windows:
+            model(torch.tensor([window]), use_cache=False)
+
+    with torch.no_grad():
+        expected = _accumulate_hessians(linears, forward)
+    seen = {}
+
+    def keep(name, weight, hessian):
+        seen[name] = hessian
+        return weight
+
+    quantize_sequentially(model, windows, keep)
+    assert sorted(seen) == sorted(expected)
+    for name, hessian in seen.items():
+        torch.testing.assert_close(hessian, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_quantize_writes_an_fp8_checkpoint_fusecc_loads(tmp_path, single_thread):  # noqa: F811
     from fusecc.cli import main
     from fusecc.llm import LLM
