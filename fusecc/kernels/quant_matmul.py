@@ -41,7 +41,7 @@ import triton.language as tl
 
 from fusecc.kernels.exact_dot import exact_dot
 from fusecc.kernels.int_unpack import biased_nibbles, nibble_bias, small_ints_to_float, unpack_int4_tile
-from fusecc.kernels.launch import launch_tuned
+from fusecc.kernels.launch import autotune_enabled, launch_tuned
 from fusecc.kernels.quant_gemv import weight_only_gemv
 from fusecc.kernels.quant_launch import (DECODE_MAX_ROWS, choose_split_k, decode_configs, finish_splits,
                                          k_per_split, m_bucket, prefill_configs, program_tile,
@@ -164,11 +164,45 @@ PATHS = ("gemv", "tiles", "dequantize")
 
 
 def weight_only_path(M: int, bits: int) -> str:
-    """The path a call with M rows takes: one row -> gemv (quant_gemv.py); up to DEQUANTIZE_MIN_ROWS ->
-    tiles (split-K decode tiles to DECODE_MAX_ROWS, then prefill tiles); beyond -> dequantize + cuBLAS."""
+    """The path a call with M rows takes: one row -> gemv (quant_gemv.py; on a GPU one_row_path may time
+    tiles faster); up to DEQUANTIZE_MIN_ROWS -> tiles (split-K decode tiles to DECODE_MAX_ROWS, then
+    prefill tiles); beyond -> dequantize + cuBLAS."""
     if M == 1:
         return "gemv"
     return "dequantize" if M >= DEQUANTIZE_MIN_ROWS[bits] else "tiles"
+
+
+# (weight shape, bits, group, zeros?, bias?, dtype, device) -> the faster one-row path on this GPU
+_ONE_ROW_CHOICE: dict = {}
+ONE_ROW_PATHS = ("gemv", "tiles")
+
+
+def one_row_path(x, qweight, scales, zeros, bits: int, group_size: int, bias, measure: bool | None = None) -> str:
+    """gemv or tiles (M padded to the tensor cores' 16, integers as the MMA operand) for one row,
+    whichever ran faster the first time this weight shape came: which one wins depends on the shape and
+    the GPU's ratio of ALU to tensor-core and memory throughput. Timed once per shape when autotuning is
+    on (measure: default x on a GPU and autotune_enabled()), never while a CUDA graph is captured (the
+    engine runs every shape before capturing); gemv until timed."""
+    if measure is None:
+        measure = x.is_cuda and autotune_enabled()
+    if not measure:
+        return "gemv"
+    key = (tuple(qweight.shape), bits, group_size, zeros is not None, bias is not None, x.dtype, x.device)
+    path = _ONE_ROW_CHOICE.get(key)
+    if path is None:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return "gemv"
+        times = {p: _time_one_row(lambda p=p: weight_only_matmul(x, qweight, scales, zeros, bits, group_size,
+                                                                  bias, path=p)) for p in ONE_ROW_PATHS}
+        path = _ONE_ROW_CHOICE[key] = min(times, key=times.get)
+    return path
+
+
+def _time_one_row(run) -> float:
+    """Median milliseconds of run() (autotuning, if any, happens in its first call, before the timing)."""
+    import triton.testing
+
+    return triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median")
 
 
 def weight_only_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -180,7 +214,10 @@ def weight_only_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     M, K = x.shape
     N = qweight.shape[0]
     check_weight_only(qweight, scales, zeros, bits, group_size, K)
-    path = path or weight_only_path(M, bits)
+    if path is None:
+        path = weight_only_path(M, bits)
+        if path == "gemv":
+            path = one_row_path(x, qweight, scales, zeros, bits, group_size, bias)
     if path not in PATHS or (path == "gemv" and M != 1):
         raise ValueError(f"weight-only path must be one of {', '.join(PATHS)} (gemv for one row), got {path!r} "
                          f"for {M} rows")

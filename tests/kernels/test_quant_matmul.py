@@ -116,6 +116,32 @@ def test_paths_are_chosen_by_rows_and_can_be_forced():
         weight_only_matmul(torch.randn(2, 64), qweight, scales, z, 4, 32, path="gemv")
 
 
+def test_one_row_takes_the_path_timed_faster_once_per_weight_shape(monkeypatch):
+    from fusecc.kernels import quant_matmul
+
+    timed = []
+
+    def fake_timer(run):  # runs each path once (both must work) and makes tiles the faster
+        out = run()
+        timed.append(out)
+        return 1.0 if len(timed) % 2 == 0 else 2.0  # ONE_ROW_PATHS order: gemv, then tiles
+
+    monkeypatch.setattr(quant_matmul, "_time_one_row", fake_timer)
+    monkeypatch.setattr(quant_matmul, "_ONE_ROW_CHOICE", {})
+    qweight, scales, z, w64 = make_weights(4, 16, 64, 32, True, seed=7)
+    x = torch.randn(1, 64)
+    assert quant_matmul.one_row_path(x, qweight, scales, z, 4, 32, None) == "gemv"  # CPU: not timed
+    assert timed == []
+    assert quant_matmul.one_row_path(x, qweight, scales, z, 4, 32, None, measure=True) == "tiles"
+    assert len(timed) == 2
+    torch.testing.assert_close(timed[0], timed[1], rtol=2e-4, atol=2e-4 * timed[0].abs().max().item())
+    assert quant_matmul.one_row_path(x, qweight, scales, z, 4, 32, None, measure=True) == "tiles"
+    assert len(timed) == 2  # chosen once per shape
+    other = make_weights(4, 24, 64, 32, True, seed=8)
+    quant_matmul.one_row_path(x, *other[:3], 4, 32, None, measure=True)
+    assert len(timed) == 4
+
+
 @pytest.mark.parametrize("split_k", [1, 2, 5])
 def test_decode_split_k_partials_sum_to_the_result(split_k):
     # odd K and N, a short last group: the split edges and the masks all matter
