@@ -93,7 +93,7 @@ def expert_weight_tile(w_ptr, s_ptr, z_ptr, expert, n_idx, k_idx, n_ok, mask, k0
     rows = w_ptr + expert * stride_we + n_idx * stride_wn
     if FORMAT == 2:  # INT4: each word read for its 8 columns (cached re-reads), its nibble picked out
         words = tl.load(rows + (k_idx // 8) * stride_wk, mask=mask, other=0)
-        q = small_ints_to_float((words >> ((k_idx % 8) * 4)) & 0xF, 0)
+        q = ((words >> ((k_idx % 8) * 4)) & 0xF).to(tl.float32)
     else:
         q = tl.load(rows + k_idx * stride_wk, mask=mask, other=0.0)
     if FORMAT == 3 and RAW_FP8:

@@ -11,8 +11,11 @@ integers by x in fp32 and folds the group's scale and zero in once per row and t
     sum_k (q - z) * s * x = s * (sum_k q * x - z * sum_k x)      (one group per tile: BLOCK_K <= group)
 
 With per-channel scales (int8's default) the whole row is one group, so the products accumulate
-elementwise over the K loop and are reduced once. The stored integers become floats without conversion
-instructions (int_unpack.small_ints_to_float): at these rates the ALU, not the memory, is the limit.
+elementwise over the K loop and are reduced once. int8 values become floats without a conversion
+instruction (int_unpack.small_ints_to_float). Measured on an H100 (benchmarks/results/quant_linears.json):
+the int8 GEMV reads its weights at 2.2-2.7 TB/s; the int4 one at ~1 TB/s, so something other than the
+memory bounds it (two weights a byte to unpack, convert, multiply and add); removing its conversions
+made it slower, so what does is not settled yet.
 
 K is split over programs (partial sums added by quant_launch.finish_splits) so that a narrow N still
 fills the GPU. Layouts: quant_matmul.py's module docstring.
@@ -43,7 +46,7 @@ def gemv_configs() -> list[triton.Config]:
 def _integer_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
     """The stored integers of rows offs_n, input columns k0 .. k0 + BLOCK_K, as exact fp32 [BN, BK]."""
     if BITS == 4:
-        return small_ints_to_float(unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K), 0)
+        return unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K).to(tl.float32)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & (offs_k < k_hi)[None, :],
                 other=0)

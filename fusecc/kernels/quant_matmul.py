@@ -13,16 +13,10 @@ fusecc's weight layouts (output channel first, so fused q|k|v and gate|up stack 
 
 fp32 scales and zeros keep fp16 (AWQ/GPTQ) and bf16 values exact whatever the activation dtype; a
 fractional zero also represents GGUF's Q4_1 (w = d * q + m: zero = -m / d).
-int4 is unpacked in registers from words loaded once (fusecc/kernels/int_unpack.py). Where a K tile lies
-in one group (the usual case), the tile's integers themselves, exact in x's dtype, are the tensor-core
-operand, and the group's zero and scale apply to the [BM, BN] result:
-
-    sum_k x[m, k] (q[n, k] - z[n]) s[n] = s[n] (x[m] . (q[n] + bias) - (z[n] + bias) sum_k x[m, k])
-
-(bias: the 128 or 1024 whose mantissa the nibble is OR-ed into, int_unpack.biased_nibbles), so no weight
-goes through float arithmetic; int8 and multi-group tiles dequantize each weight to x's dtype first.
-Paths (decode split-K / prefill) and autotuning: fusecc/kernels/quant_launch.py.
-One row (batch-1 decode) goes to a GEMV without tensor cores instead: fusecc/kernels/quant_gemv.py.
+int4 is unpacked in registers from words loaded once, int8 made float without a conversion instruction
+(fusecc/kernels/int_unpack.py). Paths (decode split-K / prefill) and autotuning: fusecc/kernels/quant_launch.py.
+One row (batch-1 decode) goes to a GEMV without tensor cores (fusecc/kernels/quant_gemv.py) or to the
+tiles, whichever the GPU times faster for the weight's shape (one_row_path).
 
 Many rows (M >= DEQUANTIZE_MIN_ROWS[bits]): the weight is dequantized once into a [N, K] buffer of x's
 dtype by a memory-bound kernel, then multiplied by cuBLAS (torch.mm), as vLLM's AWQ path does from 256
@@ -30,7 +24,7 @@ tokens. At prefill sizes the matmul is compute-bound, and on an H100 the in-regi
 the tensor cores to about 48 TFLOP/s (benchmarks/results/quant_linears.json); dequantizing N*K values
 once costs what reading the bf16 weight twice would. The buffer is transient (prefill runs outside
 CUDA graphs; the KV pool's sizing profiles a full prefill, so its peak counts it). Its weights are the
-fp32-computed (q - z) * s rounded to x's dtype, as in the fused int8 tiles; the int4 tiles round nothing.
+fp32-computed (q - z) * s rounded to x's dtype, as in the fused tiles.
 """
 
 from __future__ import annotations
@@ -40,7 +34,7 @@ import triton
 import triton.language as tl
 
 from fusecc.kernels.exact_dot import exact_dot
-from fusecc.kernels.int_unpack import biased_nibbles, nibble_bias, small_ints_to_float, unpack_int4_tile
+from fusecc.kernels.int_unpack import small_ints_to_float, unpack_int4_tile
 from fusecc.kernels.launch import autotune_enabled, launch_tuned
 from fusecc.kernels.quant_gemv import weight_only_gemv
 from fusecc.kernels.quant_launch import (DECODE_MAX_ROWS, choose_split_k, decode_configs, finish_splits,
@@ -83,28 +77,15 @@ def _weight_only_matmul_kernel(
         k_ok = offs_k < k_hi
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-        if BITS == 4 and ONE_GROUP:
-            # the integers themselves are the dot's operand (exact in x's dtype, offset by a bias), and the
-            # group's zero and scale apply to the [BM, BN] result: no per-weight float math at all
-            nibbles = unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K)
-            part = exact_dot(x, tl.trans(biased_nibbles(nibbles, x.dtype)), None)  # [BM, BN] = x @ (q + bias)
-            shift = nibble_bias(x.dtype)
-            g = k0 // GROUP_SIZE
-            if HAS_ZEROS:
-                shift = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0.0) + shift
-            x_sum = tl.sum(x.to(tl.float32), axis=1)
-            scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
-            acc += (part - x_sum[:, None] * shift) * scale[None, :]
-        else:  # int8, or int4 tiles spanning several groups (group 32 or 64 with wide K tiles)
-            if BITS == 4:
-                q = small_ints_to_float(unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K), 0)
-            else:
-                q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                            mask=n_ok[:, None] & k_ok[None, :], other=0)
-                q = small_ints_to_float(q.to(tl.int32), 128)
-            w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
-                            GROUP_SIZE, HAS_ZEROS, ONE_GROUP)
-            acc += exact_dot(x, tl.trans(w.to(x.dtype)), None)  # [BN, BK] in x's dtype
+        if BITS == 4:
+            q = unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K).to(tl.float32)
+        else:
+            q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0)
+            q = small_ints_to_float(q.to(tl.int32), 128)
+        w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
+                        GROUP_SIZE, HAS_ZEROS, ONE_GROUP)
+        acc += exact_dot(x, tl.trans(w.to(x.dtype)), None)  # [BN, BK] in x's dtype
     store_output_tile(acc, out_ptr, b_ptr, pid_k, stride_os, stride_om, stride_on, offs_m, offs_n, m_ok, n_ok,
                       PARTIAL, HAS_BIAS)
 
@@ -120,7 +101,7 @@ def _dequantize_weight_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, str
     n_ok, k_ok = offs_n < N, offs_k < K
     mask = n_ok[:, None] & k_ok[None, :]
     if BITS == 4:
-        q = small_ints_to_float(unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, K, BLOCK_K), 0)
+        q = unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, K, BLOCK_K).to(tl.float32)
     else:
         q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0)
         q = small_ints_to_float(q.to(tl.int32), 128)
