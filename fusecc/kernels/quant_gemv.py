@@ -34,30 +34,58 @@ from fusecc.triton_support import interpreting
 
 
 def gemv_configs() -> list[triton.Config]:
-    if interpreting():
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in [(64, 128, 4, 3), (32, 256, 4, 3), (128, 128, 8, 3), (64, 256, 8, 3),
-                                 (32, 128, 4, 4), (128, 64, 4, 4), (256, 32, 8, 3), (128, 32, 4, 4),
-                                 (256, 128, 8, 3), (128, 128, 4, 4)]]
+    """PLANES (int4 only): the tile as 8 nibble planes (below) rather than unpacked along K."""
+    if interpreting():  # the interpreter runs the first that fits (launch_tuned); tests force the other
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "PLANES": False}, num_warps=4, num_stages=1),
+                triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "PLANES": True}, num_warps=4, num_stages=1)]
+    plain = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PLANES": False}, num_warps=w, num_stages=s)
+             for bn, bk, w, s in [(64, 128, 4, 3), (32, 256, 4, 3), (128, 128, 8, 3), (64, 256, 8, 3),
+                                  (32, 128, 4, 4), (128, 64, 4, 4), (256, 32, 8, 3), (128, 32, 4, 4),
+                                  (256, 128, 8, 3), (128, 128, 4, 4)]]
+    planes = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PLANES": True}, num_warps=w, num_stages=s)
+              for bn, bk, w, s in [(64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (256, 128, 8, 3),
+                                   (128, 64, 4, 4), (256, 64, 8, 3)]]
+    return plain + planes
 
 
 @triton.jit
-def _integer_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The stored integers of rows offs_n, input columns k0 .. k0 + BLOCK_K, as exact fp32 [BN, BK]."""
-    if BITS == 4:
-        return unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K).to(tl.float32)
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & (offs_k < k_hi)[None, :],
-                other=0)
-    return small_ints_to_float(q.to(tl.int32), 128)
+def _tile_products(x_ptr, w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PLANES: tl.constexpr):
+    """(products, x) of the K tile k0 .. k0 + BLOCK_K: q * x elementwise (fp32; summing products over its
+    second axis gives sum_k q[n, k] x[k]) and the x values it used (summing them gives sum_k x[k]).
+    int4 unpacked along K: [BN, BK] and [BK]. int4 PLANES: [BN, BK/8] and [BK/8], the 8 nibble planes
+    (plane i: input columns 8j + i, against x[8j + i]) added into one tile as they are made, so each word
+    is shifted, masked and converted in place, with no replication along K and an eighth of the adds."""
+    if BITS == 4 and PLANES:
+        offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                        mask=n_ok[:, None] & (offs_w * 8 < k_hi)[None, :], other=0)  # [BN, BK/8]
+        offs_k = offs_w * 8
+        x_all = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+        products = ((words & 0xF).to(tl.float32)) * x_all[None, :]
+        for i in tl.static_range(1, 8):
+            x = tl.load(x_ptr + offs_k + i, mask=offs_k + i < k_hi, other=0.0).to(tl.float32)
+            products += (((words >> (4 * i)) & 0xF).to(tl.float32)) * x[None, :]
+            x_all += x
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_all = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+        if BITS == 4:
+            q = unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K).to(tl.float32)
+        else:
+            q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                        mask=n_ok[:, None] & (offs_k < k_hi)[None, :], other=0)
+            q = small_ints_to_float(q.to(tl.int32), 128)
+        products = q * x_all[None, :]
+    return products, x_all
 
 
 @triton.jit
 def _weight_only_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, k_split,
                              stride_wn, stride_sn, stride_zn, stride_os,
                              BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                             ONE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                             ONE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             PLANES: tl.constexpr):
     """Program (n tile, k split): fp32 partial sums of out[n] over its K range into out_ptr[split, n].
     ONE_GROUP (per-channel scales: the whole K range is one group): products accumulate elementwise in a
     [BN, BK] tile (one FMA per weight) and are reduced, scaled and shifted by the zero once at the end;
@@ -68,12 +96,12 @@ def _weight_only_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, k_split,
     k_lo = pid_k * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
     if ONE_GROUP:
-        products = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        x_sums = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        WIDTH: tl.constexpr = BLOCK_K // 8 if BITS == 4 and PLANES else BLOCK_K
+        products = tl.zeros((BLOCK_N, WIDTH), dtype=tl.float32)
+        x_sums = tl.zeros((WIDTH,), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
-            products += _integer_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS, BLOCK_K) * x[None, :]
+            tile, x = _tile_products(x_ptr, w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS, BLOCK_K, PLANES)
+            products += tile
             x_sums += x
         qx = tl.sum(products, axis=1)
         if HAS_ZEROS:
@@ -82,9 +110,8 @@ def _weight_only_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, k_split,
     else:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
-            qx = tl.sum(_integer_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS, BLOCK_K) * x[None, :], axis=1)
+            tile, x = _tile_products(x_ptr, w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS, BLOCK_K, PLANES)
+            qx = tl.sum(tile, axis=1)
             g = k0 // GROUP_SIZE
             if HAS_ZEROS:
                 qx = qx - tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0.0) * tl.sum(x, axis=0)
@@ -95,13 +122,15 @@ def _weight_only_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, k_split,
 _weight_only_gemv = triton.autotune(configs=gemv_configs(), key=["N", "K", "BITS", "GROUP_SIZE"],
                                     cache_results=True,
                                     prune_configs_by={"early_config_prune": lambda configs, named_args, **kw:
-                                                      _fitting_block_k(configs, kw.get("GROUP_SIZE"))},
+                                                      _fitting_block_k(configs, kw.get("GROUP_SIZE"), kw.get("BITS"))},
                                     )(_weight_only_gemv_kernel)
 
 
-def _fitting_block_k(configs: list[triton.Config], group: int | None) -> list[triton.Config]:
-    # one group per tile: BLOCK_K divides the group (per-channel groups are a power of two >= K)
-    keep = [c for c in configs if group is None or group % c.kwargs["BLOCK_K"] == 0]
+def _fitting_block_k(configs: list[triton.Config], group: int | None, bits: int | None) -> list[triton.Config]:
+    # one group per tile: BLOCK_K divides the group (per-channel groups are a power of two >= K);
+    # nibble planes are an int4 layout
+    keep = [c for c in configs if (group is None or group % c.kwargs["BLOCK_K"] == 0)
+            and not (bits == 8 and c.kwargs["PLANES"])]
     return keep or [configs[0]]
 
 
@@ -112,7 +141,7 @@ def weight_only_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     for per-channel scales); the layout was checked by the caller. splits: override (tests)."""
     K = x.shape[1]
     N = qweight.shape[0]
-    fitting = _fitting_block_k(_weight_only_gemv.configs, group)
+    fitting = _fitting_block_k(_weight_only_gemv.configs, group, bits)
     align = split_align(fitting)  # every split starts on a tile (and group) edge, as the decode tiles' do
     step = k_per_split(K, choose_split_k(1, N, K, align, x.device, splits), align)
     splits = triton.cdiv(K, step)

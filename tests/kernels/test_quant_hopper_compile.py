@@ -23,11 +23,30 @@ def test_quant_kernels_compile_for_sm90():
     assert int(compiled.get("_weight_only_matmul_kernel", 0)) >= 6, proc.stdout  # {int4 g128, int4 g32, int8} x 2 paths
     assert int(compiled.get("_fp8_matmul_kernel", 0)) >= 4, proc.stdout  # {channel, block} x 2 paths
     assert int(compiled.get("_dequantize_weight_kernel", 0)) >= 2, proc.stdout  # int4, int8 (many-row path)
-    assert int(compiled.get("_weight_only_gemv_kernel", 0)) >= 3, proc.stdout  # int4 g128, int4 g32, int8 (one row)
+    # int4 g128, int4 g32, int8 (one row), and int4's nibble-plane tiles g128, g32
+    assert int(compiled.get("_weight_only_gemv_kernel", 0)) >= 5, proc.stdout
     assert int(compiled.get("_quantize_per_token_kernel", 0)) >= 1, proc.stdout
     assert int(compiled.get("_sum_splits_kernel", 0)) >= 1, proc.stdout
     assert int(compiled.get("_moe_gemv_kernel", 0)) >= 6, proc.stdout  # {int8, int4, fp8} x {gate_up, down}
     assert int(compiled.get("_moe_gemm_kernel", 0)) >= 6, proc.stdout
+
+
+def compile_int4_gemv_planes(x, N: int, K: int) -> None:
+    """The GEMV's nibble-plane int4 tiles: not its first config, so forced (what autotuning compiles)."""
+    import torch
+
+    from fusecc.kernels import launch, quant_gemv
+    from fusecc.kernels.quant_matmul import weight_only_matmul
+
+    kernel = quant_gemv._weight_only_gemv
+    configs, fitting = kernel.configs, launch._FITTING_CONFIG
+    kernel.configs, launch._FITTING_CONFIG = [c for c in configs if c.kwargs["PLANES"]], {}
+    try:
+        for group in (128, 32):
+            weight_only_matmul(x, torch.zeros(N, K // 8, dtype=torch.int32), torch.ones(N, K // group),
+                               torch.zeros(N, K // group), 4, group, path="gemv")
+    finally:
+        kernel.configs, launch._FITTING_CONFIG = configs, fitting
 
 
 def compile_all(all_configs: bool) -> None:
@@ -52,6 +71,7 @@ def compile_all(all_configs: bool) -> None:
             weight_only_matmul(x, torch.zeros(N, K // 8, dtype=torch.int32), torch.ones(N, K // group),
                                torch.zeros(N, K // group), 4, group, path="gemv")
         weight_only_matmul(x, torch.zeros(N, K, dtype=torch.int8), torch.ones(N, 1), None, 8, -1, path="gemv")
+        compile_int4_gemv_planes(x, N, K)
         for bits, qweight in ((4, torch.zeros(N, K // 8, dtype=torch.int32)), (8, torch.zeros(N, K, dtype=torch.int8))):
             dequantize_weight(qweight, torch.ones(N, K // 128), torch.zeros(N, K // 128), bits, 128, K, bf16)
             w8 = torch.zeros(N, K, dtype=torch.float8_e4m3fn)

@@ -116,6 +116,25 @@ def test_paths_are_chosen_by_rows_and_can_be_forced():
         weight_only_matmul(torch.randn(2, 64), qweight, scales, z, 4, 32, path="gemv")
 
 
+@pytest.mark.parametrize("group,zeros,K", [(32, True, 200), (128, False, 200), (-1, True, 203)])
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_int4_gemv_by_nibble_planes_matches_float64_reference(group, zeros, K, split_k, dtype, monkeypatch):
+    # the GEMV's other int4 tile (8 nibble planes, autotuned against the unpacked one on a GPU), forced
+    from fusecc.kernels import launch, quant_gemv
+
+    kernel = quant_gemv._weight_only_gemv
+    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs["PLANES"]])
+    monkeypatch.setattr(launch, "_FITTING_CONFIG", {})
+    N = 37
+    qweight, scales, z, w64 = make_weights(4, N, K, group, zeros, seed=9)
+    x = torch.randn(1, K).to(dtype)
+    out = weight_only_matmul(x, qweight, scales, z, 4, group, split_k=split_k, path="gemv")
+    ref = x.double() @ w64.t()
+    tol = 2e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
 def test_one_row_takes_the_path_timed_faster_once_per_weight_shape(monkeypatch):
     from fusecc.kernels import quant_matmul
 
