@@ -20,7 +20,7 @@ import triton.language as tl
 
 from fusecc.kernels.fp8_matmul import quantize_fp8_per_token_triton
 from fusecc.kernels.launch import launch_tuned
-from fusecc.kernels.moe_expert_weights import ExpertQuant, expert_weight_tile, kernel_quant_args
+from fusecc.kernels.moe_expert_weights import ExpertQuant, expert_int4_rows, expert_weight_tile, kernel_quant_args
 from fusecc.triton_support import interpreting
 
 DECODE_MAX_TOKENS = 2  # fused_moe takes this path up to here (a pair per expert is the common case)
@@ -66,10 +66,10 @@ def _moe_gemv_kernel(a_ptr, b_ptr, c_ptr, ids_ptr, weights_ptr, s_ptr, z_ptr, a_
             kk = k + offs_k
             k_ok = kk < K
             a = _activation_chunk(a_row, kk, k_ok, stride_ak, EVEN_K)
-            acc += tl.sum(_weight_rows(b_ptr, s_ptr, z_ptr, expert, offs_n, n_ok, kk, k_ok, k, stride_be, stride_bn,
+            acc += tl.sum(_weight_rows(b_ptr, s_ptr, z_ptr, expert, offs_n, n_ok, kk, k_ok, k, K, stride_be, stride_bn,
                                        stride_bk, stride_se, stride_sn, stride_ze, stride_zn, FORMAT, GROUP_SIZE,
                                        HAS_ZEROS, BLOCK_K, a_ptr.dtype.element_ty) * a[None, :], axis=1)
-            acc_up += tl.sum(_weight_rows(b_ptr, s_ptr, z_ptr, expert, offs_n + N, n_ok, kk, k_ok, k, stride_be,
+            acc_up += tl.sum(_weight_rows(b_ptr, s_ptr, z_ptr, expert, offs_n + N, n_ok, kk, k_ok, k, K, stride_be,
                                           stride_bn, stride_bk, stride_se, stride_sn, stride_ze, stride_zn, FORMAT,
                                           GROUP_SIZE, HAS_ZEROS, BLOCK_K, a_ptr.dtype.element_ty) * a[None, :],
                              axis=1)
@@ -88,7 +88,7 @@ def _moe_gemv_kernel(a_ptr, b_ptr, c_ptr, ids_ptr, weights_ptr, s_ptr, z_ptr, a_
                 kk = k + offs_k
                 k_ok = kk < K
                 a = _activation_chunk(a_row, kk, k_ok, stride_ak, EVEN_K)
-                part += tl.sum(_weight_rows(b_ptr, s_ptr, z_ptr, expert, offs_n, n_ok, kk, k_ok, k, stride_be,
+                part += tl.sum(_weight_rows(b_ptr, s_ptr, z_ptr, expert, offs_n, n_ok, kk, k_ok, k, K, stride_be,
                                             stride_bn, stride_bk, stride_se, stride_sn, stride_ze, stride_zn, FORMAT,
                                             GROUP_SIZE, HAS_ZEROS, BLOCK_K, a_ptr.dtype.element_ty) * a[None, :],
                                axis=1)
@@ -99,7 +99,7 @@ def _moe_gemv_kernel(a_ptr, b_ptr, c_ptr, ids_ptr, weights_ptr, s_ptr, z_ptr, a_
 
 
 @triton.jit
-def _weight_rows(b_ptr, s_ptr, z_ptr, expert, offs_n, n_ok, kk, k_ok, k0, stride_be, stride_bn, stride_bk,
+def _weight_rows(b_ptr, s_ptr, z_ptr, expert, offs_n, n_ok, kk, k_ok, k0, K, stride_be, stride_bn, stride_bk,
                  stride_se, stride_sn, stride_ze, stride_zn, FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr,
                  HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr, a_dtype: tl.constexpr):
     """Rows offs_n, columns kk of the expert's weights, fp32 [BLOCK_N, BLOCK_K]: float weights as
@@ -109,6 +109,10 @@ def _weight_rows(b_ptr, s_ptr, z_ptr, expert, offs_n, n_ok, kk, k_ok, k0, stride
     if FORMAT == 0:
         w = tl.load(b_ptr + expert * stride_be + offs_n[:, None].to(tl.int64) * stride_bn + kk[None, :] * stride_bk,
                     mask=mask, other=0.0)
+        return w.to(tl.float32)
+    if FORMAT == 2:
+        w = expert_int4_rows(b_ptr, s_ptr, z_ptr, expert, offs_n, n_ok, k0, K, stride_be, stride_bn, stride_se,
+                             stride_sn, stride_ze, stride_zn, GROUP_SIZE, HAS_ZEROS, BLOCK_K, a_dtype)
         return w.to(tl.float32)
     rows = offs_n[:, None].to(tl.int64)
     if FORMAT == 3:

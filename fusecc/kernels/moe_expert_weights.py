@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.int_unpack import small_ints_to_float
+from fusecc.kernels.int_unpack import small_ints_to_float, unpack_int4_tile
 from fusecc.kernels.quant_matmul import dequantize_weight_only, group_constexpr
 
 # the kernels' FORMAT constexpr
@@ -91,7 +91,8 @@ def expert_weight_tile(w_ptr, s_ptr, z_ptr, expert, n_idx, k_idx, n_ok, mask, k0
     for a GEMM's [K, N] tile, [BN, 1] x [1, BK] for a GEMV's rows), k_idx within [k0, k0 + BLOCK_K),
     dequantized, in `dtype`; with RAW_FP8 an FP8 tile comes back as it is stored (e4m3, unscaled)."""
     rows = w_ptr + expert * stride_we + n_idx * stride_wn
-    if FORMAT == 2:  # INT4: each word read for its 8 columns (cached re-reads), its nibble picked out
+    if FORMAT == 2:  # INT4: each word read for its 8 columns (cached re-reads), its nibble picked out; the
+        # GEMV's rows take expert_int4_rows instead, which loads each word once
         words = tl.load(rows + (k_idx // 8) * stride_wk, mask=mask, other=0)
         q = ((words >> ((k_idx % 8) * 4)) & 0xF).to(tl.float32)
     else:
@@ -100,7 +101,30 @@ def expert_weight_tile(w_ptr, s_ptr, z_ptr, expert, n_idx, k_idx, n_ok, mask, k0
         return q
     if FORMAT == 1:  # INT8
         q = small_ints_to_float(q.to(tl.int32), 128)
-    q = q.to(tl.float32)
+    return scale_expert_tile(q.to(tl.float32), s_ptr, z_ptr, expert, n_idx, k_idx, n_ok, mask, k0,
+                             stride_se, stride_sn, stride_ze, stride_zn, GROUP_SIZE, HAS_ZEROS, BLOCK_K, dtype)
+
+
+@triton.jit
+def expert_int4_rows(w_ptr, s_ptr, z_ptr, expert, offs_n, n_ok, k0, K, stride_we, stride_wn,
+                     stride_se, stride_sn, stride_ze, stride_zn, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                     BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+    """int4 rows offs_n [BN] of `expert`, input columns k0 .. k0 + BLOCK_K, dequantized, in `dtype`
+    [BN, BK]: the GEMV's layout, where each packed word is loaded once and unpacked in registers
+    (kernels/int_unpack.py) instead of gathered once per nibble (expert_weight_tile's general path)."""
+    rows = offs_n.to(tl.int64)
+    q = unpack_int4_tile(w_ptr + expert * stride_we, rows, n_ok, stride_wn, k0, K, BLOCK_K).to(tl.float32)
+    kk = k0 + tl.arange(0, BLOCK_K)
+    return scale_expert_tile(q, s_ptr, z_ptr, expert, rows[:, None], kk[None, :], n_ok[:, None],
+                             n_ok[:, None] & (kk < K)[None, :], k0, stride_se, stride_sn, stride_ze, stride_zn,
+                             GROUP_SIZE, HAS_ZEROS, BLOCK_K, dtype)
+
+
+@triton.jit
+def scale_expert_tile(q, s_ptr, z_ptr, expert, n_idx, k_idx, n_ok, mask, k0, stride_se, stride_sn, stride_ze,
+                      stride_zn, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr,
+                      dtype: tl.constexpr):
+    """Stored values q (fp32, any tile shape broadcast from n_idx and k_idx) -> (q - zero) * scale in dtype."""
     if GROUP_SIZE % BLOCK_K == 0:  # the tile lies in one group: one scale (and zero) per row
         if HAS_ZEROS:
             q = q - group_scale(z_ptr, expert, n_idx, n_ok, k0, stride_ze, stride_zn, GROUP_SIZE)
