@@ -54,19 +54,36 @@ def _tile_products(x_ptr, w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS: tl.con
     """(products, x) of the K tile k0 .. k0 + BLOCK_K: q * x elementwise (fp32; summing products over its
     second axis gives sum_k q[n, k] x[k]) and the x values it used (summing them gives sum_k x[k]).
     int4 unpacked along K: [BN, BK] and [BK]. int4 PLANES: [BN, BK/8] and [BK/8], the 8 nibble planes
-    (plane i: input columns 8j + i, against x[8j + i]) added into one tile as they are made, so each word
-    is shifted, masked and converted in place, with no replication along K and an eighth of the adds."""
+    (plane i: input columns 8j + i, against x[8j + i]) added into one tile as they are made: no
+    replication along K, no shifts, an eighth of the adds. Compiled for sm_90 (cuobjdump of the
+    [64, 128] tile, 4 warps) it has about 6% fewer instructions than the unpacked tile, no SHF/SGXT
+    per weight (an and, a conversion and an FMA each); its speed on a GPU is the autotuner's call."""
     if BITS == 4 and PLANES:
         offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
                         mask=n_ok[:, None] & (offs_w * 8 < k_hi)[None, :], other=0)  # [BN, BK/8]
-        offs_k = offs_w * 8
-        x_all = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
-        products = ((words & 0xF).to(tl.float32)) * x_all[None, :]
-        for i in tl.static_range(1, 8):
-            x = tl.load(x_ptr + offs_k + i, mask=offs_k + i < k_hi, other=0.0).to(tl.float32)
-            products += (((words >> (4 * i)) & 0xF).to(tl.float32)) * x[None, :]
-            x_all += x
+        words = words.to(tl.uint32, bitcast=True)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)  # one contiguous load
+        x_all = tl.sum(tl.reshape(x, (BLOCK_K // 8, 8)), axis=1)  # [BK/8]: each word's 8 columns
+        # the 8 planes of x (x[8j + i] for plane i = 4a + 2b + c), split off in registers
+        x_c0, x_c1 = tl.split(tl.reshape(x, (BLOCK_K // 8, 2, 2, 2)))
+        x_b0c0, x_b1c0 = tl.split(x_c0)
+        x_b0c1, x_b1c1 = tl.split(x_c1)
+        x0, x4 = tl.split(x_b0c0)
+        x2, x6 = tl.split(x_b1c0)
+        x1, x5 = tl.split(x_b0c1)
+        x3, x7 = tl.split(x_b1c1)
+        # nibble i masked in place is q * 16^i, exact as a float (4 significant bits); x / 16^i (a power
+        # of two: exact) undoes it, so each weight costs an and, a conversion and an FMA
+        products = (words & 0xF).to(tl.float32) * x0[None, :]
+        products += (words & 0xF0).to(tl.float32) * (x1 * (1.0 / 16))[None, :]
+        products += (words & 0xF00).to(tl.float32) * (x2 * (1.0 / 16 ** 2))[None, :]
+        products += (words & 0xF000).to(tl.float32) * (x3 * (1.0 / 16 ** 3))[None, :]
+        products += (words & 0xF0000).to(tl.float32) * (x4 * (1.0 / 16 ** 4))[None, :]
+        products += (words & 0xF00000).to(tl.float32) * (x5 * (1.0 / 16 ** 5))[None, :]
+        products += (words & 0xF000000).to(tl.float32) * (x6 * (1.0 / 16 ** 6))[None, :]
+        products += (words & 0xF0000000).to(tl.float32) * (x7 * (1.0 / 16 ** 7))[None, :]
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_all = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
