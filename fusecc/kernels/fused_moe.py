@@ -48,7 +48,7 @@ from fusecc.kernels.fused_moe_decode import DECODE_MAX_TOKENS, fused_moe_decode
 from fusecc.kernels.launch import launch_tuned
 from fusecc.kernels.moe_align import moe_align_block_size
 from fusecc.kernels.moe_expert_weights import (FP8, ExpertQuant, check_expert_quant, dequantize_experts,
-                                               expert_weight_tile, group_scale, kernel_quant_args)
+                                               expert_int4_rows, expert_weight_tile, group_scale, kernel_quant_args)
 from fusecc.triton_support import interpreting
 
 # (BLOCK_M class, GATED) -> hand-picked (BLOCK_N, BLOCK_K, GROUP_M, warps, stages); the gated kernel
@@ -165,12 +165,12 @@ def _moe_gemm_kernel(
             b_ptrs += BLOCK_K * stride_bk
         else:
             acc = _quantized_tile_dot(a, acc, b_ptr, s_ptr, z_ptr, expert, offs_n[None, :], n_all,
-                                      (k * BLOCK_K + offs_k)[:, None], k_ok[:, None], k * BLOCK_K,
+                                      (k * BLOCK_K + offs_k)[:, None], k_ok[:, None], k * BLOCK_K, K,
                                       stride_be, stride_bn, stride_bk, stride_se, stride_sn, stride_ze, stride_zn,
                                       FORMAT, GROUP_SIZE, HAS_ZEROS, BLOCK_K)
             if GATED:
                 acc_up = _quantized_tile_dot(a, acc_up, b_ptr, s_ptr, z_ptr, expert, offs_n[None, :] + N, n_all,
-                                             (k * BLOCK_K + offs_k)[:, None], k_ok[:, None], k * BLOCK_K,
+                                             (k * BLOCK_K + offs_k)[:, None], k_ok[:, None], k * BLOCK_K, K,
                                              stride_be, stride_bn, stride_bk, stride_se, stride_sn, stride_ze,
                                              stride_zn, FORMAT, GROUP_SIZE, HAS_ZEROS, BLOCK_K)
         a_ptrs += BLOCK_K * stride_ak
@@ -188,15 +188,23 @@ def _moe_gemm_kernel(
 
 
 @triton.jit
-def _quantized_tile_dot(a, acc, w_ptr, s_ptr, z_ptr, expert, n_idx, n_ok, k_idx, k_ok, k0,
+def _quantized_tile_dot(a, acc, w_ptr, s_ptr, z_ptr, expert, n_idx, n_ok, k_idx, k_ok, k0, K,
                         stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_ze, stride_zn,
                         FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     """acc + a @ the expert's quantized [K, N] tile: integer weights dequantized to a's dtype first,
-    FP8 ones multiplied on the tensor cores in e4m3 and the dot scaled by the tile's group scale."""
-    b = expert_weight_tile(w_ptr, s_ptr, z_ptr, expert, n_idx, k_idx, n_ok, k_ok, k0,
-                           stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_ze, stride_zn,
-                           FORMAT, GROUP_SIZE, HAS_ZEROS, BLOCK_K, True, a.dtype)
+    FP8 ones multiplied on the tensor cores in e4m3 and the dot scaled by the tile's group scale.
+    int4 tiles are unpacked as [N, K] rows from words loaded once, then transposed (the columns of
+    this kernel's tiles wrap around N, so every row is valid)."""
+    if FORMAT == 2:
+        rows = tl.reshape(n_idx, (n_idx.shape[1],))
+        b = tl.trans(expert_int4_rows(w_ptr, s_ptr, z_ptr, expert, rows, tl.full(rows.shape, 1, tl.int1), k0, K,
+                                      stride_we, stride_wn, stride_se, stride_sn, stride_ze, stride_zn,
+                                      GROUP_SIZE, HAS_ZEROS, BLOCK_K, a.dtype))
+    else:
+        b = expert_weight_tile(w_ptr, s_ptr, z_ptr, expert, n_idx, k_idx, n_ok, k_ok, k0,
+                               stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_ze, stride_zn,
+                               FORMAT, GROUP_SIZE, HAS_ZEROS, BLOCK_K, True, a.dtype)
     if FORMAT == 3:
         return acc + tl.dot(a, b) * group_scale(s_ptr, expert, n_idx, n_ok, k0, stride_se, stride_sn, GROUP_SIZE)
     return exact_dot(a, b, acc)
