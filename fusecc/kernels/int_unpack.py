@@ -40,3 +40,17 @@ def small_ints_to_float(q, OFFSET: tl.constexpr):
     accumulation the int8 GEMV went from 1.80x to 2.17x bf16 at qkv_proj; the same trick on int4 nibbles
     made the int4 GEMV slower (13.7 -> 15.9 us), so int4 keeps the conversion."""
     return (q + (_MAGIC_BITS + OFFSET)).to(tl.float32, bitcast=True) - (_MAGIC + OFFSET)
+
+
+@triton.jit
+def nibble_planes_of(x, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x [ROWS, BLOCK_K] -> its 8 planes x[:, 8j + i], i = 0..7, each [ROWS, BLOCK_K / 8], split off in
+    registers: the activations that meet nibble i of each packed word."""
+    c0, c1 = tl.split(tl.reshape(x, (ROWS, BLOCK_K // 8, 2, 2, 2)))  # plane i = 4a + 2b + c
+    b0c0, b1c0 = tl.split(c0)
+    b0c1, b1c1 = tl.split(c1)
+    x0, x4 = tl.split(b0c0)
+    x2, x6 = tl.split(b1c0)
+    x1, x5 = tl.split(b0c1)
+    x3, x7 = tl.split(b1c1)
+    return x0, x1, x2, x3, x4, x5, x6, x7

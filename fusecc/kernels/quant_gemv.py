@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.int_unpack import small_ints_to_float, unpack_int4_tile
+from fusecc.kernels.int_unpack import nibble_planes_of, small_ints_to_float, unpack_int4_tile
 from fusecc.kernels.launch import launch_tuned
 from fusecc.kernels.quant_launch import choose_split_k, finish_splits, k_per_split, split_align
 from fusecc.triton_support import interpreting
@@ -66,24 +66,17 @@ def _tile_products(x_ptr, w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS: tl.con
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)  # one contiguous load
         x_all = tl.sum(tl.reshape(x, (BLOCK_K // 8, 8)), axis=1)  # [BK/8]: each word's 8 columns
-        # the 8 planes of x (x[8j + i] for plane i = 4a + 2b + c), split off in registers
-        x_c0, x_c1 = tl.split(tl.reshape(x, (BLOCK_K // 8, 2, 2, 2)))
-        x_b0c0, x_b1c0 = tl.split(x_c0)
-        x_b0c1, x_b1c1 = tl.split(x_c1)
-        x0, x4 = tl.split(x_b0c0)
-        x2, x6 = tl.split(x_b1c0)
-        x1, x5 = tl.split(x_b0c1)
-        x3, x7 = tl.split(x_b1c1)
+        x0, x1, x2, x3, x4, x5, x6, x7 = nibble_planes_of(x[None, :], 1, BLOCK_K)  # [1, BK/8] each
         # nibble i masked in place is q * 16^i, exact as a float (4 significant bits); x / 16^i (a power
         # of two: exact) undoes it, so each weight costs an and, a conversion and an FMA
-        products = (words & 0xF).to(tl.float32) * x0[None, :]
-        products += (words & 0xF0).to(tl.float32) * (x1 * (1.0 / 16))[None, :]
-        products += (words & 0xF00).to(tl.float32) * (x2 * (1.0 / 16 ** 2))[None, :]
-        products += (words & 0xF000).to(tl.float32) * (x3 * (1.0 / 16 ** 3))[None, :]
-        products += (words & 0xF0000).to(tl.float32) * (x4 * (1.0 / 16 ** 4))[None, :]
-        products += (words & 0xF00000).to(tl.float32) * (x5 * (1.0 / 16 ** 5))[None, :]
-        products += (words & 0xF000000).to(tl.float32) * (x6 * (1.0 / 16 ** 6))[None, :]
-        products += (words & 0xF0000000).to(tl.float32) * (x7 * (1.0 / 16 ** 7))[None, :]
+        products = (words & 0xF).to(tl.float32) * x0
+        products += (words & 0xF0).to(tl.float32) * (x1 * (1.0 / 16))
+        products += (words & 0xF00).to(tl.float32) * (x2 * (1.0 / 16 ** 2))
+        products += (words & 0xF000).to(tl.float32) * (x3 * (1.0 / 16 ** 3))
+        products += (words & 0xF0000).to(tl.float32) * (x4 * (1.0 / 16 ** 4))
+        products += (words & 0xF00000).to(tl.float32) * (x5 * (1.0 / 16 ** 5))
+        products += (words & 0xF000000).to(tl.float32) * (x6 * (1.0 / 16 ** 6))
+        products += (words & 0xF0000000).to(tl.float32) * (x7 * (1.0 / 16 ** 7))
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_all = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)

@@ -14,7 +14,9 @@ fusecc's weight layouts (output channel first, so fused q|k|v and gate|up stack 
 fp32 scales and zeros keep fp16 (AWQ/GPTQ) and bf16 values exact whatever the activation dtype; a
 fractional zero also represents GGUF's Q4_1 (w = d * q + m: zero = -m / d).
 int4 is unpacked in registers from words loaded once, int8 made float without a conversion instruction
-(fusecc/kernels/int_unpack.py). Paths (decode split-K / prefill) and autotuning: fusecc/kernels/quant_launch.py.
+(fusecc/kernels/int_unpack.py). The decode tiles also offer int4 as nibble planes (_planes_dot: 8 dots
+of K = BK/8, each weight an and, a conversion and one FMA); the autotuner keeps whichever is faster.
+Paths (decode split-K / prefill) and autotuning: fusecc/kernels/quant_launch.py.
 One row (batch-1 decode) goes to a GEMV without tensor cores (fusecc/kernels/quant_gemv.py) or to the
 tiles, whichever the GPU times faster for the weight's shape (one_row_path).
 
@@ -34,7 +36,7 @@ import triton
 import triton.language as tl
 
 from fusecc.kernels.exact_dot import exact_dot
-from fusecc.kernels.int_unpack import small_ints_to_float, unpack_int4_tile
+from fusecc.kernels.int_unpack import nibble_planes_of, small_ints_to_float, unpack_int4_tile
 from fusecc.kernels.launch import autotune_enabled, launch_tuned
 from fusecc.kernels.quant_gemv import weight_only_gemv
 from fusecc.kernels.quant_launch import (DECODE_MAX_ROWS, choose_split_k, decode_configs, finish_splits,
@@ -60,6 +62,39 @@ def _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stri
     return q * s
 
 
+@triton.jit
+def _plane_dot(acc, x_plane, words, scale, zero_scale, SHIFT: tl.constexpr):
+    """acc + x_plane @ the dequantized nibble plane at bit SHIFT: the nibble masked in place is q * 2^SHIFT
+    (exact as a float), so (q - z) * s is one FMA with s / 2^SHIFT and z * s."""
+    w = (words & (0xF << SHIFT)).to(tl.float32) * (scale * (1.0 / (1 << SHIFT)))[:, None] - zero_scale[:, None]
+    return exact_dot(x_plane, tl.trans(w.to(x_plane.dtype)), acc)
+
+
+@triton.jit
+def _planes_dot(acc, x, w_ptr, s_ptr, z_ptr, offs_n, n_ok, stride_wn, stride_sn, stride_zn, k0, k_hi,
+                GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + x [BM, BK] @ the int4 tile's dequantized weights, as 8 dots of K = BK/8, one per nibble plane
+    (plane i: input columns 8j + i): each weight is an and, a conversion and one FMA, no shift, and x's
+    planes are split off the loaded tile in registers. One group per tile (GROUP_SIZE % BK == 0)."""
+    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                    mask=n_ok[:, None] & (offs_w * 8 < k_hi)[None, :], other=0).to(tl.uint32, bitcast=True)
+    g = k0 // GROUP_SIZE
+    scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+    zero_scale = scale * 0.0
+    if HAS_ZEROS:
+        zero_scale = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0.0) * scale
+    x0, x1, x2, x3, x4, x5, x6, x7 = nibble_planes_of(x, BLOCK_M, BLOCK_K)
+    acc = _plane_dot(acc, x0, words, scale, zero_scale, 0)
+    acc = _plane_dot(acc, x1, words, scale, zero_scale, 4)
+    acc = _plane_dot(acc, x2, words, scale, zero_scale, 8)
+    acc = _plane_dot(acc, x3, words, scale, zero_scale, 12)
+    acc = _plane_dot(acc, x4, words, scale, zero_scale, 16)
+    acc = _plane_dot(acc, x5, words, scale, zero_scale, 20)
+    acc = _plane_dot(acc, x6, words, scale, zero_scale, 24)
+    return _plane_dot(acc, x7, words, scale, zero_scale, 28)
+
+
 @triton.jit(do_not_specialize=["M"])  # per-step sizes: kernels/launch.py
 def _weight_only_matmul_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
@@ -68,6 +103,7 @@ def _weight_only_matmul_kernel(
     M_BUCKET,  # autotune key only
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PLANES: tl.constexpr,
 ):
     pid_k, offs_m, offs_n, m_ok, n_ok, k_lo, k_hi = program_tile(M, N, K, k_split, BLOCK_M, BLOCK_N)
     ONE_GROUP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
@@ -77,15 +113,19 @@ def _weight_only_matmul_kernel(
         k_ok = offs_k < k_hi
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-        if BITS == 4:
-            q = unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K).to(tl.float32)
+        if BITS == 4 and PLANES:  # int4, the tile in one group, BLOCK_K >= 128: _planes_dot
+            acc = _planes_dot(acc, x, w_ptr, s_ptr, z_ptr, offs_n, n_ok, stride_wn, stride_sn, stride_zn, k0, k_hi,
+                              GROUP_SIZE, HAS_ZEROS, BLOCK_M, BLOCK_K)
         else:
-            q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                        other=0)
-            q = small_ints_to_float(q.to(tl.int32), 128)
-        w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
-                        GROUP_SIZE, HAS_ZEROS, ONE_GROUP)
-        acc += exact_dot(x, tl.trans(w.to(x.dtype)), None)  # [BN, BK] in x's dtype
+            if BITS == 4:
+                q = unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K).to(tl.float32)
+            else:
+                q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                            mask=n_ok[:, None] & k_ok[None, :], other=0)
+                q = small_ints_to_float(q.to(tl.int32), 128)
+            w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
+                            GROUP_SIZE, HAS_ZEROS, ONE_GROUP)
+            acc += exact_dot(x, tl.trans(w.to(x.dtype)), None)  # [BN, BK] in x's dtype
     store_output_tile(acc, out_ptr, b_ptr, pid_k, stride_os, stride_om, stride_on, offs_m, offs_n, m_ok, n_ok,
                       PARTIAL, HAS_BIAS)
 
@@ -111,8 +151,28 @@ def _dequantize_weight_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, str
 
 
 _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"]
-_decode_kernel = triton.autotune(configs=decode_configs(), key=_KEY, cache_results=True)(_weight_only_matmul_kernel)
-_prefill_kernel = triton.autotune(configs=prefill_configs(), key=_KEY, cache_results=True)(_weight_only_matmul_kernel)
+
+
+def _with_planes(configs: list[triton.Config], planes: bool) -> list[triton.Config]:
+    return [triton.Config({**c.kwargs, "PLANES": planes}, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in configs]
+
+
+def _fitting_planes(configs: list[triton.Config], bits, group) -> list[triton.Config]:
+    # nibble planes: int4 only, K tiles of 128+ (dots of K >= 16) lying in one group
+    keep = [c for c in configs if not c.kwargs["PLANES"]
+            or (bits == 4 and c.kwargs["BLOCK_K"] >= 128 and group is not None and group % c.kwargs["BLOCK_K"] == 0)]
+    return keep
+
+
+# decode tiles: each config twice, the int4 tile unpacked along K or as nibble planes (the autotuner picks)
+_decode_kernel = triton.autotune(
+    configs=_with_planes(decode_configs(), False) + _with_planes(decode_configs(), True), key=_KEY,
+    cache_results=True, prune_configs_by={"early_config_prune": lambda configs, named_args, **kw:
+                                          _fitting_planes(configs, kw.get("BITS"), kw.get("GROUP_SIZE"))},
+)(_weight_only_matmul_kernel)
+_prefill_kernel = triton.autotune(configs=_with_planes(prefill_configs(), False), key=_KEY,
+                                  cache_results=True)(_weight_only_matmul_kernel)
 
 
 def group_constexpr(group_size: int, K: int) -> int:
@@ -228,14 +288,14 @@ def weight_only_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             x, qweight, scales, zeros_arg, bias_arg, target, M, N, K, step,
             x.stride(0), x.stride(1), qweight.stride(0), scales.stride(0), zeros_arg.stride(0),
             target.stride(0) if splits > 1 else 0, target.stride(-2), target.stride(-1), m_bucket(M),
-        ), dict(consts, PARTIAL=splits > 1), configs[0])
+        ), dict(consts, PARTIAL=splits > 1), _decode_kernel.configs[0])
         return finish_splits(target, bias, out) if splits > 1 else out
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
     launch_tuned(_prefill_kernel, grid, (
         x, qweight, scales, zeros_arg, bias_arg, out, M, N, K, K,
         x.stride(0), x.stride(1), qweight.stride(0), scales.stride(0), zeros_arg.stride(0),
         0, out.stride(0), out.stride(1), m_bucket(M),
-    ), dict(consts, PARTIAL=False), prefill_configs()[0])
+    ), dict(consts, PARTIAL=False), _prefill_kernel.configs[0])
     return out
 
 

@@ -20,7 +20,8 @@ def test_quant_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     compiled = dict(line.rsplit(" ", 1) for line in proc.stdout.splitlines() if line.strip())
-    assert int(compiled.get("_weight_only_matmul_kernel", 0)) >= 6, proc.stdout  # {int4 g128, int4 g32, int8} x 2 paths
+    # {int4 g128, int4 g32, int8} x 2 paths, and the decode tiles' int4 nibble planes
+    assert int(compiled.get("_weight_only_matmul_kernel", 0)) >= 7, proc.stdout
     assert int(compiled.get("_fp8_matmul_kernel", 0)) >= 4, proc.stdout  # {channel, block} x 2 paths
     assert int(compiled.get("_dequantize_weight_kernel", 0)) >= 2, proc.stdout  # int4, int8 (many-row path)
     # int4 g128, int4 g32, int8 (one row), and int4's nibble-plane tiles g128, g32
@@ -31,22 +32,24 @@ def test_quant_kernels_compile_for_sm90():
     assert int(compiled.get("_moe_gemm_kernel", 0)) >= 6, proc.stdout
 
 
-def compile_int4_gemv_planes(x, N: int, K: int) -> None:
-    """The GEMV's nibble-plane int4 tiles: not its first config, so forced (what autotuning compiles)."""
+def compile_int4_planes(x, N: int, K: int) -> None:
+    """int4's nibble-plane tiles, in the GEMV and the decode tiles: not their kernels' first configs,
+    so forced (what autotuning compiles)."""
     import torch
 
-    from fusecc.kernels import launch, quant_gemv
+    from fusecc.kernels import launch, quant_gemv, quant_matmul
     from fusecc.kernels.quant_matmul import weight_only_matmul
 
-    kernel = quant_gemv._weight_only_gemv
-    configs, fitting = kernel.configs, launch._FITTING_CONFIG
-    kernel.configs, launch._FITTING_CONFIG = [c for c in configs if c.kwargs["PLANES"]], {}
-    try:
-        for group in (128, 32):
-            weight_only_matmul(x, torch.zeros(N, K // 8, dtype=torch.int32), torch.ones(N, K // group),
-                               torch.zeros(N, K // group), 4, group, path="gemv")
-    finally:
-        kernel.configs, launch._FITTING_CONFIG = configs, fitting
+    fitting = launch._FITTING_CONFIG
+    for kernel, path in ((quant_gemv._weight_only_gemv, "gemv"), (quant_matmul._decode_kernel, "tiles")):
+        configs = kernel.configs
+        kernel.configs, launch._FITTING_CONFIG = [c for c in configs if c.kwargs["PLANES"]], {}
+        try:
+            for group in (128, 32) if path == "gemv" else (128,):  # the tiles' planes need one group a tile
+                weight_only_matmul(x, torch.zeros(N, K // 8, dtype=torch.int32), torch.ones(N, K // group),
+                                   torch.zeros(N, K // group), 4, group, path=path)
+        finally:
+            kernel.configs, launch._FITTING_CONFIG = configs, fitting
 
 
 def compile_all(all_configs: bool) -> None:
@@ -71,7 +74,7 @@ def compile_all(all_configs: bool) -> None:
             weight_only_matmul(x, torch.zeros(N, K // 8, dtype=torch.int32), torch.ones(N, K // group),
                                torch.zeros(N, K // group), 4, group, path="gemv")
         weight_only_matmul(x, torch.zeros(N, K, dtype=torch.int8), torch.ones(N, 1), None, 8, -1, path="gemv")
-        compile_int4_gemv_planes(x, N, K)
+        compile_int4_planes(x, N, K)
         for bits, qweight in ((4, torch.zeros(N, K // 8, dtype=torch.int32)), (8, torch.zeros(N, K, dtype=torch.int8))):
             dequantize_weight(qweight, torch.ones(N, K // 128), torch.zeros(N, K // 128), bits, 128, K, bf16)
             w8 = torch.zeros(N, K, dtype=torch.float8_e4m3fn)

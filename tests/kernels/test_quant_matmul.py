@@ -135,6 +135,26 @@ def test_int4_gemv_by_nibble_planes_matches_float64_reference(group, zeros, K, s
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("group,zeros,K", [(128, True, 256), (128, False, 200), (-1, True, 203)])
+@pytest.mark.parametrize("M,split_k", [(1, 1), (5, 2), (16, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_int4_tiles_by_nibble_planes_match_float64_reference(group, zeros, K, M, split_k, dtype, monkeypatch):
+    # the decode tiles' other int4 tile (8 dots, one per nibble plane; autotuned on a GPU), forced
+    from fusecc.kernels import launch, quant_matmul
+
+    kernel = quant_matmul._decode_kernel
+    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs["PLANES"]])
+    monkeypatch.setattr(launch, "_FITTING_CONFIG", {})
+    N = 37
+    qweight, scales, z, w64 = make_weights(4, N, K, group, zeros, seed=10)
+    x = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N).to(dtype)
+    out = weight_only_matmul(x, qweight, scales, z, 4, group, bias, split_k=split_k, path="tiles")
+    ref = x.double() @ w64.t() + bias.double()
+    tol = 2e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
 def test_one_row_takes_the_path_timed_faster_once_per_weight_shape(monkeypatch):
     from fusecc.kernels import quant_matmul
 
