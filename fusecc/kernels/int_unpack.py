@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 # 2^23 as float32 bits: adding an integer 0 <= v < 2^23 to them gives the bits of the float 2^23 + v
+# (int8_to_float)
 _MAGIC_BITS = tl.constexpr(0x4B000000)
 _MAGIC = tl.constexpr(8388608.0)
 
@@ -32,14 +33,14 @@ def unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K: tl.const
 
 
 @triton.jit
-def small_ints_to_float(q, OFFSET: tl.constexpr):
-    """int32 values v with 0 <= v + OFFSET < 2^23 -> the same values as exact float32, without a
-    conversion instruction: v + OFFSET is added into the mantissa of 2^23 (one integer add) and 2^23 +
-    OFFSET subtracted (one float add). H100 conversions run at 16 per SM and clock, an eighth of the FMA
-    rate. Measured (benchmarks/results/quant_linears.json, run 2): with it and the per-channel
-    accumulation the int8 GEMV went from 1.80x to 2.17x bf16 at qkv_proj; the same trick on int4 nibbles
-    made the int4 GEMV slower (13.7 -> 15.9 us), so int4 keeps the conversion."""
-    return (q + (_MAGIC_BITS + OFFSET)).to(tl.float32, bitcast=True) - (_MAGIC + OFFSET)
+def int8_to_float(q):
+    """int8 values -> the same values as exact float32, without a conversion instruction: q + 128
+    (0..255) is added into the mantissa of 2^23 (one integer add) and 2^23 + 128 subtracted (one float
+    add). H100 conversions run at 16 per SM and clock, an eighth of the FMA rate. Measured
+    (benchmarks/results/quant_linears.json, run 2): with it and the per-channel accumulation the int8
+    GEMV went from 1.80x to 2.17x bf16 at qkv_proj; the same trick on int4 nibbles made the int4 GEMV
+    slower (13.7 -> 15.9 us), so int4 keeps the conversion."""
+    return (q.to(tl.int32) + (_MAGIC_BITS + 128)).to(tl.float32, bitcast=True) - (_MAGIC + 128)
 
 
 @triton.jit

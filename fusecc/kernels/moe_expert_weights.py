@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.int_unpack import small_ints_to_float, unpack_int4_tile
+from fusecc.kernels.int_unpack import int8_to_float, unpack_int4_tile
 from fusecc.kernels.quant_matmul import dequantize_weight_only, group_constexpr
 
 # the kernels' FORMAT constexpr
@@ -87,20 +87,15 @@ def expert_weight_tile(w_ptr, s_ptr, z_ptr, expert, n_idx, k_idx, n_ok, mask, k0
                        stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_ze, stride_zn,
                        FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
                        BLOCK_K: tl.constexpr, RAW_FP8: tl.constexpr, dtype: tl.constexpr):
-    """Weights [n_idx x k_idx] of `expert` (n_idx, k_idx broadcast against each other: [1, BN] x [BK, 1]
-    for a GEMM's [K, N] tile, [BN, 1] x [1, BK] for a GEMV's rows), k_idx within [k0, k0 + BLOCK_K),
-    dequantized, in `dtype`; with RAW_FP8 an FP8 tile comes back as it is stored (e4m3, unscaled)."""
-    rows = w_ptr + expert * stride_we + n_idx * stride_wn
-    if FORMAT == 2:  # INT4: each word read for its 8 columns (cached re-reads), its nibble picked out; the
-        # GEMV's rows take expert_int4_rows instead, which loads each word once
-        words = tl.load(rows + (k_idx // 8) * stride_wk, mask=mask, other=0)
-        q = ((words >> ((k_idx % 8) * 4)) & 0xF).to(tl.float32)
-    else:
-        q = tl.load(rows + k_idx * stride_wk, mask=mask, other=0.0)
+    """int8 or FP8 weights [n_idx x k_idx] of `expert` (n_idx, k_idx broadcast against each other:
+    [1, BN] x [BK, 1] for a GEMM's [K, N] tile, [BN, 1] x [1, BK] for a GEMV's rows), k_idx within
+    [k0, k0 + BLOCK_K), dequantized, in `dtype`; with RAW_FP8 an FP8 tile comes back as it is stored
+    (e4m3, unscaled). int4 weights: expert_int4_rows (packed words are unpacked along K)."""
+    q = tl.load(w_ptr + expert * stride_we + n_idx * stride_wn + k_idx * stride_wk, mask=mask, other=0.0)
     if FORMAT == 3 and RAW_FP8:
         return q
     if FORMAT == 1:  # INT8
-        q = small_ints_to_float(q.to(tl.int32), 128)
+        q = int8_to_float(q)
     return scale_expert_tile(q.to(tl.float32), s_ptr, z_ptr, expert, n_idx, k_idx, n_ok, mask, k0,
                              stride_se, stride_sn, stride_ze, stride_zn, GROUP_SIZE, HAS_ZEROS, BLOCK_K, dtype)
 
@@ -111,7 +106,7 @@ def expert_int4_rows(w_ptr, s_ptr, z_ptr, expert, offs_n, n_ok, k0, K, stride_we
                      BLOCK_K: tl.constexpr, dtype: tl.constexpr):
     """int4 rows offs_n [BN] of `expert`, input columns k0 .. k0 + BLOCK_K, dequantized, in `dtype`
     [BN, BK]: the GEMV's layout, where each packed word is loaded once and unpacked in registers
-    (kernels/int_unpack.py) instead of gathered once per nibble (expert_weight_tile's general path)."""
+    (kernels/int_unpack.py); the GEMM's [K, N] tiles transpose them."""
     rows = offs_n.to(tl.int64)
     q = unpack_int4_tile(w_ptr + expert * stride_we, rows, n_ok, stride_wn, k0, K, BLOCK_K).to(tl.float32)
     kk = k0 + tl.arange(0, BLOCK_K)

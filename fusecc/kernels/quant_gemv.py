@@ -12,7 +12,7 @@ integers by x in fp32 and folds the group's scale and zero in once per row and t
 
 With per-channel scales (int8's default) the whole row is one group, so the products accumulate
 elementwise over the K loop and are reduced once. int8 values become floats without a conversion
-instruction (int_unpack.small_ints_to_float). Measured on an H100 (benchmarks/results/quant_linears.json):
+instruction (int_unpack.int8_to_float). Measured on an H100 (benchmarks/results/quant_linears.json):
 the int8 GEMV reads its weights at 2.2-2.7 TB/s; the int4 one at ~1 TB/s, so something other than the
 memory bounds it (two weights a byte to unpack, convert, multiply and add); removing its conversions
 made it slower, so what does is not settled yet.
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.int_unpack import nibble_planes_of, small_ints_to_float, unpack_int4_tile
+from fusecc.kernels.int_unpack import int8_to_float, nibble_planes_of, unpack_int4_tile
 from fusecc.kernels.launch import launch_tuned
 from fusecc.kernels.quant_launch import choose_split_k, finish_splits, k_per_split, split_align
 from fusecc.triton_support import interpreting
@@ -85,7 +85,7 @@ def _tile_products(x_ptr, w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS: tl.con
         else:
             q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
                         mask=n_ok[:, None] & (offs_k < k_hi)[None, :], other=0)
-            q = small_ints_to_float(q.to(tl.int32), 128)
+            q = int8_to_float(q)
         products = q * x_all[None, :]
     return products, x_all
 

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from fusecc.kernels.exact_dot import exact_dot
-from fusecc.kernels.int_unpack import nibble_planes_of, small_ints_to_float, unpack_int4_tile
+from fusecc.kernels.int_unpack import int8_to_float, nibble_planes_of, unpack_int4_tile
 from fusecc.kernels.launch import autotune_enabled, launch_tuned
 from fusecc.kernels.quant_gemv import weight_only_gemv
 from fusecc.kernels.quant_launch import (DECODE_MAX_ROWS, choose_split_k, decode_configs, finish_splits,
@@ -122,7 +122,7 @@ def _weight_only_matmul_kernel(
             else:
                 q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
                             mask=n_ok[:, None] & k_ok[None, :], other=0)
-                q = small_ints_to_float(q.to(tl.int32), 128)
+                q = int8_to_float(q)
             w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
                             GROUP_SIZE, HAS_ZEROS, ONE_GROUP)
             acc += exact_dot(x, tl.trans(w.to(x.dtype)), None)  # [BN, BK] in x's dtype
@@ -144,7 +144,7 @@ def _dequantize_weight_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, str
         q = unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, K, BLOCK_K).to(tl.float32)
     else:
         q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0)
-        q = small_ints_to_float(q.to(tl.int32), 128)
+        q = int8_to_float(q)
     w = _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
                     GROUP_SIZE, HAS_ZEROS, GROUP_SIZE % BLOCK_K == 0)
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
@@ -160,9 +160,8 @@ def _with_planes(configs: list[triton.Config], planes: bool) -> list[triton.Conf
 
 def _fitting_planes(configs: list[triton.Config], bits, group) -> list[triton.Config]:
     # nibble planes: int4 only, K tiles of 128+ (dots of K >= 16) lying in one group
-    keep = [c for c in configs if not c.kwargs["PLANES"]
+    return [c for c in configs if not c.kwargs["PLANES"]
             or (bits == 4 and c.kwargs["BLOCK_K"] >= 128 and group is not None and group % c.kwargs["BLOCK_K"] == 0)]
-    return keep
 
 
 # decode tiles: each config twice, the int4 tile unpacked along K or as nibble planes (the autotuner picks)
@@ -181,7 +180,7 @@ def group_constexpr(group_size: int, K: int) -> int:
 
 
 # rows from which the weight is dequantized for cuBLAS rather than in registers (module docstring), from
-# benchmarks/results/quant_lin.json's crossover rows (H100, Llama-8B qkv_proj and gate_up_proj): int4's
+# benchmarks/results/quant_linears.json's crossover rows (H100, Llama-8B qkv_proj and gate_up_proj): int4's
 # tiles win at 64 rows and lose at 256; int8's tie at 256 and lose by 1.5x at 1024.
 DEQUANTIZE_MIN_ROWS = {4: 256, 8: 512}
 _DEQUANT_BLOCK_N, _DEQUANT_BLOCK_K = 32, 128
@@ -219,7 +218,7 @@ ONE_ROW_PATHS = ("gemv", "tiles")
 
 
 def one_row_path(x, qweight, scales, zeros, bits: int, group_size: int, bias, measure: bool | None = None) -> str:
-    """gemv or tiles (M padded to the tensor cores' 16, integers as the MMA operand) for one row,
+    """gemv or tiles (M padded to the tensor cores' 16) for one row,
     whichever ran faster the first time this weight shape came: which one wins depends on the shape and
     the GPU's ratio of ALU to tensor-core and memory throughput. Timed once per shape when autotuning is
     on (measure: default x on a GPU and autotune_enabled()), never while a CUDA graph is captured (the
@@ -277,8 +276,7 @@ def weight_only_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     zeros_arg = zeros if zeros is not None else scales
     bias_arg = bias if bias is not None else scales
     if M <= DECODE_MAX_ROWS:
-        configs = decode_configs()
-        align = split_align(configs)
+        align = split_align(_decode_kernel.configs)
         splits = choose_split_k(M, N, K, align, x.device, split_k)
         step = k_per_split(K, splits, align)
         splits = triton.cdiv(K, step)
