@@ -80,7 +80,7 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2", help="smollm2 (default), a folder or a .gguf file")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--windows", type=int, default=32, help="token windows scored (at most): 32 x 512 gives a "
-                        "standard error of ~0.2% on the increases")
+                        "standard error of ~0.2%% on the increases")
     parser.add_argument("--window-len", type=int, default=512)
     parser.add_argument("--calibration-windows", type=int, default=128,
                         help="GPTQ variants: docstring windows after the scored ones for the input statistics")
