@@ -18,15 +18,29 @@
    expert weights quantized from the same bf16 weights, against the bf16 fused kernels in the same run,
    at the Qwen3-30B-A3B expert shape and --quant-tokens tokens; each output's error against the
    torch loop over the dequantized weights.
+4. Offline throughput (`throughput`): benchmarks/throughput.py's workload (256 requests, 128-512-token
+   random prompts, 128 greedy tokens each, EOS ignored) on one transformers Qwen3MoeForCausalLM of the
+   Qwen3-30B-A3B shape cut to --throughput-layers layers (random bf16 weights), and the same weights
+   loaded into fusecc's engine. Baseline: that transformers model's own compiled generation
+   (`generate(cache_implementation="static")` with a CompileConfig: the decode forward through
+   torch.compile / inductor, CUDA graphs) on a static batch of the first 64 requests, left-padded, after
+   one identical warm-up generate (compile time excluded), per transformers experts implementation of
+   --hf-experts; hf_inductor_* is the fastest. fusecc: throughput.py's bench_fusecc, KV pool sized to the
+   workload's peak demand (every request resident, no preemption). fusecc_vs_hf_inductor = the ratio of
+   output tok/s.
 
     python benchmarks/moe.py --out benchmarks/results/moe.json
     python benchmarks/moe.py --smoke --out /tmp/moe_smoke.json     # CPU, tiny shapes, Triton interpreter
+
+On --smoke (CPU) the throughput baseline is transformers' eager generate (inductor would need a C++
+compiler and minutes) over 6 requests of 8 tokens: the smoke checks the plumbing, not the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import sys
@@ -173,6 +187,21 @@ def bench_quantized(shape, tokens: int, device: str, dtype: torch.dtype, smoke: 
 
 # ---- 2. decode through the engine vs the roofline ----
 
+def hf_config(spec: dict):
+    import transformers
+
+    return transformers.Qwen3MoeConfig(**spec, architectures=["Qwen3MoeForCausalLM"])
+
+
+def random_weights(model: torch.nn.Module) -> None:
+    """Uninitialised (or transformers-initialised) parameters -> seeded random ones, norms 1: the decode
+    engine and the throughput section's transformers model get the same scheme."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
+
+
 def copy_bandwidth(device: str) -> float | None:
     if device != "cuda":
         return None  # no roofline on CPU (--smoke only checks that the path runs)
@@ -204,20 +233,14 @@ def step_bytes(spec: dict, layers: int, dtype: torch.dtype, context: int) -> int
 
 
 def build_engine(spec: dict, device: str, dtype: torch.dtype, max_model_len: int):
-    import transformers
-
     from fusecc.runtime.byte_tokenizer import ByteTokenizer
     from fusecc.runtime.config import EngineConfig
     from fusecc.runtime.engine import LLMEngine
     from fusecc.runtime.loader import build_model
     from fusecc.runtime.models.qwen_moe import Qwen3MoeForCausalLM
 
-    config = transformers.Qwen3MoeConfig(**spec, architectures=["Qwen3MoeForCausalLM"])
-    model = build_model(Qwen3MoeForCausalLM, config, dtype, device, max_model_len, None)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # uninitialised -> random, norms 1
-            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
+    model = build_model(Qwen3MoeForCausalLM, hf_config(spec), dtype, device, max_model_len, None)
+    random_weights(model)
     cfg = EngineConfig(max_model_len=max_model_len, max_num_seqs=4, max_num_batched_tokens=512,
                        num_kv_blocks=max_model_len // 16 * 4)
     return LLMEngine(model, ByteTokenizer(), cfg, device=torch.device(device), model_name="qwen3-moe-random")
@@ -227,8 +250,6 @@ def bench_decode(device: str, dtype: torch.dtype, steps: int, smoke: bool, layer
     from fusecc.runtime.sampling_params import SamplingParams
 
     spec = dict(SMOKE_MODEL if smoke else QWEN3_30B_A3B)
-    if device == "cuda":
-        torch.cuda.empty_cache()  # the kernel comparison's weights
     spec["num_hidden_layers"] = layers or (spec["num_hidden_layers"] if smoke else fitting_layers(spec, dtype))
     start = time.perf_counter()
     engine = build_engine(spec, device, dtype, max_model_len=PROMPT + steps + 64)
@@ -253,12 +274,16 @@ def bench_decode(device: str, dtype: torch.dtype, steps: int, smoke: bool, layer
     bytes_per_step = step_bytes(spec, spec["num_hidden_layers"], dtype, PROMPT + steps // 2)
     roofline = bw / bytes_per_step if bw else None
     return {"layers": spec["num_hidden_layers"], "full_layers": QWEN3_30B_A3B["num_hidden_layers"],
-            "model": {k: spec[k] for k in ("hidden_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
-                                           "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")},
+            "model": model_shape(spec),
             "prompt": PROMPT, "decode_steps": generated - 1, "tok_s": tok_s, "ms_per_step": 1e3 / tok_s,
             "bytes_per_step": bytes_per_step, "copy_bandwidth_gb_s": bw and bw / 1e9, "roofline_tok_s": roofline,
             "fraction_of_roofline": roofline and tok_s / roofline, "setup_seconds": setup,
             "runner_compiled": engine.runner.forward is not engine.runner.model}
+
+
+def model_shape(spec: dict) -> dict:
+    return {k: spec[k] for k in ("hidden_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                                 "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")}
 
 
 def sync(device: str) -> None:
@@ -266,17 +291,154 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def free_memory(device: str) -> None:
+    """Between sections: the last one's models, engines and KV pools (reference cycles included), so
+    the next one sizes itself against the whole card."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- 4. offline throughput: the engine vs transformers compiled with inductor ----
+
+# transformers' experts implementations the baseline may use. grouped_mm (its default) is the one made
+# for torch.compile; "eager" loops over the hit experts (data-dependent: graph breaks); "batched_mm"
+# gathers one weight matrix per (token, expert) pair, which the eager 64 x 512-token prefill of this
+# workload cannot hold (TBs), so it is not tried unless named
+HF_EXPERTS = "grouped_mm"
+HF_BATCH = 64  # as throughput.py's bench_hf_generate: one static batch of the first 64 requests
+
+
+def build_hf_moe(spec: dict, device: str, dtype: torch.dtype):
+    import transformers
+
+    config = hf_config(spec)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    random_weights(model)
+    return model, config
+
+
+def bench_hf_static(model, prompts, output: int, compiled: bool) -> dict:
+    """transformers' generate over one static batch of the first HF_BATCH prompts, left-padded, with a
+    static KV cache: with `compiled`, generate runs its decode forward through torch.compile (inductor,
+    CUDA graphs: CompileConfig's defaults, passed explicitly); otherwise eagerly (the CPU smoke). The
+    warm-up is the identical call: a static cache's shapes are (batch, prompt width + new tokens), so
+    any other warm-up would leave the measured call to compile (and record graphs) again."""
+    from transformers import CompileConfig
+
+    device = model.device
+    sub = prompts[:HF_BATCH]
+    width = max(len(p) for p in sub)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in sub], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in sub], device=device)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=output, min_new_tokens=output,
+                  do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation="static")
+    if compiled:
+        kwargs["compile_config"] = CompileConfig(backend="inductor", mode="reduce-overhead")
+    else:
+        kwargs["disable_compile"] = True
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model.generate(**kwargs)
+        sync(device.type)
+        warm = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(**kwargs)
+        sync(device.type)
+    seconds = time.perf_counter() - start
+    tokens = (out.shape[1] - width) * len(sub)
+    # generate compiles only where its criteria hold (device, cache): what actually ran
+    return {"tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "batch": len(sub),
+            "warmup_seconds": warm, "compiled": hasattr(model, "_compiled_call")}
+
+
+def bench_hf_baseline(model, prompts, output: int, compiled: bool, experts: list[str]) -> dict:
+    """bench_hf_static once per experts implementation; hf_inductor_* = the fastest that ran."""
+    runs, entry = {}, {}
+    for impl in experts:
+        try:
+            model.set_experts_implementation(impl)
+            runs[impl] = bench_hf_static(model, prompts, output, compiled)
+        except Exception as exc:  # e.g. out of memory: the other implementations still run
+            runs[impl] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+            traceback.print_exc()
+        finally:
+            # a fresh compile (and CUDA-graph pool) per implementation; freed before fusecc's engine
+            model.__dict__.pop("_compiled_call", None)
+            torch._dynamo.reset()
+            free_memory(model.device.type)
+    entry["hf_by_experts_implementation"] = runs
+    ran = [impl for impl in runs if "tok_s" in runs[impl]]
+    if ran:
+        best = max(ran, key=lambda impl: runs[impl]["tok_s"])
+        entry.update({f"hf_inductor_{k}": v for k, v in runs[best].items()})
+        entry["hf_experts_implementation"] = best
+    return entry
+
+
+def bench_throughput(device: str, dtype: torch.dtype, smoke: bool, layers: int | None,
+                     experts: list[str]) -> dict:
+    from benchmarks.throughput import (MAX_PROMPT, MIN_PROMPT, NUM_REQUESTS, OUTPUT, bench_fusecc, make_prompts,
+                                       workload_kv_blocks)
+    from fusecc.runtime.models.qwen_moe import Qwen3MoeForCausalLM
+
+    spec = dict(SMOKE_MODEL if smoke else QWEN3_30B_A3B)
+    spec["num_hidden_layers"] = layers or (spec["num_hidden_layers"] if smoke else 8)
+    requests, output = (6, 8) if smoke else (NUM_REQUESTS, OUTPUT)
+    model, config = build_hf_moe(spec, device, dtype)
+    prompts = make_prompts(config.vocab_size, requests)
+    compiled = not smoke
+    entry = {"layers": spec["num_hidden_layers"], "full_layers": QWEN3_30B_A3B["num_hidden_layers"],
+             "model": model_shape(spec),
+             "workload": {"requests": requests, "prompt_tokens": [MIN_PROMPT, MAX_PROMPT], "output_tokens": output,
+                          "greedy": True, "ignore_eos": True, "hf_requests": min(HF_BATCH, requests)},
+             "hf_baseline": ("transformers generate, static cache, decode forward compiled with torch.compile "
+                             "(inductor, mode reduce-overhead)" if compiled else
+                             "transformers generate, static cache, EAGER (smoke on CPU: no inductor)")}
+    entry.update(bench_hf_baseline(model, prompts, output, compiled, experts))
+    # throughput.py's defaults for its engine, the KV pool sized to the workload's peak demand
+    engine_args = argparse.Namespace(max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.9,
+                                     enforce_eager=False)
+    run = bench_fusecc(model, config, prompts, engine_args, workload_kv_blocks(prompts, output, 16), output=output,
+                       device=device, warmup_prompts=make_prompts(config.vocab_size, 4, seed=1),
+                       model_cls=Qwen3MoeForCausalLM)
+    entry.update({f"fusecc_{k}": v for k, v in run.items()})
+    if entry.get("hf_inductor_tok_s"):
+        entry["fusecc_vs_hf_inductor"] = entry["fusecc_tok_s"] / entry["hf_inductor_tok_s"]
+    entry["note"] = (
+        f"Both ran the same weights (one transformers model, its state dict loaded into fusecc's "
+        f"Qwen3MoeForCausalLM) and the same {spec['num_hidden_layers']} of the model's "
+        f"{QWEN3_30B_A3B['num_hidden_layers']} layers, in {dtype}. fusecc: all {requests} requests through the "
+        f"engine (continuous batching, KV pool = the workload's peak demand, no preemption). transformers: one "
+        f"static batch of the first {min(HF_BATCH, requests)} requests, left-padded, measured after an identical "
+        f"warm-up call; tokens = new tokens x batch. Output tok/s each.")
+    return entry
+
+
+def token_counts(flag: str | None, default: str) -> list[int]:
+    return [int(t) for t in (default if flag is None else flag).split(",") if t]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/moe.json")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU: Triton interpreter, fp32)")
-    ap.add_argument("--tokens", default="1,64,512", help="token counts of the kernel comparison")
+    ap.add_argument("--tokens", default=None,
+                    help="token counts of the kernel comparison (default 1,64,512; --smoke 1,7; '' skips it)")
     ap.add_argument("--decode-steps", type=int, default=128)
     ap.add_argument("--layers", type=int, default=None,
                     help="decoder layers of the decode model (default: all that fit)")
     ap.add_argument("--skip-decode", action="store_true")
-    ap.add_argument("--quant-tokens", default="1,2,16,64,512",
-                    help="token counts of the quantized-experts comparison ('' skips it)")
+    ap.add_argument("--quant-tokens", default=None,
+                    help="token counts of the quantized-experts comparison (default 1,2,16,64,512; --smoke 1,7; "
+                         "'' skips it)")
+    ap.add_argument("--throughput-layers", type=int, default=None,
+                    help="decoder layers of the throughput model (default 8; --smoke: the tiny model's)")
+    ap.add_argument("--hf-experts", default=HF_EXPERTS,
+                    help="transformers experts implementations the throughput baseline tries (comma-separated; "
+                         "the fastest is hf_inductor_*)")
+    ap.add_argument("--skip-throughput", action="store_true")
     args = ap.parse_args()
     import transformers
     import triton
@@ -288,14 +450,14 @@ def main() -> int:
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
               "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-              "dtype": str(dtype), "kernel": {}, "decode": None, "quantized": {}}
+              "dtype": str(dtype), "kernel": {}, "decode": None, "quantized": {}, "throughput": None}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
     def save():  # after every row: a run stopped by a time limit keeps what it measured
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
-    tokens = [int(t) for t in args.tokens.split(",")] if not args.smoke else [1, 7]
+    tokens = token_counts(args.tokens, "1,7" if args.smoke else "1,64,512")
     for name, shape in (SMOKE_KERNEL_SHAPES if args.smoke else KERNEL_SHAPES).items():
         for n in tokens:
             key = f"{name}/tokens_{n}"
@@ -305,7 +467,7 @@ def main() -> int:
                 result["kernel"][key] = {"error": traceback.format_exc(limit=3)}
             print(key, json.dumps(result["kernel"][key]), flush=True)
             save()
-    quant_tokens = [int(t) for t in args.quant_tokens.split(",") if t] if not args.smoke else [1, 7]
+    quant_tokens = token_counts(args.quant_tokens, "1,7" if args.smoke else "1,2,16,64,512")
     quant_shapes = SMOKE_KERNEL_SHAPES if args.smoke else {"qwen3_30b_a3b": KERNEL_SHAPES["qwen3_30b_a3b"]}
     for name, shape in quant_shapes.items():
         for n in quant_tokens:
@@ -313,6 +475,7 @@ def main() -> int:
             result["quantized"][key] = bench_quantized(shape, n, device, dtype, args.smoke)
             print("quantized", key, json.dumps(result["quantized"][key]), flush=True)
             save()
+    free_memory(device)  # the kernel comparisons' weights
     if not args.skip_decode:
         try:
             result["decode"] = bench_decode(device, dtype, 8 if args.smoke else args.decode_steps, args.smoke,
@@ -320,6 +483,15 @@ def main() -> int:
         except Exception:
             result["decode"] = {"error": traceback.format_exc(limit=5)}
         print("decode", json.dumps(result["decode"]), flush=True)
+        save()
+        free_memory(device)
+    if not args.skip_throughput:
+        try:
+            result["throughput"] = bench_throughput(device, dtype, args.smoke, args.throughput_layers,
+                                                    [e for e in args.hf_experts.split(",") if e])
+        except Exception:
+            result["throughput"] = {"error": traceback.format_exc(limit=5)}
+        print("throughput", json.dumps(result["throughput"]), flush=True)
     save()
     return 0
 

@@ -178,11 +178,13 @@ def transformers_backed(hf_model):
 
 def bench_fusecc(hf_model, hf_config, prompts, args, num_kv_blocks: int | None, output: int = OUTPUT,
                  device: str = "cuda", warmup_prompts=None, profile_name: str = "fusecc",
-                 model_impl: str = "fusecc", kv_cache_dtype: str = "auto") -> dict:
+                 model_impl: str = "fusecc", kv_cache_dtype: str = "auto", model_cls=None) -> dict:
     """One engine on `prompts`; keys without the fusecc_ prefix. num_kv_blocks None = the pool is
     sized from free memory (gpu_memory_utilization). model_impl "transformers": the engine runs
     transformers' modeling code with fusecc attention instead of fusecc's Llama. kv_cache_dtype:
-    EngineConfig's (benchmarks/kv_cache_fp8.py compares fp8 with the model dtype)."""
+    EngineConfig's (benchmarks/kv_cache_fp8.py compares fp8 with the model dtype). model_cls: the
+    fusecc model class `hf_model`'s weights load into (default LlamaForCausalLM; benchmarks/moe.py
+    passes Qwen3MoeForCausalLM)."""
     from fusecc.runtime.byte_tokenizer import ByteTokenizer
     from fusecc.runtime.config import EngineConfig
     from fusecc.runtime.engine import LLMEngine
@@ -197,7 +199,8 @@ def bench_fusecc(hf_model, hf_config, prompts, args, num_kv_blocks: int | None, 
     if model_impl == "transformers":
         model = transformers_backed(hf_model)
     else:
-        model = build_model(LlamaForCausalLM, hf_config, dtype, device, max_model_len, hf_model.state_dict().items())
+        model = build_model(model_cls or LlamaForCausalLM, hf_config, dtype, device, max_model_len,
+                            hf_model.state_dict().items())
     config = EngineConfig(max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=num_kv_blocks,
