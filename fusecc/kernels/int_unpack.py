@@ -55,3 +55,72 @@ def nibble_planes_of(x, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     x1, x5 = tl.split(b0c1)
     x3, x7 = tl.split(b1c1)
     return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+# bits of the half-precision float whose unit in the last place is 1 (bf16 128.0, fp16 1024.0), twice: OR-ing
+# a nibble into a half's low mantissa bits gives that float plus the nibble, exactly
+_BF16_BIAS_BITS = tl.constexpr(0x43004300)
+_FP16_BIAS_BITS = tl.constexpr(0x64006400)
+
+
+def _biased_planes_asm(bias_bits: int) -> str:
+    """PTX of biased_nibble_planes: $8 the word, $0 .. $7 the planes (the low half of each and-or is
+    nibble i, the high half nibble i + 4). lop3's 0xEA is (a & b) | c."""
+    lines = []
+    for i in range(4):
+        source = "$8" if i == 0 else "s"
+        if i:
+            lines.append(f"shr.u32 s, $8, {4 * i};")
+        lines.append(f"lop3.b32 t, {source}, 0x000F000F, {bias_bits:#010x}, 0xEA;")
+        lines.append(f"mov.b32 {{${i}, ${i + 4}}}, t;")
+    return "{ .reg .b32 t, s; " + " ".join(lines) + " }"
+
+
+_BIASED_PLANES_ASM_BF16 = tl.constexpr(_biased_planes_asm(0x43004300))
+_BIASED_PLANES_ASM_FP16 = tl.constexpr(_biased_planes_asm(0x64006400))
+_PLANES_CONSTRAINTS = tl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r")
+_EIGHT_INT16 = tl.constexpr((tl.int16,) * 8)
+
+
+@triton.jit
+def nibble_bias(DTYPE: tl.constexpr):
+    """The offset biased_nibble_planes adds to every nibble in DTYPE: 128 (bf16) or 1024 (fp16)."""
+    return 128.0 if DTYPE == tl.bfloat16 else 1024.0
+
+
+@triton.jit
+def _biased_pair(words, SHIFT: tl.constexpr, DTYPE: tl.constexpr):
+    """Nibbles SHIFT/4 and SHIFT/4 + 4 of each word as (bias + nibble) in DTYPE: one and-or (LOP3) for both."""
+    bits = _BF16_BIAS_BITS if DTYPE == tl.bfloat16 else _FP16_BIAS_BITS
+    t = ((words >> SHIFT) & 0x000F000F) | bits
+    low = (t & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
+    high = (t >> 16).to(tl.uint16).to(DTYPE, bitcast=True)
+    return low, high
+
+
+@triton.jit
+def biased_nibble_planes(words, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """uint32 words [..] -> their 8 nibble planes as DTYPE (bf16 or fp16) tensors of the same shape, plane i
+    holding nibble_bias + nibble i (bits 4i .. 4i + 3), exact. Two nibbles of a word (i and i + 4, one in
+    each 16-bit half) become two halves with one and-or against the bits of the bias (the FasterTransformer /
+    Marlin conversion): about one instruction per weight, where a shift, mask and int-to-float conversion
+    per weight cost three. The tensor cores then multiply bias + q exactly; the caller removes the bias
+    with the zero point, once per row and group. ASM: the same in inline PTX (GPU only: the interpreter
+    runs no assembly), so the halves come out of the 32-bit register without extraction instructions."""
+    if ASM:  # the halves come out as int16 bits (one output type for both dtypes), bitcast below
+        if DTYPE == tl.bfloat16:
+            h0, h1, h2, h3, h4, h5, h6, h7 = tl.inline_asm_elementwise(
+                asm=_BIASED_PLANES_ASM_BF16, constraints=_PLANES_CONSTRAINTS, args=[words], dtype=_EIGHT_INT16,
+                is_pure=True, pack=1)
+        else:
+            h0, h1, h2, h3, h4, h5, h6, h7 = tl.inline_asm_elementwise(
+                asm=_BIASED_PLANES_ASM_FP16, constraints=_PLANES_CONSTRAINTS, args=[words], dtype=_EIGHT_INT16,
+                is_pure=True, pack=1)
+        return (h0.to(DTYPE, bitcast=True), h1.to(DTYPE, bitcast=True), h2.to(DTYPE, bitcast=True),
+                h3.to(DTYPE, bitcast=True), h4.to(DTYPE, bitcast=True), h5.to(DTYPE, bitcast=True),
+                h6.to(DTYPE, bitcast=True), h7.to(DTYPE, bitcast=True))
+    p0, p4 = _biased_pair(words, 0, DTYPE)
+    p1, p5 = _biased_pair(words, 4, DTYPE)
+    p2, p6 = _biased_pair(words, 8, DTYPE)
+    p3, p7 = _biased_pair(words, 12, DTYPE)
+    return p0, p1, p2, p3, p4, p5, p6, p7

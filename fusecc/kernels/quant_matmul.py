@@ -14,8 +14,11 @@ fusecc's weight layouts (output channel first, so fused q|k|v and gate|up stack 
 fp32 scales and zeros keep fp16 (AWQ/GPTQ) and bf16 values exact whatever the activation dtype; a
 fractional zero also represents GGUF's Q4_1 (w = d * q + m: zero = -m / d).
 int4 is unpacked in registers from words loaded once, int8 made float without a conversion instruction
-(fusecc/kernels/int_unpack.py). The decode tiles also offer int4 as nibble planes (_planes_dot: 8 dots
-of K = BK/8, each weight an and, a conversion and one FMA); the autotuner keeps whichever is faster.
+(fusecc/kernels/int_unpack.py). The decode tiles also offer int4 as nibble planes, 8 dots of K = BK/8:
+dequantized by one FMA a weight (_planes_dot), or left raw as bias + q in half precision, made two at a
+time by one and-or in inline PTX, with scale, zero and bias applied per row and group after the dots
+(_biased_planes_dot: compiled for sm_90, about a third of the unpacked tile's instructions per weight);
+the autotuner keeps whichever form is fastest.
 Paths (decode split-K / prefill) and autotuning: fusecc/kernels/quant_launch.py.
 One row (batch-1 decode) goes to a GEMV without tensor cores (fusecc/kernels/quant_gemv.py) or to the
 tiles, whichever the GPU times faster for the weight's shape (one_row_path).
@@ -36,7 +39,9 @@ import triton
 import triton.language as tl
 
 from fusecc.kernels.exact_dot import exact_dot
-from fusecc.kernels.int_unpack import int8_to_float, nibble_planes_of, unpack_int4_tile
+from fusecc.kernels.int_unpack import (biased_nibble_planes, int8_to_float, nibble_bias, nibble_planes_of,
+                                       unpack_int4_tile)
+from fusecc.triton_support import interpreting
 from fusecc.kernels.launch import autotune_enabled, launch_tuned
 from fusecc.kernels.quant_gemv import weight_only_gemv
 from fusecc.kernels.quant_launch import (DECODE_MAX_ROWS, choose_split_k, decode_configs, finish_splits,
@@ -95,6 +100,50 @@ def _planes_dot(acc, x, w_ptr, s_ptr, z_ptr, offs_n, n_ok, stride_wn, stride_sn,
     return _plane_dot(acc, x7, words, scale, zero_scale, 28)
 
 
+@triton.jit
+def _biased_planes_dot(acc, x, w_ptr, s_ptr, z_ptr, offs_n, n_ok, stride_wn, stride_sn, stride_zn, k0, k_hi,
+                       GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """acc + x [BM, BK] @ the int4 tile's dequantized weights with the tensor cores multiplying the raw
+    nibbles: 8 dots of K = BK/8 against the planes of bias + q (int_unpack.biased_nibble_planes: about one
+    instruction per weight), then per row and group
+
+        sum_k (q - z) s x = s * (sum_k (bias + q) x - (bias + z) * sum_k x)
+
+    (bias + q) x is exact in fp32 (an 8- or 11-bit by 8- or 11-bit product), so the result is the
+    float64 one up to fp32 accumulation; _planes_dot instead rounds each dequantized weight to x's dtype
+    before its dot, as the unpacked tile does. x bf16 or fp16; one group per tile."""
+    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                    mask=n_ok[:, None] & (offs_w * 8 < k_hi)[None, :], other=0).to(tl.uint32, bitcast=True)
+    w0, w1, w2, w3, w4, w5, w6, w7 = biased_nibble_planes(words, x.dtype, _ASM)
+    x0, x1, x2, x3, x4, x5, x6, x7 = nibble_planes_of(x, BLOCK_M, BLOCK_K)
+    dots = tl.dot(x0, tl.trans(w0))
+    dots = tl.dot(x1, tl.trans(w1), dots)
+    dots = tl.dot(x2, tl.trans(w2), dots)
+    dots = tl.dot(x3, tl.trans(w3), dots)
+    dots = tl.dot(x4, tl.trans(w4), dots)
+    dots = tl.dot(x5, tl.trans(w5), dots)
+    dots = tl.dot(x6, tl.trans(w6), dots)
+    dots = tl.dot(x7, tl.trans(w7), dots)
+    g = k0 // GROUP_SIZE
+    scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+    offset = tl.zeros_like(scale) + nibble_bias(x.dtype)
+    if HAS_ZEROS:
+        offset += tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0.0)
+    x_sum = tl.sum(x.to(tl.float32), axis=1)
+    return acc + (dots - x_sum[:, None] * offset[None, :]) * scale[None, :]
+
+
+# inline PTX where the kernels are compiled for a GPU; its pure-Triton twin where the interpreter runs them
+_ASM = tl.constexpr(not interpreting())
+# the int4 tile's forms (config kwarg PLANES), each autotuned against the others: unpacked along K and
+# dequantized; nibble planes dequantized by one FMA a weight (_planes_dot); nibble planes of bias + q
+# multiplied raw (_biased_planes_dot)
+UNPACKED, FMA_PLANES, BIASED_PLANES = 0, 1, 2
+_BIASED_PLANES = tl.constexpr(BIASED_PLANES)
+
+
 @triton.jit(do_not_specialize=["M"])  # per-step sizes: kernels/launch.py
 def _weight_only_matmul_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
@@ -113,7 +162,10 @@ def _weight_only_matmul_kernel(
         k_ok = offs_k < k_hi
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-        if BITS == 4 and PLANES:  # int4, the tile in one group, BLOCK_K >= 128: _planes_dot
+        if BITS == 4 and PLANES == _BIASED_PLANES:  # int4, x half precision, one group a tile, BLOCK_K >= 128
+            acc = _biased_planes_dot(acc, x, w_ptr, s_ptr, z_ptr, offs_n, n_ok, stride_wn, stride_sn, stride_zn, k0,
+                                     k_hi, GROUP_SIZE, HAS_ZEROS, BLOCK_M, BLOCK_K)
+        elif BITS == 4 and PLANES:  # int4, the tile in one group, BLOCK_K >= 128: _planes_dot
             acc = _planes_dot(acc, x, w_ptr, s_ptr, z_ptr, offs_n, n_ok, stride_wn, stride_sn, stride_zn, k0, k_hi,
                               GROUP_SIZE, HAS_ZEROS, BLOCK_M, BLOCK_K)
         else:
@@ -153,24 +205,32 @@ def _dequantize_weight_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, str
 _KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"]
 
 
-def _with_planes(configs: list[triton.Config], planes: bool) -> list[triton.Config]:
+def _with_planes(configs: list[triton.Config], planes: int) -> list[triton.Config]:
     return [triton.Config({**c.kwargs, "PLANES": planes}, num_warps=c.num_warps, num_stages=c.num_stages)
             for c in configs]
 
 
-def _fitting_planes(configs: list[triton.Config], bits, group) -> list[triton.Config]:
-    # nibble planes: int4 only, K tiles of 128+ (dots of K >= 16) lying in one group
-    return [c for c in configs if not c.kwargs["PLANES"]
-            or (bits == 4 and c.kwargs["BLOCK_K"] >= 128 and group is not None and group % c.kwargs["BLOCK_K"] == 0)]
+def _fitting_planes(configs: list[triton.Config], bits, group, x_dtype) -> list[triton.Config]:
+    # nibble planes: int4 only, K tiles of 128+ (dots of K >= 16) lying in one group; the biased planes
+    # are half-precision floats, so x must be bf16 or fp16 (the dot's operands share a dtype)
+    def fits(c: triton.Config) -> bool:
+        mode, block_k = c.kwargs["PLANES"], c.kwargs["BLOCK_K"]
+        if mode == UNPACKED:
+            return True
+        planes = bits == 4 and block_k >= 128 and group is not None and group % block_k == 0
+        return planes and (mode != BIASED_PLANES or x_dtype in (torch.bfloat16, torch.float16))
+
+    return [c for c in configs if fits(c)]
 
 
-# decode tiles: each config twice, the int4 tile unpacked along K or as nibble planes (the autotuner picks)
+# decode tiles: each config in each of the int4 tile's forms (the autotuner picks)
 _decode_kernel = triton.autotune(
-    configs=_with_planes(decode_configs(), False) + _with_planes(decode_configs(), True), key=_KEY,
-    cache_results=True, prune_configs_by={"early_config_prune": lambda configs, named_args, **kw:
-                                          _fitting_planes(configs, kw.get("BITS"), kw.get("GROUP_SIZE"))},
+    configs=[c for mode in (UNPACKED, FMA_PLANES, BIASED_PLANES) for c in _with_planes(decode_configs(), mode)],
+    key=_KEY, cache_results=True,
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _fitting_planes(
+        configs, kw.get("BITS"), kw.get("GROUP_SIZE"), named_args["x_ptr"].dtype)},
 )(_weight_only_matmul_kernel)
-_prefill_kernel = triton.autotune(configs=_with_planes(prefill_configs(), False), key=_KEY,
+_prefill_kernel = triton.autotune(configs=_with_planes(prefill_configs(), UNPACKED), key=_KEY,
                                   cache_results=True)(_weight_only_matmul_kernel)
 
 

@@ -143,7 +143,8 @@ def test_int4_tiles_by_nibble_planes_match_float64_reference(group, zeros, K, M,
     from fusecc.kernels import launch, quant_matmul
 
     kernel = quant_matmul._decode_kernel
-    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs["PLANES"]])
+    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs
+                                            if c.kwargs["PLANES"] == quant_matmul.FMA_PLANES])
     monkeypatch.setattr(launch, "_FITTING_CONFIG", {})
     N = 37
     qweight, scales, z, w64 = make_weights(4, N, K, group, zeros, seed=10)
@@ -153,6 +154,38 @@ def test_int4_tiles_by_nibble_planes_match_float64_reference(group, zeros, K, M,
     ref = x.double() @ w64.t() + bias.double()
     tol = 2e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("group,zeros,K", [(128, True, 256), (128, False, 200), (-1, True, 203)])
+@pytest.mark.parametrize("M,split_k", [(1, 1), (5, 2), (16, 1)])
+def test_int4_tiles_by_biased_planes_match_float64_reference(group, zeros, K, M, split_k, monkeypatch):
+    # the decode tiles' third int4 form (the tensor cores multiply bias + q; the bias and zero are taken
+    # off per row and group after the dots), forced; half precision only (fp16 here: the interpreter's
+    # bf16 dot is broken); the interpreter runs the pure-Triton twin of its inline PTX
+    from fusecc.kernels import launch, quant_matmul
+
+    kernel = quant_matmul._decode_kernel
+    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs
+                                            if c.kwargs["PLANES"] == quant_matmul.BIASED_PLANES])
+    monkeypatch.setattr(launch, "_FITTING_CONFIG", {})
+    N = 37
+    qweight, scales, z, w64 = make_weights(4, N, K, group, zeros, seed=11)
+    x = torch.randn(M, K).half()
+    bias = torch.randn(N).half()
+    out = weight_only_matmul(x, qweight, scales, z, 4, group, bias, split_k=split_k, path="tiles")
+    ref = x.double() @ w64.t() + bias.double()
+    # no weight is rounded to fp16 on this path: the error is the fp16 output's rounding
+    torch.testing.assert_close(out.double(), ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())
+
+
+def test_biased_planes_are_refused_for_fp32_activations():
+    from fusecc.kernels import quant_matmul
+
+    configs = quant_matmul._decode_kernel.configs
+    kept = quant_matmul._fitting_planes(configs, 4, 128, torch.float32)
+    assert kept and all(c.kwargs["PLANES"] != quant_matmul.BIASED_PLANES for c in kept)
+    kept = quant_matmul._fitting_planes(configs, 4, 128, torch.bfloat16)
+    assert any(c.kwargs["PLANES"] == quant_matmul.BIASED_PLANES for c in kept)
 
 
 def test_one_row_takes_the_path_timed_faster_once_per_weight_shape(monkeypatch):
@@ -219,6 +252,31 @@ def test_gpu_bf16_real_sizes(bits, group, M):
     out = weight_only_matmul(x, qweight.cuda(), scales.cuda(), None if z is None else z.cuda(), bits, group)
     ref = x.float() @ w64.float().cuda().t()
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["UNPACKED", "FMA_PLANES", "BIASED_PLANES"])
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("zeros", [True, False])
+def test_gpu_int4_tile_forms_real_sizes(form, M, zeros, monkeypatch):
+    # each int4 form of the decode tiles forced (autotuning would test only the fastest), bf16 at a real
+    # size; BIASED_PLANES runs its inline PTX here (the interpreter runs its pure-Triton twin)
+    from fusecc.kernels import launch
+
+    kernel = quant_matmul._decode_kernel
+    mode = getattr(quant_matmul, form)
+    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs["PLANES"] == mode])
+    monkeypatch.setattr(launch, "_FITTING_CONFIG", {})
+    N, K = 4096, 4096
+    qweight, scales, z, w64 = _fast_int4(N, K, 128)
+    if not zeros:  # the same nibbles, symmetric
+        q = ((qweight.long().unsqueeze(-1) >> torch.arange(0, 32, 4)) & 0xF).reshape(N, K)
+        z, w64 = None, q.double() * scales.double()[:, torch.arange(K) // 128]
+    x = torch.randn(M, K, device="cuda").bfloat16()
+    out = weight_only_matmul(x, qweight.cuda(), scales.cuda(), None if z is None else z.cuda(), 4, 128,
+                             path="tiles")
+    ref = x.double() @ w64.cuda().t()
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=1e-2 * ref.abs().max().item())
 
 
 def _fast_int4(N, K, group):
