@@ -246,7 +246,8 @@ def build_engine(spec: dict, device: str, dtype: torch.dtype, max_model_len: int
     return LLMEngine(model, ByteTokenizer(), cfg, device=torch.device(device), model_name="qwen3-moe-random")
 
 
-def bench_decode(device: str, dtype: torch.dtype, steps: int, smoke: bool, layers: int | None) -> dict:
+def bench_decode(device: str, dtype: torch.dtype, steps: int, smoke: bool, layers: int | None,
+                 profile: bool = False) -> dict:
     from fusecc.runtime.sampling_params import SamplingParams
 
     spec = dict(SMOKE_MODEL if smoke else QWEN3_30B_A3B)
@@ -273,12 +274,17 @@ def bench_decode(device: str, dtype: torch.dtype, steps: int, smoke: bool, layer
     bw = copy_bandwidth(device)
     bytes_per_step = step_bytes(spec, spec["num_hidden_layers"], dtype, PROMPT + steps // 2)
     roofline = bw / bytes_per_step if bw else None
-    return {"layers": spec["num_hidden_layers"], "full_layers": QWEN3_30B_A3B["num_hidden_layers"],
-            "model": model_shape(spec),
-            "prompt": PROMPT, "decode_steps": generated - 1, "tok_s": tok_s, "ms_per_step": 1e3 / tok_s,
-            "bytes_per_step": bytes_per_step, "copy_bandwidth_gb_s": bw and bw / 1e9, "roofline_tok_s": roofline,
-            "fraction_of_roofline": roofline and tok_s / roofline, "setup_seconds": setup,
-            "runner_compiled": engine.runner.forward is not engine.runner.model}
+    report = {"layers": spec["num_hidden_layers"], "full_layers": QWEN3_30B_A3B["num_hidden_layers"],
+              "model": model_shape(spec), "prompt": PROMPT,
+              "decode_steps": generated - 1, "tok_s": tok_s, "ms_per_step": 1e3 / tok_s,
+              "bytes_per_step": bytes_per_step, "copy_bandwidth_gb_s": bw and bw / 1e9, "roofline_tok_s": roofline,
+              "fraction_of_roofline": roofline and tok_s / roofline, "setup_seconds": setup,
+              "runner_compiled": engine.runner.forward is not engine.runner.model}
+    if profile:  # where a step's time goes, kernel by kernel (after the timed steps)
+        from benchmarks.engine_profile import profile_decode
+
+        report["profile"] = profile_decode(engine, prompt, steps=16)
+    return report
 
 
 def model_shape(spec: dict) -> dict:
@@ -439,6 +445,7 @@ def main() -> int:
                     help="transformers experts implementations the throughput baseline tries (comma-separated; "
                          "the fastest is hf_inductor_*)")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="a torch profiler table of 16 decode steps in the JSON")
     args = ap.parse_args()
     import transformers
     import triton
@@ -479,7 +486,7 @@ def main() -> int:
     if not args.skip_decode:
         try:
             result["decode"] = bench_decode(device, dtype, 8 if args.smoke else args.decode_steps, args.smoke,
-                                            args.layers)
+                                            args.layers, args.profile)
         except Exception:
             result["decode"] = {"error": traceback.format_exc(limit=5)}
         print("decode", json.dumps(result["decode"]), flush=True)

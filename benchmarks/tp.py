@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from benchmarks.decode import SHAPES as DECODE_SHAPES  # noqa: E402
+from benchmarks.engine_profile import profile_decode  # noqa: E402
 from benchmarks.throughput import make_prompts, step_timing_summary, sync, warm_up  # noqa: E402
 
 SHAPES = {
@@ -182,7 +183,7 @@ def run_shape(shape: str, tp, args, report: dict, save) -> None:
                            model_name=shape)
         entry["tensor_parallel"] = measure(engine, config.vocab_size, prompts, output, tp.device)
         if args.profile and tp.device.type == "cuda":
-            entry["tensor_parallel_decode_profile"] = profile_decode(engine, config.vocab_size)
+            entry["tensor_parallel_decode_profile"] = profile_decode(engine, list(range(1, DECODE_PROMPT)))
         engine.runner.shutdown()  # the followers leave follow_steps
         base = entry.get("baseline_plain_engine")
         if base:
@@ -192,20 +193,6 @@ def run_shape(shape: str, tp, args, report: dict, save) -> None:
     worker = model = None
     gc.collect()
     save()
-
-
-def profile_decode(engine, vocab: int) -> str:
-    from torch.profiler import ProfilerActivity, profile
-
-    from fusecc.runtime.sampling_params import SamplingParams
-
-    engine.add_request("profile", list(range(1, DECODE_PROMPT)), SamplingParams(max_tokens=32, ignore_eos=True,
-                                                                                temperature=0))
-    engine.step()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        while engine.has_unfinished_requests():
-            engine.step()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
 
 
 def run_rank(rank: int, world: int, init_method: str | None, args) -> None:
