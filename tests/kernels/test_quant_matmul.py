@@ -137,14 +137,20 @@ def test_int4_gemv_by_nibble_planes_matches_float64_reference(group, zeros, K, s
 
 @pytest.mark.parametrize("group,zeros,K", [(128, True, 256), (128, False, 200), (-1, True, 203)])
 @pytest.mark.parametrize("M,split_k", [(1, 1), (5, 2), (16, 1)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_int4_tiles_by_nibble_planes_match_float64_reference(group, zeros, K, M, split_k, dtype, monkeypatch):
-    # the decode tiles' other int4 tile (8 dots, one per nibble plane; autotuned on a GPU), forced
+@pytest.mark.parametrize("form,dtype,tol", [
+    ("FMA_PLANES", torch.float32, 2e-4), ("FMA_PLANES", torch.float16, 2e-2),
+    # no weight is rounded to fp16 here: the error is the fp16 output's rounding (bias + q in half
+    # precision only; fp16 because the interpreter's bf16 dot is broken; it runs the PTX's Triton twin)
+    ("BIASED_PLANES", torch.float16, 2e-3)])
+def test_int4_tile_planes_match_float64_reference(group, zeros, K, M, split_k, form, dtype, tol, monkeypatch):
+    # the decode tiles' other int4 forms (8 dots, one per nibble plane: dequantized by FMA, or bias + q
+    # multiplied raw with the bias and zero taken off per row and group after the dots), forced; a GPU
+    # autotunes them against the unpacked tile
     from fusecc.kernels import launch, quant_matmul
 
     kernel = quant_matmul._decode_kernel
-    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs
-                                            if c.kwargs["PLANES"] == quant_matmul.FMA_PLANES])
+    mode = getattr(quant_matmul, form)
+    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs["PLANES"] == mode])
     monkeypatch.setattr(launch, "_FITTING_CONFIG", {})
     N = 37
     qweight, scales, z, w64 = make_weights(4, N, K, group, zeros, seed=10)
@@ -152,30 +158,7 @@ def test_int4_tiles_by_nibble_planes_match_float64_reference(group, zeros, K, M,
     bias = torch.randn(N).to(dtype)
     out = weight_only_matmul(x, qweight, scales, z, 4, group, bias, split_k=split_k, path="tiles")
     ref = x.double() @ w64.t() + bias.double()
-    tol = 2e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
-
-
-@pytest.mark.parametrize("group,zeros,K", [(128, True, 256), (128, False, 200), (-1, True, 203)])
-@pytest.mark.parametrize("M,split_k", [(1, 1), (5, 2), (16, 1)])
-def test_int4_tiles_by_biased_planes_match_float64_reference(group, zeros, K, M, split_k, monkeypatch):
-    # the decode tiles' third int4 form (the tensor cores multiply bias + q; the bias and zero are taken
-    # off per row and group after the dots), forced; half precision only (fp16 here: the interpreter's
-    # bf16 dot is broken); the interpreter runs the pure-Triton twin of its inline PTX
-    from fusecc.kernels import launch, quant_matmul
-
-    kernel = quant_matmul._decode_kernel
-    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs
-                                            if c.kwargs["PLANES"] == quant_matmul.BIASED_PLANES])
-    monkeypatch.setattr(launch, "_FITTING_CONFIG", {})
-    N = 37
-    qweight, scales, z, w64 = make_weights(4, N, K, group, zeros, seed=11)
-    x = torch.randn(M, K).half()
-    bias = torch.randn(N).half()
-    out = weight_only_matmul(x, qweight, scales, z, 4, group, bias, split_k=split_k, path="tiles")
-    ref = x.double() @ w64.t() + bias.double()
-    # no weight is rounded to fp16 on this path: the error is the fp16 output's rounding
-    torch.testing.assert_close(out.double(), ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())
 
 
 def test_biased_planes_are_refused_for_fp32_activations():
