@@ -79,22 +79,26 @@ def _moe_gemv_kernel(a_ptr, b_ptr, c_ptr, ids_ptr, weights_ptr, s_ptr, z_ptr, a_
             acc_up *= row_scale
         acc = acc * tl.sigmoid(acc) * acc_up
     else:
-        for j in tl.static_range(TOP_K):
+        # one loop over (expert, K tile) pairs rather than a K loop per expert: a down projection's K
+        # (the expert's intermediate size, 768 at Qwen3-30B-A3B) is a few tiles, too short a loop for the
+        # software pipeline to hide the loads' latency once per expert. The routing weight (and W8A8's
+        # activation scale) is folded into the activation chunk, sum_j w_j (W_j a_j) = sum_j W_j (w_j a_j),
+        # so one accumulator serves every expert.
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        for step in range(0, TOP_K * k_tiles):
+            j = step // k_tiles
+            k = (step - j * k_tiles) * BLOCK_K
             pair = row * TOP_K + j
             expert = tl.load(ids_ptr + pair).to(tl.int64)
-            a_row = a_ptr + pair.to(tl.int64) * stride_am
-            part = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k in range(0, K, BLOCK_K):
-                kk = k + offs_k
-                k_ok = kk < K
-                a = _activation_chunk(a_row, kk, k_ok, stride_ak, EVEN_K)
-                part += tl.sum(_weight_rows(b_ptr, s_ptr, z_ptr, expert, offs_n, n_ok, kk, k_ok, k, K, stride_be,
-                                            stride_bn, stride_bk, stride_se, stride_sn, stride_ze, stride_zn, FORMAT,
-                                            GROUP_SIZE, HAS_ZEROS, BLOCK_K, a_ptr.dtype.element_ty) * a[None, :],
-                               axis=1)
+            kk = k + offs_k
+            k_ok = kk < K
+            coef = tl.load(weights_ptr + pair).to(tl.float32)
             if FORMAT == 3:
-                part *= tl.load(a_scale_ptr + pair)
-            acc += tl.load(weights_ptr + pair).to(tl.float32) * part
+                coef *= tl.load(a_scale_ptr + pair)
+            a = _activation_chunk(a_ptr + pair.to(tl.int64) * stride_am, kk, k_ok, stride_ak, EVEN_K) * coef
+            acc += tl.sum(_weight_rows(b_ptr, s_ptr, z_ptr, expert, offs_n, n_ok, kk, k_ok, k, K, stride_be,
+                                       stride_bn, stride_bk, stride_se, stride_sn, stride_ze, stride_zn, FORMAT,
+                                       GROUP_SIZE, HAS_ZEROS, BLOCK_K, a_ptr.dtype.element_ty) * a[None, :], axis=1)
     tl.store(c_ptr + row.to(tl.int64) * stride_cm + offs_n * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=n_ok)
 
 

@@ -63,6 +63,7 @@ def test_kernel_matches_float64_loop(tokens, experts, top_k, hidden, inter, dtyp
     (1, 8, 2, 48, 40, torch.float32),  # K not a multiple of the K tile: masked loads
     (2, 4, 3, 64, 24, torch.float16),
     (1, 6, 1, 512, 16, torch.float32),  # hidden 512: gate_up's unmasked K loop
+    (2, 6, 3, 32, 100, torch.float32),  # down: several K tiles an expert, the last masked, in one loop
 ])
 def test_decode_kernels_match_float64_loop(tokens, experts, top_k, hidden, inter, dtype):
     x, w13, w2, weights, ids = make_moe(tokens, experts, top_k, hidden, inter, dtype, seed=3)
