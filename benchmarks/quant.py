@@ -86,6 +86,15 @@ def decode_max_rows() -> int:
     return DECODE_MAX_ROWS
 
 
+def decode_tiles_choice() -> str | None:
+    """The decode tiles' config the autotuner chose at the last launch (int4: PLANES says which form of
+    the tile won, kernels/quant_matmul.py), or None before any launch."""
+    from fusecc.kernels.quant_matmul import _decode_kernel
+
+    best = getattr(_decode_kernel, "best_config", None)
+    return None if best is None else str(best)
+
+
 def crossover_rows(row: dict, method: str, module, x: torch.Tensor, device: str, reps: int) -> None:
     """Each path of a weight-only linear that could take these rows, forced (one row: the GEMV and the
     tiles; past the decode rows: the tiles and dequantize + cuBLAS), to set kernels/quant_matmul.py's
@@ -120,6 +129,8 @@ def bench_linears(shapes: dict, rows: list[int], device: str, dtype: torch.dtype
                     row[f"{method}_speedup"] = base / t
                     row[f"{method}_weight_GBps"] = nbytes / t / 1e9
                     row[f"{method}_rel_err"] = ((module(x).float() - ref).norm() / ref.norm()).item()
+                    if method in ("int8", "int4") and M <= decode_max_rows():
+                        row[f"{method}_tiles_config"] = decode_tiles_choice()
                 except Exception as exc:
                     row[f"{method}_error"] = f"{type(exc).__name__}: {exc}"
                     traceback.print_exc()
