@@ -7,6 +7,9 @@ Triton AWQ kernel unpacks the same way. On an H100 the alternatives were slow: g
 per nibble (words[n, k // 8]) ran the dequantize kernel at a quarter of the int8 one's bandwidth, and a
 third-axis unpack ([BN, BK/8, 8], reduced over both axes) held the one-row GEMV to ~380 GB/s
 (benchmarks/results/quant_linears.json's note).
+
+For the tensor cores, biased_nibble_planes makes int4 words half-precision operands directly: the 8
+nibble planes of a word as bias + q, two values an instruction (a lop3 in inline PTX).
 """
 
 import triton
@@ -76,8 +79,8 @@ def _biased_planes_asm(bias_bits: int) -> str:
     return "{ .reg .b32 t, s; " + " ".join(lines) + " }"
 
 
-_BIASED_PLANES_ASM_BF16 = tl.constexpr(_biased_planes_asm(0x43004300))
-_BIASED_PLANES_ASM_FP16 = tl.constexpr(_biased_planes_asm(0x64006400))
+_BIASED_PLANES_ASM_BF16 = tl.constexpr(_biased_planes_asm(_BF16_BIAS_BITS.value))
+_BIASED_PLANES_ASM_FP16 = tl.constexpr(_biased_planes_asm(_FP16_BIAS_BITS.value))
 _PLANES_CONSTRAINTS = tl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r")
 _EIGHT_INT16 = tl.constexpr((tl.int16,) * 8)
 
