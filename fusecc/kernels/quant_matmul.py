@@ -230,8 +230,24 @@ _decode_kernel = triton.autotune(
     prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _fitting_planes(
         configs, kw.get("BITS"), kw.get("GROUP_SIZE"), named_args["x_ptr"].dtype)},
 )(_weight_only_matmul_kernel)
-_prefill_kernel = triton.autotune(configs=_with_planes(prefill_configs(), UNPACKED), key=_KEY,
-                                  cache_results=True)(_weight_only_matmul_kernel)
+
+
+def _biased_prefill_configs() -> list[triton.Config]:
+    """Tiles of 17+ rows in the biased-planes form: K tiles of 128 (8 dots of K = 16)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "PLANES": BIASED_PLANES}, num_warps=4,
+                              num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "PLANES": BIASED_PLANES}, num_warps=w,
+                          num_stages=s)
+            for bm, bn, w, s in [(32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3)]]
+
+
+# prefill tiles (17 rows up to the dequantize path's threshold): unpacked, or int4 as biased planes
+_prefill_kernel = triton.autotune(
+    configs=_with_planes(prefill_configs(), UNPACKED) + _biased_prefill_configs(), key=_KEY, cache_results=True,
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _fitting_planes(
+        configs, kw.get("BITS"), kw.get("GROUP_SIZE"), named_args["x_ptr"].dtype)},
+)(_weight_only_matmul_kernel)
 
 
 def group_constexpr(group_size: int, K: int) -> int:

@@ -20,8 +20,8 @@ def test_quant_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     compiled = dict(line.rsplit(" ", 1) for line in proc.stdout.splitlines() if line.strip())
-    # {int4 g128, int4 g32, int8} x 2 paths, and the decode tiles' int4 nibble planes (FMA, biased)
-    assert int(compiled.get("_weight_only_matmul_kernel", 0)) >= 8, proc.stdout
+    # {int4 g128, int4 g32, int8} x 2 paths, and int4 nibble planes (decode tiles: FMA, biased; prefill: biased)
+    assert int(compiled.get("_weight_only_matmul_kernel", 0)) >= 9, proc.stdout
     assert int(compiled.get("_fp8_matmul_kernel", 0)) >= 4, proc.stdout  # {channel, block} x 2 paths
     assert int(compiled.get("_dequantize_weight_kernel", 0)) >= 2, proc.stdout  # int4, int8 (many-row path)
     # int4 g128, int4 g32, int8 (one row), and int4's nibble-plane tiles g128, g32
@@ -42,15 +42,18 @@ def compile_int4_planes(x, N: int, K: int) -> None:
     from fusecc.kernels.quant_matmul import weight_only_matmul
 
     fitting = launch._FITTING_CONFIG
-    forms = ((quant_gemv._weight_only_gemv, "gemv", lambda c: c.kwargs["PLANES"]),
-             (quant_matmul._decode_kernel, "tiles", lambda c: c.kwargs["PLANES"] == quant_matmul.FMA_PLANES),
-             (quant_matmul._decode_kernel, "tiles", lambda c: c.kwargs["PLANES"] == quant_matmul.BIASED_PLANES))
-    for kernel, path, chosen in forms:
+    rows = torch.zeros(40, x.shape[1], dtype=x.dtype)  # past the decode tiles: the prefill tiles
+    forms = ((quant_gemv._weight_only_gemv, "gemv", x, lambda c: c.kwargs["PLANES"]),
+             (quant_matmul._decode_kernel, "tiles", x, lambda c: c.kwargs["PLANES"] == quant_matmul.FMA_PLANES),
+             (quant_matmul._decode_kernel, "tiles", x, lambda c: c.kwargs["PLANES"] == quant_matmul.BIASED_PLANES),
+             (quant_matmul._prefill_kernel, "tiles", rows,
+              lambda c: c.kwargs["PLANES"] == quant_matmul.BIASED_PLANES))
+    for kernel, path, a, chosen in forms:
         configs = kernel.configs
         kernel.configs, launch._FITTING_CONFIG = [c for c in configs if chosen(c)], {}
         try:
             for group in (128, 32) if path == "gemv" else (128,):  # the tiles' planes need one group a tile
-                weight_only_matmul(x, torch.zeros(N, K // 8, dtype=torch.int32), torch.ones(N, K // group),
+                weight_only_matmul(a, torch.zeros(N, K // 8, dtype=torch.int32), torch.ones(N, K // group),
                                    torch.zeros(N, K // group), 4, group, path=path)
         finally:
             kernel.configs, launch._FITTING_CONFIG = configs, fitting

@@ -136,19 +136,20 @@ def test_int4_gemv_by_nibble_planes_matches_float64_reference(group, zeros, K, s
 
 
 @pytest.mark.parametrize("group,zeros,K", [(128, True, 256), (128, False, 200), (-1, True, 203)])
-@pytest.mark.parametrize("M,split_k", [(1, 1), (5, 2), (16, 1)])
-@pytest.mark.parametrize("form,dtype,tol", [
-    ("FMA_PLANES", torch.float32, 2e-4), ("FMA_PLANES", torch.float16, 2e-2),
+@pytest.mark.parametrize("M,split_k,form,dtype,tol", [
+    *[(M, split_k, "FMA_PLANES", dtype, tol) for M, split_k in [(1, 1), (5, 2), (16, 1)]
+      for dtype, tol in [(torch.float32, 2e-4), (torch.float16, 2e-2)]],
     # no weight is rounded to fp16 here: the error is the fp16 output's rounding (bias + q in half
-    # precision only; fp16 because the interpreter's bf16 dot is broken; it runs the PTX's Triton twin)
-    ("BIASED_PLANES", torch.float16, 2e-3)])
+    # precision only; fp16 because the interpreter's bf16 dot is broken; it runs the PTX's Triton twin);
+    # 40 rows: the prefill tiles' biased configs
+    *[(M, split_k, "BIASED_PLANES", torch.float16, 2e-3) for M, split_k in [(1, 1), (5, 2), (16, 1), (40, 1)]]])
 def test_int4_tile_planes_match_float64_reference(group, zeros, K, M, split_k, form, dtype, tol, monkeypatch):
-    # the decode tiles' other int4 forms (8 dots, one per nibble plane: dequantized by FMA, or bias + q
+    # the int4 tiles' other forms (8 dots, one per nibble plane: dequantized by FMA, or bias + q
     # multiplied raw with the bias and zero taken off per row and group after the dots), forced; a GPU
     # autotunes them against the unpacked tile
     from fusecc.kernels import launch, quant_matmul
 
-    kernel = quant_matmul._decode_kernel
+    kernel = quant_matmul._decode_kernel if M <= quant_matmul.DECODE_MAX_ROWS else quant_matmul._prefill_kernel
     mode = getattr(quant_matmul, form)
     monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs["PLANES"] == mode])
     monkeypatch.setattr(launch, "_FITTING_CONFIG", {})
