@@ -25,9 +25,12 @@ excluded, and the first request after start-up against the median of the next te
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
+import io
 import json
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -82,7 +85,10 @@ def child_compile(row: str, shape: str, batch: int, device: str) -> dict:
         _sync(device)
         build_s = time.perf_counter() - start
         options = {"freeze": True, **({"cudagraphs": True} if device == "cuda" else {})}
+        profiler = cProfile.Profile() if row in os.environ.get("COMPILE_TIME_PROFILE_ROWS", "").split(",") else None
         start = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
         if row == "fusecc_aot":
             from fusecc.compile_cache import aot_compile
 
@@ -96,14 +102,21 @@ def child_compile(row: str, shape: str, batch: int, device: str) -> dict:
         logits = step(model, token, cache)
         _sync(device)
         first_call_s = time.perf_counter() - start
+        if profiler is not None:
+            profiler.disable()
         reference = decode_step(model, token, cache)
     from torch._dynamo.utils import counters as dynamo_counters
 
     from fusecc.compile_cache import counters
 
-    return {"build_s": build_s, "first_call_s": first_call_s,
-            "max_abs_diff_vs_eager": (logits.float() - reference.float()).abs().max().item(),
-            "fusecc_counters": dict(counters), "dynamo_unique_graphs": dynamo_counters["stats"]["unique_graphs"]}
+    report = {"build_s": build_s, "first_call_s": first_call_s,
+              "max_abs_diff_vs_eager": (logits.float() - reference.float()).abs().max().item(),
+              "fusecc_counters": dict(counters), "dynamo_unique_graphs": dynamo_counters["stats"]["unique_graphs"]}
+    if profiler is not None:  # where the first call's time goes (--profile-rows)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
+        report["profile"] = text.getvalue()
+    return report
 
 
 def child_serve(shape: str, device: str, process_start: float) -> dict:
@@ -205,6 +218,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma separated subset of {','.join(ROWS)}")
     parser.add_argument("--serve", action="store_true", help="also the engine's start-up at the last shape")
+    parser.add_argument("--profile-rows", default="", help="comma separated rows whose first call (cold and warm) "
+                        "runs under cProfile; the top functions by cumulative time go into the JSON")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shape, fusecc rows and serve: checks the script")
     parser.add_argument("--out", default="benchmarks/results/compile_time.json")
     args = parser.parse_args()
@@ -227,6 +242,7 @@ def main() -> int:
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    os.environ["COMPILE_TIME_PROFILE_ROWS"] = args.profile_rows  # read by the children
     try:
         import triton
 
