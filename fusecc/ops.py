@@ -187,6 +187,28 @@ def _fused_moe_quantized_fake(hidden_states, w13, w13_scales, w13_zeros, w2, w2_
     return hidden_states.new_empty(hidden_states.shape)
 
 
+# ---- MoE routing (fusecc/kernels/moe_routing.py) ----
+
+from fusecc.kernels import moe_routing as _routing  # noqa: E402
+
+
+@torch.library.custom_op("fusecc::moe_route", mutates_args=())
+def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(router_logits, fp32) -> its top_k (weights fp32, ids int64, [T, top_k]), renormalized to sum
+    1 when asked. CUDA runs one Triton kernel; CPU the torch ops themselves."""
+    _routing.check_routing(router_logits, top_k)
+    if router_logits.is_cuda:
+        return _routing.route_topk(router_logits, top_k, renormalize)
+    return _routing.route_topk_reference(router_logits, top_k, renormalize)
+
+
+@moe_route.register_fake
+def _moe_route_fake(router_logits, top_k, renormalize):
+    shape = (router_logits.shape[0], top_k)
+    return (router_logits.new_empty(shape, dtype=torch.float32),
+            router_logits.new_empty(shape, dtype=torch.int64))
+
+
 # ---- quantized linears (fusecc/kernels/quant_matmul.py, fp8_matmul.py) ----
 # One opaque call per linear: Dynamo and the fusecc backend keep it as an extern call, so the packed
 # weight is never unpacked into a float tensor in the graph. CPU tensors run the torch references.

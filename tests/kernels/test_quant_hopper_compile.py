@@ -30,6 +30,7 @@ def test_quant_kernels_compile_for_sm90():
     assert int(compiled.get("_sum_splits_kernel", 0)) >= 1, proc.stdout
     assert int(compiled.get("_moe_gemv_kernel", 0)) >= 6, proc.stdout  # {int8, int4, fp8} x {gate_up, down}
     assert int(compiled.get("_moe_gemm_kernel", 0)) >= 6, proc.stdout
+    assert int(compiled.get("_route_topk_kernel", 0)) >= 2, proc.stdout  # the MoE routing kernel
 
 
 def compile_int4_planes(x, N: int, K: int) -> None:
@@ -111,6 +112,10 @@ def compile_quantized_moe() -> None:
             x = torch.randn(tokens, H, dtype=torch.bfloat16)
             ids = torch.stack([torch.randperm(E)[:top_k] for _ in range(tokens)])
             fused_moe(x, w13, w2, torch.rand(tokens, top_k), ids, w13_quant=q13, w2_quant=q2)
+    from fusecc.kernels.moe_routing import route_topk
+
+    for experts, k in ((128, 8), (8, 2)):  # one warp up to 256 experts
+        route_topk(torch.randn(3, experts, dtype=torch.bfloat16), k, True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     router:  logits = x @ gate.weight.T                   [T, experts]
              probs = softmax(logits, fp32); weights, ids = topk(probs, top_k)
              weights /= weights.sum(-1) when renormalize   (Mixtral always; Qwen: norm_topk_prob)
+             (torch.ops.fusecc.moe_route: one kernel on a GPU, these torch ops on CPU)
     experts: torch.ops.fusecc.fused_moe(x, w13, w2, weights, ids)   [T, hidden]
 
 Expert weights are plain 3-D parameters, transformers 5's layout (so quantization can replace them):
@@ -105,10 +106,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden]
-        probs = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # [T, experts]
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, top_k]
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        # softmax in fp32, top k, renormalized if asked: one kernel on a GPU (kernels/moe_routing.py)
+        weights, ids = torch.ops.fusecc.moe_route(self.gate(x), self.top_k, self.renormalize)  # [T, top_k]
         if not self.weights_in_fp32:
             weights = weights.to(x.dtype)
         out = self.experts(x, weights, ids)
