@@ -41,12 +41,12 @@ import triton.language as tl
 from fusecc.kernels.exact_dot import exact_dot
 from fusecc.kernels.int_unpack import (biased_nibble_planes, int8_to_float, nibble_bias, nibble_planes_of,
                                        unpack_int4_tile)
-from fusecc.triton_support import interpreting
 from fusecc.kernels.launch import autotune_enabled, launch_tuned
 from fusecc.kernels.quant_gemv import weight_only_gemv
 from fusecc.kernels.quant_launch import (DECODE_MAX_ROWS, choose_split_k, decode_configs, finish_splits,
                                          k_per_split, m_bucket, prefill_configs, program_tile,
                                          split_align, store_output_tile)
+from fusecc.triton_support import interpreting
 
 
 @triton.jit
