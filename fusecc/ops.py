@@ -187,6 +187,33 @@ def _fused_moe_quantized_fake(hidden_states, w13, w13_scales, w13_zeros, w2, w2_
     return hidden_states.new_empty(hidden_states.shape)
 
 
+# ---- q/k norms and rotary embedding (fusecc/kernels/qk_rope.py) ----
+
+from fusecc.kernels import qk_rope as _qk_rope  # noqa: E402
+
+
+@torch.library.custom_op("fusecc::qk_norm_rope", mutates_args=())
+def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], eps: float, num_heads: int,
+                 num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The q and k heads of a fused qkv projection's output [T, (Hq + 2 Hkv) * D], each RMS-normalized
+    with its weight (when given: Qwen3's q_norm / k_norm) and rotated (rotate_half RoPE, cos/sin tables
+    [positions, D] indexed by `positions`) -> q [T, Hq, D], k [T, Hkv, D]. CUDA runs one Triton kernel
+    (power-of-two head_dim); otherwise the torch ops of the native modules."""
+    if qkv.is_cuda and head_dim & (head_dim - 1) == 0 and qkv.stride(-1) == 1:
+        return _qk_rope.qk_norm_rope(qkv, positions, cos, sin, q_weight, k_weight, eps, num_heads, num_kv_heads,
+                                     head_dim)
+    q, k = _qk_rope.qk_norm_rope_reference(qkv, positions, cos, sin, q_weight, k_weight, eps, num_heads,
+                                           num_kv_heads, head_dim)
+    return q.contiguous(), k.contiguous()  # a custom op's outputs may not alias its inputs
+
+
+@qk_norm_rope.register_fake
+def _qk_norm_rope_fake(qkv, positions, cos, sin, q_weight, k_weight, eps, num_heads, num_kv_heads, head_dim):
+    T = qkv.shape[0]
+    return qkv.new_empty((T, num_heads, head_dim)), qkv.new_empty((T, num_kv_heads, head_dim))
+
+
 # ---- MoE routing (fusecc/kernels/moe_routing.py) ----
 
 from fusecc.kernels import moe_routing as _routing  # noqa: E402

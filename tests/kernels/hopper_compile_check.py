@@ -142,6 +142,16 @@ def fp8_kv_cache_kernels(tokens, kv, cache, tables, ctx, cu) -> None:
     write_kv_cache(kv, kv, cache, cache, torch.arange(40), **scales)
 
 
+def qk_rope_kernel() -> None:
+    from fusecc.kernels.qk_rope import qk_norm_rope
+
+    cos = torch.randn(64, 128)
+    for hq, hkv, weights in ((32, 4, True), (32, 8, False)):  # Qwen3 (q/k norms), Llama (rotation only)
+        qkv = torch.randn(3, (hq + 2 * hkv) * 128, dtype=torch.bfloat16)
+        w = torch.ones(128, dtype=torch.bfloat16) if weights else None
+        qk_norm_rope(qkv, torch.arange(3), cos, cos, w, w, 1e-6, hq, hkv, 128)
+
+
 def generated_kernels() -> None:
     from tests.codegen.model_zoo import build
 
@@ -162,6 +172,7 @@ def main() -> int:
     _HAND_PICKED[0] = True
     attention_kernels(autotune=False)
     _HAND_PICKED[0] = False
+    qk_rope_kernel()
     generated_kernels()
     for name, count in sorted(COMPILED.items()):
         print(f"{name} {count}")

@@ -18,7 +18,7 @@ def test_kernels_compile_for_sm90():
     compiled = dict(line.rsplit(" ", 1) for line in proc.stdout.splitlines() if line.strip())
     for kernel in ("_flash_attention_kernel", "_flash_attention_tma_kernel", "_flash_attention_gluon_kernel",
                    "_dense_decode_kernel", "_merge_splits_kernel", "_paged_decode_kernel",
-                   "_varlen_attention_kernel", "_write_kv_cache_kernel"):
+                   "_varlen_attention_kernel", "_write_kv_cache_kernel", "_qk_norm_rope_kernel"):
         assert int(compiled.get(kernel, 0)) >= 1, f"{kernel} was not compiled: {proc.stdout}"
     assert any(name.startswith("fused_reduction_") for name in compiled), proc.stdout
     assert any(name.startswith("fused_pointwise_") for name in compiled), proc.stdout

@@ -106,7 +106,15 @@ class LlamaAttention(nn.Module):
 
     def project_qkv(self, x, positions):
         """x [T, hidden] -> q [T, Hq, D], k and v [T, Hkv, D], q and k rotated."""
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if qkv.is_cuda:  # norms and rotations in one kernel (kernels/qk_rope.py) instead of four generated ones
+            q, k = torch.ops.fusecc.qk_norm_rope(
+                qkv, positions, self.rotary.cos, self.rotary.sin, None if self.q_norm is None else self.q_norm.weight,
+                None if self.k_norm is None else self.k_norm.weight,
+                self.q_norm.eps if self.q_norm is not None else 0.0, self.num_heads, self.num_kv_heads, self.head_dim)
+            v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
+            return q, k, v
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
