@@ -100,8 +100,10 @@ def test_vllm_style_command_line_serves_the_openai_client(vllm_style_server):
             t = time.perf_counter()
             create(prompt=f"w{8 + i} w9", **kw)
             times.append(time.perf_counter() - t)
-        # nothing compiles or initializes on the first request: the engine warmed up at start
-        assert first <= 3 * statistics.median(times), (first, times)
+        # nothing compiles or initializes on the first request: the engine warmed up at start. A graph
+        # compiled at the first request costs seconds here; 0.1 s absorbs what a loaded 2-core CI machine
+        # adds to one 15 ms request now and then (CI saw 48 ms against a 15 ms median once)
+        assert first <= 3 * statistics.median(times) + 0.1, (first, times)
         chat = client.chat.completions.create(messages=[{"role": "user", "content": "w10 w11"}], **kw)
         assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 8
         assert chat.usage.prompt_tokens == 4  # <s> w10 w11 w3: the checkpoint's own template
