@@ -9,8 +9,8 @@ projection's output, as the native models compute them (runtime/models/llama.py)
 The compiled graph runs that as four generated kernels (two norms, two rotations: rotate_half reads
 another column of the normalized row, which the generated kernels cannot take from registers) for every
 layer of every step; at batch-1 decode each is a launch of a few microseconds around a few KB. Here one
-program per token holds all its q and k heads as a [heads, D] tile and reads the rotated half as a second
-load of the same row (an L1 hit), so the norm's result never leaves registers. Roundings follow eager's:
+program per (token, group of 8 heads) holds those heads as a [heads, D] tile and reads the rotated half as
+a second load of the same rows (an L1 hit), so the norm's result never leaves registers. Roundings follow eager's:
 the normalized value, its product with the weight, x * cos, rot * sin and their sum are each rounded to
 x's dtype, so bf16 results match the eager modules' up to the rsqrt's last bit.
 """
@@ -35,7 +35,7 @@ def _qk_norm_rope_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_p
                          stride_qkv, stride_cos, stride_q, stride_k, eps,
                          D: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
-    heads = tl.arange(0, BLOCK_H)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, D)
     rot_cols = (cols + D // 2) % D  # rotate_half: column d meets column d + D/2 (mod D)
     in_heads = (heads < HEADS)[:, None]
@@ -66,6 +66,11 @@ def _qk_norm_rope_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_p
              mask=((heads >= HQ) & (heads < HEADS))[:, None])
 
 
+# heads a program takes: at batch-1 decode (one token) a Qwen3 layer's 36 q and k heads spread over 5
+# programs instead of one, each with a [8, D] tile that stays in registers
+HEADS_PER_PROGRAM = 8
+
+
 def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float, num_heads: int,
                  num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,10 +82,11 @@ def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, 
     if T:
         heads = num_heads + num_kv_heads
         norm = q_weight is not None
-        _qk_norm_rope_kernel[(T,)](
+        block_h = min(HEADS_PER_PROGRAM, triton.next_power_of_2(heads))
+        _qk_norm_rope_kernel[(T, triton.cdiv(heads, block_h))](
             qkv, positions, cos, sin, q_weight if norm else cos, k_weight if norm else cos, q, k, num_heads, heads,
             qkv.stride(0), cos.stride(0), q.stride(0), k.stride(0), eps, D=head_dim, NORM=norm,
-            BLOCK_H=triton.next_power_of_2(heads), num_warps=4 if heads * head_dim >= 2048 else 1)
+            BLOCK_H=block_h, num_warps=4 if block_h * head_dim >= 1024 else 1)
     return q, k
 
 

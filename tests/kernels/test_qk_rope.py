@@ -24,7 +24,8 @@ def case(tokens, hq, hkv, d, dtype, norm, seed=0, device="cpu"):
     return qkv, positions, cos, sin, qw, kw, 1e-6, hq, hkv, d
 
 
-@pytest.mark.parametrize("tokens,hq,hkv,d", [(5, 4, 2, 16), (3, 6, 6, 32), (1, 8, 1, 64)])
+# heads over one program, two (a q/k boundary inside the second), and a partial last group
+@pytest.mark.parametrize("tokens,hq,hkv,d", [(5, 4, 2, 16), (3, 6, 6, 32), (1, 8, 1, 64), (2, 12, 5, 16)])
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kernel_matches_the_modules(tokens, hq, hkv, d, norm, dtype):
