@@ -50,7 +50,8 @@ def _qk_norm_rope_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_p
     if NORM:
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
         is_q = (heads < HQ)[:, None]
-        w = tl.where(is_q, tl.load(qw_ptr + cols).to(tl.float32)[None, :], tl.load(kw_ptr + cols).to(tl.float32)[None, :])
+        w = tl.where(is_q, tl.load(qw_ptr + cols).to(tl.float32)[None, :],
+                     tl.load(kw_ptr + cols).to(tl.float32)[None, :])
         w_rot = tl.where(is_q, tl.load(qw_ptr + rot_cols).to(tl.float32)[None, :],
                          tl.load(kw_ptr + rot_cols).to(tl.float32)[None, :])
     x = _normed(x, rstd, w, NORM, dtype)
