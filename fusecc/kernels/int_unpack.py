@@ -22,12 +22,19 @@ _MAGIC = tl.constexpr(8388608.0)
 
 
 @triton.jit
+def int4_words(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K: tl.constexpr):
+    """The packed words holding input columns k0 .. k0 + BLOCK_K of rows offs_n, as stored: int32
+    [BN, BLOCK_K / 8], one coalesced load (0 for rows past n_ok and words past k_hi). k0 is a multiple of 8."""
+    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    return tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                   mask=n_ok[:, None] & (offs_w * 8 < k_hi)[None, :], other=0)
+
+
+@triton.jit
 def unpack_int4_tile(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K: tl.constexpr):
     """Nibbles of input columns k0 .. k0 + BLOCK_K of rows offs_n -> int32 [BN, BLOCK_K] values 0..15
     (0 past k_hi). k0 is a multiple of 8; each int32 word is loaded once (module docstring)."""
-    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-                    mask=n_ok[:, None] & (offs_w * 8 < k_hi)[None, :], other=0)  # [BN, BK/8]
+    words = int4_words(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K)  # [BN, BK/8]
     words = tl.interleave(words, words)
     words = tl.interleave(words, words)
     words = tl.interleave(words, words)  # [BN, BK]: column 8j + i holds word j

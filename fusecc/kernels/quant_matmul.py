@@ -39,8 +39,8 @@ import triton
 import triton.language as tl
 
 from fusecc.kernels.exact_dot import exact_dot
-from fusecc.kernels.int_unpack import (biased_nibble_planes, int8_to_float, nibble_bias, nibble_planes_of,
-                                       unpack_int4_tile)
+from fusecc.kernels.int_unpack import (biased_nibble_planes, int4_words, int8_to_float, nibble_bias,
+                                       nibble_planes_of, unpack_int4_tile)
 from fusecc.kernels.launch import autotune_enabled, launch_tuned
 from fusecc.kernels.quant_gemv import weight_only_gemv
 from fusecc.kernels.quant_launch import (DECODE_MAX_ROWS, choose_split_k, decode_configs, finish_splits,
@@ -50,14 +50,27 @@ from fusecc.triton_support import interpreting
 
 
 @triton.jit
+def _row_group(s_ptr, z_ptr, offs_n, n_ok, stride_sn, stride_zn, k0, GROUP_SIZE: tl.constexpr,
+               HAS_ZEROS: tl.constexpr):
+    """(scale, zero) [BN] of rows offs_n in the group holding input column k0 (zero 0 without zero points):
+    for a tile lying in one group."""
+    g = k0 // GROUP_SIZE
+    scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+    zero = tl.zeros_like(scale)
+    if HAS_ZEROS:
+        zero = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0.0)
+    return scale, zero
+
+
+@triton.jit
 def _dequantize(q, offs_n, n_ok, offs_k, k_ok, k0, s_ptr, z_ptr, stride_sn, stride_zn,
                 GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, ONE_GROUP: tl.constexpr):
     """q [BN, X] fp32 integer values of input columns offs_k [X] -> (q - zero) * scale [BN, X] fp32."""
     if ONE_GROUP:  # the tile lies in one group: one scale (and zero) per row
-        g = k0 // GROUP_SIZE
-        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)[:, None]
+        scale, zero = _row_group(s_ptr, z_ptr, offs_n, n_ok, stride_sn, stride_zn, k0, GROUP_SIZE, HAS_ZEROS)
+        s = scale[:, None]
         if HAS_ZEROS:
-            q = q - tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0.0)[:, None]
+            q = q - zero[:, None]
     else:  # several groups per tile (group 32 or 64 with wide K tiles): gathered per element
         g = offs_k[None, :] // GROUP_SIZE
         mask = n_ok[:, None] & k_ok[None, :]
@@ -81,14 +94,9 @@ def _planes_dot(acc, x, w_ptr, s_ptr, z_ptr, offs_n, n_ok, stride_wn, stride_sn,
     """acc + x [BM, BK] @ the int4 tile's dequantized weights, as 8 dots of K = BK/8, one per nibble plane
     (plane i: input columns 8j + i): each weight is an and, a conversion and one FMA, no shift, and x's
     planes are split off the loaded tile in registers. One group per tile (GROUP_SIZE % BK == 0)."""
-    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-                    mask=n_ok[:, None] & (offs_w * 8 < k_hi)[None, :], other=0).to(tl.uint32, bitcast=True)
-    g = k0 // GROUP_SIZE
-    scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
-    zero_scale = scale * 0.0
-    if HAS_ZEROS:
-        zero_scale = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0.0) * scale
+    words = int4_words(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K).to(tl.uint32, bitcast=True)
+    scale, zero = _row_group(s_ptr, z_ptr, offs_n, n_ok, stride_sn, stride_zn, k0, GROUP_SIZE, HAS_ZEROS)
+    zero_scale = zero * scale
     x0, x1, x2, x3, x4, x5, x6, x7 = nibble_planes_of(x, BLOCK_M, BLOCK_K)
     acc = _plane_dot(acc, x0, words, scale, zero_scale, 0)
     acc = _plane_dot(acc, x1, words, scale, zero_scale, 4)
@@ -113,9 +121,7 @@ def _biased_planes_dot(acc, x, w_ptr, s_ptr, z_ptr, offs_n, n_ok, stride_wn, str
     (bias + q) x is exact in fp32 (an 8- or 11-bit by 8- or 11-bit product), so the result is the
     float64 one up to fp32 accumulation; _planes_dot instead rounds each dequantized weight to x's dtype
     before its dot, as the unpacked tile does. x bf16 or fp16; one group per tile."""
-    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-                    mask=n_ok[:, None] & (offs_w * 8 < k_hi)[None, :], other=0).to(tl.uint32, bitcast=True)
+    words = int4_words(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K).to(tl.uint32, bitcast=True)
     w0, w1, w2, w3, w4, w5, w6, w7 = biased_nibble_planes(words, x.dtype, _ASM)
     x0, x1, x2, x3, x4, x5, x6, x7 = nibble_planes_of(x, BLOCK_M, BLOCK_K)
     dots = tl.dot(x0, tl.trans(w0))
@@ -126,11 +132,8 @@ def _biased_planes_dot(acc, x, w_ptr, s_ptr, z_ptr, offs_n, n_ok, stride_wn, str
     dots = tl.dot(x5, tl.trans(w5), dots)
     dots = tl.dot(x6, tl.trans(w6), dots)
     dots = tl.dot(x7, tl.trans(w7), dots)
-    g = k0 // GROUP_SIZE
-    scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
-    offset = tl.zeros_like(scale) + nibble_bias(x.dtype)
-    if HAS_ZEROS:
-        offset += tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0.0)
+    scale, zero = _row_group(s_ptr, z_ptr, offs_n, n_ok, stride_sn, stride_zn, k0, GROUP_SIZE, HAS_ZEROS)
+    offset = zero + nibble_bias(x.dtype)
     x_sum = tl.sum(x.to(tl.float32), axis=1)
     return acc + (dots - x_sum[:, None] * offset[None, :]) * scale[None, :]
 
