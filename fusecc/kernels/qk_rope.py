@@ -91,23 +91,28 @@ def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, 
     return q, k
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim as transformers computes it: normalized in fp32, cast back, then scaled
+    (runtime/models/llama.py's RMSNorm module; this kernel's reference)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved RoPE of x [T, heads, D], cos/sin tables [positions, D] cast to x's dtype first, as
+    transformers does (runtime/models/llama.py's Rotary module; this kernel's reference)."""
+    c, s = cos[positions].to(x.dtype).unsqueeze(1), sin[positions].to(x.dtype).unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * c + torch.cat([-x2, x1], dim=-1) * s
+
+
 def qk_norm_rope_reference(qkv, positions, cos, sin, q_weight, k_weight, eps: float, num_heads: int,
                            num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same in torch ops, as runtime/models/llama.py's RMSNorm and Rotary modules compute it."""
-    T, dtype = qkv.shape[0], qkv.dtype
+    """The same in torch ops: the native modules' rms_norm and rotate."""
+    T = qkv.shape[0]
     q = qkv[:, :num_heads * head_dim].view(T, num_heads, head_dim)
     k = qkv[:, num_heads * head_dim:(num_heads + num_kv_heads) * head_dim].view(T, num_kv_heads, head_dim)
-
-    def norm(x, w):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return w * xf.to(dtype)
-
-    def rotate(x):
-        c, s = cos[positions].to(dtype).unsqueeze(1), sin[positions].to(dtype).unsqueeze(1)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * c + torch.cat([-x2, x1], dim=-1) * s
-
     if q_weight is not None:
-        q, k = norm(q, q_weight), norm(k, k_weight)
-    return rotate(q), rotate(k)
+        q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+    return rotate(q, cos, sin, positions), rotate(k, cos, sin, positions)

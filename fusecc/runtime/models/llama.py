@@ -18,6 +18,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from fusecc.kernels.qk_rope import rms_norm, rotate
 from fusecc.runtime.models.attention import AttentionMetadata, PagedAttention
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -31,10 +32,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # as transformers: normalise in fp32, cast back, then scale
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)  # as transformers: normalised in fp32, cast back, scaled
 
 
 def attention_shape(config) -> tuple[int, int, int]:
@@ -81,11 +79,7 @@ class Rotary(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [T, heads, D]; cos/sin cast to x's dtype first, like transformers
-        cos = self.cos[positions].to(x.dtype).unsqueeze(1)
-        sin = self.sin[positions].to(x.dtype).unsqueeze(1)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        return rotate(x, self.cos, self.sin, positions)  # x [T, heads, D]; cos/sin cast to x's dtype first
 
 
 class LlamaAttention(nn.Module):
