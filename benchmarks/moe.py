@@ -333,11 +333,11 @@ def bench_hf_static(model, prompts, output: int, compiled: bool) -> dict:
     any other warm-up would leave the measured call to compile (and record graphs) again."""
     from transformers import CompileConfig
 
+    from benchmarks.throughput import left_padded
+
     device = model.device
     sub = prompts[:HF_BATCH]
-    width = max(len(p) for p in sub)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in sub], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in sub], device=device)
+    ids, mask, width = left_padded(sub, device)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=output, min_new_tokens=output,
                   do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation="static")
     if compiled:
@@ -385,8 +385,8 @@ def bench_hf_baseline(model, prompts, output: int, compiled: bool, experts: list
 
 def bench_throughput(device: str, dtype: torch.dtype, smoke: bool, layers: int | None,
                      experts: list[str]) -> dict:
-    from benchmarks.throughput import (MAX_PROMPT, MIN_PROMPT, NUM_REQUESTS, OUTPUT, bench_fusecc, make_prompts,
-                                       workload_kv_blocks)
+    from benchmarks.throughput import (ENGINE_DEFAULTS, MAX_PROMPT, MIN_PROMPT, NUM_REQUESTS, OUTPUT, bench_fusecc,
+                                       make_prompts, workload_kv_blocks)
     from fusecc.runtime.models.qwen_moe import Qwen3MoeForCausalLM
 
     spec = dict(SMOKE_MODEL if smoke else QWEN3_30B_A3B)
@@ -403,9 +403,8 @@ def bench_throughput(device: str, dtype: torch.dtype, smoke: bool, layers: int |
                              "(inductor, mode reduce-overhead)" if compiled else
                              "transformers generate, static cache, EAGER (smoke on CPU: no inductor)")}
     entry.update(bench_hf_baseline(model, prompts, output, compiled, experts))
-    # throughput.py's defaults for its engine, the KV pool sized to the workload's peak demand
-    engine_args = argparse.Namespace(max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.9,
-                                     enforce_eager=False)
+    # throughput.py's engine settings, the KV pool sized to the workload's peak demand
+    engine_args = argparse.Namespace(**ENGINE_DEFAULTS)
     run = bench_fusecc(model, config, prompts, engine_args, workload_kv_blocks(prompts, output, 16), output=output,
                        device=device, warmup_prompts=make_prompts(config.vocab_size, 4, seed=1),
                        model_cls=Qwen3MoeForCausalLM)

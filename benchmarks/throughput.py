@@ -37,6 +37,8 @@ sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from benchmarks.decode import SHAPES  # noqa: E402
 
 NUM_REQUESTS, MIN_PROMPT, MAX_PROMPT, OUTPUT = 256, 128, 512, 128
+# the engine settings of bench_fusecc's `args` by default (the CLI's defaults; benchmarks/moe.py uses them)
+ENGINE_DEFAULTS = dict(max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.9, enforce_eager=False)
 
 
 def make_prompts(vocab: int, n: int = NUM_REQUESTS, seed: int = 0) -> list[list[int]]:
@@ -80,12 +82,19 @@ def bench_hf_generate_batch(model, prompts) -> dict:
             "hf_generate_batch_tokens": tokens}
 
 
+def left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(input_ids, attention_mask, width) of prompts left-padded with token 0 to the longest: one static
+    batch for transformers' generate."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask, width
+
+
 def bench_hf_generate(model, prompts, batch: int = 64) -> dict:
     """Static batches of `batch` left-padded prompts; measured on the first batch only (time budget)."""
     sub = prompts[:batch]
-    width = max(len(p) for p in sub)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in sub], device="cuda")
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in sub], device="cuda")
+    ids, mask, width = left_padded(sub, "cuda")
     with torch.inference_mode():
         model.generate(input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=4, do_sample=False)
         torch.cuda.synchronize()
@@ -311,9 +320,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/throughput.json")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--max-num-seqs", type=int, default=ENGINE_DEFAULTS["max_num_seqs"])
+    ap.add_argument("--max-num-batched-tokens", type=int, default=ENGINE_DEFAULTS["max_num_batched_tokens"])
+    ap.add_argument("--gpu-memory-utilization", type=float, default=ENGINE_DEFAULTS["gpu_memory_utilization"])
     ap.add_argument("--kv-pool-fractions", default="0.85,1.0",
                     help="one fusecc run per fraction: a KV pool of that fraction of the workload's peak demand "
                          "(comma-separated; empty for none)")
