@@ -12,7 +12,16 @@ layer of every step; at batch-1 decode each is a launch of a few microseconds ar
 program per (token, group of 8 heads) holds those heads as a [heads, D] tile and reads the rotated half as
 a second load of the same rows (an L1 hit), so the norm's result never leaves registers. Roundings follow eager's:
 the normalized value, its product with the weight, x * cos, rot * sin and their sum are each rounded to
-x's dtype, so bf16 results match the eager modules' up to the rsqrt's last bit.
+x's dtype, so bf16 results match the eager modules' up to the last bit of the fp32 sum of squares (another
+order) and the rsqrt.
+
+The kernel launches with enable_fp_fusion=False. The math is written in fp32 with an explicit
+`.to(dtype).to(fp32)` at each eager rounding, but LLVM (legitimately) narrows fptrunc(fmul/fadd(fpext a,
+fpext b)) into native bf16/fp16 arithmetic on sm_90, and with contraction allowed (Triton's default) the
+NVPTX backend then fused x * cos and the sum into one `fma.rn.bf16x2`, dropping the product's rounding:
+about 15% of H100 bf16 outputs were one bf16 step off eager even without the norm. Without fusion every
+float op is a separately rounded `.rn` instruction (which ptxas may not contract either; Triton also passes
+it --fmad=false). tests/kernels/test_qk_rope.py checks the sm_90 PTX for that, on CPU.
 """
 
 from __future__ import annotations
@@ -48,7 +57,9 @@ def _qk_norm_rope_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_p
     w = tl.zeros((BLOCK_H, D), dtype=tl.float32)
     w_rot = w
     if NORM:
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+        # the mean as a product with 1/D (exact: D is a power of two), as CUDA's mean computes it; `/` would
+        # be div.full.f32, an approximation
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) * (1.0 / D) + eps)[:, None]
         is_q = (heads < HQ)[:, None]
         w = tl.where(is_q, tl.load(qw_ptr + cols).to(tl.float32)[None, :],
                      tl.load(kw_ptr + cols).to(tl.float32)[None, :])
@@ -56,7 +67,8 @@ def _qk_norm_rope_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_p
                          tl.load(kw_ptr + rot_cols).to(tl.float32)[None, :])
     x = _normed(x, rstd, w, NORM, dtype)
     x_rot = _normed(x_rot, rstd, w_rot, NORM, dtype)
-    x_rot = tl.where((cols < D // 2)[None, :], -x_rot, x_rot)  # cat(-x2, x1)
+    # cat(-x2, x1); a product with -1 negates zeros too (Triton's `-x` is 0 - x: +0 stays +0)
+    x_rot = x_rot * tl.where((cols < D // 2)[None, :], -1.0, 1.0)
     position = tl.load(pos_ptr + token).to(tl.int64)
     cos = tl.load(cos_ptr + position * stride_cos + cols).to(dtype).to(tl.float32)[None, :]
     sin = tl.load(sin_ptr + position * stride_cos + cols).to(dtype).to(tl.float32)[None, :]
@@ -87,7 +99,8 @@ def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, 
         _qk_norm_rope_kernel[(T, triton.cdiv(heads, block_h))](
             qkv, positions, cos, sin, q_weight if norm else cos, k_weight if norm else cos, q, k, num_heads, heads,
             qkv.stride(0), cos.stride(0), q.stride(0), k.stride(0), eps, D=head_dim, NORM=norm,
-            BLOCK_H=block_h, num_warps=4 if block_h * head_dim >= 1024 else 1)
+            BLOCK_H=block_h, num_warps=4 if block_h * head_dim >= 1024 else 1,
+            enable_fp_fusion=False)  # each eager rounding stays one: no (b)f16 or fp32 FMA contraction
     return q, k
 
 
