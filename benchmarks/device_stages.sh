@@ -9,7 +9,9 @@
 # caches of an earlier call, restored to skip kernel compiles; the refreshed archive comes back as
 # $OUT/devcache.tar.xz). SmolLM2's 94 MiB GGUF is over what one call carries: split it in halves
 # (`split -n 2 FILE .smol_a/part_` puts both in .smol_a; move part_ab to .smol_b), carry .smol_a in
-# one call and .smol_b in the next on the same warm machine (ignored paths stay there between calls).
+# one call and .smol_b in the next on the same warm machine (a path a call does not carry is removed
+# there, so the script keeps each half under /tmp). The machine goes back after 30 s idle: have the
+# second call ready. backend="fusecc" needs the package installed there (done below, --no-deps).
 # Results land in $OUT/results/<name>.json and logs in $OUT/<stage>.log; the last lines are a table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -87,5 +89,5 @@ for stage in "$@"; do
     *) echo "unknown stage $stage" | tee -a "$SUMMARY" ;;
     esac
 done
-if [ -d /tmp/cache ] && [ -z "${NO_DEVCACHE:-}" ]; then tar cJf "$OUT/devcache.tar.xz" -C / tmp/cache 2>/dev/null; fi
+if [ -d /tmp/cache ] && [ -z "${NO_DEVCACHE:-}" ]; then tar -I "xz -T0 -3" -cf "$OUT/devcache.tar.xz" -C / tmp/cache 2>/dev/null; fi
 echo "== summary"; cat "$SUMMARY"; nvidia-smi --query-gpu=name --format=csv,noheader
