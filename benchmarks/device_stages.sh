@@ -60,7 +60,7 @@ for stage in "$@"; do
     T2)  # issue 19: the NCCL path at world size 1 against the plain engine, then the int4 TP test
         run tp "${T2_S:-300}" python3 benchmarks/tp.py --tp 1 --shapes "${T2_SHAPES:-1b,8b}" --max-num-seqs 8 \
             --num-requests 16 --profile --out "$OUT/results/tp.json"
-        run tp_gpu_test "${T2_TEST_S:-120}" python3 -m pytest -q -p no:cacheprovider -x -m gpu tests/distributed/test_tp_gpu.py ;;
+        run tp_gpu_test "${T2_TEST_S:-120}" python3 -m pytest -q -p no:cacheprovider -x -m gpu ${T2_TEST_K:+-k "$T2_TEST_K"} tests/distributed/test_tp_gpu.py ;;
     M2)  # issue 21: kernel rows, Qwen3-30B-A3B-shape decode roofline, throughput against HF + inductor
         run moe "${M2_S:-400}" python3 benchmarks/moe.py --tokens "${M2_TOKENS:-1,64}" --quant-tokens '' \
             --layers "${M2_LAYERS:-12}" --throughput-layers "${M2_TP_LAYERS:-8}" --profile --out "$OUT/results/moe.json" ;;
@@ -71,7 +71,7 @@ for stage in "$@"; do
     S2)  # issue 20 batch 1 and issue 16's GPU perplexity, on SmolLM2
         [ -f $SMOL ] || { echo "S2: no SmolLM2 (carry .smol_a then .smol_b)" | tee -a "$SUMMARY"; continue; }
         run spec_bs1 "${S2_S:-240}" python3 benchmarks/spec.py --model $SMOL --batches 1 --out "$OUT/results/spec_bs1.json"
-        run perplexity "${PPL_S:-120}" python3 benchmarks/perplexity.py --model $SMOL --device cuda --dtype bfloat16 \
+        run perplexity "${PPL_S:-200}" python3 benchmarks/perplexity.py --model $SMOL --device cuda --dtype bfloat16 \
             --out "$OUT/results/perplexity_gpu.json" ;;
     S3)  # issue 20 batch 32
         [ -f $SMOL ] || { echo "S3: no SmolLM2" | tee -a "$SUMMARY"; continue; }
