@@ -57,8 +57,8 @@ def _qk_norm_rope_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_p
     w = tl.zeros((BLOCK_H, D), dtype=tl.float32)
     w_rot = w
     if NORM:
-        # the mean as a product with 1/D (exact: D is a power of two), as CUDA's mean computes it; `/` would
-        # be div.full.f32, an approximation
+        # the mean as CUDA's mean reduction computes it, the sum times 1/D (exact where D is a power of two);
+        # `/` would be div.full.f32, an approximation
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) * (1.0 / D) + eps)[:, None]
         is_q = (heads < HQ)[:, None]
         w = tl.where(is_q, tl.load(qw_ptr + cols).to(tl.float32)[None, :],
