@@ -184,7 +184,7 @@ def run_shape(shape: str, tp, args, report: dict, save) -> None:
         entry["tensor_parallel"] = measure(engine, config.vocab_size, prompts, output, tp.device)
         if args.profile and tp.device.type == "cuda":
             entry["tensor_parallel_decode_profile"] = profile_decode(engine, list(range(1, DECODE_PROMPT)))
-        engine.runner.shutdown()  # the followers leave follow_steps
+        engine.runner.shutdown(leave_group=False)  # the followers leave follow_steps; the group stays
         base = entry.get("baseline_plain_engine")
         if base:
             for key in ("decode_bs1_tok_s", "throughput_tok_s"):
@@ -244,7 +244,7 @@ def run_rank(rank: int, world: int, init_method: str | None, args) -> None:
                 entry["decode_bs1_fraction_of_roofline"] = (tp_figures["decode_bs1_tok_s"]
                                                             / entry["hbm_roofline_decode_bs1_tok_s"])
     save()
-    destroy_distributed()
+    destroy_distributed(barrier=True)  # collective: no rank leaves while another still waits on it
 
 
 def main(argv=None) -> None:

@@ -21,7 +21,11 @@ def all_reduce_max(x: torch.Tensor, group_name: str) -> torch.Tensor:
 
 
 def all_gather_last_dim(x: torch.Tensor, world: int, group_name: str) -> torch.Tensor:
-    """[rows, n] on each rank -> [rows, world * n], rank r's columns at [r * n, (r + 1) * n)."""
+    """[rows, n] on each rank -> [rows, world * n], rank r's columns at [r * n, (r + 1) * n). One rank's
+    gather is its input: no collective (eager, as the LM head's gather runs, outside the decode CUDA
+    graphs, it would cost a launch and a wait on the host each step)."""
+    if world == 1:
+        return x
     gathered = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), world, group_name))
     rows, n = x.shape
     return gathered.view(world, rows, n).permute(1, 0, 2).reshape(rows, world * n)

@@ -231,7 +231,7 @@ class DriverExecutor:
         self.worker, self.config, self.vocab_size = worker, worker.config, vocab_size
         self._encoder = StepEncoder()
         self.device, self.dtype = worker.tp.device, worker.runner.dtype
-        self._finalizer = weakref.finalize(self, _stop_and_leave, worker.tp)
+        self._finalizer = weakref.finalize(self, _stop_and_leave, worker.channel)
 
     @classmethod
     def from_checkpoint(cls, model_path: str, config: EngineConfig, dtype: torch.dtype,
@@ -254,18 +254,24 @@ class DriverExecutor:
 
     def execute(self, out, eos_token_ids=()):
         try:  # the others get the encoded step; this rank runs the scheduler's own objects
-            worker_mod.broadcast_step(self.worker.tp, self._encoder.encode(out, eos_token_ids))
+            self.worker.channel.send(self._encoder.encode(out, eos_token_ids))
             return self.worker.runner.execute(out, eos_token_ids)
         except RuntimeError as exc:  # a collective with a dead or hung peer
             raise WorkerFailedError(f"tensor-parallel step failed: {exc}") from exc
 
-    def shutdown(self) -> None:
+    def shutdown(self, leave_group: bool = True) -> None:
+        """Stop the followers, then leave the process group (every rank meets in its barrier). With
+        leave_group=False the ranks stay in it, for a caller that goes on with the group (another
+        engine on the same ranks, as benchmarks/tp.py runs one per shape)."""
+        if not leave_group and self._finalizer.alive:
+            self._finalizer.detach()
+            worker_mod.stop_followers(self.worker.channel)
         self._finalizer()
 
 
-def _stop_and_leave(tp) -> None:
+def _stop_and_leave(channel) -> None:
     """Rank 0 under torchrun, at shutdown: the others stop following, then this rank leaves the group."""
-    worker_mod.stop_followers(tp)
+    worker_mod.stop_followers(channel)
     destroy_distributed(barrier=True)
 
 

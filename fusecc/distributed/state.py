@@ -5,8 +5,8 @@
     tp.rank, tp.size, tp.group_name  # group_name: what the functional collectives take
 
 The device group runs the model's collectives (NCCL on CUDA, gloo on CPU); a second gloo group
-carries the step broadcasts (pickled Python objects), so control messages never touch the GPU
-stream. Both groups share the `timeout`: a collective waiting on a dead or hung peer raises
+carries the step broadcasts (pickled messages in a CPU buffer), so control messages never touch the
+GPU stream. Both groups share the `timeout`: a collective waiting on a dead or hung peer raises
 after it instead of blocking forever (the executor's watchdog usually notices first).
 """
 
@@ -27,7 +27,7 @@ class TPGroup:
     rank: int
     size: int
     group_name: str  # of the device group (functional collectives take it)
-    cpu_group: object  # gloo ProcessGroup for broadcast_object_list
+    cpu_group: object  # gloo ProcessGroup of the step messages (worker.StepChannel)
     device: torch.device
 
 

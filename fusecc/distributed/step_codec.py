@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from fusecc.runtime.scheduler import ScheduledSequence, SchedulerOutput
 from fusecc.runtime.sequence import Sequence
 
-_SCALARS = (int, float, bool, str, type(None))
+_SCALARS = frozenset({int, float, bool, str, type(None)})  # compared by value (others: by identity)
+_MISSING = object()
 
 
 @functools.cache
@@ -33,10 +34,18 @@ def _derived(cls: type) -> frozenset[str]:
     return frozenset(n for c in cls.__mro__ for n, v in vars(c).items() if isinstance(v, functools.cached_property))
 
 
+class _SentList:
+    """What was sent of a list attribute: the list object, its length then and its last entry."""
+    __slots__ = ("ref", "n", "last")
+
+    def __init__(self, ref: list, n: int) -> None:
+        self.ref, self.n, self.last = ref, n, ref[n - 1] if n else None
+
+
 @dataclass
 class _Sent:
     seq: Sequence
-    values: dict  # attribute -> the value sent last (lists: (list object, length sent, last entry))
+    values: dict  # attribute -> the value sent last (lists: a _SentList)
 
 
 class StepEncoder:
@@ -44,40 +53,49 @@ class StepEncoder:
         self._sent: dict[str, _Sent] = {}
 
     def encode(self, out: SchedulerOutput, eos_token_ids) -> tuple:
-        scheduled = {e.seq.request_id for e in out.scheduled}
-        drops = [rid for rid, s in self._sent.items() if rid not in scheduled and s.seq.is_finished]
-        for rid in drops:
-            del self._sent[rid]
-        entries = []
-        for e in out.scheduled:
-            entries.append((self._encode_seq(e.seq), e.start, e.num_new_tokens, e.is_prefill, e.do_sample,
-                            e.slot_mapping))
+        """(entries, drops, eos): an entry per scheduled sequence, (request_id, new, sets, appends,
+        start, num_new_tokens, is_prefill, do_sample, slot_mapping), sets {attribute: value} and
+        appends {list attribute: entries appended}; drops: request ids the replicas forget."""
+        encode_seq, sent = self._encode_seq, self._sent
+        entries = [encode_seq(e.seq) + (e.start, e.num_new_tokens, e.is_prefill, e.do_sample, e.slot_mapping)
+                   for e in out.scheduled]
+        drops = []
+        if len(sent) > len(entries):  # else every replica is scheduled: none to drop (the usual step)
+            scheduled = {e.seq.request_id for e in out.scheduled}
+            drops = [rid for rid, s in sent.items() if rid not in scheduled and s.seq.is_finished]
+            for rid in drops:
+                del sent[rid]
         return entries, drops, tuple(eos_token_ids)
 
     def _encode_seq(self, seq: Sequence) -> tuple:
-        sent = self._sent.get(seq.request_id)
+        # Per attribute, cheapest test first: a value that is the object sent last is unchanged (a
+        # list never is: its _SentList stands for it); lists are checked for appends; scalars by value.
+        rid = seq.request_id
+        sent = self._sent.get(rid)
         new = sent is None or sent.seq is not seq
         if new:
-            sent = self._sent[seq.request_id] = _Sent(seq, {})
-        skip, last, changes = _derived(type(seq)), sent.values, {}
+            sent = self._sent[rid] = _Sent(seq, {})
+        skip, last, sets, appends = _derived(type(seq)), sent.values, {}, {}
         for name, value in vars(seq).items():
-            if name in skip:
+            previous = last.get(name, _MISSING)
+            if previous is value or name in skip:
                 continue
             if isinstance(value, list):
-                previous = last.get(name)
                 n = len(value)
-                if (previous is not None and previous[0] is value and previous[1] <= n
-                        and (previous[1] == 0 or value[previous[1] - 1] == previous[2])):
-                    if n > previous[1]:
-                        changes[name] = ("+", value[previous[1]:])
-                else:
-                    changes[name] = ("=", list(value))
-                last[name] = (value, n, value[-1] if n else None)
-            elif name not in last or last[name] is not value and not (
-                    isinstance(value, _SCALARS) and type(last[name]) is type(value) and last[name] == value):
-                changes[name] = ("=", value)
+                if type(previous) is _SentList and previous.ref is value:
+                    m = previous.n
+                    if m <= n and (m == 0 or value[m - 1] == previous.last):
+                        if n > m:  # grown: only the new entries
+                            appends[name] = value[m:]
+                            previous.n, previous.last = n, value[-1]
+                        continue
+                sets[name] = list(value)  # new, replaced, shrunk or rewritten: whole
+                last[name] = _SentList(value, n)
+            elif previous is _MISSING or not (type(value) is type(previous) and type(value) in _SCALARS
+                                              and previous == value):
+                sets[name] = value
                 last[name] = value
-        return seq.request_id, new, changes
+        return rid, new, sets, appends
 
 
 class StepDecoder:
@@ -86,18 +104,19 @@ class StepDecoder:
 
     def decode(self, message: tuple) -> tuple[SchedulerOutput, tuple]:
         entries, drops, eos = message
+        replicas = self._replicas
         for rid in drops:
-            self._replicas.pop(rid, None)
+            replicas.pop(rid, None)
         scheduled = []
-        for (rid, new, changes), start, num_new, is_prefill, do_sample, slots in entries:
+        for rid, new, sets, appends, start, num_new, is_prefill, do_sample, slots in entries:
             if new:
-                self._replicas[rid] = Sequence.__new__(Sequence)
-            replica = self._replicas[rid]
+                replica = replicas[rid] = Sequence.__new__(Sequence)
+            else:
+                replica = replicas[rid]
             state = vars(replica)
-            for name, (kind, value) in changes.items():
-                if kind == "+":
-                    state[name].extend(value)
-                else:
-                    state[name] = value
+            if sets:
+                state.update(sets)
+            for name, tail in appends.items():
+                state[name].extend(tail)
             scheduled.append(ScheduledSequence(replica, start, num_new, is_prefill, do_sample, slots))
         return SchedulerOutput(scheduled=scheduled), eos

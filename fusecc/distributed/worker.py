@@ -1,13 +1,14 @@
 """One tensor-parallel rank: its model shard, its ModelRunner (KV pool of its own heads), and the
 step loop. Rank 0 drives: it receives each step (a SchedulerOutput, encoded by step_codec.py) from the
-engine, broadcasts it to the other ranks over the gloo control group (broadcast_object_list), and
-every rank decodes it and runs the same ModelRunner.execute on it. The logits are all-gathered (distributed/vocab.py), so every rank
-samples the same tokens from the same seeded generators; rank 0's are the ones returned.
+engine, broadcasts it to the other ranks over the gloo control group (StepChannel: one buffer, one
+collective a step), and every rank decodes it and runs the same ModelRunner.execute on it. The logits
+are all-gathered (distributed/vocab.py), so every rank samples the same tokens from the same seeded
+generators; rank 0's are the ones returned.
 
     worker = Worker.from_checkpoint(path, config, dtype, tp)  # load the shard, compile, warm up
     sampled = drive_step(worker, message)                    # rank 0 (message: step_codec's encoding)
     follow_steps(worker)                                     # ranks > 0, until rank 0 stops
-    stop_followers(worker.tp)                                # rank 0, at shutdown
+    stop_followers(worker.channel)                           # rank 0, at shutdown
 
 `worker_main` is the entry of a process spawned by fusecc/distributed/executor.py.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -31,6 +33,8 @@ from fusecc.distributed.step_codec import StepDecoder
 from fusecc.runtime.config import EngineConfig
 
 PARENT_POLL_S = 1.0
+# a step message up to this size is one collective (a decode step of 256 sequences is ~14 KB)
+STEP_BUFFER_BYTES = 32 << 10
 
 
 class Worker:
@@ -41,6 +45,7 @@ class Worker:
         self.tp = tp
         self.runner = ModelRunner(model, config)
         self.decoder = StepDecoder()
+        self.channel = StepChannel(tp)  # rank 0 sends each step on it, the others receive
         # Each rank sized its own pool (CUDA: from its free memory); the engine schedules the
         # smallest, which every rank holds.
         blocks = torch.tensor([self.runner.config.num_kv_blocks])
@@ -66,31 +71,81 @@ class Worker:
         return self.runner.execute(out, eos_token_ids)
 
 
-def _broadcast(tp: TPGroup, message):
-    objs = [message]
-    dist.broadcast_object_list(objs, src=0, group=tp.cpu_group)
-    return objs[0]
+class StepChannel:
+    """Rank 0 -> the other ranks, over the gloo control group: each step message pickled into a
+    preallocated buffer of `capacity` bytes (an 8-byte length, then the pickle) and broadcast as that
+    one tensor; a message that does not fit (a prefill of long prompts) sends its rest as a second
+    one. Rank 0's broadcasts are asynchronous: it goes on to run the step while gloo's thread sends,
+    and waits for a send only before it reuses the buffer (the next send; by then the others have
+    received it, having run that step's collectives with rank 0), so the step's critical path on
+    rank 0 holds a pickle and an enqueue, not a round trip; an error of a send (a dead peer) is
+    raised there, one step later. At world size 1 the message is pickled and framed all the same
+    but not enqueued (no peer). (broadcast_object_list, used before, made two blocking collectives
+    a step, a size then the bytes, plus a slow tensor conversion of the pickle: ~0.2 ms a step.)
+
+        channel = StepChannel(tp)
+        channel.send(message)      # rank 0
+        message = channel.receive()   # ranks > 0
+        channel.flush()             # rank 0: wait until every send has gone (shutdown)
+    """
+
+    HEADER = 8
+
+    def __init__(self, tp: TPGroup, capacity: int = STEP_BUFFER_BYTES) -> None:
+        self.tp, self.capacity = tp, capacity
+        self._bytes = bytearray(capacity)
+        self._view = memoryview(self._bytes)
+        self._tensor = torch.frombuffer(self._bytes, dtype=torch.uint8)  # shares _bytes' memory
+        self._in_flight: list = []  # rank 0: (work, tensor) of sends not waited for yet
+        self._root = dist.BroadcastOptions()  # rootRank 0: the group's ProcessGroup is called directly,
+        # without dist.broadcast's Python checks (a third of the enqueue's host time)
+
+    def send(self, message) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        n, room = len(data), self.capacity - self.HEADER
+        self.flush()  # the buffer is free again
+        view = self._view
+        view[:self.HEADER] = n.to_bytes(self.HEADER, "little")
+        view[self.HEADER:self.HEADER + min(n, room)] = memoryview(data)[:room]
+        if self.tp.size == 1:  # no one to send to: the message is made and framed as for N ranks, not sent
+            return
+        self._in_flight.append((self.tp.cpu_group.broadcast([self._tensor], self._root), None))
+        if n > room:
+            rest = torch.frombuffer(bytearray(memoryview(data)[room:]), dtype=torch.uint8)
+            self._in_flight.append((self.tp.cpu_group.broadcast([rest], self._root), rest))
+
+    def flush(self) -> None:
+        in_flight, self._in_flight = self._in_flight, []
+        for work, _ in in_flight:
+            work.wait()
+
+    def receive(self):
+        self.tp.cpu_group.broadcast([self._tensor], self._root).wait()
+        view, room = self._view, self.capacity - self.HEADER
+        n = int.from_bytes(view[:self.HEADER], "little")
+        if n <= room:
+            return pickle.loads(view[self.HEADER:self.HEADER + n])
+        rest = bytearray(n - room)
+        self.tp.cpu_group.broadcast([torch.frombuffer(rest, dtype=torch.uint8)], self._root).wait()
+        return pickle.loads(bytes(view[self.HEADER:]) + rest)
 
 
 def drive_step(worker: Worker, message):
     """Rank 0: send the step to the other ranks, then run it here too."""
-    _broadcast(worker.tp, message)
+    worker.channel.send(message)
     return worker.run(message)
 
 
 def follow_steps(worker: Worker) -> None:
-    """Ranks > 0: run every step rank 0 broadcasts, until it broadcasts None (shutdown)."""
-    while (message := _broadcast(worker.tp, None)) is not None:
+    """Ranks > 0: run every step rank 0 sends, until it sends None (shutdown)."""
+    while (message := worker.channel.receive()) is not None:
         worker.run(message)
 
 
-def broadcast_step(tp: TPGroup, message) -> None:
-    """Rank 0 when it runs the step itself from the scheduler's own objects (under torchrun)."""
-    _broadcast(tp, message)
-
-
-def stop_followers(tp: TPGroup) -> None:
-    _broadcast(tp, None)
+def stop_followers(channel: StepChannel) -> None:
+    """Rank 0, at shutdown: the others leave follow_steps once they get this."""
+    channel.send(None)
+    channel.flush()
 
 
 def to_cpu(obj):
@@ -139,7 +194,7 @@ def worker_main(rank: int, world_size: int, init_method: str, model_path: str, c
         while True:
             message = conn.recv()
             if message[0] == "stop":
-                stop_followers(tp)
+                stop_followers(worker.channel)
                 return
             sampled = drive_step(worker, message[1])
             conn.send(("ok", to_cpu(sampled), worker.runner.num_graph_replays))
