@@ -83,8 +83,8 @@ class SamplingMetadata:
         params = [s.sampling_params for s in seqs]
         if all(_is_plain_greedy(s, p) for s, p in zip(seqs, params)):
             B = len(params)
-            return cls(temperature=torch.ones(B, device=device), greedy=torch.ones(B, dtype=torch.bool, device=device),
-                       all_greedy=True, top_k=None, max_top_k=vocab_size, top_p=None, min_p=None,
+            temperature, greedy = _plain_greedy_columns(B, torch.device(device))
+            return cls(temperature=temperature, greedy=greedy, all_greedy=True, top_k=None, max_top_k=vocab_size, top_p=None, min_p=None,
                        repetition_penalty=None, presence_penalty=None, frequency_penalty=None, prompt_tokens=None,
                        output_tokens=None, stop_mask_index=None, allowed_index=None, logit_bias=None,
                        step_seeds=[None] * B,
@@ -305,6 +305,19 @@ class Sampler:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
+
+
+# (batch size, device) -> the constant temperature / greedy columns of a plain-greedy step: made once,
+# not as two fill kernels every decode step (nothing writes them; the plain path reads only shapes)
+_PLAIN_GREEDY: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _plain_greedy_columns(B: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    columns = _PLAIN_GREEDY.get((B, device))
+    if columns is None:
+        columns = _PLAIN_GREEDY[(B, device)] = (torch.ones(B, device=device),
+                                                torch.ones(B, dtype=torch.bool, device=device))
+    return columns
 
 
 def _is_plain_greedy(seq, params) -> bool:
