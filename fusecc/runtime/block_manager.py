@@ -155,10 +155,12 @@ class BlockManager:
             self._note_peak()
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Index the blocks of `seq` that became full and computed (after the step that computed them)."""
+        """Index the blocks of `seq` that became full and computed (after the step that computed them).
+        Positions of pending tokens (async scheduling: a launched step is computing them, or their
+        token is not read back) stay out: a block is hashed only once every token and KV in it is known."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        num_full = min((seq.num_computed_tokens - seq.num_pending_tokens) // self.block_size, len(seq.block_table))
         if num_full <= seq.num_hashed_blocks:  # the common decode step: no block became full
             return
         hashes = self._block_hashes(seq)

@@ -71,6 +71,13 @@ class EngineConfig:
     enable_chunked_prefill: bool = _f(True, "Split prompts longer than the remaining token budget over several "
                                             "steps, so a long prompt neither stalls running decodes nor needs "
                                             "max_num_batched_tokens >= max_model_len.")
+    async_scheduling: bool = _f(False, "Overlap the host's work for the next step (scheduling, input preparation, "
+                                       "detokenization, outputs) with the device running this one (vLLM's async "
+                                       "scheduling): a decode step is launched before the previous step's tokens "
+                                       "are read back, its input ids taken on the device from the previous step's "
+                                       "samples. For decode steps whose rows are all plain greedy; other steps, "
+                                       "speculative decoding and tensor parallelism run as without it. Outputs "
+                                       "come one step later (fusecc/runtime/async_scheduling.py).")
     gpu_memory_utilization: float = _f(0.9, "Fraction of total GPU memory the engine may use (weights + activations "
                                             "+ KV pool); the KV pool gets what is left after a profiling forward "
                                             "pass.")

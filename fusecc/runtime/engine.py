@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from fusecc.runtime.async_scheduling import LaunchedStep, can_launch_async
 from fusecc.runtime.block_manager import BlockManager
 from fusecc.runtime.config import EngineConfig
 from fusecc.runtime.model_runner import ModelRunner
@@ -36,7 +37,8 @@ from fusecc.runtime.output_processor import OutputProcessor
 from fusecc.runtime.outputs import EngineStats, RequestOutput, StepTimings
 from fusecc.runtime.request_inputs import bad_words_token_ids, check_token_ids, prompt_token_ids
 from fusecc.runtime.sampling_params import SamplingParams
-from fusecc.runtime.scheduler import Scheduler
+from fusecc.runtime.sampler import SamplerOutput
+from fusecc.runtime.scheduler import Scheduler, SchedulerOutput
 from fusecc.runtime.sequence import Sequence
 from fusecc.runtime.spec_decode.rejection_sampler import SpecSamplerOutput
 from fusecc.runtime.spec_decode.speculator import Speculator
@@ -66,6 +68,10 @@ class LLMEngine:
         self.outputs = OutputProcessor(tokenizer, self.eos_token_ids, self.config.max_model_len)
         self.speculator = Speculator.build(self.config, self.runner, self.block_manager, tokenizer)
         self._lock = threading.RLock()
+        # async scheduling (async_scheduling.py): the step on the device whose tokens are not read yet
+        self._async_scheduling = (self.config.async_scheduling and self.speculator is None
+                                  and isinstance(self.runner, ModelRunner))
+        self._launched: LaunchedStep | None = None
         self.prompt_tokens_total = 0
         self.step_timings = StepTimings()
         # SamplingParams defaults of the model's generation_config.json (set by from_engine_args)
@@ -201,6 +207,8 @@ class LLMEngine:
 
     # --- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self._async_scheduling:
+            return self._async_step()
         t0 = time.perf_counter()
         spec = self.speculator
         with self._lock:
@@ -221,12 +229,60 @@ class LLMEngine:
                 spec.commit(self.scheduler, self.outputs, out, sampled)
             else:
                 self.scheduler.postprocess(out, token_ids)
-                for seq, stop in self.outputs.process_tokens(out, sampled, token_ids):
-                    self.scheduler.finish(seq, stop.reason, stop.stop_reason)
+                self._process_tokens(out, sampled, token_ids)
             outputs = self.outputs.make_outputs(self.scheduler.take_finished())
             if out.scheduled:
                 self._note_step(out.scheduled[-1].is_prefill, t0, t1, t2, t3, time.perf_counter())
         return outputs
+
+    def _async_step(self) -> list[RequestOutput]:
+        """step() with async scheduling: launch this step's decode before reading the last one's
+        tokens back (fusecc/runtime/async_scheduling.py)."""
+        t0 = time.perf_counter()
+        with self._lock:
+            out = self.scheduler.schedule()
+            self.outputs.note_scheduled(out)
+        t1 = time.perf_counter()
+        previous, self._launched = self._launched, None
+        pending = out  # the step still to run after the read-back, if it cannot be launched ahead
+        if can_launch_async(out):
+            try:
+                sampled = self.runner.execute(out, self.eos_token_ids, launched=previous)
+            except BaseException:
+                self._launched = previous  # still to be read back: its sequences' tokens are pending
+                raise
+            self._launched = LaunchedStep.launch(out, sampled.token_ids)
+            with self._lock:
+                self.scheduler.mark_launched(out)
+            pending = None
+        t2 = time.perf_counter()
+        tokens = previous.read_back() if previous is not None else []
+        t3 = time.perf_counter()
+        with self._lock:
+            if previous is not None:
+                self.scheduler.postprocess_launched(previous.output, tokens)
+                self._process_tokens(previous.output, SamplerOutput(token_ids=previous.token_ids), tokens)
+        if pending is not None:
+            # sequences that the read-back finished (or an abort meanwhile) leave the step
+            kept = [e for e in pending.scheduled if not e.seq.is_finished]
+            pending = SchedulerOutput(scheduled=kept, preempted=pending.preempted) if kept else None
+        if pending is not None:
+            sampled = self.runner.execute(pending, self.eos_token_ids)
+            t2 = time.perf_counter()
+            token_ids = sampled.token_ids.tolist() if sampled is not None else []
+            t3 = time.perf_counter()
+            with self._lock:
+                self.scheduler.postprocess(pending, token_ids)
+                self._process_tokens(pending, sampled, token_ids)
+        with self._lock:
+            outputs = self.outputs.make_outputs(self.scheduler.take_finished())
+            if out.scheduled:
+                self._note_step(out.scheduled[-1].is_prefill, t0, t1, t2, t3, time.perf_counter())
+        return outputs
+
+    def _process_tokens(self, out: SchedulerOutput, sampled, token_ids: list[int]) -> None:
+        for seq, stop in self.outputs.process_tokens(out, sampled, token_ids):
+            self.scheduler.finish(seq, stop.reason, stop.stop_reason)
 
     def _note_step(self, has_prefill: bool, t0: float, t1: float, t2: float, t3: float, t4: float) -> None:
         # scheduled is decodes first, so the last entry tells whether any is a prefill

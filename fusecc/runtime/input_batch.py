@@ -110,6 +110,9 @@ class StepInputs:
     num_decodes: int  # entries that are decodes (they come first)
     # draft tokens verified this step (speculative decoding); their entries sample 1 + drafts rows each
     num_spec_tokens: int = 0
+    # async scheduling: rows whose input token is pending (sampled by the launched step before, not
+    # read back): token_ids holds 0 there, and the runner copies the token in on the device
+    pending_rows: list[int] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -123,7 +126,12 @@ def prepare_inputs(entries: list[ScheduledSequence], mirror: BlockTableMirror, b
     if all(e.num_new_tokens == 1 for e in entries):
         # Decode-shaped step: one token per entry (decodes, and 1-token prompt chunks).
         positions = [e.start for e in entries]
-        token_ids = [e.seq.token_ids[e.start] for e in entries]
+        pending_rows = [i for i, e in enumerate(entries) if e.seq.num_pending_tokens] or None
+        if pending_rows is None:
+            token_ids = [e.seq.token_ids[e.start] for e in entries]
+        else:
+            token_ids = [e.seq.token_ids[e.start] if e.start < len(e.seq.token_ids) else 0 for e in entries]
+            pending_rows = [i for i in pending_rows if entries[i].start >= len(entries[i].seq.token_ids)] or None
         slots = [e.slot_mapping[0] for e in entries]
         context_lens = [p + 1 for p in positions]
         cu = list(range(B + 1))
@@ -132,6 +140,7 @@ def prepare_inputs(entries: list[ScheduledSequence], mirror: BlockTableMirror, b
         num_sampled = B if sample_rows is None else len(sample_rows)
         max_seqlen_q = 1
     else:
+        pending_rows = None
         token_ids, positions, slots, context_lens, cu, sample_rows = [], [], [], [], [0], []
         max_seqlen_q = 0
         for e in entries:
@@ -146,6 +155,7 @@ def prepare_inputs(entries: list[ScheduledSequence], mirror: BlockTableMirror, b
                 sample_rows += range(cu[-2], cu[-1])
                 num_spec_tokens += len(e.spec_token_ids)
                 continue
+            assert end <= len(e.seq.token_ids), (e.seq.request_id, end)  # a pending token only in decode steps
             token_ids += e.seq.token_ids[start:end]
             if e.do_sample:
                 sample_rows.append(cu[-1] - 1)
@@ -158,4 +168,5 @@ def prepare_inputs(entries: list[ScheduledSequence], mirror: BlockTableMirror, b
     return StepInputs(token_ids=token_ids, positions=positions, slot_mapping=slots, context_lens=context_lens,
                       cu_seqlens_q=cu, block_tables=block_tables, sample_rows=sample_rows, num_sampled=num_sampled,
                       max_seqlen_q=max_seqlen_q, decode_only=len(token_ids) == B,
-                      num_decodes=sum(not e.is_prefill for e in entries), num_spec_tokens=num_spec_tokens)
+                      num_decodes=sum(not e.is_prefill for e in entries), num_spec_tokens=num_spec_tokens,
+                      pending_rows=pending_rows)

@@ -217,12 +217,15 @@ class ModelRunner:
 
     # --- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, eos_token_ids=()) -> SamplerOutput | None:
+    def execute(self, out: SchedulerOutput, eos_token_ids=(), launched=None) -> SamplerOutput | None:
+        """`launched`: with async scheduling, the step launched before this one, whose sampled
+        tokens (on the device) are the input of this step's pending rows (async_scheduling.py)."""
         entries = out.scheduled
         assert entries, "execute() needs a non-empty schedule"
         inputs = prepare_inputs(entries, self._tables, self.config.block_size)
+        feed = None if inputs.pending_rows is None else launched.feed(entries, inputs.pending_rows, self._device)
         if inputs.decode_only and inputs.num_seqs in self._bucket_of:
-            hidden = self._replay(inputs)
+            hidden = self._replay(inputs, feed)
             self.num_graph_replays += 1
         elif inputs.num_spec_tokens and self.verify_graphs is not None and self.verify_graphs.fits(entries):
             hidden = self.verify_graphs.replay(entries, inputs)  # fusecc/runtime/spec_decode/verify_graphs.py
@@ -233,8 +236,10 @@ class ModelRunner:
                 context_lens=self._device(inputs.context_lens, torch.int32),
                 cu_seqlens_q=self._device(inputs.cu_seqlens_q, torch.int32),
                 max_seqlen_q=inputs.max_seqlen_q, decode_only=inputs.decode_only, num_decodes=inputs.num_decodes)
-            hidden = self.forward(self._device(inputs.token_ids, torch.int64),
-                                  self._device(inputs.positions, torch.int64), self.kv_caches, md)
+            input_ids = self._device(inputs.token_ids, torch.int64)
+            if feed is not None:
+                input_ids.index_copy_(0, *feed)
+            hidden = self.forward(input_ids, self._device(inputs.positions, torch.int64), self.kv_caches, md)
         # logits at every prompt position of the requests that ask for prompt logprobs (none usually)
         spans = self.prompt_logprobs.plan(entries, inputs.cu_seqlens_q, inputs.num_decodes)
         prompt_logprobs = compute_prompt_logprobs(spans, hidden, self.model.compute_logits, self.vocab_size,
@@ -412,10 +417,11 @@ class ModelRunner:
                                max_seqlen_q=1, decode_only=True, num_decodes=b)
         return (s["input_ids"][:b], s["positions"][:b], self.kv_caches, md)
 
-    def _replay(self, inputs: StepInputs) -> torch.Tensor:
+    def _replay(self, inputs: StepInputs, feed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Copy a decode batch into the static inputs of its bucket's graph (one host-to-device
         copy for the 1-D inputs, one for the block tables) and replay it. Rows past the batch
-        get slot -1 (no cache write) and context length 0 (attention output 0)."""
+        get slot -1 (no cache write) and context length 0 (attention output 0). `feed`: (rows,
+        token ids) already on the device, written over those rows' input ids (async scheduling)."""
         B = inputs.num_seqs
         b = self._bucket_of[B]
         s = self._static
@@ -425,6 +431,8 @@ class ModelRunner:
                               + [-1] * (b - B) + inputs.context_lens + pad, torch.int64)
         tables = self._device(inputs.block_tables, torch.int32)
         s["input_ids"][:b].copy_(packed[:b])
+        if feed is not None:
+            s["input_ids"].index_copy_(0, *feed)
         s["positions"][:b].copy_(packed[b:2 * b])
         s["slots"][:b].copy_(packed[2 * b:3 * b])
         s["context_lens"][:b].copy_(packed[3 * b:])  # int64 -> int32

@@ -204,6 +204,8 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
             assert seq.num_uncomputed_tokens >= 1, seq.request_id  # a running sequence always has work
+            if seq.num_pending_tokens and self._pending_token_ends(seq):
+                continue  # async scheduling: the token being read back finishes it; no step after it
             n = min(seq.num_uncomputed_tokens, budget)
             if n == 0:
                 continue  # budget spent; it keeps its blocks and runs next step
@@ -230,6 +232,8 @@ class Scheduler:
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
                 seq = self.waiting[0]
+                if seq.num_pending_tokens:  # preempted with a token in flight: admitted once it is read back
+                    break
                 remaining = seq.num_tokens - bm.num_matched_tokens(seq)
                 if remaining > budget and not cfg.enable_chunked_prefill:
                     break
@@ -293,6 +297,38 @@ class Scheduler:
                 seq.first_token_time = now
             seq.last_token_time = now
 
+    # --- async scheduling (fusecc/runtime/async_scheduling.py) ------------------------------
+    def mark_launched(self, output: SchedulerOutput) -> None:
+        """A decode step was launched without reading its tokens back: its positions count as
+        computed and each of its sequences has one more pending token."""
+        for e in output.scheduled:
+            assert e.do_sample and e.num_new_tokens == 1 and not e.spec_token_ids, e.seq.request_id
+            e.seq.num_computed_tokens += 1
+            e.seq.num_pending_tokens += 1
+
+    def postprocess_launched(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> None:
+        """The tokens of a launched step, read back: they join their sequences (postprocess's part
+        that mark_launched left). A sequence finished or aborted since is skipped (its token was
+        computed for nothing); one preempted since takes its token and recomputes it later."""
+        assert len(sampled_token_ids) == len(output.scheduled), (len(sampled_token_ids), len(output.scheduled))
+        now = time.monotonic()
+        for e, token in zip(output.scheduled, sampled_token_ids):
+            seq = e.seq
+            if seq.is_finished:
+                continue
+            seq.num_pending_tokens -= 1
+            seq.append_token(int(token))
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.cache_full_blocks(seq)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.last_token_time = now
+
+    def _pending_token_ends(self, seq: Sequence) -> bool:
+        """Whether the sequence's pending tokens bring it to max_tokens or max_model_len."""
+        return (seq.num_output_tokens + seq.num_pending_tokens >= seq.sampling_params.max_tokens
+                or seq.num_tokens + seq.num_pending_tokens >= self.config.max_model_len)
+
     # --- internals ----------------------------------------------------------------------------
     @staticmethod
     def _spec_tokens(seq: Sequence, budget_left: int) -> list[int]:
@@ -303,7 +339,7 @@ class Scheduler:
 
     def _entry(self, seq: Sequence, n: int, spec: list[int] | None = None) -> ScheduledSequence:
         start = seq.num_computed_tokens
-        num_tokens = len(seq.token_ids) + (len(spec) if spec else 0)
+        num_tokens = len(seq.token_ids) + seq.num_pending_tokens + (len(spec) if spec else 0)
         do_sample = start + n == num_tokens
         is_decode = (n == 1 or bool(spec)) and do_sample and num_tokens > seq.num_prompt_tokens
         return ScheduledSequence(seq=seq, start=start, num_new_tokens=n, is_prefill=not is_decode,

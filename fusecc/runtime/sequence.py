@@ -70,6 +70,10 @@ class Sequence:
     block_table: list[int] = field(init=False, default_factory=list)
     num_computed_tokens: int = field(init=False, default=0)
     num_cached_tokens: int = field(init=False, default=0)
+    # Async scheduling (fusecc/runtime/async_scheduling.py): tokens sampled by launched steps whose
+    # values the host has not read back yet. num_computed_tokens already counts the positions those
+    # steps computed; the tokens join token_ids when read back. 0 without async scheduling.
+    num_pending_tokens: int = field(init=False, default=0)
     # Scheduler-assigned admission order; breaks arrival_time ties so ordering is total.
     seq_id: int = field(init=False, default=-1)
     num_preemptions: int = field(init=False, default=0)
@@ -115,8 +119,9 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        """Tokens to compute before the next sample: the prompt (rest) at first, then 1."""
-        return self.num_tokens - self.num_computed_tokens
+        """Tokens to compute before the next sample: the prompt (rest) at first, then 1 (with async
+        scheduling the 1 may be a pending token, sampled by a launched step but not read back yet)."""
+        return self.num_tokens + self.num_pending_tokens - self.num_computed_tokens
 
     @functools.cached_property
     def prompt_token_array(self) -> array:
