@@ -85,6 +85,11 @@ for stage in "$@"; do
     TB)  # issue 16: transformers-backed against native throughput
         run throughput_tb "${TB_S:-400}" python3 benchmarks/throughput.py --configs "${TB_CONFIGS:-8b}" --skip-hf \
             --model-impl fusecc,transformers --out "$OUT/results/throughput_transformers.json" ;;
+    AS)  # async scheduling against synchronous steps (the host-time lever of every batch-1 target), and its GPU test
+        run async_scheduling "${AS_S:-300}" python3 benchmarks/async_scheduling.py --shapes "${AS_SHAPES:-1b,8b}" \
+            --num-requests 64 --out "$OUT/results/async_scheduling.json"
+        run async_gpu_test "${AS_TEST_S:-120}" python3 -m pytest -q -p no:cacheprovider -m gpu \
+            tests/runtime/test_async_scheduling.py ;;
     A2)  # every other GPU test
         run gpu_tests "${A2_S:-500}" python3 -m pytest -q -p no:cacheprovider -m gpu tests ;;
     *) echo "unknown stage $stage" | tee -a "$SUMMARY" ;;
