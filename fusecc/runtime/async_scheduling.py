@@ -23,8 +23,11 @@ freed at N's read-back, are reused only by steps queued after N+1 on the same st
 
 Any step that cannot be launched ahead (a prefill chunk, sampling that reads the outputs on the
 host: penalties, min_tokens still masking, logprobs, bad words, seeds) waits for the step in flight
-and runs synchronously. Speculative decoding and tensor parallelism do not use it. Outputs come one
-step later than without it; tokens are the same.
+and runs synchronously. Speculative decoding and tensor parallelism do not use it. Tokens are the
+same as without it; outputs come one step later, so an abort reports one token fewer than a
+synchronous engine aborted at the same step would, and a delta stream may carry two tokens in one
+output where a step that runs synchronously follows a launched one (the concatenation is the same).
+A sequence whose token in flight ends it still takes a slot in the next launched step.
 """
 
 from __future__ import annotations

@@ -303,6 +303,8 @@ class Scheduler:
         computed and each of its sequences has one more pending token."""
         for e in output.scheduled:
             assert e.do_sample and e.num_new_tokens == 1 and not e.spec_token_ids, e.seq.request_id
+            if e.seq.is_finished:  # aborted while the step was being launched: its read-back skips it too
+                continue
             e.seq.num_computed_tokens += 1
             e.seq.num_pending_tokens += 1
 
