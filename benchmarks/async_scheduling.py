@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from benchmarks.throughput import make_prompts  # noqa: E402
-from benchmarks.tp import DECODE_TOKENS, hf_config, measure, randomise  # noqa: E402
+from benchmarks.tp import hf_config, measure, measured_max_model_len, randomise  # noqa: E402
 
 
 def run_shape(shape: str, args, device: str) -> dict:
@@ -36,7 +36,7 @@ def run_shape(shape: str, args, device: str) -> dict:
     prompts = make_prompts(config.vocab_size, n=args.num_requests)
     if args.smoke:
         prompts = [p[:24] for p in prompts]
-    max_model_len = max(len(p) for p in prompts) + 128 + max(args.output_len or 0, DECODE_TOKENS) + 8
+    max_model_len = measured_max_model_len(prompts, args.output_len)
     model = build_model(LlamaForCausalLM, config, dtype, device, max_model_len, None)
     randomise(model, 0)
     entry = {"shape": shape, "dtype": str(dtype)}

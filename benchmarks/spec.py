@@ -46,7 +46,8 @@ CHAT = ["What are three good habits for learning a new language?", "Explain why 
 
 
 def build(args):
-    """(model, tokenizer, eos ids, description): SmolLM2 when installed (not in --smoke), else random weights."""
+    """(model, tokenizer, eos ids, description, real weights?): SmolLM2 when installed (not in --smoke),
+    else random weights."""
     from fusecc.runtime.default_model import smollm2_path
 
     device = args.device
@@ -57,7 +58,7 @@ def build(args):
 
         e = LLMEngine.from_engine_args(str(path), dtype=dtype, device=device, max_model_len=args.max_model_len,
                                        enforce_eager=True, num_kv_blocks=64)
-        return e.runner.model, e.tokenizer, e.eos_token_ids, f"{e.model_name} (real weights)"
+        return e.runner.model, e.tokenizer, e.eos_token_ids, f"{e.model_name} (real weights)", True
     import transformers
 
     from fusecc.runtime.byte_tokenizer import ByteTokenizer
@@ -70,7 +71,7 @@ def build(args):
     hf = transformers.LlamaForCausalLM(config).to(dtype)
     model = build_model(LlamaForCausalLM, config, dtype, device, args.max_model_len, hf.state_dict().items())
     what = "tiny random model (--smoke)" if args.smoke else "random weights of SmolLM2's shape"
-    return model, ByteTokenizer(), (), what + ": measures the mechanics only, not real-text acceptance"
+    return model, ByteTokenizer(), (), what + ": measures the mechanics only, not real-text acceptance", False
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:
@@ -168,12 +169,11 @@ def main() -> None:
     args.max_model_len = 1024
     args.num_kv_blocks = 256 if args.smoke else 4096  # 64k tokens: ~1.5 GB for SmolLM2's shape in bf16
     batches = [int(b) for b in (args.batches or ("1,4" if args.smoke else "1,32")).split(",")]
-    model, tokenizer, eos, what = build(args)
-    args.real_text = "(real weights)" in what
+    model, tokenizer, eos, what, args.real_text = build(args)
     num_layers = len(model.model.layers)
-    # n-gram drafts cost no forward and a GPU verifies 9 tokens of a small batch for about the price
-    # of 5: k = 8 lets a copied span go further per step (SmolLM2, CPU: 6.1 tokens a step on the
-    # passage rewrite against 4.1 at k = 4)
+    # n-gram drafts cost no forward, and at a small batch the verification forward is memory-bound, so
+    # more draft rows cost little: k = 8 lets a copied span go further per step (SmolLM2, CPU: 6.1
+    # tokens a step on the passage rewrite against 4.1 at k = 4; the GPU cost of k is unmeasured)
     cases = [("repetitive", {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 4}),
              ("chat", {"method": "layer_skip", "num_layers": max(1, num_layers // 2), "num_speculative_tokens": 3}),
              ("chat", {"method": "draft_model", "quantization": "int4", "num_speculative_tokens": 3}),

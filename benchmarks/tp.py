@@ -76,6 +76,11 @@ def randomise(model, seed: int) -> None:
             p.normal_(0, 0.02, generator=g)
 
 
+def measured_max_model_len(prompts: list, output: int) -> int:
+    """The max_model_len measure() needs: its longest prompt (or the decode prompt) and output."""
+    return max(max(len(p) for p in prompts), DECODE_PROMPT) + max(output, DECODE_TOKENS) + 8
+
+
 def engine_config(args, max_model_len: int, world: int):
     from fusecc.runtime.config import EngineConfig
 
@@ -158,7 +163,7 @@ def run_shape(shape: str, tp, args, report: dict, save) -> None:
     if args.smoke:
         prompts = [p[:24] for p in prompts]
     output = args.output_len
-    max_model_len = max(max(len(p) for p in prompts), DECODE_PROMPT) + max(output, DECODE_TOKENS) + 8
+    max_model_len = measured_max_model_len(prompts, output)
     entry = {"shape": shape, "world_size": tp.size, "dtype": str(dtype),
              "weight_gib": weight_bytes(config, dtype) / 2**30}
     if not args.skip_baseline:  # the plain engine on rank 0's device, the others wait

@@ -60,5 +60,4 @@ class ParallelLMHead(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [S, hidden] -> local [S, per_rank] -> gathered [S, world * per_rank] -> [S, V]
         local = nn.functional.linear(hidden, self.weight).float()
-        logits = all_gather_last_dim(local, self.tp.size, self.tp.group_name)
-        return logits if logits.shape[1] == self.vocab_size else logits[:, :self.vocab_size]
+        return all_gather_last_dim(local, self.tp.size, self.tp.group_name)[:, :self.vocab_size]

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fusecc.runtime.sampler import _is_plain_greedy
+from fusecc.runtime.sampler import is_plain_greedy
 from fusecc.runtime.scheduler import SchedulerOutput
 
 
@@ -45,7 +45,7 @@ def can_launch_async(out: SchedulerOutput) -> bool:
     one-token decode whose sampling is a plain argmax (nothing read from its outputs on the host)."""
     return bool(out.scheduled) and all(
         not e.is_prefill and e.do_sample and e.num_new_tokens == 1 and not e.spec_token_ids
-        and _is_plain_greedy(e.seq, e.seq.sampling_params) for e in out.scheduled)
+        and is_plain_greedy(e.seq, e.seq.sampling_params) for e in out.scheduled)
 
 
 @dataclass

@@ -126,12 +126,12 @@ def prepare_inputs(entries: list[ScheduledSequence], mirror: BlockTableMirror, b
     if all(e.num_new_tokens == 1 for e in entries):
         # Decode-shaped step: one token per entry (decodes, and 1-token prompt chunks).
         positions = [e.start for e in entries]
-        pending_rows = [i for i, e in enumerate(entries) if e.seq.num_pending_tokens] or None
+        # a row whose input is past the tokens read back takes the pending token (async scheduling)
+        pending_rows = [i for i, e in enumerate(entries) if e.start == len(e.seq.token_ids)] or None
         if pending_rows is None:
             token_ids = [e.seq.token_ids[e.start] for e in entries]
         else:
             token_ids = [e.seq.token_ids[e.start] if e.start < len(e.seq.token_ids) else 0 for e in entries]
-            pending_rows = [i for i in pending_rows if entries[i].start >= len(entries[i].seq.token_ids)] or None
         slots = [e.slot_mapping[0] for e in entries]
         context_lens = [p + 1 for p in positions]
         cu = list(range(B + 1))

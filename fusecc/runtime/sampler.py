@@ -81,14 +81,13 @@ class SamplingMetadata:
               eos_token_ids: Iterable[int] = ()) -> "SamplingMetadata":
         """From sequences (anything with .sampling_params, .prompt_token_ids, .output_token_ids)."""
         params = [s.sampling_params for s in seqs]
-        if all(_is_plain_greedy(s, p) for s, p in zip(seqs, params)):
+        if all(is_plain_greedy(s, p) for s, p in zip(seqs, params)):
             B = len(params)
             temperature, greedy = _plain_greedy_columns(B, torch.device(device))
-            return cls(temperature=temperature, greedy=greedy, all_greedy=True, top_k=None, max_top_k=vocab_size, top_p=None, min_p=None,
-                       repetition_penalty=None, presence_penalty=None, frequency_penalty=None, prompt_tokens=None,
-                       output_tokens=None, stop_mask_index=None, allowed_index=None, logit_bias=None,
-                       step_seeds=[None] * B,
-                       max_num_logprobs=None, plain_greedy=True)
+            return cls(temperature=temperature, greedy=greedy, all_greedy=True, top_k=None, max_top_k=vocab_size,
+                       top_p=None, min_p=None, repetition_penalty=None, presence_penalty=None, frequency_penalty=None,
+                       prompt_tokens=None, output_tokens=None, stop_mask_index=None, allowed_index=None,
+                       logit_bias=None, step_seeds=[None] * B, max_num_logprobs=None, plain_greedy=True)
         eos = [t for t in eos_token_ids if 0 <= t < vocab_size]
         greedy = [p.is_greedy for p in params]
 
@@ -320,7 +319,7 @@ def _plain_greedy_columns(B: int, device: torch.device) -> tuple[torch.Tensor, t
     return columns
 
 
-def _is_plain_greedy(seq, params) -> bool:
+def is_plain_greedy(seq, params) -> bool:
     return (params.is_greedy and params.logprobs is None and not params.logit_bias
             and params.allowed_token_ids is None and not getattr(seq, "bad_words_token_ids", None)
             and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0

@@ -289,13 +289,8 @@ class Scheduler:
             assert seq.num_computed_tokens == e.start, (seq.request_id, seq.num_computed_tokens, e.start)
             seq.num_computed_tokens += e.num_new_tokens
             self.block_manager.cache_full_blocks(seq)
-            if token is None:
-                continue
-            token = int(token)
-            seq.append_token(token)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            seq.last_token_time = now
+            if token is not None:
+                _append_sampled(seq, token, now)
 
     # --- async scheduling (fusecc/runtime/async_scheduling.py) ------------------------------
     def mark_launched(self, output: SchedulerOutput) -> None:
@@ -319,12 +314,9 @@ class Scheduler:
             if seq.is_finished:
                 continue
             seq.num_pending_tokens -= 1
-            seq.append_token(int(token))
+            _append_sampled(seq, token, now)
             if seq.status is SequenceStatus.RUNNING:
                 self.block_manager.cache_full_blocks(seq)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            seq.last_token_time = now
 
     def _pending_token_ends(self, seq: Sequence) -> bool:
         """Whether the sequence's pending tokens bring it to max_tokens or max_model_len."""
@@ -361,6 +353,13 @@ class Scheduler:
         del self._by_id[seq.request_id]
         self._finished.append(seq)
         self.stats.num_finished[status.finish_reason] += 1
+
+
+def _append_sampled(seq: Sequence, token, now: float) -> None:
+    seq.append_token(int(token))
+    if seq.first_token_time is None:
+        seq.first_token_time = now
+    seq.last_token_time = now
 
 
 def _order_key(seq: Sequence) -> tuple[int, float, int]:
