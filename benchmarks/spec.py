@@ -116,7 +116,8 @@ def run(model, tokenizer, eos, args, spec: dict | None, prompts: list[list[int]]
 
 
 def _timed(engine, requests: list[list[int]], params, batch: int, args, tag: str) -> tuple[dict, dict]:
-    before = engine.stats().spec_decode
+    stats_before = engine.stats()
+    before = stats_before.spec_decode
     outputs, tokens = {}, 0
     _sync(args)
     start = time.perf_counter()
@@ -133,7 +134,9 @@ def _timed(engine, requests: list[list[int]], params, batch: int, args, tag: str
     _sync(args)
     seconds = time.perf_counter() - start
     result = {"tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens}
-    after = engine.stats().spec_decode
+    stats_after = engine.stats()
+    result["step_ms"] = _step_breakdown(stats_before.step_timings, stats_after.step_timings)
+    after = stats_after.spec_decode
     if after is not None:
         drafted = after.num_draft_tokens - before.num_draft_tokens
         accepted = after.num_accepted_tokens - before.num_accepted_tokens
@@ -143,6 +146,20 @@ def _timed(engine, requests: list[list[int]], params, batch: int, args, tag: str
                       mean_accepted_length=1 + accepted / windows if windows else 0.0,
                       paused_steps=after.num_paused_steps - before.num_paused_steps)
     return result, outputs
+
+
+def _step_breakdown(t0, t1) -> dict:
+    """Where a step's time went in this run (engine StepTimings deltas), in milliseconds per step: the
+    host phases and the time blocked on the device. With speculation the verification's read-back is
+    in commit, so its device wait counts as postprocess there."""
+    steps = (t1.decode_steps + t1.prefill_steps) - (t0.decode_steps + t0.prefill_steps)
+    if not steps:
+        return {}
+    per = lambda name: 1e3 * (getattr(t1, name) - getattr(t0, name)) / steps  # noqa: E731
+    return {"steps": steps, "decode_steps": t1.decode_steps - t0.decode_steps, "schedule": per("schedule_seconds"),
+            "execute": per("execute_seconds"), "wait": per("decode_wait_seconds") + per("prefill_wait_seconds"),
+            "postprocess": per("postprocess_seconds"),
+            "total": per("decode_seconds") + per("prefill_seconds")}
 
 
 def _sync(args) -> None:
