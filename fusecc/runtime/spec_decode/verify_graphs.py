@@ -2,19 +2,25 @@
 and of draft decode steps (StepGraphs with q = 1 over a draft's forward and KV pool).
 
 The decode graphs (model_runner.py) cannot serve a verification: they bake in one query token per
-sequence and the decode attention kernel (decode_only=True, max_seqlen_q=1). A verification step
-runs the paged prefill kernel with k + 1 causal query tokens per sequence, so it gets its own
-graphs, captured at start-up for the buckets 1, 2, 4, ... up to disable_by_batch_size (speculation
-is off above it), all with max_seqlen_q = k + 1 and cu_seqlens_q = (k + 1) * arange.
+sequence. A verification step gets its own graphs, captured at start-up for the buckets 1, 2, 4, ...
+up to disable_by_batch_size (speculation is off above it).
+
+Attention runs as a decode over the step's b * (k + 1) rows: row i of a sequence whose verified
+tokens start at position c is a one-token "sequence" of context length c + i + 1 over its sequence's
+block table (repeated per row), which is exactly causal attention within the window. Every token's
+K/V is written first (one write_kv_cache per layer, as in any step), so row i reads the drafts
+before it. The decode kernel splits long contexts across programs; the paged prefill kernel, which
+a (k + 1)-token query would otherwise take, runs one program per sequence and head that walks the
+whole context alone, the step's longest kernel at batch 1.
 
 A step is replayed when every entry is a decode verifying 0..k drafts (no prefill chunk): each
 sequence is padded to k + 1 rows. Pad rows write nothing (slot -1) and sit after the real rows of
-their sequence, which by causality never read them; a pad row reuses its sequence's last real
-position (inside the rotary table). Context length is c + k + 1 for every sequence, so real row i
-sees positions <= c + i as in the unpadded step; the rows of an empty bucket slot get context length
-k + 1 over a zero block table (valid reads of block 0, no fully masked row; their output is unused). The block tables are wider than max_blocks_per_seq by the blocks that k pad
-positions can reach, so a pad row's table lookup stays inside its own row (its reads are garbage
-that nothing uses). The real rows' hidden states are gathered back into the flat step layout.
+their sequence, so no real row reads them; a pad row reuses its sequence's last real position
+(inside the rotary table) and reads up to k positions past the real ones, garbage that nothing uses
+(the block tables are wider than max_blocks_per_seq by the blocks those positions can reach, so a
+lookup stays inside the row). The rows of an empty bucket slot read positions 0..q - 1 of block 0
+(valid reads, no empty row; their output is unused). The real rows' hidden states are gathered
+back into the flat step layout.
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ logger = logging.getLogger(__name__)
 
 
 class StepGraphs:
-    """CUDA graphs of `forward` on b sequences x q query tokens each (b a bucket up to max_batch).
-    q = 1 runs the decode kernel (decode_only), q > 1 the paged prefill kernel."""
+    """CUDA graphs of `forward` on b sequences x q query tokens each (b a bucket up to max_batch),
+    attention as a decode over the b * q rows (the module docstring)."""
 
     def __init__(self, forward, kv_caches: list, runner, q: int, max_batch: int, extra_blocks: int = 0) -> None:
         from fusecc.runtime.model_runner import graph_buckets
@@ -49,9 +55,10 @@ class StepGraphs:
                 input_ids=torch.zeros(n * q, dtype=torch.int64, device=dev),
                 positions=torch.zeros(n * q, dtype=torch.int64, device=dev),
                 slots=torch.full((n * q,), -1, dtype=torch.int64, device=dev),
-                context_lens=torch.full((n,), q, dtype=torch.int32, device=dev),
-                block_tables=torch.zeros((n, self.width), dtype=torch.int32, device=dev),
-                cu=torch.arange(n + 1, dtype=torch.int32, device=dev) * q)
+                # per row: its context length and its sequence's block table
+                context_lens=torch.arange(1, q + 1, dtype=torch.int32, device=dev).repeat(n),
+                block_tables=torch.zeros((n * q, self.width), dtype=torch.int32, device=dev),
+                cu=torch.arange(n * q + 1, dtype=torch.int32, device=dev))
             self.graphs: dict[int, CapturedCall] = {}
             start = time.perf_counter()
             pool = torch.cuda.graph_pool_handle()
@@ -66,10 +73,11 @@ class StepGraphs:
 
     def _args(self, b: int) -> tuple:
         s, q = self.static, self.q
-        md = AttentionMetadata(slot_mapping=s["slots"][:b * q], block_tables=s["block_tables"][:b],
-                               context_lens=s["context_lens"][:b], cu_seqlens_q=s["cu"][:b + 1],
-                               max_seqlen_q=q, decode_only=q == 1, num_decodes=b)
-        return (s["input_ids"][:b * q], s["positions"][:b * q], self.kv_caches, md)
+        T = b * q
+        md = AttentionMetadata(slot_mapping=s["slots"][:T], block_tables=s["block_tables"][:T],
+                               context_lens=s["context_lens"][:T], cu_seqlens_q=s["cu"][:T + 1],
+                               max_seqlen_q=1, decode_only=True, num_decodes=T)
+        return (s["input_ids"][:T], s["positions"][:T], self.kv_caches, md)
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
             block_tables: torch.Tensor) -> torch.Tensor:
@@ -80,17 +88,19 @@ class StepGraphs:
         b = next(x for x in self.buckets if x >= B)
         empty = (b - B) * q
         dev = self.runner._device
-        # empty bucket slots: q tokens at positions 0..q-1 over a zero block table (block 0), writing nothing
-        packed = dev(ids + [0] * empty + positions + list(range(q)) * (b - B) + slots + [-1] * empty + context_lens
-                     + [q] * (b - B), torch.int64)
+        # row i of a sequence of context length c (its q tokens included) sees c - q + 1 + i positions;
+        # empty bucket slots: q tokens at positions 0..q-1 over a zero block table, writing nothing
+        row_context = [c - q + 1 + i for c in context_lens for i in range(q)] + list(range(1, q + 1)) * (b - B)
+        packed = dev(ids + [0] * empty + positions + list(range(q)) * (b - B) + slots + [-1] * empty + row_context,
+                     torch.int64)
         s, T = self.static, b * q
         s["input_ids"][:T].copy_(packed[:T])
         s["positions"][:T].copy_(packed[T:2 * T])
         s["slots"][:T].copy_(packed[2 * T:3 * T])
-        s["context_lens"][:b].copy_(packed[3 * T:])
+        s["context_lens"][:T].copy_(packed[3 * T:])
         tables = dev(block_tables, torch.int32)
-        s["block_tables"][:b].zero_()
-        s["block_tables"][:B, :tables.shape[1]].copy_(tables)
+        s["block_tables"][:T].zero_()
+        s["block_tables"][:B * q].view(B, q, self.width)[:, :, :tables.shape[1]].copy_(tables[:, None, :])
         self.num_replays += 1
         return self.graphs[b].replay()
 
