@@ -53,7 +53,7 @@ for stage in "$@"; do
     case $stage in
     PREFLIGHT)  # kernels whose GPU tests never ran: stop everything if one fails
         run preflight "${PREFLIGHT_S:-240}" python3 -m pytest -q -p no:cacheprovider -x -m gpu tests/kernels/test_qk_rope.py tests/kernels/test_moe_routing.py \
-            "tests/kernels/test_quant_matmul.py::test_gpu_int4_tile_forms_real_sizes" \
+            "tests/kernels/test_quant_matmul.py::test_gpu_int4_tile_forms_real_sizes" "tests/kernels/test_quant_matmul.py::test_gpu_int4_gemv_forms_real_sizes" \
             "tests/kernels/test_fused_moe.py::test_gpu_real_shapes_bf16" \
             "tests/kernels/test_fused_moe.py::test_gpu_decode_step_captures_in_a_cuda_graph" \
             "tests/quantization/test_quantized_moe.py::test_gpu_real_shapes_bf16" || break ;;

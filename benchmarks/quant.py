@@ -86,12 +86,10 @@ def decode_max_rows() -> int:
     return DECODE_MAX_ROWS
 
 
-def decode_tiles_choice() -> str | None:
-    """The decode tiles' config the autotuner chose at the last launch (int4: PLANES says which form of
-    the tile won, kernels/quant_matmul.py), or None before any launch."""
-    from fusecc.kernels.quant_matmul import _decode_kernel
-
-    best = getattr(_decode_kernel, "best_config", None)
+def autotuned_choice(kernel) -> str | None:
+    """The config the autotuner chose for `kernel` at its last launch (int4: PLANES says which form of the
+    tile won, kernels/int_unpack.py's constants), or None before any launch."""
+    best = getattr(kernel, "best_config", None)
     return None if best is None else str(best)
 
 
@@ -130,7 +128,12 @@ def bench_linears(shapes: dict, rows: list[int], device: str, dtype: torch.dtype
                     row[f"{method}_weight_GBps"] = nbytes / t / 1e9
                     row[f"{method}_rel_err"] = ((module(x).float() - ref).norm() / ref.norm()).item()
                     if method in ("int8", "int4") and M <= decode_max_rows():
-                        row[f"{method}_tiles_config"] = decode_tiles_choice()
+                        from fusecc.kernels.quant_gemv import _weight_only_gemv
+                        from fusecc.kernels.quant_matmul import _decode_kernel
+
+                        row[f"{method}_tiles_config"] = autotuned_choice(_decode_kernel)
+                        if M == 1:  # the GEMV ran in crossover_rows
+                            row[f"{method}_gemv_config"] = autotuned_choice(_weight_only_gemv)
                 except Exception as exc:
                     row[f"{method}_error"] = f"{type(exc).__name__}: {exc}"
                     traceback.print_exc()

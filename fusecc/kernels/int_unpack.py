@@ -9,11 +9,14 @@ third-axis unpack ([BN, BK/8, 8], reduced over both axes) held the one-row GEMV 
 (benchmarks/results/quant_linears.json's note).
 
 For the tensor cores, biased_nibble_planes makes int4 words half-precision operands directly: the 8
-nibble planes of a word as bias + q, two values an instruction (a lop3 in inline PTX).
+nibble planes of a word as bias + q, two values an instruction (a lop3 in inline PTX); the GEMV widens
+the same planes to fp32 (exact, a shift where a conversion instruction would be a quarter-rate one).
 """
 
 import triton
 import triton.language as tl
+
+from fusecc.triton_support import interpreting
 
 # 2^23 as float32 bits: adding an integer 0 <= v < 2^23 to them gives the bits of the float 2^23 + v
 # (int8_to_float)
@@ -65,6 +68,16 @@ def nibble_planes_of(x, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     x1, x5 = tl.split(b0c1)
     x3, x7 = tl.split(b1c1)
     return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+# The int4 tile forms that kernels autotune against each other (config kwarg PLANES): unpacked along K;
+# 8 nibble planes, each weight made float by a conversion (FMA planes); 8 nibble planes of bias + q made
+# two at a time by one and-or (biased planes, below)
+UNPACKED, FMA_PLANES, BIASED_PLANES = 0, 1, 2
+_BIASED_PLANES = tl.constexpr(BIASED_PLANES)
+# biased_nibble_planes' ASM argument: inline PTX where kernels are compiled for a GPU, its pure-Triton
+# twin where the interpreter runs them
+INLINE_PTX = tl.constexpr(not interpreting())
 
 
 # bits of the half-precision float whose unit in the last place is 1 (bf16 128.0, fp16 1024.0), twice: OR-ing

@@ -15,7 +15,9 @@ elementwise over the K loop and are reduced once. int8 values become floats with
 instruction (int_unpack.int8_to_float). Measured on an H100 (benchmarks/results/quant_linears.json):
 the int8 GEMV reads its weights at 2.2-2.7 TB/s; the int4 one at ~1 TB/s, so something other than the
 memory bounds it (two weights a byte to unpack, convert, multiply and add); removing its conversions
-made it slower, so what does is not settled yet.
+through the mantissa of 2^23 made it slower. A third int4 form (biased planes: bias + q made two at a
+time in bf16 by one and-or, widened by a shift) spends no integer-to-float conversion at all; it is
+autotuned beside the other two and not yet measured on a GPU.
 
 K is split over programs (partial sums added by quant_launch.finish_splits) so that a narrow N still
 fills the GPU. Layouts: quant_matmul.py's module docstring.
@@ -27,22 +29,26 @@ import torch
 import triton
 import triton.language as tl
 
-from fusecc.kernels.int_unpack import int4_words, int8_to_float, nibble_planes_of, unpack_int4_tile
+from fusecc.kernels.int_unpack import (_BIASED_PLANES, BIASED_PLANES, FMA_PLANES, INLINE_PTX, UNPACKED,
+                                      biased_nibble_planes, int4_words, int8_to_float, nibble_bias, nibble_planes_of,
+                                      unpack_int4_tile)
 from fusecc.kernels.launch import launch_tuned
 from fusecc.kernels.quant_launch import choose_split_k, finish_splits, k_per_split, split_align
 from fusecc.triton_support import interpreting
 
 
 def gemv_configs() -> list[triton.Config]:
-    """PLANES (int4 only): the tile as 8 nibble planes (below) rather than unpacked along K."""
-    if interpreting():  # the interpreter runs the first that fits (launch_tuned); tests force the other
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "PLANES": False}, num_warps=4, num_stages=1),
-                triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "PLANES": True}, num_warps=4, num_stages=1)]
-    plain = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PLANES": False}, num_warps=w, num_stages=s)
+    """PLANES (int4 only; int_unpack's forms): the tile unpacked along K, as 8 nibble planes made float by
+    conversions, or as 8 planes of bias + q (below)."""
+    if interpreting():  # the interpreter runs the first that fits (launch_tuned); tests force the others
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32, "PLANES": form}, num_warps=4, num_stages=1)
+                for form in (UNPACKED, FMA_PLANES, BIASED_PLANES)]
+    plain = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PLANES": UNPACKED}, num_warps=w, num_stages=s)
              for bn, bk, w, s in [(64, 128, 4, 3), (32, 256, 4, 3), (128, 128, 8, 3), (64, 256, 8, 3),
                                   (32, 128, 4, 4), (128, 64, 4, 4), (256, 32, 8, 3), (128, 32, 4, 4),
                                   (256, 128, 8, 3), (128, 128, 4, 4)]]
-    planes = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PLANES": True}, num_warps=w, num_stages=s)
+    planes = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PLANES": form}, num_warps=w, num_stages=s)
+              for form in (FMA_PLANES, BIASED_PLANES)
               for bn, bk, w, s in [(64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (256, 128, 8, 3),
                                    (128, 64, 4, 4), (256, 64, 8, 3)]]
     return plain + planes
@@ -52,28 +58,43 @@ def gemv_configs() -> list[triton.Config]:
 def _tile_products(x_ptr, w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
                    PLANES: tl.constexpr):
     """(products, x) of the K tile k0 .. k0 + BLOCK_K: q * x elementwise (fp32; summing products over its
-    second axis gives sum_k q[n, k] x[k]) and the x values it used (summing them gives sum_k x[k]).
-    int4 unpacked along K: [BN, BK] and [BK]. int4 PLANES: [BN, BK/8] and [BK/8], the 8 nibble planes
+    second axis gives sum_k q[n, k] x[k]; biased planes: (bias + q) * x, the caller subtracts
+    bias * sum_k x) and the x values it used (summing them gives sum_k x[k]).
+    int4 unpacked along K: [BN, BK] and [BK]. int4 planes: [BN, BK/8] and [BK/8], the 8 nibble planes
     (plane i: input columns 8j + i, against x[8j + i]) added into one tile as they are made: no
-    replication along K, no shifts, an eighth of the adds. Compiled for sm_90 (cuobjdump of the
-    [64, 128] tile, 4 warps) it has about 6% fewer instructions than the unpacked tile, no SHF/SGXT
-    per weight (an and, a conversion and an FMA each); its speed on a GPU is the autotuner's call."""
-    if BITS == 4 and PLANES:
+    replication along K, an eighth of the adds.
+    FMA planes: nibble i masked in place is q * 16^i, exact as a float (4 significant bits), against
+    x / 16^i (a power of two: exact): an and, a conversion and an FMA a weight. Compiled for sm_90
+    (cuobjdump of the [64, 128] tile, 4 warps) about 6% fewer instructions than the unpacked tile.
+    Biased planes: two nibbles of a word become two bf16 values 128 + q with one and-or
+    (int_unpack.biased_nibble_planes), widened to fp32 exactly by a shift: no integer-to-float
+    conversion, which sm_90 issues at a quarter of the FMA rate. Their speed on a GPU is the
+    autotuner's call."""
+    if BITS == 4 and PLANES:  # a plane form
         words = int4_words(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K).to(tl.uint32, bitcast=True)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)  # one contiguous load
         x_all = tl.sum(tl.reshape(x, (BLOCK_K // 8, 8)), axis=1)  # [BK/8]: each word's 8 columns
         x0, x1, x2, x3, x4, x5, x6, x7 = nibble_planes_of(x[None, :], 1, BLOCK_K)  # [1, BK/8] each
-        # nibble i masked in place is q * 16^i, exact as a float (4 significant bits); x / 16^i (a power
-        # of two: exact) undoes it, so each weight costs an and, a conversion and an FMA
-        products = (words & 0xF).to(tl.float32) * x0
-        products += (words & 0xF0).to(tl.float32) * (x1 * (1.0 / 16))
-        products += (words & 0xF00).to(tl.float32) * (x2 * (1.0 / 16 ** 2))
-        products += (words & 0xF000).to(tl.float32) * (x3 * (1.0 / 16 ** 3))
-        products += (words & 0xF0000).to(tl.float32) * (x4 * (1.0 / 16 ** 4))
-        products += (words & 0xF00000).to(tl.float32) * (x5 * (1.0 / 16 ** 5))
-        products += (words & 0xF000000).to(tl.float32) * (x6 * (1.0 / 16 ** 6))
-        products += (words & 0xF0000000).to(tl.float32) * (x7 * (1.0 / 16 ** 7))
+        if PLANES == _BIASED_PLANES:
+            w0, w1, w2, w3, w4, w5, w6, w7 = biased_nibble_planes(words, tl.bfloat16, INLINE_PTX)
+            products = w0.to(tl.float32) * x0
+            products += w1.to(tl.float32) * x1
+            products += w2.to(tl.float32) * x2
+            products += w3.to(tl.float32) * x3
+            products += w4.to(tl.float32) * x4
+            products += w5.to(tl.float32) * x5
+            products += w6.to(tl.float32) * x6
+            products += w7.to(tl.float32) * x7
+        else:
+            products = (words & 0xF).to(tl.float32) * x0
+            products += (words & 0xF0).to(tl.float32) * (x1 * (1.0 / 16))
+            products += (words & 0xF00).to(tl.float32) * (x2 * (1.0 / 16 ** 2))
+            products += (words & 0xF000).to(tl.float32) * (x3 * (1.0 / 16 ** 3))
+            products += (words & 0xF0000).to(tl.float32) * (x4 * (1.0 / 16 ** 4))
+            products += (words & 0xF00000).to(tl.float32) * (x5 * (1.0 / 16 ** 5))
+            products += (words & 0xF000000).to(tl.float32) * (x6 * (1.0 / 16 ** 6))
+            products += (words & 0xF0000000).to(tl.float32) * (x7 * (1.0 / 16 ** 7))
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_all = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
@@ -111,6 +132,8 @@ def _weight_only_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, k_split,
             products += tile
             x_sums += x
         qx = tl.sum(products, axis=1)
+        if BITS == 4 and PLANES == _BIASED_PLANES:
+            qx = qx - nibble_bias(tl.bfloat16) * tl.sum(x_sums, axis=0)
         if HAS_ZEROS:
             qx = qx - tl.load(z_ptr + offs_n * stride_zn, mask=n_ok, other=0.0) * tl.sum(x_sums, axis=0)
         acc = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0) * qx
@@ -119,6 +142,8 @@ def _weight_only_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, k_split,
         for k0 in range(k_lo, k_hi, BLOCK_K):
             tile, x = _tile_products(x_ptr, w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS, BLOCK_K, PLANES)
             qx = tl.sum(tile, axis=1)
+            if BITS == 4 and PLANES == _BIASED_PLANES:
+                qx = qx - nibble_bias(tl.bfloat16) * tl.sum(x, axis=0)
             g = k0 // GROUP_SIZE
             if HAS_ZEROS:
                 qx = qx - tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0.0) * tl.sum(x, axis=0)

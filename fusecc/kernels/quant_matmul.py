@@ -39,8 +39,9 @@ import triton
 import triton.language as tl
 
 from fusecc.kernels.exact_dot import exact_dot
-from fusecc.kernels.int_unpack import (biased_nibble_planes, int4_words, int8_to_float, nibble_bias,
-                                       nibble_planes_of, unpack_int4_tile)
+from fusecc.kernels.int_unpack import (_BIASED_PLANES, BIASED_PLANES, FMA_PLANES, INLINE_PTX,  # noqa: F401
+                                      UNPACKED, biased_nibble_planes, int4_words, int8_to_float, nibble_bias, nibble_planes_of,
+                                      unpack_int4_tile)
 from fusecc.kernels.launch import autotune_enabled, launch_tuned
 from fusecc.kernels.quant_gemv import weight_only_gemv
 from fusecc.kernels.quant_launch import (DECODE_MAX_ROWS, choose_split_k, decode_configs, finish_splits,
@@ -122,7 +123,7 @@ def _biased_planes_dot(acc, x, w_ptr, s_ptr, z_ptr, offs_n, n_ok, stride_wn, str
     float64 one up to fp32 accumulation; _planes_dot instead rounds each dequantized weight to x's dtype
     before its dot, as the unpacked tile does. x bf16 or fp16; one group per tile."""
     words = int4_words(w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BLOCK_K).to(tl.uint32, bitcast=True)
-    w0, w1, w2, w3, w4, w5, w6, w7 = biased_nibble_planes(words, x.dtype, _ASM)
+    w0, w1, w2, w3, w4, w5, w6, w7 = biased_nibble_planes(words, x.dtype, INLINE_PTX)
     x0, x1, x2, x3, x4, x5, x6, x7 = nibble_planes_of(x, BLOCK_M, BLOCK_K)
     dots = tl.dot(x0, tl.trans(w0))
     dots = tl.dot(x1, tl.trans(w1), dots)
@@ -138,13 +139,9 @@ def _biased_planes_dot(acc, x, w_ptr, s_ptr, z_ptr, offs_n, n_ok, stride_wn, str
     return acc + (dots - x_sum[:, None] * offset[None, :]) * scale[None, :]
 
 
-# inline PTX where the kernels are compiled for a GPU; its pure-Triton twin where the interpreter runs them
-_ASM = tl.constexpr(not interpreting())
-# the int4 tile's forms (config kwarg PLANES), each autotuned against the others: unpacked along K and
-# dequantized; nibble planes dequantized by one FMA a weight (_planes_dot); nibble planes of bias + q
-# multiplied raw (_biased_planes_dot)
-UNPACKED, FMA_PLANES, BIASED_PLANES = 0, 1, 2
-_BIASED_PLANES = tl.constexpr(BIASED_PLANES)
+# the int4 tile's forms (config kwarg PLANES, int_unpack's constants), each autotuned against the others:
+# unpacked along K and dequantized; nibble planes dequantized by one FMA a weight (_planes_dot); nibble
+# planes of bias + q multiplied raw (_biased_planes_dot)
 
 
 @triton.jit(do_not_specialize=["M"])  # per-step sizes: kernels/launch.py

@@ -24,8 +24,8 @@ def test_quant_kernels_compile_for_sm90():
     assert int(compiled.get("_weight_only_matmul_kernel", 0)) >= 9, proc.stdout
     assert int(compiled.get("_fp8_matmul_kernel", 0)) >= 4, proc.stdout  # {channel, block} x 2 paths
     assert int(compiled.get("_dequantize_weight_kernel", 0)) >= 2, proc.stdout  # int4, int8 (many-row path)
-    # int4 g128, int4 g32, int8 (one row), and int4's nibble-plane tiles g128, g32
-    assert int(compiled.get("_weight_only_gemv_kernel", 0)) >= 5, proc.stdout
+    # int4 g128, int4 g32, int8 (one row), and int4's two nibble-plane forms, each g128 and g32
+    assert int(compiled.get("_weight_only_gemv_kernel", 0)) >= 7, proc.stdout
     assert int(compiled.get("_quantize_per_token_kernel", 0)) >= 1, proc.stdout
     assert int(compiled.get("_sum_splits_kernel", 0)) >= 1, proc.stdout
     assert int(compiled.get("_moe_gemv_kernel", 0)) >= 6, proc.stdout  # {int8, int4, fp8} x {gate_up, down}
@@ -34,9 +34,8 @@ def test_quant_kernels_compile_for_sm90():
 
 
 def compile_int4_planes(x, N: int, K: int) -> None:
-    """int4's nibble-plane tiles, in the GEMV (one form) and the decode tiles (FMA planes; biased planes,
-    whose inline PTX ptxas must accept): not their kernels' first configs, so forced (what autotuning
-    compiles)."""
+    """int4's nibble-plane tiles, in the GEMV and the decode tiles (FMA planes; biased planes, whose inline
+    PTX ptxas must accept): not their kernels' first configs, so forced (what autotuning compiles)."""
     import torch
 
     from fusecc.kernels import launch, quant_gemv, quant_matmul
@@ -44,7 +43,8 @@ def compile_int4_planes(x, N: int, K: int) -> None:
 
     fitting = launch._FITTING_CONFIG
     rows = torch.zeros(40, x.shape[1], dtype=x.dtype)  # past the decode tiles: the prefill tiles
-    forms = ((quant_gemv._weight_only_gemv, "gemv", x, lambda c: c.kwargs["PLANES"]),
+    forms = ((quant_gemv._weight_only_gemv, "gemv", x, lambda c: c.kwargs["PLANES"] == quant_matmul.FMA_PLANES),
+             (quant_gemv._weight_only_gemv, "gemv", x, lambda c: c.kwargs["PLANES"] == quant_matmul.BIASED_PLANES),
              (quant_matmul._decode_kernel, "tiles", x, lambda c: c.kwargs["PLANES"] == quant_matmul.FMA_PLANES),
              (quant_matmul._decode_kernel, "tiles", x, lambda c: c.kwargs["PLANES"] == quant_matmul.BIASED_PLANES),
              (quant_matmul._prefill_kernel, "tiles", rows,

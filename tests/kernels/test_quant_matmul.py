@@ -119,12 +119,15 @@ def test_paths_are_chosen_by_rows_and_can_be_forced():
 @pytest.mark.parametrize("group,zeros,K", [(32, True, 200), (128, False, 200), (-1, True, 203)])
 @pytest.mark.parametrize("split_k", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_int4_gemv_by_nibble_planes_matches_float64_reference(group, zeros, K, split_k, dtype, monkeypatch):
-    # the GEMV's other int4 tile (8 nibble planes, autotuned against the unpacked one on a GPU), forced
-    from fusecc.kernels import launch, quant_gemv
+@pytest.mark.parametrize("form", ["FMA_PLANES", "BIASED_PLANES"])
+def test_int4_gemv_by_nibble_planes_matches_float64_reference(group, zeros, K, split_k, dtype, form, monkeypatch):
+    # the GEMV's other int4 tiles (8 nibble planes, made float by conversions or as bias + q; autotuned
+    # against the unpacked one on a GPU), forced; the biased form runs its pure-Triton twin here
+    from fusecc.kernels import int_unpack, launch, quant_gemv
 
     kernel = quant_gemv._weight_only_gemv
-    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs["PLANES"]])
+    mode = getattr(int_unpack, form)
+    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs["PLANES"] == mode])
     monkeypatch.setattr(launch, "_FITTING_CONFIG", {})
     N = 37
     qweight, scales, z, w64 = make_weights(4, N, K, group, zeros, seed=9)
@@ -259,6 +262,25 @@ def test_gpu_int4_tile_forms_real_sizes(form, M, zeros, monkeypatch):
     x = torch.randn(M, K, device="cuda").bfloat16()
     out = weight_only_matmul(x, qweight.cuda(), scales.cuda(), None if z is None else z.cuda(), 4, 128,
                              path="tiles")
+    ref = x.double() @ w64.cuda().t()
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=1e-2 * ref.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["UNPACKED", "FMA_PLANES", "BIASED_PLANES"])
+@pytest.mark.parametrize("group", [128, -1])
+def test_gpu_int4_gemv_forms_real_sizes(form, group, monkeypatch):
+    # each int4 form of the one-row GEMV forced, bf16 at a real size (BIASED_PLANES: its inline PTX)
+    from fusecc.kernels import int_unpack, launch, quant_gemv
+
+    kernel = quant_gemv._weight_only_gemv
+    mode = getattr(int_unpack, form)
+    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs["PLANES"] == mode])
+    monkeypatch.setattr(launch, "_FITTING_CONFIG", {})
+    N, K = 6144, 4096
+    qweight, scales, z, w64 = _fast_int4(N, K, K if group == -1 else group)
+    x = torch.randn(1, K, device="cuda").bfloat16()
+    out = weight_only_matmul(x, qweight.cuda(), scales.cuda(), z.cuda(), 4, group, path="gemv")
     ref = x.double() @ w64.cuda().t()
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=1e-2 * ref.abs().max().item())
 
