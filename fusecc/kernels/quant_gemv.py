@@ -109,6 +109,17 @@ def _tile_products(x_ptr, w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS: tl.con
 
 
 @triton.jit
+def _minus_offsets(qx, x_sum, z_ptrs, n_ok, HAS_ZEROS: tl.constexpr, BIASED: tl.constexpr):
+    """sum_k (q' - o) x = sum_k q' x - o * sum_k x for the offsets o the products carried: the zero
+    point, and the bias of biased planes (q' = bias + q)."""
+    if BIASED:
+        qx = qx - nibble_bias(tl.bfloat16) * x_sum
+    if HAS_ZEROS:
+        qx = qx - tl.load(z_ptrs, mask=n_ok, other=0.0) * x_sum
+    return qx
+
+
+@triton.jit
 def _weight_only_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, k_split,
                              stride_wn, stride_sn, stride_zn, stride_os,
                              BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
@@ -131,22 +142,16 @@ def _weight_only_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, k_split,
             tile, x = _tile_products(x_ptr, w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS, BLOCK_K, PLANES)
             products += tile
             x_sums += x
-        qx = tl.sum(products, axis=1)
-        if BITS == 4 and PLANES == _BIASED_PLANES:
-            qx = qx - nibble_bias(tl.bfloat16) * tl.sum(x_sums, axis=0)
-        if HAS_ZEROS:
-            qx = qx - tl.load(z_ptr + offs_n * stride_zn, mask=n_ok, other=0.0) * tl.sum(x_sums, axis=0)
+        qx = _minus_offsets(tl.sum(products, axis=1), tl.sum(x_sums, axis=0), z_ptr + offs_n * stride_zn, n_ok,
+                            HAS_ZEROS, BITS == 4 and PLANES == _BIASED_PLANES)
         acc = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0) * qx
     else:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             tile, x = _tile_products(x_ptr, w_ptr, offs_n, n_ok, stride_wn, k0, k_hi, BITS, BLOCK_K, PLANES)
-            qx = tl.sum(tile, axis=1)
-            if BITS == 4 and PLANES == _BIASED_PLANES:
-                qx = qx - nibble_bias(tl.bfloat16) * tl.sum(x, axis=0)
             g = k0 // GROUP_SIZE
-            if HAS_ZEROS:
-                qx = qx - tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0.0) * tl.sum(x, axis=0)
+            qx = _minus_offsets(tl.sum(tile, axis=1), tl.sum(x, axis=0), z_ptr + offs_n * stride_zn + g, n_ok,
+                                HAS_ZEROS, BITS == 4 and PLANES == _BIASED_PLANES)
             acc += tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0) * qx
     tl.store(out_ptr + pid_k * stride_os + offs_n, acc, mask=n_ok)
 

@@ -123,12 +123,10 @@ def test_paths_are_chosen_by_rows_and_can_be_forced():
 def test_int4_gemv_by_nibble_planes_matches_float64_reference(group, zeros, K, split_k, dtype, form, monkeypatch):
     # the GEMV's other int4 tiles (8 nibble planes, made float by conversions or as bias + q; autotuned
     # against the unpacked one on a GPU), forced; the biased form runs its pure-Triton twin here
-    from fusecc.kernels import int_unpack, launch, quant_gemv
+    from fusecc.kernels import quant_gemv
 
     kernel = quant_gemv._weight_only_gemv
-    mode = getattr(int_unpack, form)
-    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs["PLANES"] == mode])
-    monkeypatch.setattr(launch, "_FITTING_CONFIG", {})
+    force_int4_form(monkeypatch, kernel, form)
     N = 37
     qweight, scales, z, w64 = make_weights(4, N, K, group, zeros, seed=9)
     x = torch.randn(1, K).to(dtype)
@@ -150,12 +148,8 @@ def test_int4_tile_planes_match_float64_reference(group, zeros, K, M, split_k, f
     # the int4 tiles' other forms (8 dots, one per nibble plane: dequantized by FMA, or bias + q
     # multiplied raw with the bias and zero taken off per row and group after the dots), forced; a GPU
     # autotunes them against the unpacked tile
-    from fusecc.kernels import launch, quant_matmul
-
     kernel = quant_matmul._decode_kernel if M <= quant_matmul.DECODE_MAX_ROWS else quant_matmul._prefill_kernel
-    mode = getattr(quant_matmul, form)
-    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs["PLANES"] == mode])
-    monkeypatch.setattr(launch, "_FITTING_CONFIG", {})
+    force_int4_form(monkeypatch, kernel, form)
     N = 37
     qweight, scales, z, w64 = make_weights(4, N, K, group, zeros, seed=10)
     x = torch.randn(M, K).to(dtype)
@@ -248,12 +242,8 @@ def test_gpu_bf16_real_sizes(bits, group, M):
 def test_gpu_int4_tile_forms_real_sizes(form, M, zeros, monkeypatch):
     # each int4 form of the decode tiles forced (autotuning would test only the fastest), bf16 at a real
     # size; BIASED_PLANES runs its inline PTX here (the interpreter runs its pure-Triton twin)
-    from fusecc.kernels import launch
-
     kernel = quant_matmul._decode_kernel
-    mode = getattr(quant_matmul, form)
-    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs["PLANES"] == mode])
-    monkeypatch.setattr(launch, "_FITTING_CONFIG", {})
+    force_int4_form(monkeypatch, kernel, form)
     N, K = 4096, 4096
     qweight, scales, z, w64 = _fast_int4(N, K, 128)
     if not zeros:  # the same nibbles, symmetric
@@ -271,18 +261,26 @@ def test_gpu_int4_tile_forms_real_sizes(form, M, zeros, monkeypatch):
 @pytest.mark.parametrize("group", [128, -1])
 def test_gpu_int4_gemv_forms_real_sizes(form, group, monkeypatch):
     # each int4 form of the one-row GEMV forced, bf16 at a real size (BIASED_PLANES: its inline PTX)
-    from fusecc.kernels import int_unpack, launch, quant_gemv
+    from fusecc.kernels import quant_gemv
 
     kernel = quant_gemv._weight_only_gemv
-    mode = getattr(int_unpack, form)
-    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs["PLANES"] == mode])
-    monkeypatch.setattr(launch, "_FITTING_CONFIG", {})
+    force_int4_form(monkeypatch, kernel, form)
     N, K = 6144, 4096
     qweight, scales, z, w64 = _fast_int4(N, K, K if group == -1 else group)
     x = torch.randn(1, K, device="cuda").bfloat16()
     out = weight_only_matmul(x, qweight.cuda(), scales.cuda(), z.cuda(), 4, group, path="gemv")
     ref = x.double() @ w64.cuda().t()
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def force_int4_form(monkeypatch, kernel, form: str) -> None:
+    """Leave `kernel` only its configs of one int4 tile form (int_unpack's constant named `form`):
+    autotuning would run only the fastest, the interpreter only the first."""
+    from fusecc.kernels import int_unpack, launch
+
+    mode = getattr(int_unpack, form)
+    monkeypatch.setattr(kernel, "configs", [c for c in kernel.configs if c.kwargs["PLANES"] == mode])
+    monkeypatch.setattr(launch, "_FITTING_CONFIG", {})
 
 
 def _fast_int4(N, K, group):
